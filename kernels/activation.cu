@@ -1,0 +1,142 @@
+// activation.cu - elementwise kernels. Every thread handles 8 consecutive elements (one 16-byte
+// access when aligned) in a grid-stride loop.
+//
+// Launch (all kernels): block = (256, 1, 1), dynamic smem = 0,
+//   grid = (min(ceil(total / 8 / 256), 65535 * 8), 1, 1) - any grid size is correct (grid-stride),
+//   total = rows * cols of the output.
+// Vector path when the row length is % 8 and every pointer is 16-byte aligned; otherwise an
+// element-wise path with the same results. Rounding follows the unfused PyTorch graph (each
+// op reads bf16 and writes bf16), see the comments per kernel.
+//
+// silu_mul_bf16(out, gate, up, rows, cols)                       SwiGLU from two buffers
+//     gate, up, out: [rows, cols]. out = bf16( bf16(silu(gate)) * up ).  out may alias gate or up.
+// silu_mul_packed_bf16(out, gate_up, rows, cols, group)          SwiGLU from one fused buffer
+//     gate_up: [rows, 2*cols], packed in groups of `group` columns: gate columns blk*2*group + j,
+//     up columns blk*2*group + group + j, for output column blk*group + j (cols % group == 0).
+//     group = cols: "gate | up" halves (a fused [gate_proj; up_proj] weight);
+//     group = 1: element-interleaved g0 u0 g1 u1 ...   out: [rows, cols]. Vector path needs group % 8 == 0.
+// bias_act_bf16(out, x, bias, rows, cols, act)                   out = act(bf16(x + bias))
+//     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6).
+//     bias [cols] may be null. out may alias x.
+// gelu_bias_bf16(out, x, bias, rows, cols)   = bias_act_bf16 with act = EPI_GELU (CLIP / IDEFICS ViT MLP)
+// relu_bf16(out, x, rows, cols)              = bias_act_bf16 with act = EPI_RELU, no bias (perceiver MLP)
+// tanh_gate_residual_bf16(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
+//     h: [rows, cols] updated in place, x: [rows, cols], alpha: bf16 [alpha_len] with alpha_len = 1
+//     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
+//     h = bf16( h + bf16( bf16(tanh(alpha)) * x ) ).
+// bf16_to_f32(out_f32, x, n)                 widening copy, e.g. logits before sampling (exact).
+#include "common.cuh"
+
+#define ACT_THREADS 256
+
+// Grid-stride loop over 8-element chunks of a [rows, cols] tensor. The callback gets the row,
+// the column of the chunk start, and whether the 16-byte path is usable for this chunk.
+template <typename F>
+FE_DEVICE void for_each_chunk(int rows, int cols, F&& f) {
+  const int chunks_per_row = (cols + 7) >> 3;
+  const long long total = (long long)rows * chunks_per_row;
+  for (long long i = (long long)blockIdx.x * ACT_THREADS + threadIdx.x; i < total;
+       i += (long long)gridDim.x * ACT_THREADS) {
+    const int r = (int)(i / chunks_per_row);
+    const int c = (int)(i - (long long)r * chunks_per_row) * 8;
+    f(r, c);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    silu_mul_bf16(bf16* out, const bf16* gate, const bf16* up, int rows, int cols) {
+  const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(gate) && is_aligned16(up);
+  for_each_chunk(rows, cols, [&](int r, int c) {
+    const long long off = (long long)r * cols;
+    float g[8], u[8], o[8];
+    load8_rw(gate + off, c, cols, vec, g);
+    load8_rw(up + off, c, cols, vec, u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = rnd_bf16(silu(g[j])) * u[j];
+    store8(out + off, c, cols, vec, o);
+  });
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    silu_mul_packed_bf16(bf16* out, const bf16* __restrict__ gate_up, int rows, int cols, int group) {
+  if (group <= 0 || cols % group != 0) return;
+  // A chunk of 8 output columns maps to 8 contiguous gate (and up) columns only if group % 8 == 0.
+  const bool vec = (cols % 8 == 0) && (group % 8 == 0) && is_aligned16(out) && is_aligned16(gate_up);
+  for_each_chunk(rows, cols, [&](int r, int c) {
+    const bf16* in_row = gate_up + (long long)r * 2 * cols;
+    float g[8], u[8], o[8];
+    if (vec) {
+      const int blk = c / group, j0 = c - blk * group;
+      const bf16* gp = in_row + (long long)blk * 2 * group + j0;
+      load8(gp, 0, 8, true, g);
+      load8(gp + group, 0, 8, true, u);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int cc = c + j;
+        const int blk = cc / group, jj = cc - blk * group;
+        const long long gi = (long long)blk * 2 * group + jj;
+        g[j] = (cc < cols) ? to_f(in_row[gi]) : 0.f;
+        u[j] = (cc < cols) ? to_f(in_row[gi + group]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = rnd_bf16(silu(g[j])) * u[j];
+    store8(out + (long long)r * cols, c, cols, vec, o);
+  });
+}
+
+FE_DEVICE void bias_act(bf16* out, const bf16* x, const bf16* bias, int rows, int cols, int act) {
+  const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(x) && (!bias || is_aligned16(bias));
+  for_each_chunk(rows, cols, [&](int r, int c) {
+    const long long off = (long long)r * cols;
+    float v[8], b[8];
+    load8_rw(x + off, c, cols, vec, v);
+    if (bias) load8(bias, c, cols, vec, b);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = apply_epilogue(act, v[j], bias ? b[j] : 0.f, 0.f);
+    store8(out + off, c, cols, vec, v);
+  });
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    bias_act_bf16(bf16* out, const bf16* x, const bf16* __restrict__ bias, int rows, int cols, int act) {
+  // Codes that need a second operand (EPI_RESIDUAL, EPI_SILU_MUL) are GEMM-only: identity here.
+  if (epilogue_reads_aux(act)) act = EPI_NONE;
+  bias_act(out, x, bias, rows, cols, act);
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    gelu_bias_bf16(bf16* out, const bf16* x, const bf16* __restrict__ bias, int rows, int cols) {
+  bias_act(out, x, bias, rows, cols, EPI_GELU);
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS) relu_bf16(bf16* out, const bf16* x, int rows, int cols) {
+  bias_act(out, x, nullptr, rows, cols, EPI_RELU);
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    tanh_gate_residual_bf16(bf16* h, const bf16* x, const bf16* __restrict__ alpha, int alpha_len, int rows,
+                            int cols) {
+  const bool vec = (cols % 8 == 0) && is_aligned16(h) && is_aligned16(x) && (alpha_len == 1 || is_aligned16(alpha));
+  const float a0 = rnd_bf16(tanhf(to_f(alpha[0])));
+  for_each_chunk(rows, cols, [&](int r, int c) {
+    const long long off = (long long)r * cols;
+    float hv[8], xv[8], av[8];
+    load8_rw(h + off, c, cols, vec, hv);
+    load8_rw(x + off, c, cols, vec, xv);
+    if (alpha_len != 1) load8(alpha, c, cols, vec, av);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float g = (alpha_len == 1) ? a0 : rnd_bf16(tanhf(av[j]));
+      hv[j] = hv[j] + rnd_bf16(g * xv[j]);
+    }
+    store8(h + off, c, cols, vec, hv);
+  });
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    bf16_to_f32(float* __restrict__ out, const bf16* __restrict__ x, long long n) {
+  for (long long i = (long long)blockIdx.x * ACT_THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * ACT_THREADS)
+    out[i] = to_f(x[i]);
+}

@@ -1,0 +1,62 @@
+// rope.cu - rotary position embedding, NeoX / HF "rotate_half" layout, applied in place.
+//
+// rope_bf16(q, k, positions, tokens, n_heads_q, n_heads_k, head_dim, ldq, ldk, theta)
+//   q: [tokens, ldq] bf16, head h at columns h*head_dim .. (h+1)*head_dim (ldq >= n_heads_q*head_dim,
+//      normally ldq = n_heads_q*head_dim; a larger ld lets q/k live inside a fused QKV buffer)
+//   k: [tokens, ldk] bf16, likewise with n_heads_k heads. k may be null (n_heads_k ignored).
+//   positions: [tokens] int32, absolute position of each token.
+//   For every head and i < half = head_dim/2, with x1 = x[i], x2 = x[i + half]:
+//       inv_freq = 1 / theta^(2i/head_dim)          (f32, as HF computes it)
+//       f = pos * inv_freq;  c = bf16(cos f);  s = bf16(sin f)
+//       x[i]        = bf16( bf16(x1*c) + bf16(-x2*s) )
+//       x[i + half] = bf16( bf16(x2*c) + bf16( x1*s) )
+//   The bf16 roundings reproduce HF IDEFICS, which casts the cos/sin cache to the activation
+//   dtype and evaluates q*cos + rotate_half(q)*sin in bf16.
+// Launch: grid = (tokens, 1, 1), block = (128, 1, 1), dynamic smem = 0.
+// Limits: head_dim even, 2 <= head_dim <= 512 (ROPE_MAX_HALF = 256). Any alignment.
+#include "common.cuh"
+
+#define ROPE_THREADS 128
+#define ROPE_MAX_HALF 256
+
+FE_DEVICE void rope_rotate(bf16* base, int n_heads, int head_dim, const float* cs, const float* sn) {
+  const int half = head_dim >> 1;
+  const int total = n_heads * half;
+  // Consecutive threads take consecutive i inside a head: coalesced 2-byte accesses.
+  for (int idx = threadIdx.x; idx < total; idx += ROPE_THREADS) {
+    const int h = idx / half, i = idx - h * half;
+    bf16* p = base + h * head_dim + i;
+    const float x1 = to_f(p[0]), x2 = to_f(p[half]);
+    const float c = cs[i], s = sn[i];
+    p[0] = to_bf(rnd_bf16(x1 * c) + rnd_bf16(-x2 * s));
+    p[half] = to_bf(rnd_bf16(x2 * c) + rnd_bf16(x1 * s));
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_bf16(bf16* q, bf16* k, const int* __restrict__ positions, int tokens, int n_heads_q, int n_heads_k,
+              int head_dim, int ldq, int ldk, float theta) {
+  __shared__ float cs[ROPE_MAX_HALF], sn[ROPE_MAX_HALF];
+  const int t = blockIdx.x;
+  const int half = head_dim >> 1;
+  if (t >= tokens || (head_dim & 1) || half > ROPE_MAX_HALF || half == 0) return;
+
+  // cos/sin once per token, shared by all heads of q and k.
+  const float pos = (float)positions[t];
+  for (int i = threadIdx.x; i < half; i += ROPE_THREADS) {
+    const float inv_freq = 1.f / powf(theta, (float)(2 * i) / (float)head_dim);
+    const float f = pos * inv_freq;  // the f32 angle HF computes
+    // f reaches ~max_position radians. sincosf's large-argument path needs a local-memory
+    // table, so reduce exactly in double instead: f/pi mod 2, then sincospif (no reduction).
+    double turns = (double)f * 0.318309886183790671538;
+    turns -= 2.0 * rint(0.5 * turns);
+    float s, c;
+    sincospif((float)turns, &s, &c);
+    cs[i] = rnd_bf16(c);
+    sn[i] = rnd_bf16(s);
+  }
+  __syncthreads();
+
+  rope_rotate(q + (long long)t * ldq, n_heads_q, head_dim, cs, sn);
+  if (k) rope_rotate(k + (long long)t * ldk, n_heads_k, head_dim, cs, sn);
+}

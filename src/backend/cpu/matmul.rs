@@ -1,0 +1,77 @@
+//! `y = x @ W^T` with W in its stored dtype: the output columns are split into blocks across threads; each block
+//! widens its rows of W to f32 (or borrows them in place when W is aligned f32) and runs a single-threaded `gemm`.
+//! Peak extra memory is one block of W per thread, never the whole matrix.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::weight::CpuWeight;
+
+/// Columns per block: enough blocks to keep every thread busy, few enough that each block's `gemm` is efficient.
+fn block_cols(n: usize, k: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = n.div_ceil(threads * 4);
+    // Keep a widened block under ~4 MiB so it stays in cache while it is used.
+    let by_cache = ((4 << 20) / (4 * k.max(1))).max(8);
+    by_threads.clamp(8, by_cache.max(8)).min(n.max(1))
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: each task writes a disjoint set of output columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `x` is `[m, k]` row-major, `w` is `[n, k]`; returns `[m, n]`.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
+    let n = w.rows;
+    assert_eq!(w.cols, k, "inner dimensions differ");
+    assert_eq!(x.len(), m * k);
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let nb = block_cols(n, k);
+    let dst = OutPtr(out.as_mut_ptr());
+    let stored = w.as_f32();
+    (0..n.div_ceil(nb)).into_par_iter().for_each(|b| {
+        let n0 = b * nb;
+        let cols = nb.min(n - n0);
+        let widened;
+        let rows: &[f32] = match stored {
+            Some(all) => &all[n0 * k..(n0 + cols) * k],
+            None => {
+                let mut buf = vec![0f32; cols * k];
+                w.widen_rows(n0, &mut buf);
+                widened = buf;
+                &widened
+            }
+        };
+        let dst = &dst;
+        // SAFETY: lhs is [m, k] (row stride k), rhs is W^T viewed through strides (element (kk, j) at j*k + kk),
+        // dst is the [m, cols] window starting at column n0 of the [m, n] output; all in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                dst.0.add(n0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                rows.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+    out
+}

@@ -1,0 +1,361 @@
+//! The CPU backend: f32 compute, multi-threaded with rayon, weights left memory-mapped in their stored dtype.
+//! It is the reference every other backend is tested against, and a working fallback.
+
+mod attention;
+mod matmul;
+mod weight;
+
+pub use weight::CpuWeight;
+
+use rayon::prelude::*;
+
+use super::{Backend, Causality};
+use crate::error::{Error, Result};
+use crate::io::config::Activation;
+use crate::io::safetensors::TensorRef;
+
+/// A row-major `[rows, cols]` f32 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+#[derive(Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn tensor(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+    debug_assert_eq!(data.len(), rows * cols);
+    CpuTensor { data, rows, cols }
+}
+
+/// Applies `f(group, weight_index)` to every `width`-wide group of `x`, groups in parallel.
+fn map_groups(x: &CpuTensor, width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> CpuTensor {
+    assert_eq!(
+        x.cols % width,
+        0,
+        "row width {} is not a multiple of the norm width {width}",
+        x.cols
+    );
+    let mut out = vec![0f32; x.data.len()];
+    out.par_chunks_mut(width)
+        .zip(x.data.par_chunks(width))
+        .for_each(|(o, g)| f(g, o));
+    tensor(out, x.rows, x.cols)
+}
+
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn load_weight(&self, t: &TensorRef) -> Result<CpuWeight> {
+        Ok(CpuWeight::new(t.clone()))
+    }
+
+    fn weight_shape<'a>(&self, w: &'a CpuWeight) -> &'a [usize] {
+        w.shape()
+    }
+
+    fn from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "host data does not fill [{rows}, {cols}]"
+        );
+        tensor(data, rows, cols)
+    }
+
+    fn to_host(&self, t: &CpuTensor) -> Vec<f32> {
+        t.data.clone()
+    }
+
+    fn dims(&self, t: &CpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn reshape(&self, t: CpuTensor, rows: usize, cols: usize) -> CpuTensor {
+        assert_eq!(
+            t.rows * t.cols,
+            rows * cols,
+            "reshape changes the element count"
+        );
+        tensor(t.data, rows, cols)
+    }
+
+    fn weight_to_tensor(&self, w: &CpuWeight) -> CpuTensor {
+        tensor(w.to_vec(), w.rows, w.cols)
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
+        tensor(vec![0.0; rows * cols], rows, cols)
+    }
+
+    fn slice_rows(&self, t: &CpuTensor, start: usize, len: usize) -> CpuTensor {
+        tensor(
+            t.data[start * t.cols..(start + len) * t.cols].to_vec(),
+            len,
+            t.cols,
+        )
+    }
+
+    fn concat_rows(&self, a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
+        assert_eq!(a.cols, b.cols);
+        let mut data = a.data.clone();
+        data.extend_from_slice(&b.data);
+        tensor(data, a.rows + b.rows, a.cols)
+    }
+
+    fn concat_cols(&self, a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
+        assert_eq!(a.rows, b.rows);
+        let mut data = Vec::with_capacity(a.data.len() + b.data.len());
+        for r in 0..a.rows {
+            data.extend_from_slice(&a.data[r * a.cols..(r + 1) * a.cols]);
+            data.extend_from_slice(&b.data[r * b.cols..(r + 1) * b.cols]);
+        }
+        tensor(data, a.rows, a.cols + b.cols)
+    }
+
+    fn write_rows(&self, dst: &mut CpuTensor, row: usize, src: &CpuTensor) {
+        assert_eq!(dst.cols, src.cols);
+        assert!(
+            row + src.rows <= dst.rows,
+            "writing rows {row}..{} of {}",
+            row + src.rows,
+            dst.rows
+        );
+        dst.data[row * dst.cols..(row + src.rows) * dst.cols].copy_from_slice(&src.data);
+    }
+
+    fn embedding(
+        &self,
+        ids: &[u32],
+        table: &CpuWeight,
+        extra: Option<&CpuWeight>,
+    ) -> Result<CpuTensor> {
+        let d = table.cols;
+        let extra_rows = extra.map_or(0, |e| e.rows);
+        let mut out = vec![0f32; ids.len() * d];
+        for (row, &id) in out.chunks_mut(d).zip(ids) {
+            let id = id as usize;
+            match extra {
+                _ if id < table.rows => table.widen_rows(id, row),
+                Some(e) if id < table.rows + extra_rows => e.widen_rows(id - table.rows, row),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "token id {id} is beyond the {} embedding rows",
+                        table.rows + extra_rows
+                    )))
+                }
+            }
+        }
+        Ok(tensor(out, ids.len(), d))
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
+        let mut y = matmul::matmul_t(&x.data, x.rows, x.cols, w);
+        if let Some(b) = bias {
+            let b = b.to_vec();
+            y.par_chunks_mut(w.rows)
+                .for_each(|row| row.iter_mut().zip(&b).for_each(|(v, b)| *v += b));
+        }
+        tensor(y, x.rows, w.rows)
+    }
+
+    fn add_assign(&self, acc: &mut CpuTensor, x: &CpuTensor) {
+        assert_eq!((acc.rows, acc.cols), (x.rows, x.cols));
+        acc.data.iter_mut().zip(&x.data).for_each(|(a, b)| *a += b);
+    }
+
+    fn add_gated(&self, acc: &mut CpuTensor, x: &CpuTensor, alpha: &CpuWeight) {
+        assert_eq!((acc.rows, acc.cols), (x.rows, x.cols));
+        let gate: Vec<f32> = alpha.to_vec().iter().map(|a| a.tanh()).collect();
+        assert!(
+            gate.len() == 1 || gate.len() == acc.cols,
+            "gate of {} values for {} columns",
+            gate.len(),
+            acc.cols
+        );
+        for (a_row, x_row) in acc.data.chunks_mut(acc.cols).zip(x.data.chunks(x.cols)) {
+            for (c, (a, b)) in a_row.iter_mut().zip(x_row).enumerate() {
+                *a += gate[if gate.len() == 1 { 0 } else { c }] * b;
+            }
+        }
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, w: &CpuWeight, b: &CpuWeight, eps: f32) -> CpuTensor {
+        let (w, b) = (w.to_vec(), b.to_vec());
+        map_groups(x, w.len(), |g, o| {
+            let n = g.len() as f64;
+            let mean = g.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for (i, (o, &v)) in o.iter_mut().zip(g).enumerate() {
+                *o = ((v as f64 - mean) * inv) as f32 * w[i] + b[i];
+            }
+        })
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> CpuTensor {
+        let w = w.to_vec();
+        map_groups(x, w.len(), |g, o| {
+            let ms = g.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / g.len() as f64;
+            let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for (i, (o, &v)) in o.iter_mut().zip(g).enumerate() {
+                *o = w[i] * (v * inv);
+            }
+        })
+    }
+
+    fn activate(&self, x: &mut CpuTensor, act: Activation) {
+        let f: fn(f32) -> f32 = match act {
+            Activation::Gelu => gelu,
+            Activation::GeluTanh => gelu_tanh,
+            Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
+            Activation::Relu => |v| v.max(0.0),
+        };
+        x.data.par_iter_mut().for_each(|v| *v = f(*v));
+    }
+
+    fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols));
+        let data = gate
+            .data
+            .par_iter()
+            .zip(&up.data)
+            .map(|(&g, &u)| silu(g) * u)
+            .collect();
+        tensor(data, gate.rows, gate.cols)
+    }
+
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, positions: &[usize], theta: f64) {
+        assert_eq!(positions.len(), x.rows);
+        assert_eq!(x.cols % head_dim, 0);
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
+        let cols = x.cols;
+        x.data
+            .par_chunks_mut(cols)
+            .zip(positions)
+            .for_each(|(row, &pos)| {
+                let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
+                    .iter()
+                    .map(|f| {
+                        let (s, c) = (pos as f64 * f).sin_cos();
+                        (s as f32, c as f32)
+                    })
+                    .unzip();
+                for head in row.chunks_mut(head_dim) {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * cos[i] - b * sin[i];
+                        head[i + half] = b * cos[i] + a * sin[i];
+                    }
+                }
+            });
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        heads: usize,
+        kv_len: usize,
+        causality: Causality,
+    ) -> CpuTensor {
+        let d = q.cols / heads;
+        let scale = (d as f32).powf(-0.5);
+        let first_pos = kv_len - q.rows;
+        let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
+            let n = match causality {
+                Causality::None => kv_len,
+                Causality::Causal => first_pos + i + 1,
+            };
+            let key = |j: usize| {
+                let o = j * k.cols + h * d;
+                (&k.data[o..o + d], &v.data[o..o + d])
+            };
+            attention::attend(qh, n, key, scale, scores, out);
+        });
+        tensor(out, q.rows, q.cols)
+    }
+
+    fn cross_attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        heads: usize,
+        image_of_row: &[i32],
+        per_image: usize,
+    ) -> CpuTensor {
+        assert_eq!(image_of_row.len(), q.rows);
+        let d = q.cols / heads;
+        let scale = (d as f32).powf(-0.5);
+        let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
+            let Ok(image) = usize::try_from(image_of_row[i]) else {
+                out.fill(0.0);
+                return;
+            };
+            let key = |j: usize| {
+                let o = (image * per_image + j) * k.cols + h * d;
+                (&k.data[o..o + d], &v.data[o..o + d])
+            };
+            attention::attend(qh, per_image, key, scale, scores, out);
+        });
+        tensor(out, q.rows, q.cols)
+    }
+
+    fn resampler_attention(
+        &self,
+        q: &CpuTensor,
+        k_ctx: &CpuTensor,
+        v_ctx: &CpuTensor,
+        k_lat: &CpuTensor,
+        v_lat: &CpuTensor,
+        heads: usize,
+    ) -> CpuTensor {
+        let d = q.cols / heads;
+        let scale = (d as f32).powf(-0.5);
+        let n_ctx = k_ctx.rows;
+        let out = attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
+            let key = |j: usize| {
+                let (kt, vt, r) = if j < n_ctx {
+                    (k_ctx, v_ctx, j)
+                } else {
+                    (k_lat, v_lat, j - n_ctx)
+                };
+                let o = r * kt.cols + h * d;
+                (&kt.data[o..o + d], &vt.data[o..o + d])
+            };
+            attention::attend(qh, n_ctx + k_lat.rows, key, scale, scores, out);
+        });
+        tensor(out, q.rows, q.cols)
+    }
+}

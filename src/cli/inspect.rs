@@ -1,0 +1,158 @@
+//! `flamingo inspect`: what a model directory holds, checked against its config by loading it (weights stay
+//! memory-mapped, so this is cheap even for idefics-80b).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::backend::cpu::CpuBackend;
+use crate::cli::bundled_model_dir;
+use crate::error::Result;
+use crate::model::Idefics;
+use crate::runtime::generate::ModelFiles;
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// A Hugging Face IDEFICS directory (default: the bundled model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The part of the model a tensor belongs to, for the parameter breakdown.
+fn part_of(name: &str) -> &'static str {
+    const PARTS: [(&str, &str); 8] = [
+        ("model.vision_model.", "vision encoder"),
+        ("model.perceiver_resampler.", "perceiver resampler"),
+        ("model.gated_cross_attn_layers.", "gated cross-attention"),
+        ("model.layers.", "decoder layers"),
+        ("model.embed_tokens.", "embeddings"),
+        ("model.norm.", "final norm"),
+        ("lm_head.", "lm head"),
+        ("", "other"),
+    ];
+    PARTS
+        .iter()
+        .find(|(p, _)| name.starts_with(p))
+        .map(|(_, part)| *part)
+        .expect("empty prefix matches")
+}
+
+/// `8929679632` -> `8,929,679,632`.
+pub fn group_thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let dir = args.model.unwrap_or_else(bundled_model_dir);
+    let files = ModelFiles::open(&dir)?;
+    // Loading checks every tensor the config implies (names, shapes, dtypes) without reading the weights.
+    Idefics::load(&CpuBackend::new(), &files.store, &files.config, false)?;
+    let summary = files.store.summary();
+    let mut parts: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
+    for (name, shape, dtype) in &summary {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        *parts.entry(part_of(name)).or_default() += n;
+        *dtypes.entry(dtype.clone()).or_default() += n;
+    }
+    let total: u64 = parts.values().sum();
+    let c = &files.config;
+    let tok = &files.tokenizer;
+    let mut specials = vec![
+        ("bos", tok.token(tok.bos_id), tok.bos_id),
+        ("eos", tok.token(tok.eos_id), tok.eos_id),
+        ("image", tok.token(tok.image_id), tok.image_id),
+        (
+            "fake_image",
+            tok.token(tok.fake_image_id),
+            tok.fake_image_id,
+        ),
+    ];
+    if let Some(id) = tok.end_of_utterance_id {
+        specials.push(("end_of_utterance", tok.token(id), id));
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "model": dir,
+            "parameters": total,
+            "parameters_by_part": parts,
+            "parameters_by_dtype": dtypes,
+            "tensors": summary.len(),
+            "special_tokens": specials.iter().map(|(k, t, id)| (k.to_string(), serde_json::json!({"token": t, "id": id}))).collect::<BTreeMap<_, _>>(),
+        });
+        println!("{json}");
+        return Ok(());
+    }
+    let v = &c.vision_config;
+    let p = &c.perceiver_config;
+    println!("model: {}", dir.display());
+    println!(
+        "decoder: {} layers, hidden {}, {} heads x {}, MLP {}, vocab {} + {} additional, rms_norm_eps {}, rope theta {}, context {}",
+        c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim(), c.intermediate_size,
+        c.vocab_size, c.additional_vocab_size, c.rms_norm_eps, c.rope_theta(), c.max_position_embeddings
+    );
+    println!(
+        "vision: {} layers, width {}, {} heads, MLP {}, image {} / patch {} -> {} tokens, act {}",
+        v.num_hidden_layers,
+        v.embed_dim,
+        v.num_attention_heads,
+        v.intermediate_size,
+        v.image_size,
+        v.patch_size,
+        v.num_positions(),
+        v.hidden_act
+    );
+    if c.use_resampler {
+        println!(
+            "resampler: {} latents, depth {}, {} heads x {}, qk_layer_norms {}",
+            p.resampler_n_latents,
+            p.resampler_depth,
+            p.resampler_n_heads,
+            p.resampler_head_dim,
+            p.qk_layer_norms_perceiver
+        );
+    } else {
+        println!("resampler: none (the cross-attention sees the raw vision tokens)");
+    }
+    println!(
+        "cross-attention: {} blocks, before every {} decoder layer(s), gates {}, qk_layer_norms {}",
+        c.num_cross_layers(),
+        c.cross_layer_interval,
+        c.alpha_type,
+        c.qk_layer_norms
+    );
+    println!(
+        "parameters: {} in {} tensors",
+        group_thousands(total),
+        summary.len()
+    );
+    for (part, n) in &parts {
+        println!("  {part:<24} {:>16}", group_thousands(*n));
+    }
+    println!("dtypes:");
+    for (dtype, n) in &dtypes {
+        println!("  {dtype:<24} {:>16}", group_thousands(*n));
+    }
+    println!("special tokens:");
+    for (kind, token, id) in &specials {
+        println!("  {kind:<24} {token} = {id}");
+    }
+    if tok.vocab_size() > c.total_vocab() {
+        println!(
+            "warning: the tokenizer has {} tokens, the weights {} rows; ids past the rows are refused",
+            tok.vocab_size(),
+            c.total_vocab()
+        );
+    }
+    Ok(())
+}

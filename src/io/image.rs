@@ -1,0 +1,273 @@
+//! Image preprocessing identical to transformers' PIL path for IDEFICS (`IdeficsImageProcessorPil`):
+//! decode -> RGB (alpha composited over white, as IDEFICS' `convert_to_rgb` does) -> resize straight to
+//! `image_size`² with Pillow's bicubic resampler -> x / 255 -> (x - mean) / std, laid out [3, H, W].
+//!
+//! The resampler is a re-implementation of Pillow's `ImagingResample` for 8-bit images (Resample.c): separable,
+//! horizontal pass then vertical pass, filter support widened by the downscale factor (antialiasing), coefficients
+//! quantised to 22 fractional bits and each pass rounded and clipped to 8 bits. Matching those integer steps is what
+//! keeps us within one level in 255 of transformers on every pixel.
+
+use std::path::Path;
+
+use image::{DynamicImage, ImageReader};
+
+use crate::error::{Error, Result};
+use crate::io::config::PreprocessorConfig;
+
+/// Pillow's decompression-bomb threshold (`Image.MAX_IMAGE_PIXELS * 2`, where it raises instead of warning).
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
+/// An 8-bit RGB image, pixels interleaved row-major.
+#[derive(Clone, Debug)]
+pub struct Rgb8 {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Decodes PNG, JPEG, WebP or GIF (first frame) and converts it to RGB. Refuses zero-size images and images with
+/// more than `max_pixels` pixels before decoding them.
+pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Rgb8> {
+    let err = |message: String| Error::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() == 0 {
+        return Err(err("the file is empty (0 bytes)".into()));
+    }
+    let reader = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+        ImageReader::open(path)
+            .map_err(|e| Error::io(path, e))?
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| err(format!("cannot read the image header: {e}")))?;
+    if w == 0 || h == 0 {
+        return Err(err(format!(
+            "the image is {w}x{h} pixels: nothing to look at"
+        )));
+    }
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(err(format!(
+            "the image is {w}x{h} = {pixels} pixels, over the limit of {max_pixels}"
+        )));
+    }
+    let mut reader = reader()?;
+    reader.no_limits();
+    let decoded = reader
+        .decode()
+        .map_err(|e| err(format!("cannot decode: {e}")))?;
+    Ok(to_rgb(decoded))
+}
+
+/// RGB as IDEFICS sees it: grey replicated, alpha composited over opaque white with Pillow's integer arithmetic.
+pub fn to_rgb(img: DynamicImage) -> Rgb8 {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = match img {
+        DynamicImage::ImageRgb8(rgb) => rgb.into_raw(),
+        DynamicImage::ImageLuma8(l) => l.into_raw().iter().flat_map(|&v| [v, v, v]).collect(),
+        other => other
+            .to_rgba8()
+            .pixels()
+            .flat_map(|p| composite_over_white(p.0))
+            .collect(),
+    };
+    Rgb8 {
+        width,
+        height,
+        data,
+    }
+}
+
+/// Pillow's `alpha_composite(white, src)` (AlphaComposite.c) for an opaque white destination.
+fn composite_over_white([r, g, b, a]: [u8; 4]) -> [u8; 3] {
+    if a == 0 {
+        return [255, 255, 255];
+    }
+    const PRECISION_BITS: u32 = 7;
+    let a = a as u32;
+    let blend = 255 * (255 - a);
+    let outa255 = a * 255 + blend;
+    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    let shift_div255 = |v: u32| ((v >> 8) + v) >> 8;
+    let mix = |c: u8| {
+        let tmp = c as u32 * coef1 + 255 * coef2;
+        (shift_div255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
+    };
+    [mix(r), mix(g), mix(b)]
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: the first input index and the fixed-point weights of the inputs it reads.
+struct Coeffs {
+    bounds: Vec<(usize, usize)>,
+    ksize: usize,
+    weights: Vec<i32>,
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for resizing `in_size` samples to `out_size`.
+fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    const SUPPORT: f64 = 2.0;
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = SUPPORT * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C casts truncate toward zero, then clamp: kept verbatim so the windows match Pillow's.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            *kx = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            ww += *kx;
+        }
+        for x in 0..xmax {
+            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+            let fixed = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs {
+        bounds,
+        ksize,
+        weights,
+    }
+}
+
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// One separable pass over an interleaved 3-channel image: along x when `horizontal`, else along y.
+fn resample_pass(src: &Rgb8, out_w: usize, out_h: usize, horizontal: bool) -> Rgb8 {
+    let coeffs = if horizontal {
+        precompute_coeffs(src.width, out_w)
+    } else {
+        precompute_coeffs(src.height, out_h)
+    };
+    let mut data = vec![0u8; out_w * out_h * 3];
+    for y in 0..out_h {
+        for x in 0..out_w {
+            let o = if horizontal { x } else { y };
+            let (min, len) = coeffs.bounds[o];
+            let k = &coeffs.weights[o * coeffs.ksize..o * coeffs.ksize + len];
+            for c in 0..3 {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (i, &w) in k.iter().enumerate() {
+                    let (sx, sy) = if horizontal {
+                        (min + i, y)
+                    } else {
+                        (x, min + i)
+                    };
+                    acc += src.data[(sy * src.width + sx) * 3 + c] as i64 * w as i64;
+                }
+                data[(y * out_w + x) * 3 + c] = clip8(acc);
+            }
+        }
+    }
+    Rgb8 {
+        width: out_w,
+        height: out_h,
+        data,
+    }
+}
+
+/// Pillow's `Image.resize((w, h), BICUBIC)`: horizontal pass first, each pass only where the size changes.
+pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
+    let mut cur = img.clone();
+    if out_w != cur.width {
+        cur = resample_pass(&cur, out_w, cur.height, true);
+    }
+    if out_h != cur.height {
+        cur = resample_pass(&cur, out_w, out_h, false);
+    }
+    cur
+}
+
+/// Resized, rescaled and normalised pixels, [3, size, size] channel-major: what the vision encoder reads.
+pub fn preprocess(img: &Rgb8, cfg: &PreprocessorConfig) -> Vec<f32> {
+    let n = cfg.image_size;
+    let resized = resize_bicubic(img, n, n);
+    let mut out = vec![0f32; 3 * n * n];
+    for c in 0..3 {
+        for i in 0..n * n {
+            let v = resized.data[i * 3 + c] as f32 * cfg.rescale_factor;
+            out[c * n * n + i] = (v - cfg.image_mean[c]) / cfg.image_std[c];
+        }
+    }
+    out
+}
+
+/// Loads and preprocesses one image file.
+pub fn load_pixels(path: &Path, cfg: &PreprocessorConfig, max_pixels: u64) -> Result<Vec<f32>> {
+    Ok(preprocess(&load_rgb(path, max_pixels)?, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (i, o) in [(451, 32), (32, 32), (10, 42), (300, 224)] {
+            let c = precompute_coeffs(i, o);
+            for x in 0..o {
+                let s: i64 = c.weights[x * c.ksize..(x + 1) * c.ksize]
+                    .iter()
+                    .map(|&w| w as i64)
+                    .sum();
+                assert!(
+                    (s - (1 << PRECISION_BITS)).abs() <= c.ksize as i64,
+                    "{i}->{o} at {x}: {s}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = Rgb8 {
+            width: 37,
+            height: 23,
+            data: vec![200; 37 * 23 * 3],
+        };
+        let out = resize_bicubic(&img, 16, 16);
+        assert!(out.data.iter().all(|&v| v == 200));
+    }
+
+    #[test]
+    fn transparent_pixels_become_white_and_opaque_stay() {
+        assert_eq!(composite_over_white([10, 20, 30, 0]), [255, 255, 255]);
+        assert_eq!(composite_over_white([10, 20, 30, 255]), [10, 20, 30]);
+        let half = composite_over_white([0, 0, 0, 128]);
+        assert!((126..=128).contains(&half[0]), "{half:?}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Everything read from disk: model directories (config, safetensors, tokenizer) and images, plus prompt building.
+
+pub mod config;
+pub mod image;
+pub mod prompt;
+pub mod safetensors;
+pub mod tokenizer;

@@ -1,0 +1,264 @@
+//! Weights as Hugging Face ships them: `model.safetensors`, or shards listed by `model.safetensors.index.json`.
+//!
+//! Every file is memory-mapped, never read whole: a tensor is a byte range of a mapping, widened to f32 only inside
+//! the ops that use it, so idefics-9b (17.9 GB in bf16) runs on a 24 GB machine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Storage dtypes the engine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+        }
+    }
+}
+
+/// One tensor inside a mapped file: where its bytes are, and what they hold.
+#[derive(Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub path: Arc<PathBuf>,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    mmap: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl TensorRef {
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap[self.start..self.start + self.len]
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    len: usize,
+}
+
+struct MappedFile {
+    path: Arc<PathBuf>,
+    mmap: Arc<Mmap>,
+}
+
+/// All the tensors of a model directory, by name.
+pub struct WeightStore {
+    files: Vec<MappedFile>,
+    entries: HashMap<String, Entry>,
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl WeightStore {
+    /// Maps `model.safetensors`, or every shard that `model.safetensors.index.json` names.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if index_path.exists() {
+            let index: ShardIndex = crate::io::config::read_json(&index_path)?;
+            let mut shards: Vec<String> = index.weight_map.values().cloned().collect();
+            shards.sort();
+            shards.dedup();
+            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            let store = Self::open_files(&paths, format!("{}", index_path.display()))?;
+            for (name, shard) in &index.weight_map {
+                let file = dir.join(shard);
+                match store.entries.get(name) {
+                    Some(e) if *store.files[e.file].path.as_ref() == file => {}
+                    _ => {
+                        return Err(Error::MissingTensor {
+                            name: name.clone(),
+                            searched: format!(
+                                "{} (the shard {} names)",
+                                file.display(),
+                                index_path.display()
+                            ),
+                        })
+                    }
+                }
+            }
+            Ok(store)
+        } else if single.exists() {
+            Self::open_files(&[single.clone()], format!("{}", single.display()))
+        } else {
+            Err(Error::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors and no model.safetensors.index.json in the model directory",
+                ),
+            ))
+        }
+    }
+
+    /// Maps the given files; a tensor name present in two files is an error.
+    pub fn open_files(paths: &[PathBuf], description: String) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for path in paths {
+            let (mmap, data_start, metadata) = map_file(path)?;
+            let file = files.len();
+            for (name, info) in metadata.tensors() {
+                let (s, e) = info.data_offsets;
+                let entry = Entry {
+                    file,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + s,
+                    len: e - s,
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` appears in more than one file"),
+                    });
+                }
+            }
+            files.push(MappedFile {
+                path: Arc::new(path.clone()),
+                mmap: Arc::new(mmap),
+            });
+        }
+        Ok(WeightStore {
+            files,
+            entries,
+            description,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against the shape the config implies. Shapes that differ only by leading/trailing
+    /// ones (e.g. a `[1,1,D]` gate read as `[D]`) are not accepted silently: the caller states the stored shape.
+    pub fn get(&self, name: &str, expected: &[usize]) -> Result<TensorRef> {
+        let t = self.get_any_shape(name)?;
+        if t.shape != expected {
+            return Err(Error::TensorShape {
+                path: t.path.as_ref().clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                actual: t.shape,
+            });
+        }
+        Ok(t)
+    }
+
+    /// The tensor `name` whatever its shape (the caller checks it).
+    pub fn get_any_shape(&self, name: &str) -> Result<TensorRef> {
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            searched: self.description.clone(),
+        })?;
+        let file = &self.files[e.file];
+        let dtype = match e.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            other => {
+                return Err(Error::TensorDtype {
+                    path: file.path.as_ref().clone(),
+                    name: name.to_string(),
+                    expected: "F32, BF16, F16".into(),
+                    actual: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(TensorRef {
+            name: name.to_string(),
+            path: file.path.clone(),
+            dtype,
+            shape: e.shape.clone(),
+            mmap: file.mmap.clone(),
+            start: e.start,
+            len: e.len,
+        })
+    }
+
+    /// Every tensor: name, shape and storage dtype name, sorted by name.
+    pub fn summary(&self) -> Vec<(String, Vec<usize>, String)> {
+        let mut all: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone(), format!("{:?}", e.dtype)))
+            .collect();
+        all.sort();
+        all
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.as_ref().clone()).collect()
+    }
+}
+
+/// Maps one file and parses (and validates) its header: returns the mapping, the offset where tensor data
+/// starts, and the header.
+fn map_file(path: &Path) -> Result<(Mmap, usize, safetensors::tensor::Metadata)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("file is {file_len} bytes, shorter than the 8-byte header length"),
+        });
+    }
+    // SAFETY: the mapping is read-only; a file changed underneath a running engine is outside what it guards against.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: describe_safetensors_error(&e, file_len),
+        })?;
+    Ok((mmap, 8 + header_len, metadata))
+}
+
+fn describe_safetensors_error(e: &safetensors::SafeTensorError, file_len: u64) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => {
+            format!("the header's tensors do not end where the file ends ({file_len} bytes): truncated or padded")
+        }
+        E::InvalidHeaderLength => {
+            format!("the header length runs past the end of the file ({file_len} bytes): truncated or not safetensors")
+        }
+        E::HeaderTooLarge => {
+            "the header length is implausibly large: corrupt or not safetensors".into()
+        }
+        other => format!("{other}"),
+    }
+}

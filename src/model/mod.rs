@@ -1,0 +1,346 @@
+//! The IDEFICS model (`IdeficsForVisionText2Text`), one file per part, names as in transformers:
+//! `vision` (ViT), `resampler` (Perceiver), `cross_attention` (gated cross-attention block), `decoder` (LLaMA
+//! layer). This file holds the small shared building blocks and ties the parts together.
+//!
+//! Everything is computed through the [`Backend`] trait; the model never names a backend.
+
+pub mod cross_attention;
+pub mod decoder;
+pub mod resampler;
+pub mod sampling;
+pub mod vision;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::config::IdeficsConfig;
+use crate::io::safetensors::WeightStore;
+use crate::runtime::kv_cache::KvCache;
+use cross_attention::{IdeficsGatedCrossAttentionLayer, ImageKv};
+use decoder::IdeficsDecoderLayer;
+use resampler::IdeficsPerceiverResampler;
+use vision::IdeficsVisionTransformer;
+
+/// Reads named tensors, checks their shapes against the config, and hands them to the backend.
+pub struct WeightLoader<'a, B: Backend> {
+    pub store: &'a WeightStore,
+    pub backend: &'a B,
+    progress: ProgressBar,
+}
+
+impl<'a, B: Backend> WeightLoader<'a, B> {
+    pub fn new(store: &'a WeightStore, backend: &'a B, show_progress: bool) -> Self {
+        let progress = if show_progress {
+            let bar = ProgressBar::new(store.summary().len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors {msg}")
+                    .expect("static template"),
+            );
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        WeightLoader {
+            store,
+            backend,
+            progress,
+        }
+    }
+
+    pub fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Weight> {
+        let w = self.backend.load_weight(&self.store.get(name, shape)?)?;
+        self.progress.inc(1);
+        Ok(w)
+    }
+
+    pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: self.weight(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: None,
+        })
+    }
+
+    pub fn linear_bias(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: self.weight(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(self.weight(&format!("{prefix}.bias"), &[out])?),
+        })
+    }
+
+    pub fn layer_norm(&self, prefix: &str, width: usize, eps: f32) -> Result<LayerNorm<B>> {
+        Ok(LayerNorm {
+            weight: self.weight(&format!("{prefix}.weight"), &[width])?,
+            bias: self.weight(&format!("{prefix}.bias"), &[width])?,
+            eps,
+        })
+    }
+
+    pub fn rms_norm(&self, prefix: &str, width: usize, eps: f32) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm {
+            weight: self.weight(&format!("{prefix}.weight"), &[width])?,
+            eps,
+        })
+    }
+
+    fn finish(&self) {
+        self.progress.finish_and_clear();
+    }
+}
+
+pub struct Linear<B: Backend> {
+    weight: B::Weight,
+    bias: Option<B::Weight>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+pub struct LayerNorm<B: Backend> {
+    weight: B::Weight,
+    bias: B::Weight,
+    eps: f32,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+pub struct RmsNorm<B: Backend> {
+    weight: B::Weight,
+    eps: f32,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// LLaMA's SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp<B: Backend> {
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn load(l: &WeightLoader<B>, prefix: &str, d: usize, inter: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: l.linear(&format!("{prefix}.gate_proj"), inter, d)?,
+            up_proj: l.linear(&format!("{prefix}.up_proj"), inter, d)?,
+            down_proj: l.linear(&format!("{prefix}.down_proj"), d, inter)?,
+        })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        let act = b.swiglu(&self.gate_proj.forward(b, x), &self.up_proj.forward(b, x));
+        self.down_proj.forward(b, &act)
+    }
+}
+
+/// A request's images as the decoder sees them: per cross-attention block, K and V of every image token.
+pub struct Media<B: Backend> {
+    pub blocks: Vec<ImageKv<B>>,
+    pub tokens_per_image: usize,
+    pub num_images: usize,
+}
+
+pub struct Idefics<B: Backend> {
+    pub config: IdeficsConfig,
+    embed_tokens: B::Weight,
+    additional_embedding: Option<B::Weight>,
+    vision: IdeficsVisionTransformer<B>,
+    resampler: Option<IdeficsPerceiverResampler<B>>,
+    cross_layers: Vec<IdeficsGatedCrossAttentionLayer<B>>,
+    layers: Vec<IdeficsDecoderLayer<B>>,
+    norm: RmsNorm<B>,
+    lm_head: B::Weight,
+    additional_fc: Option<B::Weight>,
+}
+
+impl<B: Backend> Idefics<B> {
+    pub fn load(
+        backend: &B,
+        store: &WeightStore,
+        cfg: &IdeficsConfig,
+        show_progress: bool,
+    ) -> Result<Self> {
+        let l = WeightLoader::new(store, backend, show_progress);
+        let (d, v, a) = (cfg.hidden_size, cfg.vocab_size, cfg.additional_vocab_size);
+        let extra = |name: &str| -> Result<Option<B::Weight>> {
+            match a {
+                0 => Ok(None),
+                _ => Ok(Some(l.weight(name, &[a, d])?)),
+            }
+        };
+        let model = Idefics {
+            config: cfg.clone(),
+            embed_tokens: l.weight("model.embed_tokens.weight", &[v, d])?,
+            additional_embedding: extra("model.embed_tokens.additional_embedding.weight")?,
+            vision: IdeficsVisionTransformer::load(&l, "model.vision_model", &cfg.vision_config)?,
+            resampler: match cfg.use_resampler {
+                true => Some(IdeficsPerceiverResampler::load(
+                    &l,
+                    "model.perceiver_resampler",
+                    &cfg.perceiver_config,
+                    &cfg.vision_config,
+                )?),
+                false => None,
+            },
+            cross_layers: (0..cfg.num_cross_layers())
+                .map(|i| {
+                    IdeficsGatedCrossAttentionLayer::load(
+                        &l,
+                        &format!("model.gated_cross_attn_layers.{i}"),
+                        cfg,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| IdeficsDecoderLayer::load(&l, &format!("model.layers.{i}"), cfg))
+                .collect::<Result<_>>()?,
+            norm: l.rms_norm("model.norm", d, cfg.rms_norm_eps as f32)?,
+            lm_head: l.weight("lm_head.weight", &[v, d])?,
+            additional_fc: extra("lm_head.additional_fc.weight")?,
+        };
+        l.finish();
+        Ok(model)
+    }
+
+    /// The vision encoder's output for one image `[3, S, S]`: `[1 + patches, D_vision]`.
+    pub fn vision_states(&self, b: &B, pixels: &[f32]) -> B::Tensor {
+        self.vision.forward(b, pixels)
+    }
+
+    /// What the cross-attention sees of one image: the resampler's latents, or the raw vision tokens without one.
+    pub fn image_states_from_vision(&self, b: &B, vision_states: &B::Tensor) -> B::Tensor {
+        match &self.resampler {
+            Some(r) => r.forward(b, vision_states),
+            None => b.slice_rows(vision_states, 0, b.dims(vision_states).0),
+        }
+    }
+
+    /// Encodes a request's images (each `[3, S, S]`) once: vision encoder, resampler, and every cross-attention
+    /// block's K/V.
+    pub fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> Media<B> {
+        let width = self.config.vision_config.embed_dim;
+        let mut states = b.zeros(0, width);
+        for pixels in images {
+            let one = self.image_states_from_vision(b, &self.vision_states(b, pixels));
+            states = b.concat_rows(&states, &one);
+        }
+        self.media_from_states(b, &states, images.len())
+    }
+
+    /// Cross-attention K/V of precomputed image states `[images * tokens_per_image, D_vision]`.
+    pub fn media_from_states(&self, b: &B, states: &B::Tensor, num_images: usize) -> Media<B> {
+        Media {
+            blocks: self
+                .cross_layers
+                .iter()
+                .map(|x| x.image_kv(b, states))
+                .collect(),
+            tokens_per_image: self.config.image_tokens_per_image(),
+            num_images,
+        }
+    }
+
+    /// A KV cache for `capacity` positions.
+    pub fn new_cache(&self, b: &B, capacity: usize) -> KvCache<B> {
+        KvCache::new(
+            b,
+            self.config.num_hidden_layers,
+            capacity,
+            self.config.hidden_size,
+        )
+    }
+
+    /// Runs the decoder over `ids` (appended after what `cache` holds) and returns the final-normed hidden states
+    /// `[T, D]`. With `hidden_states`, also collects what transformers reports as `hidden_states`: the input of
+    /// the first decoder layer (after the first cross-attention block), the output of every other layer but the
+    /// last, and the final-normed output.
+    pub fn forward(
+        &self,
+        b: &B,
+        ids: &[u32],
+        image_of_token: &[i32],
+        media: &Media<B>,
+        cache: &mut KvCache<B>,
+        mut hidden_states: Option<&mut Vec<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        let rows = self.config.total_vocab();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(Error::TokenOutOfRange {
+                id,
+                token: String::new(),
+                rows,
+            });
+        }
+        if let Some(&bad) = image_of_token
+            .iter()
+            .find(|&&i| i >= media.num_images as i32)
+        {
+            return Err(Error::Invalid(format!(
+                "a token attends to image {bad} of {}",
+                media.num_images
+            )));
+        }
+        let start = cache.len();
+        if start + ids.len() > cache.capacity() {
+            return Err(Error::Prompt(format!(
+                "{} tokens do not fit the context: {} already used of {}",
+                ids.len(),
+                start,
+                cache.capacity()
+            )));
+        }
+        let positions: Vec<usize> = (start..start + ids.len()).collect();
+        let mut h = b.embedding(ids, &self.embed_tokens, self.additional_embedding.as_ref())?;
+        let interval = self.config.cross_layer_interval;
+        let last = self.layers.len() - 1;
+        let mut record = |h: &B::Tensor| {
+            if let Some(hs) = hidden_states.as_deref_mut() {
+                hs.push(b.slice_rows(h, 0, ids.len()));
+            }
+        };
+        for (idx, layer) in self.layers.iter().enumerate() {
+            if idx % interval == 0 {
+                if let Some(x) = self.cross_layers.get(idx / interval) {
+                    x.forward(
+                        b,
+                        &mut h,
+                        &media.blocks[idx / interval],
+                        image_of_token,
+                        media.tokens_per_image,
+                    );
+                }
+            }
+            if idx == 0 {
+                record(&h);
+            }
+            layer.forward(b, &mut h, &positions, cache.layer_mut(idx));
+            if idx < last {
+                record(&h);
+            }
+        }
+        cache.advance(ids.len());
+        let h = self.norm.forward(b, &h);
+        record(&h);
+        Ok(h)
+    }
+
+    /// Decoupled LM head: `[h W^T , h W_additional^T]`, `vocab_size + additional_vocab_size` logits per row.
+    pub fn logits(&self, b: &B, h: &B::Tensor) -> B::Tensor {
+        let base = b.linear(h, &self.lm_head, None);
+        match &self.additional_fc {
+            Some(extra) => b.concat_cols(&base, &b.linear(h, extra, None)),
+            None => base,
+        }
+    }
+}
