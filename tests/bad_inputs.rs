@@ -1,0 +1,243 @@
+//! Bad input never panics: each case exits non-zero with a message naming the file, tensor, field or token, and,
+//! where there is one, the expected and the actual value.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixture_dir;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+/// A writable copy of fixture `tiny-idefics-a` (f32, one `model.safetensors`).
+fn model_copy() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture_dir("tiny-idefics-a")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    (tmp, dir)
+}
+
+fn image() -> PathBuf {
+    fixture_dir("tiny-idefics-a").join("chelsea.png")
+}
+
+/// Runs `flamingo generate` and returns stderr, asserting a clean failure.
+fn generate_fails(model: &Path, prompt: &str, images: &[PathBuf], extra: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
+    cmd.args(["generate", "--max-new-tokens", "2", "--model"]).arg(model).args(["--prompt", prompt]);
+    for img in images {
+        cmd.arg("--image").arg(img);
+    }
+    cmd.args(extra);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected failure, got success; stdout {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+fn assert_mentions(stderr: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(stderr.contains(p), "error message lacks {p:?}: {stderr}");
+    }
+}
+
+/// Rewrites `model.safetensors` after `edit` changes the (name -> (dtype, shape, bytes)) map.
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut map: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect();
+    edit(&mut map);
+    let views: Vec<(String, TensorView)> = map
+        .iter()
+        .map(|(n, (dt, shape, data))| (n.clone(), TensorView::new(*dt, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+const PROMPT: &str = "User:<image>Describe this image.\nAssistant:";
+const Q_PROJ: &str = "model.layers.1.self_attn.q_proj.weight";
+
+#[test]
+fn truncated_safetensors() {
+    let (_t, dir) = model_copy();
+    let f = dir.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 1000).unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn corrupt_safetensors_header() {
+    let (_t, dir) = model_copy();
+    let f = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[8..40].copy_from_slice(&[b'#'; 32]);
+    std::fs::write(&f, bytes).unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn tiny_file_that_is_not_safetensors() {
+    let (_t, dir) = model_copy();
+    std::fs::write(dir.join("model.safetensors"), b"abc").unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["model.safetensors", "3 bytes"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let (_t, dir) = model_copy();
+    rewrite_weights(&dir, |m| {
+        m.remove(Q_PROJ);
+    });
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &[Q_PROJ, "not found", "model.safetensors"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape() {
+    let (_t, dir) = model_copy();
+    rewrite_weights(&dir, |m| m.get_mut(Q_PROJ).unwrap().1 = vec![32, 128]);
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &[Q_PROJ, "[32, 128]", "expected [64, 64]"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_dtype() {
+    let (_t, dir) = model_copy();
+    rewrite_weights(&dir, |m| m.get_mut(Q_PROJ).unwrap().0 = Dtype::I32);
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &[Q_PROJ, "I32", "F32, BF16, F16"]);
+}
+
+#[test]
+fn config_that_contradicts_the_weights() {
+    let (_t, dir) = model_copy();
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["intermediate_size"] = 100.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["mlp.gate_proj.weight", "[176, 64]", "expected [100, 64]", "config.json"]);
+}
+
+#[test]
+fn invalid_config_field() {
+    let (_t, dir) = model_copy();
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["alpha_type"] = "matrix".into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["config.json", "alpha_type", "matrix"]);
+}
+
+#[test]
+fn missing_tokenizer() {
+    let (_t, dir) = model_copy();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["tokenizer.json", "not found"]);
+}
+
+#[test]
+fn missing_model_directory() {
+    let err = generate_fails(Path::new("/nonexistent/idefics"), PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["/nonexistent/idefics", "not found"]);
+}
+
+#[test]
+fn unreadable_image() {
+    let (t, dir) = model_copy();
+    let bogus = t.path().join("notes.png");
+    std::fs::write(&bogus, b"this is not a picture").unwrap();
+    let err = generate_fails(&dir, PROMPT, &[bogus], &[]);
+    assert_mentions(&err, &["notes.png", "image"]);
+}
+
+#[test]
+fn zero_size_image() {
+    let (t, dir) = model_copy();
+    let empty = t.path().join("empty.jpg");
+    std::fs::write(&empty, b"").unwrap();
+    let err = generate_fails(&dir, PROMPT, &[empty], &[]);
+    assert_mentions(&err, &["empty.jpg", "0 bytes"]);
+}
+
+#[test]
+fn missing_image_file() {
+    let (_t, dir) = model_copy();
+    let err = generate_fails(&dir, PROMPT, &[PathBuf::from("/nonexistent/cat.png")], &[]);
+    assert_mentions(&err, &["/nonexistent/cat.png"]);
+}
+
+#[test]
+fn image_over_the_pixel_limit() {
+    let (_t, dir) = model_copy();
+    let err = generate_fails(&dir, PROMPT, &[image()], &["--max-image-pixels", "1000"]);
+    assert_mentions(&err, &["chelsea.png", "over the limit of 1000"]);
+}
+
+#[test]
+fn more_markers_than_images() {
+    let (_t, dir) = model_copy();
+    let err = generate_fails(&dir, "<image> and <image>", &[image()], &[]);
+    assert_mentions(&err, &["2 `<image>` marker(s)", "1 image(s)"]);
+}
+
+#[test]
+fn fewer_markers_than_images() {
+    let (_t, dir) = model_copy();
+    let err = generate_fails(&dir, "no marker here", &[image()], &[]);
+    assert_mentions(&err, &["0 `<image>` marker(s)", "1 image(s)"]);
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let (_t, dir) = model_copy();
+    let long = format!("<image>{}", "The quick brown fox jumps over the lazy dog. ".repeat(60));
+    let err = generate_fails(&dir, &long, &[image()], &[]);
+    assert_mentions(&err, &["over the model's context of 256", "max_position_embeddings", "config.json"]);
+}
+
+#[test]
+fn token_beyond_the_embedding_rows() {
+    // Like idefics-*-instruct: the tokenizer knows `<end_of_utterance>` but the weights have no row for it.
+    let (_t, dir) = model_copy();
+    let path = dir.join("tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+        "id": 162, "content": "<end_of_utterance>", "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": true
+    }));
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let err = generate_fails(&dir, "<image>Hi<end_of_utterance>", &[image()], &[]);
+    assert_mentions(&err, &["token id 162", "<end_of_utterance>", "162 embedding rows"]);
+}
+
+#[test]
+fn unknown_device() {
+    let (_t, dir) = model_copy();
+    let err = generate_fails(&dir, PROMPT, &[image()], &["--device", "tpu"]);
+    assert_mentions(&err, &["tpu", "cpu"]);
+}
+
+#[test]
+fn invalid_sampling_parameters() {
+    let (_t, dir) = model_copy();
+    let err = generate_fails(&dir, PROMPT, &[image()], &["--top-p", "1.5"]);
+    assert_mentions(&err, &["top_p", "1.5"]);
+}
