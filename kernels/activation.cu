@@ -25,6 +25,7 @@
 //     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
 //     h = bf16( h + bf16( bf16(tanh(alpha)) * x ) ).
 // bf16_to_f32(out_f32, x, n)                 widening copy, e.g. logits before sampling (exact).
+//     One element per thread per step: grid = (min(ceil(n / 256), 65535 * 8), 1, 1), block = (256, 1, 1).
 #include "common.cuh"
 
 #define ACT_THREADS 256

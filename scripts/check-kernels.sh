@@ -28,7 +28,7 @@ if [ ! -f "$CUDA_STAMP" ]; then
   echo "== installing CUDA $CUDA_WHEELS_VER compiler wheels into $CUDA_DIR (~186 MB download)"
   # pip --target never merges into an existing nvidia/ folder: always start fresh, one call.
   rm -rf "$CUDA_DIR"
-  mkdir -p "$(dirname "$CUDA_DIR")"
+  mkdir -p "$(dirname "$CUDA_DIR")" "$ROOT/.toolchain"
   if ! python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --target "$CUDA_DIR" \
       "nvidia-cuda-nvrtc==$CUDA_WHEELS_VER" "nvidia-cuda-nvcc==$CUDA_WHEELS_VER" \
       "nvidia-nvvm==$CUDA_WHEELS_VER" "nvidia-cuda-crt==$CUDA_WHEELS_VER" \

@@ -135,7 +135,7 @@ mod tests {
         let items = split_markers("A <image><image> B");
         assert_eq!(
             build_prompt_text(&items, "<s>", false),
-            "<s>A<fake_token_around_image><image><image><fake_token_around_image>B"
+            "<s>A<fake_token_around_image><image><fake_token_around_image><image><fake_token_around_image>B"
         );
     }
 

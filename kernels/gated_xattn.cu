@@ -1,0 +1,59 @@
+// gated_xattn.cu - IDEFICS gated cross-attention core (text queries -> one request's image K/V).
+//
+// gated_xattn_d{64,128}_bf16(o, q, k, v, img_idx, n_tokens, n_images, img_len, n_heads,
+//                            ldq, ldkv, ldo, q_norm_w, eps, scale)
+//   q:   [n_tokens, ldq]  text queries (q_proj output), head h at columns h*D .. (h+1)*D.
+//   k,v: [n_images * img_len, ldkv]  the request's cached image keys / values (k_proj, v_proj of
+//        the resampler output, img_len = S = 64 latents per image, or 257 without resampler);
+//        image i owns rows i*img_len .. (i+1)*img_len. If the model has qk_layer_norms, k must
+//        already be RMS-normalised per head (rms_norm_bf16 on the [rows*n_heads, D] view, once per
+//        request when the cache is built).
+//   img_idx: [n_tokens] int32, the image each token attends to (IDEFICS: the most recent
+//        preceding <image>, one-hot mask); -1 (or any value outside [0, n_images)) = no image.
+//   q_norm_w: [D] bf16 IdeficsRMSNorm weight for q over head_dim (qk_layer_norms), fused here;
+//        null = no q norm. eps = rms_norm_eps.
+//   o:   [n_tokens, ldo] = softmax(q k_img^T * scale) v_img per head; rows of tokens without an
+//        image are exactly 0 (the HF cross_attention_gate), so o_proj (no bias) maps them to 0
+//        and the tanh(alpha) residual (tanh_gate_residual_bf16) leaves h unchanged there.
+//   Launch: grid = (ceil(n_tokens / 64), n_heads, 1), block = (128, 1, 1), dynamic smem = 0
+//   (static 16 KiB for D=64, 32 KiB for D=128). A 64-token tile visits only the key range of the
+//   images its tokens reference (usually one image: 1 key tile for S = 64).
+//   Alignment: ldq, ldkv, ldo % 8 == 0; base pointers 16-byte aligned.
+#include "flash_common.cuh"
+
+template <int D>
+FE_DEVICE void gated_xattn(bf16* o, const bf16* q, const bf16* k, const bf16* v, const int* img_idx, int n_tokens,
+                           int n_images, int img_len, int n_heads, int ldq, int ldkv, int ldo, const bf16* q_norm_w,
+                           float eps, float scale) {
+  const int h = blockIdx.y, q0 = blockIdx.x * FLASH_BQ;
+  if (h >= n_heads || q0 >= n_tokens) return;
+  FlashArgs a = flash_args_default();
+  a.q = q + (long long)q0 * ldq + h * D;
+  a.o = o + (long long)q0 * ldo + h * D;
+  a.k_a = k + h * D;
+  a.v_a = v + h * D;
+  a.ldq = ldq, a.ldk = ldkv, a.ldv = ldkv, a.ldo = ldo;
+  a.n_a = n_images * img_len;
+  a.q_rows = min(FLASH_BQ, n_tokens - q0);
+  a.q_norm = q_norm_w ? NORM_RMS : NORM_NONE;
+  a.q_nw = q_norm_w;
+  a.eps = eps;
+  a.scale_log2 = scale * FE_LOG2E;
+  const int* ids = img_idx + q0;
+  flash_attention_tile<D>(a, [&](int r) {
+    const int img = ids[r];
+    if (img < 0 || img >= n_images) return KeyRange{0, 0};
+    return KeyRange{img * img_len, (img + 1) * img_len};
+  });
+}
+
+#define GATED_XATTN(D)                                                                                          \
+  extern "C" __global__ void FLASH_LAUNCH_BOUNDS gated_xattn_d##D##_bf16(                          \
+      bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,              \
+      const int* __restrict__ img_idx, int n_tokens, int n_images, int img_len, int n_heads, int ldq, int ldkv, \
+      int ldo, const bf16* __restrict__ q_norm_w, float eps, float scale) {                                    \
+    gated_xattn<D>(o, q, k, v, img_idx, n_tokens, n_images, img_len, n_heads, ldq, ldkv, ldo, q_norm_w, eps,   \
+                   scale);                                                                                      \
+  }
+GATED_XATTN(64)
+GATED_XATTN(128)
