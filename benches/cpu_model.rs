@@ -16,7 +16,8 @@ fn bf16_weight(dir: &std::path::Path, n: usize, k: usize) -> WeightStore {
     let data: Vec<u8> = (0..n * k)
         .flat_map(|i| half::bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) * 1e-3).to_le_bytes())
         .collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![n, k], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![n, k], &data).unwrap();
     let path = dir.join(format!("w{n}x{k}.safetensors"));
     safetensors::serialize_to_file(vec![("w", view)], None, &path).unwrap();
     WeightStore::open_files(&[path], "bench".into()).unwrap()
@@ -34,7 +35,9 @@ fn linear(c: &mut Criterion) {
         for &m in &[1usize, 16] {
             let x = b.from_host((0..m * k).map(|i| (i % 17) as f32 * 0.01).collect(), m, k);
             g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-            g.bench_function(format!("m{m}_n{n}_k{k}"), |bench| bench.iter(|| b.linear(&x, &w, None)));
+            g.bench_function(format!("m{m}_n{n}_k{k}"), |bench| {
+                bench.iter(|| b.linear(&x, &w, None))
+            });
         }
     }
     g.finish();
@@ -44,29 +47,30 @@ fn end_to_end(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model");
     let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/examples/cat.png");
     let p = Pipeline::load(&dir, CpuBackend::new(), false).unwrap();
-    let (prompt, pixels) = p.prepare("User:<image>Describe this image.\nAssistant:", &[image]).unwrap();
+    let (prompt, pixels) = p
+        .prepare("User:<image>Describe this image.\nAssistant:", &[image])
+        .unwrap();
     let b = &p.backend;
     let mut g = c.benchmark_group("cpu_bundled_model");
     g.measurement_time(Duration::from_secs(3));
-    g.bench_function("encode_image", |bench| bench.iter(|| p.encode_images(&pixels)));
+    g.bench_function("encode_image", |bench| {
+        bench.iter(|| p.encode_images(&pixels))
+    });
     let media = p.encode_images(&pixels);
     g.bench_function("prefill", |bench| {
-        bench.iter(|| {
-            let mut cache = p.model.new_cache(b, prompt.ids.len() + 1);
-            p.model.forward(b, &prompt.ids, &prompt.image_of_token, &media, &mut cache, None).unwrap()
-        })
+        bench.iter(|| p.prefill(&prompt, &media, 1).unwrap())
     });
-    let mut cache = p.model.new_cache(b, prompt.ids.len() + 1);
-    p.model.forward(b, &prompt.ids, &prompt.image_of_token, &media, &mut cache, None).unwrap();
     let seen = [*prompt.image_of_token.last().unwrap()];
     g.bench_function("decode_step", |bench| {
         bench.iter_batched(
-            || {
-                let mut c = p.model.new_cache(b, prompt.ids.len() + 1);
-                p.model.forward(b, &prompt.ids, &prompt.image_of_token, &media, &mut c, None).unwrap();
-                c
+            || p.prefill(&prompt, &media, 1).unwrap().0,
+            |mut cache| {
+                let h = p
+                    .model
+                    .forward(b, &[5], &seen, &media, &mut cache, None)
+                    .unwrap();
+                p.model.logits(b, &h)
             },
-            |mut c| p.model.logits(b, &p.model.forward(b, &[5], &seen, &media, &mut c, None).unwrap()),
             criterion::BatchSize::SmallInput,
         )
     });

@@ -30,16 +30,25 @@ fn image() -> PathBuf {
 /// Runs `flamingo generate` and returns stderr, asserting a clean failure.
 fn generate_fails(model: &Path, prompt: &str, images: &[PathBuf], extra: &[&str]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
-    cmd.args(["generate", "--max-new-tokens", "2", "--model"]).arg(model).args(["--prompt", prompt]);
+    cmd.args(["generate", "--max-new-tokens", "2", "--model"])
+        .arg(model)
+        .args(["--prompt", prompt]);
     for img in images {
         cmd.arg("--image").arg(img);
     }
     cmd.args(extra);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success; stdout {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stdout {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
 }
@@ -51,16 +60,27 @@ fn assert_mentions(stderr: &str, parts: &[&str]) {
 }
 
 /// Rewrites `model.safetensors` after `edit` changes the (name -> (dtype, shape, bytes)) map.
-fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) {
+fn rewrite_weights(
+    dir: &Path,
+    edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect();
+    let mut map: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect();
     edit(&mut map);
     let views: Vec<(String, TensorView)> = map
         .iter()
-        .map(|(n, (dt, shape, data))| (n.clone(), TensorView::new(*dt, shape.clone(), data).unwrap()))
+        .map(|(n, (dt, shape, data))| {
+            (
+                n.clone(),
+                TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
@@ -73,7 +93,12 @@ fn truncated_safetensors() {
     let (_t, dir) = model_copy();
     let f = dir.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 1000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
     let err = generate_fails(&dir, PROMPT, &[image()], &[]);
     assert_mentions(&err, &["model.safetensors", "truncated"]);
 }
@@ -127,18 +152,28 @@ fn tensor_of_the_wrong_dtype() {
 fn config_that_contradicts_the_weights() {
     let (_t, dir) = model_copy();
     let path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     cfg["intermediate_size"] = 100.into();
     std::fs::write(&path, cfg.to_string()).unwrap();
     let err = generate_fails(&dir, PROMPT, &[image()], &[]);
-    assert_mentions(&err, &["mlp.gate_proj.weight", "[176, 64]", "expected [100, 64]", "config.json"]);
+    assert_mentions(
+        &err,
+        &[
+            "mlp.gate_proj.weight",
+            "[176, 64]",
+            "expected [100, 64]",
+            "config.json",
+        ],
+    );
 }
 
 #[test]
 fn invalid_config_field() {
     let (_t, dir) = model_copy();
     let path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     cfg["alpha_type"] = "matrix".into();
     std::fs::write(&path, cfg.to_string()).unwrap();
     let err = generate_fails(&dir, PROMPT, &[image()], &[]);
@@ -208,9 +243,19 @@ fn fewer_markers_than_images() {
 #[test]
 fn prompt_longer_than_the_context() {
     let (_t, dir) = model_copy();
-    let long = format!("<image>{}", "The quick brown fox jumps over the lazy dog. ".repeat(60));
+    let long = format!(
+        "<image>{}",
+        "The quick brown fox jumps over the lazy dog. ".repeat(60)
+    );
     let err = generate_fails(&dir, &long, &[image()], &[]);
-    assert_mentions(&err, &["over the model's context of 256", "max_position_embeddings", "config.json"]);
+    assert_mentions(
+        &err,
+        &[
+            "over the model's context of 256",
+            "max_position_embeddings",
+            "config.json",
+        ],
+    );
 }
 
 #[test]
@@ -218,14 +263,18 @@ fn token_beyond_the_embedding_rows() {
     // Like idefics-*-instruct: the tokenizer knows `<end_of_utterance>` but the weights have no row for it.
     let (_t, dir) = model_copy();
     let path = dir.join("tokenizer.json");
-    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     tok["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
         "id": 162, "content": "<end_of_utterance>", "single_word": false, "lstrip": false, "rstrip": false,
         "normalized": false, "special": true
     }));
     std::fs::write(&path, tok.to_string()).unwrap();
     let err = generate_fails(&dir, "<image>Hi<end_of_utterance>", &[image()], &[]);
-    assert_mentions(&err, &["token id 162", "<end_of_utterance>", "162 embedding rows"]);
+    assert_mentions(
+        &err,
+        &["token id 162", "<end_of_utterance>", "162 embedding rows"],
+    );
 }
 
 #[test]

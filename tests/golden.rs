@@ -186,19 +186,7 @@ fn the_image_changes_the_logits_of_tokens_that_see_it() {
     let other = fx.dir.join("../images/rocket.jpg");
     let (_, other_pixels) = p.prepare(&fx.meta.cli_prompt, &[other]).unwrap();
     let logits = |px: &[Vec<f32>]| {
-        let media = p.encode_images(px);
-        let mut cache = p.model.new_cache(b, prompt.ids.len());
-        let h = p
-            .model
-            .forward(
-                b,
-                &prompt.ids,
-                &prompt.image_of_token,
-                &media,
-                &mut cache,
-                None,
-            )
-            .unwrap();
+        let (_, h) = p.prefill(&prompt, &p.encode_images(px), 0).unwrap();
         b.to_host(&p.model.logits(b, &h))
     };
     let (a, c) = (logits(&pixels), logits(&other_pixels));

@@ -17,11 +17,20 @@ fn idefics_9b_tensors() -> Vec<(String, Vec<usize>)> {
     let mut t: Vec<(String, Vec<usize>)> = Vec::new();
     let mut add = |name: String, shape: &[usize]| t.push((name, shape.to_vec()));
     add("model.embed_tokens.weight".into(), &[32000, d]);
-    add("model.embed_tokens.additional_embedding.weight".into(), &[2, d]);
+    add(
+        "model.embed_tokens.additional_embedding.weight".into(),
+        &[2, d],
+    );
     let v = "model.vision_model";
     add(format!("{v}.embeddings.class_embedding"), &[dv]);
-    add(format!("{v}.embeddings.patch_embedding.weight"), &[dv, 3, 14, 14]);
-    add(format!("{v}.embeddings.position_embedding.weight"), &[257, dv]);
+    add(
+        format!("{v}.embeddings.patch_embedding.weight"),
+        &[dv, 3, 14, 14],
+    );
+    add(
+        format!("{v}.embeddings.position_embedding.weight"),
+        &[257, dv],
+    );
     for n in ["pre_layrnorm", "post_layernorm"] {
         add(format!("{v}.{n}.weight"), &[dv]);
         add(format!("{v}.{n}.bias"), &[dv]);
@@ -133,13 +142,21 @@ fn fixture(path: &str) -> PathBuf {
 
 /// The peak of a status field of a running process (kB), polled until it exits.
 fn run_measuring(cmd: &mut Command, field: &str) -> (std::process::Output, u64) {
-    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak = 0u64;
     while child.try_wait().unwrap().is_none() {
         if let Ok(status) = std::fs::read_to_string(&status_path) {
             for line in status.lines().filter(|l| l.starts_with(field)) {
-                let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let kb: u64 = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 peak = peak.max(kb);
             }
         }
@@ -154,27 +171,68 @@ fn idefics_9b_shapes_load_count_and_run_within_memory() {
     let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dir = root.path().join("idefics-9b");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::copy(fixture("tests/data/idefics-9b-config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("tests/data/idefics-9b-config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     // Any LLaMA-style tokenizer with the IDEFICS specials will do; ids stay below the real vocabulary.
-    std::fs::copy(fixture("tests/fixtures/tiny-idefics-a/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        fixture("tests/fixtures/tiny-idefics-a/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
     let tensors = idefics_9b_tensors();
     write_sparse_checkpoint(&dir, &tensors, 4);
 
-    let inspect = Command::new(env!("CARGO_BIN_EXE_flamingo")).args(["inspect", "--model"]).arg(&dir).output().unwrap();
+    let inspect = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["inspect", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&inspect.stdout);
-    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
     assert!(text.contains("parameters: 8,929,679,632"), "{text}");
-    assert!(text.contains("vision: 32 layers, width 1280, 16 heads, MLP 5120, image 224 / patch 14 -> 257 tokens"), "{text}");
+    assert!(
+        text.contains(
+            "vision: 32 layers, width 1280, 16 heads, MLP 5120, image 224 / patch 14 -> 257 tokens"
+        ),
+        "{text}"
+    );
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
-    cmd.args(["generate", "--device", "cpu", "--json", "--max-new-tokens", "2", "--model"]).arg(&dir);
-    cmd.args(["--prompt", "User:<image>Describe this image.\nAssistant:", "--image"]);
+    cmd.args([
+        "generate",
+        "--device",
+        "cpu",
+        "--json",
+        "--max-new-tokens",
+        "2",
+        "--model",
+    ])
+    .arg(&dir);
+    cmd.args([
+        "--prompt",
+        "User:<image>Describe this image.\nAssistant:",
+        "--image",
+    ]);
     cmd.arg(fixture("tests/fixtures/images/rocket.jpg"));
     let (out, peak_anon_kb) = run_measuring(&mut cmd, "RssAnon:");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 2);
     let peak_gb = peak_anon_kb as f64 / 1e6;
     eprintln!("idefics-9b shapes on CPU: peak anonymous memory {peak_gb:.2} GB");
-    assert!(peak_gb < 4.0, "peak anonymous memory {peak_gb:.2} GB: weights are being copied, not mapped");
+    assert!(
+        peak_gb < 4.0,
+        "peak anonymous memory {peak_gb:.2} GB: weights are being copied, not mapped"
+    );
 }

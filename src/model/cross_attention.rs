@@ -11,7 +11,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::{AlphaType, IdeficsConfig};
-use crate::model::{Linear, Mlp, RmsNorm, WeightLoader};
+use crate::model::{optional, Linear, Mlp, RmsNorm, WeightLoader};
 
 pub struct IdeficsGatedCrossAttentionLayer<B: Backend> {
     heads: usize,
@@ -42,15 +42,9 @@ impl<B: Backend> IdeficsGatedCrossAttentionLayer<B> {
             AlphaType::Float => &[1],
             AlphaType::Vector => &[1, 1, d],
         };
-        let qk_norm = |name: &str| -> Result<Option<RmsNorm<B>>> {
-            match cfg.qk_layer_norms {
-                true => Ok(Some(l.rms_norm(
-                    &format!("{prefix}.cross_attn.{name}"),
-                    hd,
-                    eps,
-                )?)),
-                false => Ok(None),
-            }
+        let qk_norm = |name: &str| {
+            let path = format!("{prefix}.cross_attn.{name}");
+            optional(cfg.qk_layer_norms, || l.rms_norm(&path, hd, eps))
         };
         Ok(IdeficsGatedCrossAttentionLayer {
             heads: cfg.num_attention_heads,

@@ -22,6 +22,11 @@ use decoder::IdeficsDecoderLayer;
 use resampler::IdeficsPerceiverResampler;
 use vision::IdeficsVisionTransformer;
 
+/// `Ok(Some(load()))` when `present`, else `Ok(None)`: for parts a config option switches on.
+pub fn optional<T>(present: bool, load: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    present.then(load).transpose()
+}
+
 /// Reads named tensors, checks their shapes against the config, and hands them to the backend.
 pub struct WeightLoader<'a, B: Backend> {
     pub store: &'a WeightStore,
@@ -173,26 +178,20 @@ impl<B: Backend> Idefics<B> {
     ) -> Result<Self> {
         let l = WeightLoader::new(store, backend, show_progress);
         let (d, v, a) = (cfg.hidden_size, cfg.vocab_size, cfg.additional_vocab_size);
-        let extra = |name: &str| -> Result<Option<B::Weight>> {
-            match a {
-                0 => Ok(None),
-                _ => Ok(Some(l.weight(name, &[a, d])?)),
-            }
-        };
+        let extra = |name: &str| optional(a > 0, || l.weight(name, &[a, d]));
         let model = Idefics {
             config: cfg.clone(),
             embed_tokens: l.weight("model.embed_tokens.weight", &[v, d])?,
             additional_embedding: extra("model.embed_tokens.additional_embedding.weight")?,
             vision: IdeficsVisionTransformer::load(&l, "model.vision_model", &cfg.vision_config)?,
-            resampler: match cfg.use_resampler {
-                true => Some(IdeficsPerceiverResampler::load(
+            resampler: optional(cfg.use_resampler, || {
+                IdeficsPerceiverResampler::load(
                     &l,
                     "model.perceiver_resampler",
                     &cfg.perceiver_config,
                     &cfg.vision_config,
-                )?),
-                false => None,
-            },
+                )
+            })?,
             cross_layers: (0..cfg.num_cross_layers())
                 .map(|i| {
                     IdeficsGatedCrossAttentionLayer::load(

@@ -5,7 +5,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::{PerceiverConfig, VisionConfig};
-use crate::model::{LayerNorm, Linear, WeightLoader};
+use crate::model::{optional, LayerNorm, Linear, WeightLoader};
 
 const EPS: f32 = 1e-5;
 
@@ -46,11 +46,10 @@ impl<B: Backend> IdeficsPerceiverResampler<B> {
             .map(|i| {
                 let a = format!("{prefix}.blocks.{i}.0");
                 let m = format!("{prefix}.blocks.{i}.1");
-                let qk_norm = |name: &str| -> Result<Option<LayerNorm<B>>> {
-                    match p.qk_layer_norms_perceiver {
-                        true => Ok(Some(l.layer_norm(&format!("{a}.{name}"), hd, EPS)?)),
-                        false => Ok(None),
-                    }
+                let qk_norm = |name: &str| {
+                    optional(p.qk_layer_norms_perceiver, || {
+                        l.layer_norm(&format!("{a}.{name}"), hd, EPS)
+                    })
                 };
                 Ok(Block {
                     context_layer_norm: l.layer_norm(&format!("{a}.context_layer_norm"), d, EPS)?,

@@ -15,6 +15,7 @@ use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::IdeficsTokenizer;
 use crate::model::sampling::{Sampler, SamplingParams};
 use crate::model::{Idefics, Media};
+use crate::runtime::kv_cache::KvCache;
 
 /// A model directory loaded onto a backend, with its tokenizer and image preprocessing.
 pub struct Pipeline<B: Backend> {
@@ -157,6 +158,27 @@ impl<B: Backend> Pipeline<B> {
     /// Vision encoder, resampler and cross-attention K/V of the request's images, computed once.
     pub fn encode_images(&self, pixels: &[Vec<f32>]) -> Media<B> {
         self.model.encode_images(&self.backend, pixels)
+    }
+
+    /// Runs the prompt through the decoder into a fresh KV cache with room for `extra` more positions; returns
+    /// the cache and the final-normed hidden states of the prompt.
+    pub fn prefill(
+        &self,
+        prompt: &EncodedPrompt,
+        media: &Media<B>,
+        extra: usize,
+    ) -> Result<(KvCache<B>, B::Tensor)> {
+        let b = &self.backend;
+        let mut cache = self.model.new_cache(b, prompt.ids.len() + extra);
+        let h = self.model.forward(
+            b,
+            &prompt.ids,
+            &prompt.image_of_token,
+            media,
+            &mut cache,
+            None,
+        )?;
+        Ok((cache, h))
     }
 
     /// Generates from a prepared prompt; `on_text` receives the text as it grows (never past a stop string).

@@ -36,7 +36,7 @@ fn tensor(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
     CpuTensor { data, rows, cols }
 }
 
-/// Applies `f(group, weight_index)` to every `width`-wide group of `x`, groups in parallel.
+/// `f(group, out_group)` over every `width`-wide group of `x`'s rows, groups in parallel.
 fn map_groups(x: &CpuTensor, width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> CpuTensor {
     assert_eq!(
         x.cols % width,
@@ -49,6 +49,18 @@ fn map_groups(x: &CpuTensor, width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync
         .zip(x.data.par_chunks(width))
         .for_each(|(o, g)| f(g, o));
     tensor(out, x.rows, x.cols)
+}
+
+/// Head `h` (width `d`) of row `row` of K and of V.
+fn head_of_row<'a>(
+    k: &'a CpuTensor,
+    v: &'a CpuTensor,
+    row: usize,
+    h: usize,
+    d: usize,
+) -> (&'a [f32], &'a [f32]) {
+    let o = row * k.cols + h * d;
+    (&k.data[o..o + d], &v.data[o..o + d])
 }
 
 fn gelu(x: f32) -> f32 {
@@ -297,11 +309,7 @@ impl Backend for CpuBackend {
                 Causality::None => kv_len,
                 Causality::Causal => first_pos + i + 1,
             };
-            let key = |j: usize| {
-                let o = j * k.cols + h * d;
-                (&k.data[o..o + d], &v.data[o..o + d])
-            };
-            attention::attend(qh, n, key, scale, scores, out);
+            attention::attend(qh, n, |j| head_of_row(k, v, j, h, d), scale, scores, out);
         });
         tensor(out, q.rows, q.cols)
     }
@@ -323,10 +331,7 @@ impl Backend for CpuBackend {
                 out.fill(0.0);
                 return;
             };
-            let key = |j: usize| {
-                let o = (image * per_image + j) * k.cols + h * d;
-                (&k.data[o..o + d], &v.data[o..o + d])
-            };
+            let key = |j: usize| head_of_row(k, v, image * per_image + j, h, d);
             attention::attend(qh, per_image, key, scale, scores, out);
         });
         tensor(out, q.rows, q.cols)
