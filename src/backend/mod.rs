@@ -30,16 +30,11 @@ pub trait Backend: Send + Sync {
     /// A parameter, kept in its stored dtype.
     type Weight: Send + Sync;
 
-    fn name(&self) -> String;
-
     // ---- data movement ----
     fn load_weight(&self, t: &TensorRef) -> Result<Self::Weight>;
-    fn weight_shape<'a>(&self, w: &'a Self::Weight) -> &'a [usize];
     fn from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor;
     fn to_host(&self, t: &Self::Tensor) -> Vec<f32>;
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
-    /// The same elements viewed as `[rows, cols]` (the product must not change).
-    fn reshape(&self, t: Self::Tensor, rows: usize, cols: usize) -> Self::Tensor;
     /// A weight widened into an activation, `[shape[0], product(rest)]` (or `[1, n]` for a vector).
     fn weight_to_tensor(&self, w: &Self::Weight) -> Self::Tensor;
     fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;

@@ -28,13 +28,6 @@ impl DType {
             DType::BF16 | DType::F16 => 2,
         }
     }
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "F32",
-            DType::BF16 => "BF16",
-            DType::F16 => "F16",
-        }
-    }
 }
 
 /// One tensor inside a mapped file: where its bytes are, and what they hold.
@@ -52,9 +45,6 @@ pub struct TensorRef {
 impl TensorRef {
     pub fn bytes(&self) -> &[u8] {
         &self.mmap[self.start..self.start + self.len]
-    }
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
     }
 }
 
@@ -160,10 +150,6 @@ impl WeightStore {
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
     /// The tensor `name`, checked against the shape the config implies. Shapes that differ only by leading/trailing
     /// ones (e.g. a `[1,1,D]` gate read as `[D]`) are not accepted silently: the caller states the stored shape.
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<TensorRef> {
@@ -219,10 +205,6 @@ impl WeightStore {
             .collect();
         all.sort();
         all
-    }
-
-    pub fn files(&self) -> Vec<PathBuf> {
-        self.files.iter().map(|f| f.path.as_ref().clone()).collect()
     }
 }
 

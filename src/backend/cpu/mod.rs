@@ -80,16 +80,8 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
 
-    fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
-    }
-
     fn load_weight(&self, t: &TensorRef) -> Result<CpuWeight> {
         Ok(CpuWeight::new(t.clone()))
-    }
-
-    fn weight_shape<'a>(&self, w: &'a CpuWeight) -> &'a [usize] {
-        w.shape()
     }
 
     fn from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
@@ -107,15 +99,6 @@ impl Backend for CpuBackend {
 
     fn dims(&self, t: &CpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
-    }
-
-    fn reshape(&self, t: CpuTensor, rows: usize, cols: usize) -> CpuTensor {
-        assert_eq!(
-            t.rows * t.cols,
-            rows * cols,
-            "reshape changes the element count"
-        );
-        tensor(t.data, rows, cols)
     }
 
     fn weight_to_tensor(&self, w: &CpuWeight) -> CpuTensor {

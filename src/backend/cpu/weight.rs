@@ -19,10 +19,6 @@ impl CpuWeight {
         CpuWeight { tensor, rows, cols }
     }
 
-    pub fn shape(&self) -> &[usize] {
-        &self.tensor.shape
-    }
-
     pub fn numel(&self) -> usize {
         self.rows * self.cols
     }
