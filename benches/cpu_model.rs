@@ -1,15 +1,17 @@
 //! CPU backend latency: the matmul at IDEFICS-9B layer shapes (bf16 weights widened inside the op) and the
-//! end-to-end stages of the bundled model (image encoding, prefill, one decode step).
+//! end-to-end stages of the bundled model (image encoding, prefill, one engine decode step at batch 1 and 8).
 //! Run: `cargo bench --bench cpu_model`.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
+use flamingo::io::prompt::EncodedPrompt;
 use flamingo::io::safetensors::WeightStore;
-use flamingo::runtime::generate::Pipeline;
+use flamingo::runtime::engine::{Engine, EngineConfig};
+use flamingo::runtime::generate::{GenerationRequest, Pipeline};
 
 /// A bf16 `[n, k]` weight in a temporary safetensors file, filled with a fixed non-zero pattern.
 fn bf16_weight(dir: &std::path::Path, n: usize, k: usize) -> WeightStore {
@@ -50,31 +52,49 @@ fn end_to_end(c: &mut Criterion) {
     let (prompt, pixels) = p
         .prepare("User:<image>Describe this image.\nAssistant:", &[image])
         .unwrap();
-    let b = &p.backend;
     let mut g = c.benchmark_group("cpu_bundled_model");
     g.measurement_time(Duration::from_secs(3));
     g.bench_function("encode_image", |bench| {
         bench.iter(|| p.encode_images(&pixels))
     });
-    let media = p.encode_images(&pixels);
+    let states = p.encode_images(&pixels);
     g.bench_function("prefill", |bench| {
-        bench.iter(|| p.prefill(&prompt, &media, 1).unwrap())
+        bench.iter(|| p.prefill_states(&prompt, &states, None).unwrap())
     });
-    let seen = [*prompt.image_of_token.last().unwrap()];
-    g.bench_function("decode_step", |bench| {
-        bench.iter_batched(
-            || p.prefill(&prompt, &media, 1).unwrap().0,
-            |mut cache| {
-                let h = p
-                    .model
-                    .forward(b, &[5], &seen, &media, &mut cache, None)
-                    .unwrap();
-                p.model.logits(b, &h)
-            },
-            criterion::BatchSize::SmallInput,
-        )
-    });
+    for batch in [1usize, 8] {
+        g.bench_function(format!("decode_step_batch{batch}"), |bench| {
+            bench.iter_custom(|iters| decode_steps(&p, &prompt, &pixels, batch, iters))
+        });
+    }
     g.finish();
+}
+
+/// Time of `iters` engine steps with `batch` requests all decoding (prefill done before the clock starts).
+fn decode_steps(
+    p: &Pipeline<CpuBackend>,
+    prompt: &EncodedPrompt,
+    pixels: &[Vec<f32>],
+    batch: usize,
+    iters: u64,
+) -> Duration {
+    let positions = prompt.ids.len() + iters as usize + 2;
+    let config = EngineConfig::sized(batch, positions, 16, 1, usize::MAX);
+    let mut engine = Engine::new(p, config).unwrap();
+    let req = GenerationRequest {
+        max_new_tokens: iters as usize + 2,
+        ..Default::default()
+    };
+    for _ in 0..batch {
+        engine
+            .add_request(prompt.clone(), pixels.to_vec(), &req)
+            .unwrap();
+    }
+    engine.step().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        engine.step().unwrap();
+    }
+    start.elapsed()
 }
 
 criterion_group!(benches, linear, end_to_end);

@@ -92,21 +92,11 @@ fn every_stage_matches_transformers_from_golden_pixels() {
             }
             states = b.concat_rows(&states, &s);
         }
-        let media = p.model.media_from_states(b, &states, pixels.len());
-        let ids = fx.ids("input_ids");
         let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
-        let mut cache = p.model.new_cache(b, ids.len());
+        assert_eq!(prompt.ids, fx.ids("input_ids"));
         let mut hidden = Vec::new();
         let h = p
-            .model
-            .forward(
-                b,
-                &ids,
-                &prompt.image_of_token,
-                &media,
-                &mut cache,
-                Some(&mut hidden),
-            )
+            .prefill_states(&prompt, &states, Some(&mut hidden))
             .unwrap();
         for (i, hs) in hidden.iter().enumerate() {
             assert_close(
@@ -135,9 +125,8 @@ fn greedy_ids_match_from_golden_pixels() {
         let p = pipeline(&fx);
         let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
         let want = fx.ids("generated_ids");
-        let media = p.encode_images(&fx.golden_pixels());
         let out = p
-            .generate(&prompt, &media, &greedy(want.len()), |_| {})
+            .generate(&prompt, fx.golden_pixels(), &greedy(want.len()), |_| {})
             .unwrap();
         assert_eq!(out.generated_ids, want, "{name}: generated_ids");
     }
@@ -151,12 +140,7 @@ fn greedy_ids_match_end_to_end_from_image_files() {
         let (prompt, pixels) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
         let want = fx.ids("generated_ids");
         let out = p
-            .generate(
-                &prompt,
-                &p.encode_images(&pixels),
-                &greedy(want.len()),
-                |_| {},
-            )
+            .generate(&prompt, pixels, &greedy(want.len()), |_| {})
             .unwrap();
         assert_eq!(out.generated_ids, want, "{name}: generated_ids");
     }
@@ -169,9 +153,7 @@ fn streamed_text_equals_final_text() {
     let (prompt, pixels) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
     let mut streamed = String::new();
     let out = p
-        .generate(&prompt, &p.encode_images(&pixels), &greedy(8), |s| {
-            streamed.push_str(s)
-        })
+        .generate(&prompt, pixels, &greedy(8), |s| streamed.push_str(s))
         .unwrap();
     assert!(!out.text.is_empty());
     assert_eq!(streamed, out.text);
@@ -186,7 +168,7 @@ fn the_image_changes_the_logits_of_tokens_that_see_it() {
     let other = fx.dir.join("../images/rocket.jpg");
     let (_, other_pixels) = p.prepare(&fx.meta.cli_prompt, &[other]).unwrap();
     let logits = |px: &[Vec<f32>]| {
-        let (_, h) = p.prefill(&prompt, &p.encode_images(px), 0).unwrap();
+        let h = p.prefill(&prompt, px).unwrap();
         b.to_host(&p.model.logits(b, &h))
     };
     let (a, c) = (logits(&pixels), logits(&other_pixels));
@@ -241,16 +223,13 @@ fn f16_weights_are_widened_inside_the_ops() {
 
     let p = Pipeline::load(tmp.path(), CpuBackend::new(), false).unwrap();
     let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
-    let (_, h) = p
-        .prefill(&prompt, &p.encode_images(&fx.golden_pixels()), 0)
-        .unwrap();
+    let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
     let logits = p.backend.to_host(&p.model.logits(&p.backend, &h));
     // f16 weights carry ~5e-4 relative rounding each; through 4 layers that stays well under 2e-2.
     assert_close("f16 logits", &logits, &fx.get("logits").data, 2e-2);
-    let media = p.encode_images(&fx.golden_pixels());
     let want = fx.ids("generated_ids");
     let out = p
-        .generate(&prompt, &media, &greedy(want.len()), |_| {})
+        .generate(&prompt, fx.golden_pixels(), &greedy(want.len()), |_| {})
         .unwrap();
     assert_eq!(out.generated_ids[0], want[0], "first greedy token");
 }

@@ -11,17 +11,79 @@
 
 pub mod cpu;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::config::Activation;
 use crate::io::safetensors::TensorRef;
 
-/// Which keys each query may see in `attention`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Causality {
-    /// Every query sees every key (vision encoder).
-    None,
-    /// Query `i` of `q_rows` is at position `kv_len - q_rows + i` and sees keys `0..=` that position.
-    Causal,
+/// One sequence's share of a batched decoder step: its new rows are contiguous in the step's activations, in
+/// the order of [`StepLayout::seqs`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqStep {
+    /// Rows this step (a prompt chunk, or one decode token).
+    pub q_rows: usize,
+    /// Positions cached once this step's rows are written: they sit at `kv_len - q_rows .. kv_len`.
+    pub kv_len: usize,
+    /// Physical KV-cache blocks holding positions `0 .. kv_len`, in order.
+    pub block_table: Vec<u32>,
+    /// Per row: the media-cache image slot the row attends to in cross-attention, -1 for none.
+    pub image_of_row: Vec<i32>,
+}
+
+/// The host-side description of one decoder step over a batch of sequences and the paged KV cache. Each backend
+/// turns it into its own [`Backend::Layout`] once per step (a device upload on GPUs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepLayout {
+    /// Positions per KV-cache block.
+    pub block_size: usize,
+    pub seqs: Vec<SeqStep>,
+}
+
+impl StepLayout {
+    pub fn rows(&self) -> usize {
+        self.seqs.iter().map(|s| s.q_rows).sum()
+    }
+
+    /// `(sequence, position)` of every row, in row order.
+    pub fn row_positions(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (s.kv_len - s.q_rows..s.kv_len).map(move |p| (i, p)))
+    }
+
+    /// Row of the KV pools that holds position `pos` of sequence `seq`.
+    pub fn slot(&self, seq: usize, pos: usize) -> usize {
+        let bs = self.block_size;
+        self.seqs[seq].block_table[pos / bs] as usize * bs + pos % bs
+    }
+
+    /// Checks that every sequence's block table covers its positions and its image rows match its rows.
+    pub fn validate(&self) -> Result<()> {
+        for (i, s) in self.seqs.iter().enumerate() {
+            if s.q_rows > s.kv_len {
+                return Err(Error::Invalid(format!(
+                    "sequence {i}: {} rows but kv_len {}",
+                    s.q_rows, s.kv_len
+                )));
+            }
+            if s.block_table.len() * self.block_size < s.kv_len {
+                return Err(Error::Invalid(format!(
+                    "sequence {i}: {} blocks of {} cannot hold {} positions",
+                    s.block_table.len(),
+                    self.block_size,
+                    s.kv_len
+                )));
+            }
+            if s.image_of_row.len() != s.q_rows {
+                return Err(Error::Invalid(format!(
+                    "sequence {i}: {} image entries for {} rows",
+                    s.image_of_row.len(),
+                    s.q_rows
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 pub trait Backend: Send + Sync {
@@ -29,6 +91,8 @@ pub trait Backend: Send + Sync {
     type Tensor: Send + Sync;
     /// A parameter, kept in its stored dtype.
     type Weight: Send + Sync;
+    /// A [`StepLayout`] in the form the backend's kernels read it.
+    type Layout: Send + Sync;
 
     // ---- data movement ----
     fn load_weight(&self, t: &TensorRef) -> Result<Self::Weight>;
@@ -44,8 +108,15 @@ pub trait Backend: Send + Sync {
     fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
     /// `[a , b]` along columns.
     fn concat_cols(&self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
-    /// Overwrites rows `row .. row + src.rows` of `dst` (KV-cache append).
+    /// Overwrites rows `row .. row + src.rows` of `dst`.
     fn write_rows(&self, dst: &mut Self::Tensor, row: usize, src: &Self::Tensor);
+    /// Rows `rows[0], rows[1], ..` of `t`, in that order.
+    fn gather_rows(&self, t: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// Prepares one decoder step's layout (called once per step, shared by every layer).
+    fn layout(&self, step: &StepLayout) -> Self::Layout;
+    /// Writes the step's new K (or V) rows `[rows, width]` into the paged pool `[blocks * block_size, width]`,
+    /// each at the slot of its sequence and position.
+    fn write_kv(&self, pool: &mut Self::Tensor, layout: &Self::Layout, rows: &Self::Tensor);
 
     // ---- arithmetic ----
     /// Rows of the decoupled embedding: ids below `table`'s rows read `table`, the rest read `extra`.
@@ -79,29 +150,38 @@ pub trait Backend: Send + Sync {
     fn activate(&self, x: &mut Self::Tensor, act: Activation);
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
-    /// Rotary embedding (rotate-half layout) of every head of `x`, row `i` at `positions[i]`.
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, positions: &[usize], theta: f64);
+    /// Rotary embedding (rotate-half layout) of every head of `x`, each row at its position in the layout.
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, layout: &Self::Layout, theta: f64);
 
     // ---- attention ----
-    /// Softmax attention of `q` `[Tq, H*d]` over the first `kv_len` rows of `k`, `v`, scale `d^-1/2`.
+    /// Full (non-causal) softmax attention of `q` `[Tq, H*d]` over all rows of `k`, `v`, scale `d^-1/2`
+    /// (vision encoder).
     fn attention(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
         heads: usize,
-        kv_len: usize,
-        causality: Causality,
     ) -> Self::Tensor;
-    /// IDEFICS cross-attention: query row `t` attends to the `per_image` key rows of image `image_of_row[t]`
-    /// (rows `j*per_image ..`); rows with image -1 produce zeros (the cross-attention gate).
+    /// Causal self-attention of a decoder step: each row of `q` attends to positions `0 ..=` its own of its
+    /// sequence, read from the paged pools `k_pool`, `v_pool` through the layout's block tables.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        k_pool: &Self::Tensor,
+        v_pool: &Self::Tensor,
+        heads: usize,
+        layout: &Self::Layout,
+    ) -> Self::Tensor;
+    /// IDEFICS cross-attention: each row attends to the `per_image` key rows of its image slot `j` in the layout
+    /// (rows `j*per_image ..` of the media pools); rows with slot -1 produce zeros (the cross-attention gate).
     fn cross_attention(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
         heads: usize,
-        image_of_row: &[i32],
+        layout: &Self::Layout,
         per_image: usize,
     ) -> Self::Tensor;
     /// Perceiver attention: latent queries over the keys `[k_ctx ; k_lat]` and values `[v_ctx ; v_lat]`, no mask,

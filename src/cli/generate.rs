@@ -67,7 +67,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut pipeline = Pipeline::load(&dir, backend, !args.json)?;
     pipeline.max_image_pixels = args.max_image_pixels;
     let (encoded, pixels) = pipeline.prepare(&prompt, &images)?;
-    let media = pipeline.encode_images(&pixels);
     let request = GenerationRequest {
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingParams {
@@ -81,9 +80,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let out = if args.json {
-        pipeline.generate(&encoded, &media, &request, |_| {})?
+        pipeline.generate(&encoded, pixels, &request, |_| {})?
     } else {
-        pipeline.generate(&encoded, &media, &request, |piece| {
+        pipeline.generate(&encoded, pixels, &request, |piece| {
             // A closed stdout (e.g. `| head`) is not worth failing the generation for.
             let _ = write!(stdout, "{piece}");
             let _ = stdout.flush();

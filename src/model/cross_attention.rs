@@ -5,8 +5,8 @@
 //! h = h + tanh(alpha_cross_attn) * o_proj(attn(q = RMS_q(q_proj(RMS_in(h))), images' K, V))   rows seeing no image: 0
 //! h = h + tanh(alpha_dense)      * SwiGLU(RMS_post(h))                                        every row
 //! ```
-//! K and V of the image tokens never change during a request: `image_kv` computes them once, at admission
-//! (transformers recomputes them at every decode step).
+//! K and V of the image tokens never change during a request: `image_kv` computes them once, at admission, into
+//! the media cache (transformers recomputes them at every decode step).
 
 use crate::backend::Backend;
 use crate::error::Result;
@@ -78,13 +78,14 @@ impl<B: Backend> IdeficsGatedCrossAttentionLayer<B> {
         }
     }
 
-    /// Updates the residual stream `h` `[T, D]`; `image_of_row[t]` is the image token `t` attends to (-1: none).
+    /// Updates a decoder step's residual stream `h` `[T, D]`; the layout gives each row's image slot in the
+    /// media pools `k`, `v` (-1: none).
     pub fn forward(
         &self,
         b: &B,
         h: &mut B::Tensor,
-        kv: &ImageKv<B>,
-        image_of_row: &[i32],
+        (k, v): (&B::Tensor, &B::Tensor),
+        layout: &B::Layout,
         per_image: usize,
     ) {
         let x = self.input_layernorm.forward(b, h);
@@ -92,7 +93,7 @@ impl<B: Backend> IdeficsGatedCrossAttentionLayer<B> {
         if let Some(norm) = &self.q_layer_norm {
             q = norm.forward(b, &q);
         }
-        let attn = b.cross_attention(&q, &kv.k, &kv.v, self.heads, image_of_row, per_image);
+        let attn = b.cross_attention(&q, k, v, self.heads, layout, per_image);
         b.add_gated(h, &self.o_proj.forward(b, &attn), &self.alpha_cross_attn);
         let m = self
             .mlp

@@ -1,11 +1,10 @@
 //! The LLaMA decoder layer of IDEFICS (`IdeficsDecoderLayer`): pre-RMSNorm, multi-head self-attention with
 //! rotate-half RoPE on q and k, SwiGLU MLP, no biases.
 
-use crate::backend::{Backend, Causality};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::IdeficsConfig;
 use crate::model::{Linear, Mlp, RmsNorm, WeightLoader};
-use crate::runtime::kv_cache::LayerKv;
 
 pub struct IdeficsDecoderLayer<B: Backend> {
     heads: usize,
@@ -42,24 +41,25 @@ impl<B: Backend> IdeficsDecoderLayer<B> {
         })
     }
 
-    /// Runs the layer on `h` `[T, D]`, whose rows sit at `positions`; appends their K/V to `cache` (which then
-    /// holds `positions[0] + T` rows) and attends causally over everything cached.
-    pub fn forward(&self, b: &B, h: &mut B::Tensor, positions: &[usize], cache: &mut LayerKv<B>) {
+    /// Runs the layer on a decoder step's rows `h` `[T, D]`: writes their K/V into the paged pools at the slots
+    /// the layout gives, then attends causally over each sequence's cached positions.
+    pub fn forward(
+        &self,
+        b: &B,
+        h: &mut B::Tensor,
+        layout: &B::Layout,
+        k_pool: &mut B::Tensor,
+        v_pool: &mut B::Tensor,
+    ) {
         let x = self.input_layernorm.forward(b, h);
         let mut q = self.q_proj.forward(b, &x);
         let mut k = self.k_proj.forward(b, &x);
         let v = self.v_proj.forward(b, &x);
-        b.rope(&mut q, self.head_dim, positions, self.rope_theta);
-        b.rope(&mut k, self.head_dim, positions, self.rope_theta);
-        let kv_len = cache.append(b, &k, &v);
-        let a = b.attention(
-            &q,
-            &cache.k,
-            &cache.v,
-            self.heads,
-            kv_len,
-            Causality::Causal,
-        );
+        b.rope(&mut q, self.head_dim, layout, self.rope_theta);
+        b.rope(&mut k, self.head_dim, layout, self.rope_theta);
+        b.write_kv(k_pool, layout, &k);
+        b.write_kv(v_pool, layout, &v);
+        let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);
         b.add_assign(h, &self.o_proj.forward(b, &a));
         let m = self
             .mlp

@@ -16,7 +16,8 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::config::IdeficsConfig;
 use crate::io::safetensors::WeightStore;
-use crate::runtime::kv_cache::KvCache;
+use crate::runtime::kv_cache::PagedKvCache;
+use crate::runtime::media_cache::MediaCache;
 use cross_attention::{IdeficsGatedCrossAttentionLayer, ImageKv};
 use decoder::IdeficsDecoderLayer;
 use resampler::IdeficsPerceiverResampler;
@@ -149,13 +150,6 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// A request's images as the decoder sees them: per cross-attention block, K and V of every image token.
-pub struct Media<B: Backend> {
-    pub blocks: Vec<ImageKv<B>>,
-    pub tokens_per_image: usize,
-    pub num_images: usize,
-}
-
 pub struct Idefics<B: Backend> {
     pub config: IdeficsConfig,
     embed_tokens: B::Weight,
@@ -225,52 +219,61 @@ impl<B: Backend> Idefics<B> {
         }
     }
 
-    /// Encodes a request's images (each `[3, S, S]`) once: vision encoder, resampler, and every cross-attention
-    /// block's K/V.
-    pub fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> Media<B> {
+    /// What the cross-attention sees of a request's images (each `[3, S, S]`):
+    /// `[images * tokens_per_image, D_vision]`.
+    pub fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> B::Tensor {
         let width = self.config.vision_config.embed_dim;
         let mut states = b.zeros(0, width);
         for pixels in images {
             let one = self.image_states_from_vision(b, &self.vision_states(b, pixels));
             states = b.concat_rows(&states, &one);
         }
-        self.media_from_states(b, &states, images.len())
+        states
     }
 
-    /// Cross-attention K/V of precomputed image states `[images * tokens_per_image, D_vision]`.
-    pub fn media_from_states(&self, b: &B, states: &B::Tensor, num_images: usize) -> Media<B> {
-        Media {
-            blocks: self
-                .cross_layers
-                .iter()
-                .map(|x| x.image_kv(b, states))
-                .collect(),
-            tokens_per_image: self.config.image_tokens_per_image(),
-            num_images,
-        }
+    /// Every cross-attention block's K/V of image states `[images * tokens_per_image, D_vision]` (one matrix
+    /// product per block for all the images given, whichever requests they belong to).
+    pub fn cross_kv(&self, b: &B, states: &B::Tensor) -> Vec<ImageKv<B>> {
+        self.cross_layers
+            .iter()
+            .map(|x| x.image_kv(b, states))
+            .collect()
     }
 
-    /// A KV cache for `capacity` positions.
-    pub fn new_cache(&self, b: &B, capacity: usize) -> KvCache<B> {
-        KvCache::new(
+    /// A media cache with room for `slots` images.
+    pub fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B> {
+        MediaCache::new(
             b,
-            self.config.num_hidden_layers,
-            capacity,
+            self.cross_layers.len(),
+            slots,
+            self.config.image_tokens_per_image(),
             self.config.hidden_size,
         )
     }
 
-    /// Runs the decoder over `ids` (appended after what `cache` holds) and returns the final-normed hidden states
-    /// `[T, D]`. With `hidden_states`, also collects what transformers reports as `hidden_states`: the input of
-    /// the first decoder layer (after the first cross-attention block), the output of every other layer but the
-    /// last, and the final-normed output.
+    /// A paged KV cache of `blocks` blocks of `block_size` positions.
+    pub fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B> {
+        PagedKvCache::new(
+            b,
+            self.config.num_hidden_layers,
+            blocks,
+            block_size,
+            self.config.hidden_size,
+        )
+    }
+
+    /// Runs one decoder step: `ids` are the rows of the step's sequences in layout order; their K/V go into `kv`
+    /// at the slots the layout gives, and they see their images through `media`. Returns the final-normed hidden
+    /// states `[T, D]`. With `hidden_states`, also collects what transformers reports as `hidden_states`: the
+    /// input of the first decoder layer (after the first cross-attention block), the output of every other layer
+    /// but the last, and the final-normed output.
     pub fn forward(
         &self,
         b: &B,
         ids: &[u32],
-        image_of_token: &[i32],
-        media: &Media<B>,
-        cache: &mut KvCache<B>,
+        layout: &B::Layout,
+        kv: &mut PagedKvCache<B>,
+        media: &MediaCache<B>,
         mut hidden_states: Option<&mut Vec<B::Tensor>>,
     ) -> Result<B::Tensor> {
         let rows = self.config.total_vocab();
@@ -281,25 +284,6 @@ impl<B: Backend> Idefics<B> {
                 rows,
             });
         }
-        if let Some(&bad) = image_of_token
-            .iter()
-            .find(|&&i| i >= media.num_images as i32)
-        {
-            return Err(Error::Invalid(format!(
-                "a token attends to image {bad} of {}",
-                media.num_images
-            )));
-        }
-        let start = cache.len();
-        if start + ids.len() > cache.capacity() {
-            return Err(Error::Prompt(format!(
-                "{} tokens do not fit the context: {} already used of {}",
-                ids.len(),
-                start,
-                cache.capacity()
-            )));
-        }
-        let positions: Vec<usize> = (start..start + ids.len()).collect();
         let mut h = b.embedding(ids, &self.embed_tokens, self.additional_embedding.as_ref())?;
         let interval = self.config.cross_layer_interval;
         let last = self.layers.len() - 1;
@@ -311,24 +295,19 @@ impl<B: Backend> Idefics<B> {
         for (idx, layer) in self.layers.iter().enumerate() {
             if idx % interval == 0 {
                 if let Some(x) = self.cross_layers.get(idx / interval) {
-                    x.forward(
-                        b,
-                        &mut h,
-                        &media.blocks[idx / interval],
-                        image_of_token,
-                        media.tokens_per_image,
-                    );
+                    let pools = media.block(idx / interval);
+                    x.forward(b, &mut h, pools, layout, media.tokens_per_image());
                 }
             }
             if idx == 0 {
                 record(&h);
             }
-            layer.forward(b, &mut h, &positions, cache.layer_mut(idx));
+            let (k_pool, v_pool) = kv.layer_mut(idx);
+            layer.forward(b, &mut h, layout, k_pool, v_pool);
             if idx < last {
                 record(&h);
             }
         }
-        cache.advance(ids.len());
         let h = self.norm.forward(b, &h);
         record(&h);
         Ok(h)

@@ -3,7 +3,7 @@
 //! `1 + patches` tokens, with no post-LayerNorm (IDEFICS feeds `last_hidden_state` onward; `post_layernorm` only
 //! touches the pooled token, which IDEFICS never uses).
 
-use crate::backend::{Backend, Causality};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::VisionConfig;
 use crate::model::{LayerNorm, Linear, WeightLoader};
@@ -87,15 +87,7 @@ impl<B: Backend> IdeficsVisionTransformer<B> {
             layer.k_proj.forward(b, &x),
             layer.v_proj.forward(b, &x),
         );
-        let kv_len = b.dims(&k).0;
-        let a = b.attention(
-            &q,
-            &k,
-            &v,
-            self.cfg.num_attention_heads,
-            kv_len,
-            Causality::None,
-        );
+        let a = b.attention(&q, &k, &v, self.cfg.num_attention_heads);
         b.add_assign(&mut h, &layer.out_proj.forward(b, &a));
         let x = layer.layer_norm2.forward(b, &h);
         let mut m = layer.fc1.forward(b, &x);

@@ -1,4 +1,5 @@
-//! One request end to end on one backend: prompt and images in, tokens out, streamed as they come.
+//! A loaded model and what one request needs around it: prompt building, image preprocessing, checks, and
+//! generation through the batching engine (`runtime::engine`) with that single request.
 //!
 //! Prefill runs the vision encoder and resampler once, computes every cross-attention block's image K/V once
 //! (kept for the whole request), then runs the prompt through the decoder filling the self-attention KV cache.
@@ -6,16 +7,16 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SeqStep, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::{IdeficsConfig, PreprocessorConfig};
 use crate::io::image::{load_pixels, DEFAULT_MAX_PIXELS};
 use crate::io::prompt::{encode_prompt, EncodedPrompt};
 use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::IdeficsTokenizer;
-use crate::model::sampling::{Sampler, SamplingParams};
-use crate::model::{Idefics, Media};
-use crate::runtime::kv_cache::KvCache;
+use crate::model::sampling::SamplingParams;
+use crate::model::Idefics;
+use crate::runtime::engine::{Engine, EngineConfig, Event};
 
 /// A model directory loaded onto a backend, with its tokenizer and image preprocessing.
 pub struct Pipeline<B: Backend> {
@@ -155,150 +156,84 @@ impl<B: Backend> Pipeline<B> {
         Ok(())
     }
 
-    /// Vision encoder, resampler and cross-attention K/V of the request's images, computed once.
-    pub fn encode_images(&self, pixels: &[Vec<f32>]) -> Media<B> {
+    /// Positions a request may use: its prompt and new tokens, within the model's context.
+    pub fn positions_for(&self, prompt: &EncodedPrompt, max_new_tokens: usize) -> usize {
+        (prompt.ids.len() + max_new_tokens).min(self.model.config.max_position_embeddings)
+    }
+
+    /// What the cross-attention sees of the images: vision encoder then resampler.
+    pub fn encode_images(&self, pixels: &[Vec<f32>]) -> B::Tensor {
         self.model.encode_images(&self.backend, pixels)
     }
 
-    /// Runs the prompt through the decoder into a fresh KV cache with room for `extra` more positions; returns
-    /// the cache and the final-normed hidden states of the prompt.
-    pub fn prefill(
-        &self,
-        prompt: &EncodedPrompt,
-        media: &Media<B>,
-        extra: usize,
-    ) -> Result<(KvCache<B>, B::Tensor)> {
-        let b = &self.backend;
-        let mut cache = self.model.new_cache(b, prompt.ids.len() + extra);
-        let h = self.model.forward(
-            b,
-            &prompt.ids,
-            &prompt.image_of_token,
-            media,
-            &mut cache,
-            None,
-        )?;
-        Ok((cache, h))
+    /// Runs a prompt through the decoder as one step and returns its final-normed hidden states (and, with
+    /// `hidden_states`, every layer's, as transformers reports them).
+    pub fn prefill(&self, prompt: &EncodedPrompt, pixels: &[Vec<f32>]) -> Result<B::Tensor> {
+        self.prefill_states(prompt, &self.encode_images(pixels), None)
     }
 
-    /// Generates from a prepared prompt; `on_text` receives the text as it grows (never past a stop string).
+    /// `prefill` from image states already computed (`[images * tokens_per_image, D_vision]`).
+    pub fn prefill_states(
+        &self,
+        prompt: &EncodedPrompt,
+        image_states: &B::Tensor,
+        hidden_states: Option<&mut Vec<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        self.check_prompt(prompt)?;
+        let (b, model) = (&self.backend, &self.model);
+        let n = prompt.ids.len();
+        let block_size = n.max(1);
+        let mut kv = model.new_kv_cache(b, 1, block_size);
+        let mut block_table = Vec::new();
+        kv.grow(&mut block_table, n);
+        let mut media = model.new_media_cache(b, prompt.num_images);
+        let slots = media
+            .insert(b, &model.cross_kv(b, image_states), prompt.num_images)
+            .expect("the media cache was sized for the prompt's images");
+        let step = StepLayout {
+            block_size,
+            seqs: vec![SeqStep {
+                q_rows: n,
+                kv_len: n,
+                block_table,
+                image_of_row: prompt
+                    .image_of_token
+                    .iter()
+                    .map(|&j| usize::try_from(j).map_or(-1, |j| slots[j] as i32))
+                    .collect(),
+            }],
+        };
+        let layout = b.layout(&step);
+        model.forward(b, &prompt.ids, &layout, &mut kv, &media, hidden_states)
+    }
+
+    /// Generates from a prepared prompt; `on_text` receives the text as it grows (never past a stop string). Runs
+    /// the batching engine with this one request.
     pub fn generate(
         &self,
         prompt: &EncodedPrompt,
-        media: &Media<B>,
+        pixels: Vec<Vec<f32>>,
         req: &GenerationRequest,
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerationOutput> {
-        self.check_prompt(prompt)?;
-        req.sampling.validate().map_err(Error::Invalid)?;
-        let b = &self.backend;
-        let cfg = &self.model.config;
-        let capacity = (prompt.ids.len() + req.max_new_tokens).min(cfg.max_position_embeddings);
-        let mut cache = self.model.new_cache(b, capacity);
-        let tok = &self.tokenizer;
-        let mut sampler = Sampler::new(req.sampling.clone(), vec![tok.image_id, tok.fake_image_id]);
-        let stop_ids: Vec<u32> = std::iter::once(tok.eos_id)
-            .chain(tok.end_of_utterance_id)
-            .collect();
-        let decode_image = [*prompt.image_of_token.last().unwrap_or(&-1)];
-
-        let mut history = prompt.ids.clone();
-        let mut generated = Vec::new();
-        let mut stream = TextStream::new(&req.stop);
-        let mut finish = FinishReason::Length;
-        let mut input: Vec<u32> = prompt.ids.clone();
-        let mut image_of_input: &[i32] = &prompt.image_of_token;
-        while generated.len() < req.max_new_tokens
-            && cache.len() + input.len() <= capacity
-            && !input.is_empty()
-        {
-            let h = self
-                .model
-                .forward(b, &input, image_of_input, media, &mut cache, None)?;
-            let last = b.slice_rows(&h, b.dims(&h).0 - 1, 1);
-            let mut logits = b.to_host(&self.model.logits(b, &last));
-            let next = sampler.sample(&mut logits, &history);
-            history.push(next);
-            if stop_ids.contains(&next) {
-                generated.push(next);
-                finish = FinishReason::Stop;
-                break;
-            }
-            generated.push(next);
-            let text = tok.decode(&generated, true)?;
-            if stream.update(&text, &mut on_text) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            input = vec![next];
-            image_of_input = &decode_image;
-        }
-        let text = stream.finish(&tok.decode(&generated, true)?, &mut on_text);
-        Ok(GenerationOutput {
-            prompt_ids: prompt.ids.clone(),
-            generated_ids: generated,
-            text,
-            finish_reason: finish,
-        })
-    }
-}
-
-/// Incremental text output that never emits a stop string or a prefix of one that may still complete.
-struct TextStream<'a> {
-    stops: &'a [String],
-    emitted: usize,
-    stopped_at: Option<usize>,
-}
-
-impl<'a> TextStream<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        TextStream {
-            stops,
-            emitted: 0,
-            stopped_at: None,
-        }
-    }
-
-    /// Emits what is safe of `text`; true when a stop string appeared.
-    fn update(&mut self, text: &str, out: &mut impl FnMut(&str)) -> bool {
-        if let Some(pos) = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            self.stopped_at = Some(pos);
-            self.emit_to(text, pos, out);
-            return true;
-        }
-        let hold = self
-            .stops
-            .iter()
-            .map(|s| s.len().saturating_sub(1))
-            .max()
-            .unwrap_or(0);
-        let mut safe = text.len().saturating_sub(hold);
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        // A trailing U+FFFD is usually half of a multi-byte character whose other tokens are still to come.
-        let safe = text[..safe].trim_end_matches('\u{FFFD}').len();
-        self.emit_to(text, safe, out);
-        false
-    }
-
-    fn emit_to(&mut self, text: &str, end: usize, out: &mut impl FnMut(&str)) {
-        if end > self.emitted && text.is_char_boundary(self.emitted) {
-            out(&text[self.emitted..end]);
-            self.emitted = end;
-        }
-    }
-
-    /// Flushes the rest and returns the final text (cut at the stop string if one appeared).
-    fn finish(&mut self, text: &str, out: &mut impl FnMut(&str)) -> String {
-        let end = self.stopped_at.unwrap_or(text.len()).min(text.len());
-        self.emit_to(text, end, out);
-        text[..end].to_string()
+        let block_size = 16;
+        let config = EngineConfig {
+            block_size,
+            kv_blocks: self
+                .positions_for(prompt, req.max_new_tokens)
+                .div_ceil(block_size)
+                .max(1),
+            media_slots: pixels.len(),
+            max_seqs: 1,
+            max_step_tokens: self.model.config.max_position_embeddings.max(1),
+        };
+        let mut engine = Engine::new(self, config)?;
+        engine.add_request(prompt.clone(), pixels, req)?;
+        let mut output = None;
+        engine.run_to_completion(|event| match event {
+            Event::Text { delta, .. } => on_text(&delta),
+            Event::Finished { output: o, .. } => output = Some(o),
+        })?;
+        Ok(output.expect("the engine finishes every request it accepts"))
     }
 }

@@ -1,4 +1,8 @@
-//! Running requests: the per-sequence KV cache and the generation loop.
+//! Running requests: the paged KV cache, the media cache, the continuous-batching engine, and single-request
+//! generation on top of it.
 
+pub mod engine;
 pub mod generate;
 pub mod kv_cache;
+pub mod media_cache;
+pub mod stream;

@@ -9,7 +9,7 @@ pub use weight::CpuWeight;
 
 use rayon::prelude::*;
 
-use super::{Backend, Causality};
+use super::{Backend, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
 use crate::io::safetensors::TensorRef;
@@ -76,9 +76,18 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// A step layout with every row's sequence, position and KV slot worked out once.
+pub struct CpuLayout {
+    step: StepLayout,
+    /// Per row: `(sequence, position)`.
+    rows: Vec<(usize, usize)>,
+    image_of_row: Vec<i32>,
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
+    type Layout = CpuLayout;
 
     fn load_weight(&self, t: &TensorRef) -> Result<CpuWeight> {
         Ok(CpuWeight::new(t.clone()))
@@ -143,6 +152,40 @@ impl Backend for CpuBackend {
             dst.rows
         );
         dst.data[row * dst.cols..(row + src.rows) * dst.cols].copy_from_slice(&src.data);
+    }
+
+    fn gather_rows(&self, t: &CpuTensor, rows: &[usize]) -> CpuTensor {
+        let mut data = Vec::with_capacity(rows.len() * t.cols);
+        for &r in rows {
+            data.extend_from_slice(&t.data[r * t.cols..(r + 1) * t.cols]);
+        }
+        tensor(data, rows.len(), t.cols)
+    }
+
+    fn layout(&self, step: &StepLayout) -> CpuLayout {
+        CpuLayout {
+            rows: step.row_positions().collect(),
+            image_of_row: step
+                .seqs
+                .iter()
+                .flat_map(|s| s.image_of_row.iter().copied())
+                .collect(),
+            step: step.clone(),
+        }
+    }
+
+    fn write_kv(&self, pool: &mut CpuTensor, layout: &CpuLayout, rows: &CpuTensor) {
+        assert_eq!(pool.cols, rows.cols);
+        assert_eq!(
+            rows.rows,
+            layout.rows.len(),
+            "K/V rows do not match the step"
+        );
+        let w = rows.cols;
+        for (i, &(seq, pos)) in layout.rows.iter().enumerate() {
+            let slot = layout.step.slot(seq, pos);
+            pool.data[slot * w..(slot + 1) * w].copy_from_slice(&rows.data[i * w..(i + 1) * w]);
+        }
     }
 
     fn embedding(
@@ -246,8 +289,8 @@ impl Backend for CpuBackend {
         tensor(data, gate.rows, gate.cols)
     }
 
-    fn rope(&self, x: &mut CpuTensor, head_dim: usize, positions: &[usize], theta: f64) {
-        assert_eq!(positions.len(), x.rows);
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, theta: f64) {
+        assert_eq!(layout.rows.len(), x.rows, "RoPE rows do not match the step");
         assert_eq!(x.cols % head_dim, 0);
         let half = head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
@@ -256,8 +299,8 @@ impl Backend for CpuBackend {
         let cols = x.cols;
         x.data
             .par_chunks_mut(cols)
-            .zip(positions)
-            .for_each(|(row, &pos)| {
+            .zip(&layout.rows)
+            .for_each(|(row, &(_, pos))| {
                 let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
                     .iter()
                     .map(|f| {
@@ -275,24 +318,41 @@ impl Backend for CpuBackend {
             });
     }
 
-    fn attention(
-        &self,
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
-        heads: usize,
-        kv_len: usize,
-        causality: Causality,
-    ) -> CpuTensor {
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, heads: usize) -> CpuTensor {
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
-        let first_pos = kv_len - q.rows;
+        let out = attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
+            attention::attend(
+                qh,
+                k.rows,
+                |j| head_of_row(k, v, j, h, d),
+                scale,
+                scores,
+                out,
+            );
+        });
+        tensor(out, q.rows, q.cols)
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        k_pool: &CpuTensor,
+        v_pool: &CpuTensor,
+        heads: usize,
+        layout: &CpuLayout,
+    ) -> CpuTensor {
+        assert_eq!(
+            layout.rows.len(),
+            q.rows,
+            "query rows do not match the step"
+        );
+        let d = q.cols / heads;
+        let scale = (d as f32).powf(-0.5);
         let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
-            let n = match causality {
-                Causality::None => kv_len,
-                Causality::Causal => first_pos + i + 1,
-            };
-            attention::attend(qh, n, |j| head_of_row(k, v, j, h, d), scale, scores, out);
+            let (seq, pos) = layout.rows[i];
+            let key = |j: usize| head_of_row(k_pool, v_pool, layout.step.slot(seq, j), h, d);
+            attention::attend(qh, pos + 1, key, scale, scores, out);
         });
         tensor(out, q.rows, q.cols)
     }
@@ -303,14 +363,18 @@ impl Backend for CpuBackend {
         k: &CpuTensor,
         v: &CpuTensor,
         heads: usize,
-        image_of_row: &[i32],
+        layout: &CpuLayout,
         per_image: usize,
     ) -> CpuTensor {
-        assert_eq!(image_of_row.len(), q.rows);
+        assert_eq!(
+            layout.image_of_row.len(),
+            q.rows,
+            "query rows do not match the step"
+        );
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
         let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
-            let Ok(image) = usize::try_from(image_of_row[i]) else {
+            let Ok(image) = usize::try_from(layout.image_of_row[i]) else {
                 out.fill(0.0);
                 return;
             };

@@ -1,0 +1,68 @@
+//! The media cache: for every image of every live request, each gated cross-attention block's K and V, computed
+//! once at admission and read by every decode step until the request ends (other engines recompute them per step).
+//! Per cross-attention block one K pool and one V pool `[slots * tokens_per_image, hidden]`; an image owns one
+//! slot, so the cross-attention kernels address it as `slot * tokens_per_image`.
+
+use crate::backend::Backend;
+use crate::model::cross_attention::ImageKv;
+use crate::runtime::kv_cache::SlotPool;
+
+pub struct MediaCache<B: Backend> {
+    k: Vec<B::Tensor>,
+    v: Vec<B::Tensor>,
+    tokens_per_image: usize,
+    slots: SlotPool,
+}
+
+impl<B: Backend> MediaCache<B> {
+    pub fn new(b: &B, blocks: usize, slots: usize, tokens_per_image: usize, width: usize) -> Self {
+        let pool = || b.zeros(slots * tokens_per_image, width);
+        MediaCache {
+            k: (0..blocks).map(|_| pool()).collect(),
+            v: (0..blocks).map(|_| pool()).collect(),
+            tokens_per_image,
+            slots: SlotPool::new(slots),
+        }
+    }
+
+    pub fn tokens_per_image(&self) -> usize {
+        self.tokens_per_image
+    }
+
+    pub fn total_slots(&self) -> usize {
+        self.slots.total()
+    }
+
+    pub fn free_slots(&self) -> usize {
+        self.slots.available()
+    }
+
+    /// Stores `images` images' K/V (per block `[images * tokens_per_image, hidden]`, as `cross_kv` computes them)
+    /// and returns their slots, or `None` when too few slots are free.
+    pub fn insert(&mut self, b: &B, per_block: &[ImageKv<B>], images: usize) -> Option<Vec<u32>> {
+        assert_eq!(
+            per_block.len(),
+            self.k.len(),
+            "one K/V pair per cross-attention block"
+        );
+        let slots = self.slots.allocate(images)?;
+        let n = self.tokens_per_image;
+        for ((kv, k_pool), v_pool) in per_block.iter().zip(&mut self.k).zip(&mut self.v) {
+            for (i, &slot) in slots.iter().enumerate() {
+                let at = slot as usize * n;
+                b.write_rows(k_pool, at, &b.slice_rows(&kv.k, i * n, n));
+                b.write_rows(v_pool, at, &b.slice_rows(&kv.v, i * n, n));
+            }
+        }
+        Some(slots)
+    }
+
+    pub fn release(&mut self, slots: &mut Vec<u32>) {
+        self.slots.release(slots.drain(..));
+    }
+
+    /// K and V pools of cross-attention block `i`.
+    pub fn block(&self, i: usize) -> (&B::Tensor, &B::Tensor) {
+        (&self.k[i], &self.v[i])
+    }
+}
