@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::cli::{bundled_model_dir, select_cpu_backend, RunOptions};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
-use crate::runtime::generate::{FinishReason, GenerationRequest, Pipeline};
+use crate::runtime::generate::{GenerationRequest, Pipeline};
 
 /// The prompt used when none is given: IDEFICS' describe-this-image format.
 const DESCRIBE_PROMPT: &str = "User:<image>Describe this image.\nAssistant:";
@@ -93,7 +93,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "prompt_ids": out.prompt_ids,
             "generated_ids": out.generated_ids,
             "text": out.text,
-            "finish_reason": match out.finish_reason { FinishReason::Stop => "stop", FinishReason::Length => "length" },
+            "finish_reason": out.finish_reason.as_str(),
         });
         writeln!(stdout, "{json}").map_err(|e| Error::io("<stdout>", e))?;
     } else {
