@@ -93,7 +93,10 @@ fn client(base: &str, body: &str, deadline: Instant) -> (Vec<Sample>, Vec<String
 
 fn one_request(agent: &ureq::Agent, url: &str, body: &str) -> Result<Sample, String> {
     let start = Instant::now();
-    let response = agent.post(url).send_string(body).map_err(|e| e.to_string())?;
+    let response = agent
+        .post(url)
+        .send_string(body)
+        .map_err(|e| e.to_string())?;
     let (mut first_token, mut tokens, mut done) = (None, 0, false);
     for line in BufReader::new(response.into_reader()).lines() {
         let line = line.map_err(|e| e.to_string())?;

@@ -136,8 +136,7 @@ impl<B: Backend> Pipeline<B> {
         user_text: &str,
         images: &[PathBuf],
     ) -> Result<(EncodedPrompt, Vec<Vec<f32>>)> {
-        let prompt = encode_prompt(&self.tokenizer, user_text, images.len())?;
-        self.check_prompt(&prompt)?;
+        let prompt = self.encode(user_text, images.len())?;
         let pixels = images
             .iter()
             .map(|p| load_pixels(p, &self.preprocessor, self.max_image_pixels))
@@ -151,13 +150,19 @@ impl<B: Backend> Pipeline<B> {
         user_text: &str,
         images: &[Rgb8],
     ) -> Result<(EncodedPrompt, Vec<Vec<f32>>)> {
-        let prompt = encode_prompt(&self.tokenizer, user_text, images.len())?;
-        self.check_prompt(&prompt)?;
+        let prompt = self.encode(user_text, images.len())?;
         let pixels = images
             .iter()
             .map(|img| preprocess(img, &self.preprocessor))
             .collect();
         Ok((prompt, pixels))
+    }
+
+    /// The prompt for `user_text` with `num_images` images, checked before any image is decoded.
+    fn encode(&self, user_text: &str, num_images: usize) -> Result<EncodedPrompt> {
+        let prompt = encode_prompt(&self.tokenizer, user_text, num_images)?;
+        self.check_prompt(&prompt)?;
+        Ok(prompt)
     }
 
     /// Rejects prompts the model cannot take: too long, or with tokens beyond the embedding rows.
