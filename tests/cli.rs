@@ -220,3 +220,173 @@ fn inspect_counts_every_parameter() {
         "{text}"
     );
 }
+
+/// Distinct requests for `flamingo batch`: (prompt, images, max_new_tokens, temperature, seed).
+const BATCH_REQUESTS: [(&str, &[&str], usize, f32, u64); 4] = [
+    (
+        "User:<image>Describe this image.\nAssistant:",
+        &["chelsea.png"],
+        9,
+        0.0,
+        0,
+    ),
+    ("<image>What is in the cup?", &["coffee.png"], 5, 0.0, 0),
+    (
+        "<image>And this one?<image>Compare them.",
+        &["rocket.jpg", "astronaut.png"],
+        7,
+        0.9,
+        11,
+    ),
+    (
+        "Question: How many animals are there? Answer:",
+        &[],
+        12,
+        0.0,
+        0,
+    ),
+];
+
+/// What `flamingo generate --json` prints for each distinct batch request.
+fn generate_alone(model: &std::path::Path) -> Vec<serde_json::Value> {
+    let images = common::fixture_dir("images");
+    BATCH_REQUESTS
+        .iter()
+        .map(|(prompt, files, max_new, temperature, seed)| {
+            let mut cmd = flamingo();
+            cmd.args(["generate", "--json", "--model"])
+                .arg(model)
+                .args([
+                    "--prompt",
+                    prompt,
+                    "--max-new-tokens",
+                    &max_new.to_string(),
+                    "--temperature",
+                    &temperature.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                ]);
+            for f in *files {
+                cmd.arg("--image").arg(images.join(f));
+            }
+            json_of(&cmd.output().unwrap())
+        })
+        .collect()
+}
+
+/// Writes `n` request lines cycling through `BATCH_REQUESTS` (plus `extra` lines at the end) and runs
+/// `flamingo batch` with `flags`; returns the result lines and the summary printed on stderr.
+fn run_batch(
+    model: &std::path::Path,
+    n: usize,
+    extra: &[&str],
+    flags: &[&str],
+) -> (Vec<serde_json::Value>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(common::fixture_dir("images")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| {
+            let (prompt, images, max_new, temperature, seed) =
+                BATCH_REQUESTS[i % BATCH_REQUESTS.len()];
+            serde_json::json!({"prompt": prompt, "images": images, "max_new_tokens": max_new,
+                               "temperature": temperature, "seed": seed})
+            .to_string()
+        })
+        .collect();
+    lines.extend(extra.iter().map(|s| s.to_string()));
+    let input = dir.path().join("requests.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = dir.path().join("results.jsonl");
+    let out = flamingo()
+        .args(["batch", "--model"])
+        .arg(model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args(flags)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(stderr.contains("requests/s"), "no summary: {stderr}");
+    let results = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (results, stderr.to_string())
+}
+
+#[test]
+fn batch_of_64_gives_what_generate_gives_alone_also_when_preempting() {
+    let fx = Fixture::load("tiny-idefics-a");
+    let alone = generate_alone(&fx.dir);
+    for flags in [
+        &[][..],
+        &[
+            "--kv-blocks",
+            "12",
+            "--block-size",
+            "4",
+            "--max-step-tokens",
+            "40",
+        ][..],
+    ] {
+        let (results, summary) = run_batch(&fx.dir, 64, &[], flags);
+        let preempted = !summary.contains(" 0 preemptions");
+        assert_eq!(preempted, !flags.is_empty(), "{flags:?}: {summary}");
+        assert_eq!(results.len(), 64, "{flags:?}: one result per request");
+        for (i, r) in results.iter().enumerate() {
+            let want = &alone[i % BATCH_REQUESTS.len()];
+            assert_eq!(
+                ids(&r["generated_ids"]),
+                ids(&want["generated_ids"]),
+                "{flags:?}: request {i}"
+            );
+            assert_eq!(r["text"], want["text"], "{flags:?}: request {i}");
+            assert_eq!(
+                r["finish_reason"], want["finish_reason"],
+                "{flags:?}: request {i}"
+            );
+            assert_eq!(
+                r["prompt_tokens"].as_u64().unwrap() as usize,
+                ids(&want["prompt_ids"]).len()
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_reports_bad_requests_in_place_and_runs_the_rest() {
+    let fx = Fixture::load("tiny-idefics-a");
+    let bad = [
+        "not json",
+        r#"{"prompt": "<image>", "images": ["missing.png"]}"#,
+        r#"{"prompt": "<image><image>", "images": ["chelsea.png"]}"#,
+        r#"{"prompt": "hi", "temperature": -1}"#,
+        r#"{"prompt": "hi", "unknown_field": 1}"#,
+    ];
+    let (results, _) = run_batch(&fx.dir, 3, &bad, &[]);
+    assert_eq!(results.len(), 3 + bad.len());
+    for r in &results[..3] {
+        assert!(r["generated_ids"].is_array(), "{r}");
+    }
+    let expect = [
+        "bad request",
+        "missing.png",
+        "2 `<image>` marker(s) but 1 image(s)",
+        "temperature",
+        "unknown_field",
+    ];
+    for (i, (r, want)) in results[3..].iter().zip(expect).enumerate() {
+        let msg = r["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("line {}: no error: {r}", i + 4));
+        assert!(msg.starts_with(&format!("line {}:", i + 4)), "{msg}");
+        assert!(msg.contains(want), "expected {want:?} in {msg:?}");
+    }
+}

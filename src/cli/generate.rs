@@ -7,7 +7,7 @@ use crate::backend::Backend;
 use crate::cli::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
-use crate::runtime::generate::{FinishReason, GenerationRequest, Pipeline};
+use crate::runtime::generate::{GenerationRequest, Pipeline};
 
 /// The prompt used when none is given: IDEFICS' describe-this-image format.
 const DESCRIBE_PROMPT: &str = "User:<image>Describe this image.\nAssistant:";
@@ -108,7 +108,7 @@ fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()
             "prompt_ids": out.prompt_ids,
             "generated_ids": out.generated_ids,
             "text": out.text,
-            "finish_reason": match out.finish_reason { FinishReason::Stop => "stop", FinishReason::Length => "length" },
+            "finish_reason": out.finish_reason.as_str(),
         });
         writeln!(stdout, "{json}").map_err(|e| Error::io("<stdout>", e))?;
     } else {

@@ -1,5 +1,6 @@
-//! The `flamingo` command line: `generate` and `inspect`.
+//! The `flamingo` command line: `generate`, `batch`, `inspect` and `doctor`.
 
+mod batch;
 mod doctor;
 mod generate;
 mod inspect;
@@ -30,6 +31,8 @@ pub struct Cli {
 enum Command {
     /// Generate text from a prompt with `<image>` markers and image files.
     Generate(generate::GenerateArgs),
+    /// Run a file of requests (JSON lines) through the continuous-batching engine; results in input order.
+    Batch(batch::BatchArgs),
     /// Print a model directory's architecture, parameter counts, dtypes and special tokens.
     Inspect(inspect::InspectArgs),
     /// Check the CUDA setup: driver, devices, NVRTC, prebuilt kernels; compile every kernel with NVRTC.
@@ -130,6 +133,7 @@ pub fn bundled_model_dir() -> PathBuf {
 pub fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        Command::Batch(args) => batch::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Doctor(args) => doctor::run(args),
     }

@@ -97,6 +97,16 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The name OpenAI's API and our JSON outputs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GenerationOutput {
     pub prompt_ids: Vec<u32>,

@@ -127,3 +127,57 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f64], tol: f64) -> f
     );
     rel
 }
+
+/// `n` values uniform in [-1, 1) from a seeded generator: fresh, reproducible, never all zeros.
+pub fn random_values(seed: u64, n: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Named random tensors written to a temporary safetensors file and opened like a checkpoint.
+pub struct RandomWeights {
+    _dir: tempfile::TempDir,
+    pub store: flamingo::io::safetensors::WeightStore,
+}
+
+impl RandomWeights {
+    /// `specs`: name, shape, and whether to store it as bf16 (else f32).
+    pub fn new(seed: u64, specs: &[(&str, &[usize], bool)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(name, shape, bf16))| {
+                let values = random_values(seed + i as u64, shape.iter().product());
+                let (dtype, bytes) = if bf16 {
+                    let b = values
+                        .iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect();
+                    (safetensors::Dtype::BF16, b)
+                } else {
+                    let b = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (safetensors::Dtype::F32, b)
+                };
+                (name.to_string(), shape.to_vec(), dtype, bytes)
+            })
+            .collect();
+        let views = data.iter().map(|(n, s, d, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        });
+        let path = dir.path().join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let store =
+            flamingo::io::safetensors::WeightStore::open_files(&[path], "random weights".into())
+                .unwrap();
+        RandomWeights { _dir: dir, store }
+    }
+
+    pub fn get(&self, name: &str) -> flamingo::io::safetensors::TensorRef {
+        self.store.get_any_shape(name).unwrap()
+    }
+}

@@ -1,6 +1,11 @@
 //! `y = x @ W^T` with W in its stored dtype: the output columns are split into blocks across threads; each block
-//! widens its rows of W to f32 (or borrows them in place when W is aligned f32) and runs a single-threaded `gemm`.
-//! Peak extra memory is one block of W per thread, never the whole matrix.
+//! widens its rows of W to f32 (or borrows them in place when W is aligned f32) and multiplies every row of x by it,
+//! one row at a time, while the block stays in cache. Peak extra memory is one block of W per thread.
+//!
+//! Batch invariance: `gemm` sums in a different order depending on how many rows it is given (a single row takes
+//! a GEMV path, and the blocking of larger products depends on their size), so a row's result would change with
+//! the rows around it. Calling it on exactly one row at a time, over column blocks whose width depends only on
+//! `n` and `k`, fixes every row's summation order whatever the batch (`tests/batch_invariance.rs`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -11,8 +16,8 @@ use super::weight::CpuWeight;
 fn block_cols(n: usize, k: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_threads = n.div_ceil(threads * 4);
-    // Keep a widened block under ~4 MiB so it stays in cache while it is used.
-    let by_cache = ((4 << 20) / (4 * k.max(1))).max(8);
+    // Keep a widened block under ~1 MiB so it stays in L2 while every row of x passes over it.
+    let by_cache = ((1 << 20) / (4 * k.max(1))).max(8);
     by_threads.clamp(8, by_cache.max(8)).min(n.max(1))
 }
 
@@ -47,30 +52,33 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
             }
         };
         let dst = &dst;
-        // SAFETY: lhs is [m, k] (row stride k), rhs is W^T viewed through strides (element (kk, j) at j*k + kk),
-        // dst is the [m, cols] window starting at column n0 of the [m, n] output; all in bounds.
-        unsafe {
-            gemm::gemm(
-                m,
-                cols,
-                k,
-                dst.0.add(n0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                rows.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+        for r in 0..m {
+            // SAFETY: lhs is row r of x ([1, k]), rhs is W^T viewed through strides (element (kk, j) at
+            // j*k + kk), dst is the [1, cols] window at column n0 of row r of the [m, n] output; all in bounds, and
+            // no other task writes these columns.
+            unsafe {
+                gemm::gemm(
+                    1,
+                    cols,
+                    k,
+                    dst.0.add(r * n + n0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr().add(r * k),
+                    1,
+                    k as isize,
+                    rows.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
         }
     });
     out

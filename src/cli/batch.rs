@@ -1,0 +1,273 @@
+//! `flamingo batch`: an offline job. Reads one JSON request per line, runs them all through the continuous-batching
+//! engine, and writes one JSON result per line in input order:
+//!
+//! ```text
+//! in:  {"prompt": "User:<image>Describe this image.\nAssistant:", "images": ["cat.png"], "max_new_tokens": 32,
+//!       "temperature": 0.7, "top_k": 50, "top_p": 0.9, "seed": 1, "stop": ["\n"]}     (all but prompt optional)
+//! out: {"generated_ids": [...], "text": "...", "prompt_tokens": 18, "finish_reason": "stop"|"length"}
+//!      or {"error": "line 3: ..."} for a request that cannot run (the others go on)
+//! ```
+//! Relative image paths are resolved against the input file's folder. Blank lines are skipped.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::backend::Backend;
+use crate::cli::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
+use crate::error::{Error, Result};
+use crate::model::sampling::SamplingParams;
+use crate::runtime::engine::{Engine, EngineConfig, Event, RequestId};
+use crate::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
+
+#[derive(clap::Args, Debug)]
+pub struct BatchArgs {
+    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Requests, one JSON object per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Results, one JSON object per line, in input order.
+    #[arg(long)]
+    output: PathBuf,
+    /// Sequences decoded together per step at most.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// Rows (prompt chunks and decode tokens) per step at most.
+    #[arg(long, default_value_t = 2048)]
+    max_step_tokens: usize,
+    /// Positions per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV-cache blocks in the pool (default: what --kv-memory-mib allows, at most max-seqs full contexts).
+    #[arg(long)]
+    kv_blocks: Option<usize>,
+    /// Memory for the KV pool when --kv-blocks is not given.
+    #[arg(long, default_value_t = 4096)]
+    kv_memory_mib: usize,
+    /// Images whose cross-attention K/V are cached at once (default: 4 per sequence).
+    #[arg(long)]
+    media_slots: Option<usize>,
+    /// Refuse images with more pixels than this.
+    #[arg(long, default_value_t = crate::io::image::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+    /// Max new tokens of requests that do not say.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[command(flatten)]
+    run: RunOptions,
+}
+
+/// One line of the input.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    prompt: String,
+    #[serde(default)]
+    images: Vec<PathBuf>,
+    max_new_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Vec<String>,
+}
+
+pub fn run(args: BatchArgs) -> Result<()> {
+    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    with_backend(&args.run.clone(), &dir.clone(), Batch { args, dir })
+}
+
+struct Batch {
+    args: BatchArgs,
+    dir: PathBuf,
+}
+
+impl BackendCommand for Batch {
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        run_on(self.args, self.dir, backend)
+    }
+}
+
+fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
+    let mut pipeline = Pipeline::load(&dir, backend, false)?;
+    pipeline.max_image_pixels = args.max_image_pixels;
+    let config = engine_config(&args, &pipeline);
+    let lines = read_lines(&args.input)?;
+    let out = std::fs::File::create(&args.output).map_err(|e| Error::io(&args.output, e))?;
+    let mut job = Job {
+        results: vec![None; lines.len()],
+        written: 0,
+        out: BufWriter::new(out),
+        path: args.output.clone(),
+        progress: progress_bar(lines.len()),
+        prompt_tokens: 0,
+        generated_tokens: 0,
+        failed: 0,
+    };
+    let start = Instant::now();
+    let mut engine = Engine::new(&pipeline, config)?;
+    let base = args.input.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut line_of: HashMap<RequestId, usize> = HashMap::new();
+    let mut next = 0;
+    // Keep the queue about two batches deep so preprocessed images of far-away lines do not pile up in memory.
+    let queue_depth = 2 * engine.config().max_seqs;
+    while next < lines.len() || engine.pending_requests() > 0 {
+        while next < lines.len() && engine.pending_requests() < queue_depth {
+            let (number, text) = &lines[next];
+            match admit(&mut engine, &pipeline, text, &base, args.max_new_tokens) {
+                Ok(id) => {
+                    line_of.insert(id, next);
+                }
+                Err(e) => job.fail(next, format!("line {number}: {e}"))?,
+            }
+            next += 1;
+        }
+        for event in engine.step()? {
+            if let Event::Finished { id, output } = event {
+                let line = line_of.remove(&id).expect("every request has a line");
+                job.succeed(line, &output)?;
+            }
+        }
+    }
+    job.out.flush().map_err(|e| Error::io(&args.output, e))?;
+    job.progress.finish_and_clear();
+    job.summary(start.elapsed().as_secs_f64(), engine.preemptions());
+    Ok(())
+}
+
+/// Engine limits from the flags, the KV pool sized from its memory budget on this backend.
+fn engine_config<B: Backend>(args: &BatchArgs, p: &Pipeline<B>) -> EngineConfig {
+    let cfg = &p.model.config;
+    let block_bytes =
+        2 * cfg.num_hidden_layers * args.block_size * cfg.hidden_size * std::mem::size_of::<f32>();
+    let mut config = EngineConfig::sized(
+        args.max_seqs,
+        cfg.max_position_embeddings,
+        args.block_size,
+        block_bytes,
+        args.kv_memory_mib << 20,
+    );
+    config.max_step_tokens = args.max_step_tokens;
+    if let Some(n) = args.kv_blocks {
+        config.kv_blocks = n;
+    }
+    if let Some(n) = args.media_slots {
+        config.media_slots = n;
+    }
+    config
+}
+
+/// Non-blank lines of the input with their 1-based line numbers.
+fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut lines = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if !line.trim().is_empty() {
+            lines.push((i + 1, line));
+        }
+    }
+    Ok(lines)
+}
+
+/// Parses one request line, preprocesses its images and queues it.
+fn admit<B: Backend>(
+    engine: &mut Engine<'_, B>,
+    p: &Pipeline<B>,
+    line: &str,
+    base: &Path,
+    default_max_new: usize,
+) -> Result<RequestId> {
+    let req: BatchRequest =
+        serde_json::from_str(line).map_err(|e| Error::Invalid(format!("bad request: {e}")))?;
+    let images: Vec<PathBuf> = req.images.iter().map(|i| base.join(i)).collect();
+    let (prompt, pixels) = p.prepare(&req.prompt, &images)?;
+    let defaults = SamplingParams::default();
+    let request = GenerationRequest {
+        max_new_tokens: req.max_new_tokens.unwrap_or(default_max_new),
+        sampling: SamplingParams {
+            temperature: req.temperature.unwrap_or(defaults.temperature),
+            top_k: req.top_k.unwrap_or(defaults.top_k),
+            top_p: req.top_p.unwrap_or(defaults.top_p),
+            repetition_penalty: req
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+            seed: req.seed.unwrap_or(defaults.seed),
+        },
+        stop: req.stop,
+    };
+    engine.add_request(prompt, pixels, &request)
+}
+
+fn progress_bar(n: usize) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed} eta {eta}")
+            .expect("static template"),
+    );
+    bar
+}
+
+/// Results waiting to be written in input order, and the job's counters.
+struct Job {
+    results: Vec<Option<Value>>,
+    written: usize,
+    out: BufWriter<std::fs::File>,
+    path: PathBuf,
+    progress: ProgressBar,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    failed: usize,
+}
+
+impl Job {
+    fn succeed(&mut self, line: usize, out: &GenerationOutput) -> Result<()> {
+        self.prompt_tokens += out.prompt_ids.len();
+        self.generated_tokens += out.generated_ids.len();
+        let value = json!({
+            "generated_ids": out.generated_ids,
+            "text": out.text,
+            "prompt_tokens": out.prompt_ids.len(),
+            "finish_reason": out.finish_reason.as_str(),
+        });
+        self.record(line, value)
+    }
+
+    fn fail(&mut self, line: usize, message: String) -> Result<()> {
+        self.failed += 1;
+        self.record(line, json!({ "error": message }))
+    }
+
+    /// Stores a result and writes every result now complete at the head of the input order.
+    fn record(&mut self, line: usize, value: Value) -> Result<()> {
+        self.results[line] = Some(value);
+        self.progress.inc(1);
+        while let Some(Some(v)) = self.results.get_mut(self.written).map(Option::take) {
+            writeln!(self.out, "{v}").map_err(|e| Error::io(&self.path, e))?;
+            self.written += 1;
+        }
+        Ok(())
+    }
+
+    fn summary(&self, seconds: f64, preemptions: usize) {
+        let n = self.results.len();
+        let per_s = |x: usize| x as f64 / seconds.max(1e-9);
+        eprintln!(
+            "{n} requests ({} failed) in {seconds:.2} s: {:.1} requests/s, prompt {:.0} tokens/s, \
+             generated {:.0} tokens/s, {preemptions} preemptions",
+            self.failed,
+            per_s(n),
+            per_s(self.prompt_tokens),
+            per_s(self.generated_tokens),
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! The continuous-batching engine on the CPU backend: many requests at once give exactly what each gives alone,
+//! also when the KV pool is too small for all of them (preemption and recomputation), and under random arrival
+//! orders and limits no request is lost or duplicated.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::fixture_dir;
+use flamingo::backend::cpu::CpuBackend;
+use flamingo::model::sampling::SamplingParams;
+use flamingo::runtime::engine::{Engine, EngineConfig, Event, RequestId};
+use flamingo::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
+use rand::{Rng, SeedableRng};
+
+/// Prompts with zero, one and two images, and the image files they take.
+fn requests() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        ("User:<image>Describe this image.\nAssistant:", vec!["chelsea.png"]),
+        ("<image>What is in the cup?", vec!["coffee.png"]),
+        ("Question: How many animals are there? Answer:", vec![]),
+        ("<image>And this one?<image>Compare them.", vec!["rocket.jpg", "astronaut.png"]),
+        ("Caption:<image>", vec!["astronaut.png"]),
+    ]
+}
+
+struct Case {
+    prompt: flamingo::io::prompt::EncodedPrompt,
+    pixels: Vec<Vec<f32>>,
+    request: GenerationRequest,
+}
+
+/// `n` requests cycling through the prompts, with varied lengths; every third one sampled with its own seed.
+fn cases(p: &Pipeline<CpuBackend>, n: usize) -> Vec<Case> {
+    let images = fixture_dir("images");
+    let base = requests();
+    (0..n)
+        .map(|i| {
+            let (text, files) = &base[i % base.len()];
+            let paths: Vec<_> = files.iter().map(|f| images.join(f)).collect();
+            let (prompt, pixels) = p.prepare(text, &paths).unwrap();
+            let sampling = if i % 3 == 2 {
+                SamplingParams {
+                    temperature: 0.8,
+                    top_k: 20,
+                    top_p: 0.9,
+                    seed: i as u64,
+                    ..Default::default()
+                }
+            } else {
+                SamplingParams::default()
+            };
+            Case {
+                prompt,
+                pixels,
+                request: GenerationRequest {
+                    max_new_tokens: 3 + i % 9,
+                    sampling,
+                    stop: Vec::new(),
+                },
+            }
+        })
+        .collect()
+}
+
+fn solo(p: &Pipeline<CpuBackend>, c: &Case) -> GenerationOutput {
+    p.generate(&c.prompt, c.pixels.clone(), &c.request, |_| {})
+        .unwrap()
+}
+
+/// Runs every case through one engine, adding them `arrivals` at a time between steps (all at once when None),
+/// and returns each request's output and the text streamed for it.
+fn run_engine(
+    p: &Pipeline<CpuBackend>,
+    config: EngineConfig,
+    cases: &[Case],
+    rng: Option<&mut rand::rngs::StdRng>,
+) -> (Vec<GenerationOutput>, usize) {
+    let mut engine = Engine::new(p, config).unwrap();
+    let mut ids: Vec<RequestId> = Vec::new();
+    let mut outputs: HashMap<RequestId, GenerationOutput> = HashMap::new();
+    let mut streamed: HashMap<RequestId, String> = HashMap::new();
+    let mut on_event = |e: Event| match e {
+        Event::Text { id, delta } => streamed.entry(id).or_default().push_str(&delta),
+        Event::Finished { id, output } => {
+            assert!(outputs.insert(id, output).is_none(), "request {id} finished twice");
+        }
+    };
+    match rng {
+        None => {
+            for c in cases {
+                ids.push(
+                    engine
+                        .add_request(c.prompt.clone(), c.pixels.clone(), &c.request)
+                        .unwrap(),
+                );
+            }
+            engine.run_to_completion(&mut on_event).unwrap();
+        }
+        Some(rng) => {
+            let mut next = 0;
+            while next < cases.len() || engine.pending_requests() > 0 {
+                let arrivals = rng.random_range(0..=3).min(cases.len() - next);
+                for c in &cases[next..next + arrivals] {
+                    ids.push(
+                        engine
+                            .add_request(c.prompt.clone(), c.pixels.clone(), &c.request)
+                            .unwrap(),
+                    );
+                }
+                next += arrivals;
+                for e in engine.step().unwrap() {
+                    on_event(e);
+                }
+            }
+        }
+    }
+    assert_eq!(outputs.len(), cases.len(), "requests lost");
+    let preemptions = engine.preemptions();
+    let ordered = ids
+        .iter()
+        .map(|id| {
+            let out = outputs.remove(id).expect("every request finishes");
+            assert_eq!(streamed.remove(id).unwrap_or_default(), out.text, "streamed text");
+            out
+        })
+        .collect();
+    (ordered, preemptions)
+}
+
+fn assert_same(what: &str, got: &[GenerationOutput], want: &[GenerationOutput]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.generated_ids, w.generated_ids, "{what}: request {i} ids");
+        assert_eq!(g.text, w.text, "{what}: request {i} text");
+        assert_eq!(g.finish_reason, w.finish_reason, "{what}: request {i} finish");
+    }
+}
+
+#[test]
+fn sixty_four_requests_batched_give_what_each_gives_alone() {
+    for name in ["tiny-idefics-a", "tiny-idefics-b"] {
+        let p = Pipeline::load(&fixture_dir(name), CpuBackend::new(), false).unwrap();
+        let cases = cases(&p, 64);
+        let alone: Vec<_> = cases.iter().map(|c| solo(&p, c)).collect();
+        let config = EngineConfig {
+            block_size: 16,
+            kv_blocks: 64 * 4,
+            media_slots: 128,
+            max_seqs: 64,
+            max_step_tokens: 512,
+        };
+        let (batched, preemptions) = run_engine(&p, config, &cases, None);
+        assert_eq!(preemptions, 0, "{name}: the pool was big enough");
+        assert_same(name, &batched, &alone);
+    }
+}
+
+#[test]
+fn a_kv_pool_too_small_for_all_forces_preemption_and_changes_nothing() {
+    let p = Pipeline::load(&fixture_dir("tiny-idefics-a"), CpuBackend::new(), false).unwrap();
+    let cases = cases(&p, 64);
+    let alone: Vec<_> = cases.iter().map(|c| solo(&p, c)).collect();
+    let longest = cases
+        .iter()
+        .map(|c| c.prompt.ids.len() + c.request.max_new_tokens)
+        .max()
+        .unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        // Room for about three of the longest requests at once.
+        kv_blocks: 3 * longest.div_ceil(4),
+        media_slots: 16,
+        max_seqs: 32,
+        max_step_tokens: 64,
+    };
+    let (batched, preemptions) = run_engine(&p, config, &cases, None);
+    assert!(preemptions > 0, "the pool was meant to run dry");
+    assert_same("small pool", &batched, &alone);
+}
+
+#[test]
+fn random_arrivals_and_limits_lose_or_duplicate_nothing() {
+    let p = Pipeline::load(&fixture_dir("tiny-idefics-a"), CpuBackend::new(), false).unwrap();
+    let cases = cases(&p, 24);
+    let alone: Vec<_> = cases.iter().map(|c| solo(&p, c)).collect();
+    let longest = cases
+        .iter()
+        .map(|c| c.prompt.ids.len() + c.request.max_new_tokens)
+        .max()
+        .unwrap();
+    for seed in 0..6 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let block_size = rng.random_range(1..=8);
+        let config = EngineConfig {
+            block_size,
+            kv_blocks: longest.div_ceil(block_size) * rng.random_range(1..=4),
+            media_slots: rng.random_range(2..=8),
+            max_seqs: rng.random_range(1..=8),
+            max_step_tokens: rng.random_range(1..=48),
+        };
+        let (got, _) = run_engine(&p, config.clone(), &cases, Some(&mut rng));
+        assert_same(&format!("seed {seed} {config:?}"), &got, &alone);
+    }
+}
+
+#[test]
+fn requests_the_engine_could_never_run_are_refused_up_front() {
+    let p = Pipeline::load(&fixture_dir("tiny-idefics-a"), CpuBackend::new(), false).unwrap();
+    let case = &cases(&p, 4)[3]; // two images
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 2,
+        media_slots: 1,
+        max_seqs: 4,
+        max_step_tokens: 64,
+    };
+    let mut engine = Engine::new(&p, config).unwrap();
+    let err = engine
+        .add_request(case.prompt.clone(), case.pixels.clone(), &case.request)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("media cache"), "{err}");
+    let mut engine = Engine::new(
+        &p,
+        EngineConfig {
+            media_slots: 4,
+            ..engine.config().clone()
+        },
+    )
+    .unwrap();
+    let err = engine
+        .add_request(case.prompt.clone(), case.pixels.clone(), &case.request)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KV blocks"), "{err}");
+    let err = engine
+        .add_request(case.prompt.clone(), vec![], &case.request)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 <image> markers but 0 images"), "{err}");
+    assert_eq!(engine.pending_requests(), 0);
+}
