@@ -9,7 +9,8 @@
 //!
 //! Head dims a kernel lacks run zero-padded to the next one it has (padding q/k columns adds zero to every dot
 //! product, padding v columns yields columns that are dropped), with the softmax scale of the real head dim;
-//! decode sequences with a head dim `decode_attn` lacks (64, 128) go through `flash_attn` as one-row sequences.
+//! decode sequences with a head dim `decode_attn` lacks (it has 16, 32, 64, 128) go through `flash_attn` as one-row
+//! sequences.
 
 use std::sync::OnceLock;
 
@@ -19,7 +20,7 @@ use super::{CudaBackend, CudaTensor};
 use crate::backend::StepLayout;
 
 const FLASH_DIMS: &[usize] = &[64, 80, 96, 128];
-const DECODE_DIMS: &[usize] = &[64, 128];
+const DECODE_DIMS: &[usize] = &[16, 32, 64, 128];
 const XATTN_DIMS: &[usize] = &[64, 128];
 const RESAMPLER_DIMS: &[usize] = &[64, 96, 128];
 /// Keys per flash-decoding split: fixed, so a row's reduction order depends on its own length only.

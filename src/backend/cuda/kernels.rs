@@ -18,7 +18,8 @@ const USED: &[(&str, &[&str])] = &[
     ("activation.cu", &["add_bf16", "bias_act_bf16", "silu_mul_bf16", "tanh_gate_residual_bf16"]),
     ("attention.cu", &[
         "flash_attn_d64_bf16", "flash_attn_d80_bf16", "flash_attn_d96_bf16", "flash_attn_d128_bf16",
-        "decode_attn_d64_bf16", "decode_attn_d128_bf16", "decode_attn_combine_bf16",
+        "decode_attn_d16_bf16", "decode_attn_d32_bf16", "decode_attn_d64_bf16", "decode_attn_d128_bf16",
+        "decode_attn_combine_bf16",
     ]),
     ("copy.cu", &["copy_rows_bf16"]),
     ("embed.cu", &["embed_bf16"]),
