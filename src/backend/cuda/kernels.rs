@@ -158,7 +158,8 @@ pub fn launch(kernels: &Kernels, stream: &CudaStream, name: &str, grid: (u32, u3
     unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA kernel {name} failed to launch: {e}"));
 }
 
-/// Grid for the grid-stride kernels: enough 256-thread blocks for `items`, capped as their headers say.
+/// Grid for the grid-stride kernels: enough 256-thread blocks for `items`, capped as their headers say (an empty
+/// grid, for no items, launches nothing).
 pub fn stride_grid(items: usize) -> (u32, u32, u32) {
-    (items.div_ceil(256).clamp(1, 65535 * 8) as u32, 1, 1)
+    (items.div_ceil(256).min(65535 * 8) as u32, 1, 1)
 }
