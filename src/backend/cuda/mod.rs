@@ -257,6 +257,13 @@ impl CudaBackend {
     }
 }
 
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Queued kernels may still read weights and modules that are freed right after this.
+        let _ = self.stream.synchronize();
+    }
+}
+
 /// bf16 by round-to-nearest-even, as the checkpoint conversion in PyTorch does.
 fn f32_to_bf16(v: f32) -> [u8; 2] {
     half::bf16::from_f32(v).to_le_bytes()
