@@ -62,7 +62,7 @@ struct Generate {
 }
 
 impl BackendCommand for Generate {
-    fn run<B: Backend>(self, backend: B) -> Result<()> {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
         run_on(self.args, self.dir, backend)
     }
 }
