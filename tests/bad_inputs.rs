@@ -50,7 +50,10 @@ fn generate_fails(model: &Path, prompt: &str, images: &[PathBuf], extra: &[&str]
         "panic instead of an error: {stderr}"
     );
     // `--device auto` (the default) notes the device it picked on the first line.
-    let first = stderr.lines().find(|l| !l.starts_with("note: ")).unwrap_or_default();
+    let first = stderr
+        .lines()
+        .find(|l| !l.starts_with("note: "))
+        .unwrap_or_default();
     assert!(first.starts_with("error: "), "{stderr}");
     stderr
 }

@@ -46,16 +46,28 @@ type Tensors = (CpuTensor, CudaTensor);
 
 impl Pair {
     fn new() -> Option<Pair> {
-        gpu().map(|gpu| Pair { cpu: CpuBackend::new(), gpu })
+        gpu().map(|gpu| Pair {
+            cpu: CpuBackend::new(),
+            gpu,
+        })
     }
 
     fn tensor(&self, seed: u64, rows: usize, cols: usize) -> Tensors {
-        let v: Vec<f32> = random_values(seed, rows * cols).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect();
-        (self.cpu.from_host(v.clone(), rows, cols), self.gpu.from_host(v, rows, cols))
+        let v: Vec<f32> = random_values(seed, rows * cols)
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        (
+            self.cpu.from_host(v.clone(), rows, cols),
+            self.gpu.from_host(v, rows, cols),
+        )
     }
 
     fn weight(&self, w: &RandomWeights, name: &str) -> (CpuWeight, CudaWeight) {
-        (self.cpu.load_weight(&w.get(name)).unwrap(), self.gpu.load_weight(&w.get(name)).unwrap())
+        (
+            self.cpu.load_weight(&w.get(name)).unwrap(),
+            self.gpu.load_weight(&w.get(name)).unwrap(),
+        )
     }
 
     fn layout(&self, step: &StepLayout) -> (CpuLayout, CudaLayout) {
@@ -74,7 +86,9 @@ impl Pair {
 fn a_missing_device_is_a_typed_error_not_a_panic() {
     let ordinal = device_count(); // one past the last device, 0 when there is none
     match CudaBackend::new(ordinal) {
-        Err(flamingo::Error::Device(name, why)) => assert!(name.starts_with("cuda:") && !why.is_empty()),
+        Err(flamingo::Error::Device(name, why)) => {
+            assert!(name.starts_with("cuda:") && !why.is_empty())
+        }
         Err(e) => panic!("expected a device error, got {e}"),
         Ok(_) => panic!("cuda:{ordinal} should not exist"),
     }
@@ -84,16 +98,41 @@ fn a_missing_device_is_a_typed_error_not_a_panic() {
 fn linear_matches_cpu() {
     let Some(p) = Pair::new() else { return };
     // (M, N, K): GEMV (M <= 64), small-tile GEMM, large-tile GEMM (>= 132 tiles of 128), odd sizes everywhere.
-    for (i, &(m, n, k)) in [(1, 7, 257), (7, 1000, 257), (64, 257, 1000), (257, 1000, 257), (1000, 3000, 264)].iter().enumerate() {
-        let w = RandomWeights::new(100 + i as u64, &[("bf16", &[n, k], true), ("f32", &[n, k], false), ("bias", &[n], false)]);
+    for (i, &(m, n, k)) in [
+        (1, 7, 257),
+        (7, 1000, 257),
+        (64, 257, 1000),
+        (257, 1000, 257),
+        (1000, 3000, 264),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let w = RandomWeights::new(
+            100 + i as u64,
+            &[
+                ("bf16", &[n, k], true),
+                ("f32", &[n, k], false),
+                ("bias", &[n], false),
+            ],
+        );
         let x = p.tensor(200 + i as u64, m, k);
         let bias = p.weight(&w, "bias");
         for name in ["bf16", "f32"] {
             let wt = p.weight(&w, name);
-            p.check(&format!("linear {name} {m}x{n}x{k}"), &(p.cpu.linear(&x.0, &wt.0, None), p.gpu.linear(&x.1, &wt.1, None)));
+            p.check(
+                &format!("linear {name} {m}x{n}x{k}"),
+                &(
+                    p.cpu.linear(&x.0, &wt.0, None),
+                    p.gpu.linear(&x.1, &wt.1, None),
+                ),
+            );
             p.check(
                 &format!("linear {name} + bias {m}x{n}x{k}"),
-                &(p.cpu.linear(&x.0, &wt.0, Some(&bias.0)), p.gpu.linear(&x.1, &wt.1, Some(&bias.1))),
+                &(
+                    p.cpu.linear(&x.0, &wt.0, Some(&bias.0)),
+                    p.gpu.linear(&x.1, &wt.1, Some(&bias.1)),
+                ),
             );
         }
     }
@@ -102,16 +141,47 @@ fn linear_matches_cpu() {
 #[test]
 fn norms_and_elementwise_ops_match_cpu() {
     let Some(p) = Pair::new() else { return };
-    for (i, &(rows, cols)) in [(1, 1000), (7, 257), (257, 7), (1000, 64)].iter().enumerate() {
+    for (i, &(rows, cols)) in [(1, 1000), (7, 257), (257, 7), (1000, 64)]
+        .iter()
+        .enumerate()
+    {
         let s = 300 + 10 * i as u64;
-        let w = RandomWeights::new(s, &[("w", &[cols], false), ("b", &[cols], true), ("alpha", &[1], false), ("alpha_vec", &[1, 1, cols], false)]);
+        let w = RandomWeights::new(
+            s,
+            &[
+                ("w", &[cols], false),
+                ("b", &[cols], true),
+                ("alpha", &[1], false),
+                ("alpha_vec", &[1, 1, cols], false),
+            ],
+        );
         let (x, y) = (p.tensor(s + 1, rows, cols), p.tensor(s + 2, rows, cols));
         let (nw, nb) = (p.weight(&w, "w"), p.weight(&w, "b"));
         let tag = format!("[{rows}, {cols}]");
-        p.check(&format!("rms_norm {tag}"), &(p.cpu.rms_norm(&x.0, &nw.0, 1e-6), p.gpu.rms_norm(&x.1, &nw.1, 1e-6)));
-        p.check(&format!("layer_norm {tag}"), &(p.cpu.layer_norm(&x.0, &nw.0, &nb.0, 1e-5), p.gpu.layer_norm(&x.1, &nw.1, &nb.1, 1e-5)));
-        p.check(&format!("swiglu {tag}"), &(p.cpu.swiglu(&x.0, &y.0), p.gpu.swiglu(&x.1, &y.1)));
-        for act in [Activation::Gelu, Activation::GeluTanh, Activation::QuickGelu, Activation::Relu] {
+        p.check(
+            &format!("rms_norm {tag}"),
+            &(
+                p.cpu.rms_norm(&x.0, &nw.0, 1e-6),
+                p.gpu.rms_norm(&x.1, &nw.1, 1e-6),
+            ),
+        );
+        p.check(
+            &format!("layer_norm {tag}"),
+            &(
+                p.cpu.layer_norm(&x.0, &nw.0, &nb.0, 1e-5),
+                p.gpu.layer_norm(&x.1, &nw.1, &nb.1, 1e-5),
+            ),
+        );
+        p.check(
+            &format!("swiglu {tag}"),
+            &(p.cpu.swiglu(&x.0, &y.0), p.gpu.swiglu(&x.1, &y.1)),
+        );
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::QuickGelu,
+            Activation::Relu,
+        ] {
             let mut t = p.tensor(s + 1, rows, cols);
             p.cpu.activate(&mut t.0, act);
             p.gpu.activate(&mut t.1, act);
@@ -133,19 +203,44 @@ fn norms_and_elementwise_ops_match_cpu() {
     let w = RandomWeights::new(390, &[("head", &[40], true), ("hb", &[40], false)]);
     let x = p.tensor(391, 257, 5 * 40);
     let (hw, hb) = (p.weight(&w, "head"), p.weight(&w, "hb"));
-    p.check("rms_norm per head", &(p.cpu.rms_norm(&x.0, &hw.0, 1e-6), p.gpu.rms_norm(&x.1, &hw.1, 1e-6)));
-    p.check("layer_norm per head", &(p.cpu.layer_norm(&x.0, &hw.0, &hb.0, 1e-5), p.gpu.layer_norm(&x.1, &hw.1, &hb.1, 1e-5)));
+    p.check(
+        "rms_norm per head",
+        &(
+            p.cpu.rms_norm(&x.0, &hw.0, 1e-6),
+            p.gpu.rms_norm(&x.1, &hw.1, 1e-6),
+        ),
+    );
+    p.check(
+        "layer_norm per head",
+        &(
+            p.cpu.layer_norm(&x.0, &hw.0, &hb.0, 1e-5),
+            p.gpu.layer_norm(&x.1, &hw.1, &hb.1, 1e-5),
+        ),
+    );
 }
 
 #[test]
 fn embedding_and_data_movement_match_cpu() {
     let Some(p) = Pair::new() else { return };
-    let w = RandomWeights::new(400, &[("table", &[1000, 257], true), ("extra", &[7, 257], false), ("vec", &[257], false)]);
+    let w = RandomWeights::new(
+        400,
+        &[
+            ("table", &[1000, 257], true),
+            ("extra", &[7, 257], false),
+            ("vec", &[257], false),
+        ],
+    );
     let (table, extra) = (p.weight(&w, "table"), p.weight(&w, "extra"));
     let ids: Vec<u32> = (0..257u32).map(|i| (i * 389) % 1007).collect();
-    let e = (p.cpu.embedding(&ids, &table.0, Some(&extra.0)).unwrap(), p.gpu.embedding(&ids, &table.1, Some(&extra.1)).unwrap());
+    let e = (
+        p.cpu.embedding(&ids, &table.0, Some(&extra.0)).unwrap(),
+        p.gpu.embedding(&ids, &table.1, Some(&extra.1)).unwrap(),
+    );
     p.check("embedding", &e);
-    assert!(p.gpu.embedding(&[1007], &table.1, Some(&extra.1)).is_err(), "an id past both tables is an error");
+    assert!(
+        p.gpu.embedding(&[1007], &table.1, Some(&extra.1)).is_err(),
+        "an id past both tables is an error"
+    );
 
     // Movement is exact: the GPU result must equal the CPU result bit for bit (inputs are bf16 values).
     let exact = |what: &str, t: &Tensors| {
@@ -154,14 +249,35 @@ fn embedding_and_data_movement_match_cpu() {
     let (a, b) = (p.tensor(401, 257, 7), p.tensor(402, 7, 7));
     let c = p.tensor(403, 257, 1000);
     exact("from_host/to_host", &p.tensor(401, 257, 7));
-    exact("slice_rows", &(p.cpu.slice_rows(&a.0, 3, 200), p.gpu.slice_rows(&a.1, 3, 200)));
-    exact("concat_rows", &(p.cpu.concat_rows(&a.0, &b.0), p.gpu.concat_rows(&a.1, &b.1)));
-    exact("concat_cols", &(p.cpu.concat_cols(&a.0, &c.0), p.gpu.concat_cols(&a.1, &c.1)));
+    exact(
+        "slice_rows",
+        &(
+            p.cpu.slice_rows(&a.0, 3, 200),
+            p.gpu.slice_rows(&a.1, 3, 200),
+        ),
+    );
+    exact(
+        "concat_rows",
+        &(p.cpu.concat_rows(&a.0, &b.0), p.gpu.concat_rows(&a.1, &b.1)),
+    );
+    exact(
+        "concat_cols",
+        &(p.cpu.concat_cols(&a.0, &c.0), p.gpu.concat_cols(&a.1, &c.1)),
+    );
     let rows = [256, 0, 7, 7, 100];
-    exact("gather_rows", &(p.cpu.gather_rows(&c.0, &rows), p.gpu.gather_rows(&c.1, &rows)));
+    exact(
+        "gather_rows",
+        &(
+            p.cpu.gather_rows(&c.0, &rows),
+            p.gpu.gather_rows(&c.1, &rows),
+        ),
+    );
     exact("zeros", &(p.cpu.zeros(7, 1000), p.gpu.zeros(7, 1000)));
     let v = p.weight(&w, "vec");
-    exact("weight_to_tensor", &(p.cpu.weight_to_tensor(&v.0), p.gpu.weight_to_tensor(&v.1)));
+    exact(
+        "weight_to_tensor",
+        &(p.cpu.weight_to_tensor(&v.0), p.gpu.weight_to_tensor(&v.1)),
+    );
     let mut d = p.tensor(404, 257, 7);
     p.cpu.write_rows(&mut d.0, 250, &b.0);
     p.gpu.write_rows(&mut d.1, 250, &b.1);
@@ -183,11 +299,20 @@ fn rope_matches_cpu() {
 }
 
 /// `rows` one-row sequences: row `r` at `position(r)`, seeing media slot `image(r)`; one shared block.
-fn one_row_seqs(rows: usize, position: impl Fn(usize) -> usize, image: impl Fn(usize) -> i32) -> StepLayout {
+fn one_row_seqs(
+    rows: usize,
+    position: impl Fn(usize) -> usize,
+    image: impl Fn(usize) -> i32,
+) -> StepLayout {
     StepLayout {
         block_size: 4096,
         seqs: (0..rows)
-            .map(|r| SeqStep { q_rows: 1, kv_len: position(r) + 1, block_table: vec![0], image_of_row: vec![image(r)] })
+            .map(|r| SeqStep {
+                q_rows: 1,
+                kv_len: position(r) + 1,
+                block_table: vec![0],
+                image_of_row: vec![image(r)],
+            })
             .collect(),
     }
 }
@@ -196,11 +321,24 @@ fn one_row_seqs(rows: usize, position: impl Fn(usize) -> usize, image: impl Fn(u
 fn vision_attention_matches_cpu() {
     let Some(p) = Pair::new() else { return };
     // Head dims the kernels have (64, 80, 96, 128) and ones that run padded (12, 16).
-    for (i, &(heads, d)) in [(4, 12), (2, 16), (3, 64), (2, 80), (2, 96), (2, 128)].iter().enumerate() {
+    for (i, &(heads, d)) in [(4, 12), (2, 16), (3, 64), (2, 80), (2, 96), (2, 128)]
+        .iter()
+        .enumerate()
+    {
         for (j, &t) in [1usize, 7, 257].iter().enumerate() {
             let s = 600 + 10 * i as u64 + 3 * j as u64;
-            let (q, k, v) = (p.tensor(s, t, heads * d), p.tensor(s + 1, t, heads * d), p.tensor(s + 2, t, heads * d));
-            p.check(&format!("attention d={d} T={t}"), &(p.cpu.attention(&q.0, &k.0, &v.0, heads), p.gpu.attention(&q.1, &k.1, &v.1, heads)));
+            let (q, k, v) = (
+                p.tensor(s, t, heads * d),
+                p.tensor(s + 1, t, heads * d),
+                p.tensor(s + 2, t, heads * d),
+            );
+            p.check(
+                &format!("attention d={d} T={t}"),
+                &(
+                    p.cpu.attention(&q.0, &k.0, &v.0, heads),
+                    p.gpu.attention(&q.1, &k.1, &v.1, heads),
+                ),
+            );
         }
     }
 }
@@ -211,12 +349,20 @@ fn cross_attention_matches_cpu() {
     for (i, &(heads, d, per_image)) in [(4, 16, 7), (2, 64, 64), (3, 128, 257)].iter().enumerate() {
         let s = 700 + 10 * i as u64;
         let images = 3;
-        let (km, vm) = (p.tensor(s, images * per_image, heads * d), p.tensor(s + 1, images * per_image, heads * d));
+        let (km, vm) = (
+            p.tensor(s, images * per_image, heads * d),
+            p.tensor(s + 1, images * per_image, heads * d),
+        );
         let q = p.tensor(s + 2, 257, heads * d);
         let l = p.layout(&one_row_seqs(257, |_| 0, |r| [0, 2, -1, 1][r % 4]));
         p.check(
             &format!("cross_attention d={d} per_image={per_image}"),
-            &(p.cpu.cross_attention(&q.0, &km.0, &vm.0, heads, &l.0, per_image), p.gpu.cross_attention(&q.1, &km.1, &vm.1, heads, &l.1, per_image)),
+            &(
+                p.cpu
+                    .cross_attention(&q.0, &km.0, &vm.0, heads, &l.0, per_image),
+                p.gpu
+                    .cross_attention(&q.1, &km.1, &vm.1, heads, &l.1, per_image),
+            ),
         );
     }
 }
@@ -224,14 +370,34 @@ fn cross_attention_matches_cpu() {
 #[test]
 fn resampler_attention_matches_cpu() {
     let Some(p) = Pair::new() else { return };
-    for (i, &(heads, d, n_ctx, n_lat)) in [(2, 8, 7, 4), (3, 16, 257, 6), (2, 64, 257, 64), (16, 96, 257, 64), (2, 128, 1000, 7)].iter().enumerate() {
+    for (i, &(heads, d, n_ctx, n_lat)) in [
+        (2, 8, 7, 4),
+        (3, 16, 257, 6),
+        (2, 64, 257, 64),
+        (16, 96, 257, 64),
+        (2, 128, 1000, 7),
+    ]
+    .iter()
+    .enumerate()
+    {
         let s = 800 + 10 * i as u64;
         let q = p.tensor(s, n_lat, heads * d);
-        let (kc, vc) = (p.tensor(s + 1, n_ctx, heads * d), p.tensor(s + 2, n_ctx, heads * d));
-        let (kl, vl) = (p.tensor(s + 3, n_lat, heads * d), p.tensor(s + 4, n_lat, heads * d));
+        let (kc, vc) = (
+            p.tensor(s + 1, n_ctx, heads * d),
+            p.tensor(s + 2, n_ctx, heads * d),
+        );
+        let (kl, vl) = (
+            p.tensor(s + 3, n_lat, heads * d),
+            p.tensor(s + 4, n_lat, heads * d),
+        );
         p.check(
             &format!("resampler_attention d={d} ctx={n_ctx} lat={n_lat}"),
-            &(p.cpu.resampler_attention(&q.0, &kc.0, &vc.0, &kl.0, &vl.0, heads), p.gpu.resampler_attention(&q.1, &kc.1, &vc.1, &kl.1, &vl.1, heads)),
+            &(
+                p.cpu
+                    .resampler_attention(&q.0, &kc.0, &vc.0, &kl.0, &vl.0, heads),
+                p.gpu
+                    .resampler_attention(&q.1, &kc.1, &vc.1, &kl.1, &vl.1, heads),
+            ),
         );
     }
 }
@@ -252,8 +418,15 @@ impl Paged {
         // A fixed permutation of the blocks (7919 is prime, coprime with any block count it does not divide).
         let order: Vec<u32> = (0..blocks).map(|i| ((i * 7919) % blocks) as u32).collect();
         let mut next = order.into_iter();
-        let tables = lens.iter().map(|l| next.by_ref().take(l.div_ceil(BLOCK)).collect()).collect();
-        Paged { tables, lens: lens.to_vec(), pool_rows: blocks * BLOCK }
+        let tables = lens
+            .iter()
+            .map(|l| next.by_ref().take(l.div_ceil(BLOCK)).collect())
+            .collect();
+        Paged {
+            tables,
+            lens: lens.to_vec(),
+            pool_rows: blocks * BLOCK,
+        }
     }
 
     /// Sequence `s` computing its last `q_rows[s]` positions.
@@ -283,7 +456,10 @@ impl Paged {
         let total: usize = self.lens.iter().sum();
         [seed, seed + 1].map(|sd| {
             let rows = p.tensor(sd, total, width);
-            let mut pool = (p.cpu.zeros(self.pool_rows, width), p.gpu.zeros(self.pool_rows, width));
+            let mut pool = (
+                p.cpu.zeros(self.pool_rows, width),
+                p.gpu.zeros(self.pool_rows, width),
+            );
             p.cpu.write_kv(&mut pool.0, &l.0, &rows.0);
             p.gpu.write_kv(&mut pool.1, &l.1, &rows.1);
             pool
@@ -307,7 +483,10 @@ fn paged_attention_matches_cpu() {
         let l = p.layout(&step);
         p.check(
             &format!("paged_attention d={d}"),
-            &(p.cpu.paged_attention(&q.0, &k.0, &v.0, heads, &l.0), p.gpu.paged_attention(&q.1, &k.1, &v.1, heads, &l.1)),
+            &(
+                p.cpu.paged_attention(&q.0, &k.0, &v.0, heads, &l.0),
+                p.gpu.paged_attention(&q.1, &k.1, &v.1, heads, &l.1),
+            ),
         );
     }
 }
@@ -319,15 +498,29 @@ fn check_rows<B: Backend>(b: &B, what: &str, op: impl Fn(std::ops::Range<usize>)
     for range in [5..8, 37..38] {
         let part = b.to_host(&op(range.clone()));
         let want = &full[range.start * width..range.end * width];
-        let differ = part.iter().zip(want).filter(|(a, w)| a.to_bits() != w.to_bits()).count();
-        assert_eq!(differ, 0, "{what}: {differ} values of rows {range:?} differ from the batch of 64");
+        let differ = part
+            .iter()
+            .zip(want)
+            .filter(|(a, w)| a.to_bits() != w.to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{what}: {differ} values of rows {range:?} differ from the batch of 64"
+        );
     }
 }
 
 #[test]
 fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
     let Some(b) = gpu() else { return };
-    let w = RandomWeights::new(1000, &[("w", &[1000, 257], true), ("n", &[257], false), ("head", &[64], true)]);
+    let w = RandomWeights::new(
+        1000,
+        &[
+            ("w", &[1000, 257], true),
+            ("n", &[257], false),
+            ("head", &[64], true),
+        ],
+    );
     let get = |n: &str| b.load_weight(&w.get(n)).unwrap();
     let (lin, nw) = (get("w"), get("n"));
     let rand = |seed, rows, cols| b.from_host(random_values(seed, rows * cols), rows, cols);
@@ -340,16 +533,27 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
     let qr = |r: std::ops::Range<usize>| b.slice_rows(&q, r.start, r.len());
     check_rows(&b, "rope", |r| {
         let mut t = qr(r.clone());
-        b.rope(&mut t, d, &b.layout(&one_row_seqs(r.len(), |i| 3 * (r.start + i) + 1, |_| -1)), 10000.0);
+        b.rope(
+            &mut t,
+            d,
+            &b.layout(&one_row_seqs(r.len(), |i| 3 * (r.start + i) + 1, |_| -1)),
+            10000.0,
+        );
         t
     });
     let (km, vm) = (rand(1003, 3 * 7, heads * d), rand(1004, 3 * 7, heads * d));
     check_rows(&b, "cross_attention", |r| {
-        let l = b.layout(&one_row_seqs(r.len(), |_| 0, |i| [0, 2, -1, 1][(r.start + i) % 4]));
+        let l = b.layout(&one_row_seqs(
+            r.len(),
+            |_| 0,
+            |i| [0, 2, -1, 1][(r.start + i) % 4],
+        ));
         b.cross_attention(&qr(r), &km, &vm, heads, &l, 7)
     });
     let (k, v) = (rand(1005, 257, heads * d), rand(1006, 257, heads * d));
-    check_rows(&b, "vision attention", |r| b.attention(&qr(r), &k, &v, heads));
+    check_rows(&b, "vision attention", |r| {
+        b.attention(&qr(r), &k, &v, heads)
+    });
     // 64 decode sequences of different lengths over one paged pool.
     let lens: Vec<usize> = (0..64).map(|s| 1 + (s * 53) % 700).collect();
     let paged = Paged::new(&lens);
@@ -357,12 +561,22 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
     let (kp, vp) = (pool(1007), pool(1008));
     check_rows(&b, "paged decode attention", |r| {
         let seqs: Vec<usize> = r.clone().collect();
-        b.paged_attention(&qr(r), &kp, &vp, heads, &b.layout(&paged.step(&seqs, |_| 1)))
+        b.paged_attention(
+            &qr(r),
+            &kp,
+            &vp,
+            heads,
+            &b.layout(&paged.step(&seqs, |_| 1)),
+        )
     });
 }
 
 fn greedy(n: usize) -> GenerationRequest {
-    GenerationRequest { max_new_tokens: n, sampling: SamplingParams::default(), stop: vec![] }
+    GenerationRequest {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    }
 }
 
 #[test]
@@ -376,11 +590,24 @@ fn fixtures_match_golden_logits_and_greedy_ids() {
         let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
         let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
         let logits = p.backend.to_host(&p.model.logits(&p.backend, &h));
-        let rel = assert_close(&format!("{name} logits"), &logits, &fx.get("logits").data, 3e-2);
+        let rel = assert_close(
+            &format!("{name} logits"),
+            &logits,
+            &fx.get("logits").data,
+            3e-2,
+        );
         let want = fx.ids("generated_ids");
-        let out = p.generate(&prompt, fx.golden_pixels(), &greedy(want.len()), |_| {}).unwrap();
-        assert_eq!(out.generated_ids, want, "{name}: greedy ids (prompt logits error {rel:.2e} x max|ref|)");
-        let _ = writeln!(std::io::stderr(), "{name}: logits error {rel:.2e} x max|ref|, greedy ids equal");
+        let out = p
+            .generate(&prompt, fx.golden_pixels(), &greedy(want.len()), |_| {})
+            .unwrap();
+        assert_eq!(
+            out.generated_ids, want,
+            "{name}: greedy ids (prompt logits error {rel:.2e} x max|ref|)"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "{name}: logits error {rel:.2e} x max|ref|, greedy ids equal"
+        );
     }
 }
 
@@ -390,10 +617,18 @@ fn warm_decode_steps_make_no_device_allocation() {
     let fx = Fixture::load("tiny-idefics-a");
     let p = Pipeline::load(&fx.dir, b, false).unwrap();
     let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
-    let config = EngineConfig { block_size: BLOCK, kv_blocks: 8, media_slots: 2, max_seqs: 2, max_step_tokens: 256 };
+    let config = EngineConfig {
+        block_size: BLOCK,
+        kv_blocks: 8,
+        media_slots: 2,
+        max_seqs: 2,
+        max_step_tokens: 256,
+    };
     let mut engine = Engine::new(&p, config).unwrap();
     // The golden continuation has 8 tokens and no end-of-sequence: step 1 is the prefill, 2..8 decode.
-    engine.add_request(prompt, fx.golden_pixels(), &greedy(8)).unwrap();
+    engine
+        .add_request(prompt, fx.golden_pixels(), &greedy(8))
+        .unwrap();
     for _ in 0..3 {
         engine.step().unwrap();
     }
@@ -402,5 +637,9 @@ fn warm_decode_steps_make_no_device_allocation() {
         engine.step().unwrap();
         assert_eq!(engine.running_requests(), 1, "the request ended early");
     }
-    assert_eq!(p.backend.device_allocations(), before, "device allocations in warm decode steps");
+    assert_eq!(
+        p.backend.device_allocations(),
+        before,
+        "device allocations in warm decode steps"
+    );
 }

@@ -18,8 +18,21 @@ fn every_kernel_compiles_with_nvrtc_for_sm_90() {
     };
     let failures: Vec<String> = kernels::SOURCES
         .iter()
-        .filter_map(|(file, src)| nvrtc.compile_uncached(file, src, "sm_90").err().map(|e| e.to_string()))
+        .filter_map(|(file, src)| {
+            nvrtc
+                .compile_uncached(file, src, "sm_90")
+                .err()
+                .map(|e| e.to_string())
+        })
         .collect();
-    assert!(failures.is_empty(), "NVRTC {:?}:\n{}", nvrtc.version, failures.join("\n"));
-    assert!(kernels::SOURCES.len() >= 10, "kernel sources missing from the build");
+    assert!(
+        failures.is_empty(),
+        "NVRTC {:?}:\n{}",
+        nvrtc.version,
+        failures.join("\n")
+    );
+    assert!(
+        kernels::SOURCES.len() >= 10,
+        "kernel sources missing from the build"
+    );
 }

@@ -34,21 +34,33 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     }
     match kernels::NVCC {
         Some(v) => println!("prebuilt: sm_90 fatbins embedded ({v})"),
-        None => println!("prebuilt: none (built without nvcc; kernels compile with NVRTC at first use)"),
+        None => {
+            println!("prebuilt: none (built without nvcc; kernels compile with NVRTC at first use)")
+        }
     }
     let nvrtc = match Nvrtc::load() {
         Ok(n) => n,
         Err(e) => {
             println!("nvrtc:    {e}");
-            return Err(Error::Device("nvrtc".into(), "NVRTC is needed to check the kernels".into()));
+            return Err(Error::Device(
+                "nvrtc".into(),
+                "NVRTC is needed to check the kernels".into(),
+            ));
         }
     };
-    println!("nvrtc:    {}.{} ({})", nvrtc.version.0, nvrtc.version.1, nvrtc.library);
+    println!(
+        "nvrtc:    {}.{} ({})",
+        nvrtc.version.0, nvrtc.version.1, nvrtc.library
+    );
     println!("compiling every kernel file for {} with NVRTC:", args.arch);
     for (file, source) in kernels::SOURCES {
         let start = Instant::now();
         match nvrtc.compile_uncached(file, source, &args.arch) {
-            Ok(cubin) => println!("  ok    {file:<16} {:>6} ms  {:>7} bytes", start.elapsed().as_millis(), cubin.len()),
+            Ok(cubin) => println!(
+                "  ok    {file:<16} {:>6} ms  {:>7} bytes",
+                start.elapsed().as_millis(),
+                cubin.len()
+            ),
             Err(e) => {
                 println!("  FAIL  {file:<16} {e}");
                 failures.push(file.to_string());
@@ -59,6 +71,9 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         println!("all {} kernel files compile", kernels::SOURCES.len());
         Ok(())
     } else {
-        Err(Error::Device("cuda".into(), format!("failed: {}", failures.join(", "))))
+        Err(Error::Device(
+            "cuda".into(),
+            format!("failed: {}", failures.join(", ")),
+        ))
     }
 }

@@ -14,7 +14,10 @@ pub fn driver_present() -> bool {
 }
 
 fn no_driver(device: &str) -> Error {
-    Error::Device(device.into(), "no CUDA driver (libcuda.so.1 cannot be loaded): no CUDA device here".into())
+    Error::Device(
+        device.into(),
+        "no CUDA driver (libcuda.so.1 cannot be loaded): no CUDA device here".into(),
+    )
 }
 
 /// The driver's CUDA version as `(major, minor)`.
@@ -25,7 +28,8 @@ pub fn driver_version() -> Result<(i32, i32)> {
     let mut v = 0;
     // SAFETY: the library is present; `v` is valid for writes.
     let rc = unsafe { sys::cuDriverGetVersion(&mut v) };
-    rc.result().map_err(|e| Error::Device("cuda".into(), format!("cuDriverGetVersion: {e}")))?;
+    rc.result()
+        .map_err(|e| Error::Device("cuda".into(), format!("cuDriverGetVersion: {e}")))?;
     Ok((v / 1000, (v % 1000) / 10))
 }
 
@@ -45,15 +49,27 @@ pub fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
     }
     let count = device_count();
     if ordinal >= count {
-        return Err(Error::Device(name, format!("the driver reports {count} CUDA device(s)")));
+        return Err(Error::Device(
+            name,
+            format!("the driver reports {count} CUDA device(s)"),
+        ));
     }
     CudaContext::new(ordinal).map_err(|e| Error::Device(name, e.to_string()))
 }
 
 /// One line per device: name, compute capability, memory.
 pub fn describe(ctx: &CudaContext) -> String {
-    let name = ctx.name().unwrap_or_else(|e| format!("<name unavailable: {e}>"));
-    let cc = ctx.compute_capability().map_or("?".into(), |(a, b)| format!("{a}.{b}"));
-    let mem = ctx.total_mem().map_or("?".into(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64));
-    format!("cuda:{} {name}, compute capability {cc}, {mem}", ctx.ordinal())
+    let name = ctx
+        .name()
+        .unwrap_or_else(|e| format!("<name unavailable: {e}>"));
+    let cc = ctx
+        .compute_capability()
+        .map_or("?".into(), |(a, b)| format!("{a}.{b}"));
+    let mem = ctx.total_mem().map_or("?".into(), |m| {
+        format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64)
+    });
+    format!(
+        "cuda:{} {name}, compute capability {cc}, {mem}",
+        ctx.ordinal()
+    )
 }

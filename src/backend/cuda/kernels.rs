@@ -15,18 +15,45 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// The kernels the backend launches, by file. Each file's header comment gives shapes and launch geometry.
 const USED: &[(&str, &[&str])] = &[
-    ("activation.cu", &["add_bf16", "bias_act_bf16", "silu_mul_bf16", "tanh_gate_residual_bf16"]),
-    ("attention.cu", &[
-        "flash_attn_d64_bf16", "flash_attn_d80_bf16", "flash_attn_d96_bf16", "flash_attn_d128_bf16",
-        "decode_attn_d16_bf16", "decode_attn_d32_bf16", "decode_attn_d64_bf16", "decode_attn_d128_bf16",
-        "decode_attn_combine_bf16",
-    ]),
+    (
+        "activation.cu",
+        &[
+            "add_bf16",
+            "bias_act_bf16",
+            "silu_mul_bf16",
+            "tanh_gate_residual_bf16",
+        ],
+    ),
+    (
+        "attention.cu",
+        &[
+            "flash_attn_d64_bf16",
+            "flash_attn_d80_bf16",
+            "flash_attn_d96_bf16",
+            "flash_attn_d128_bf16",
+            "decode_attn_d16_bf16",
+            "decode_attn_d32_bf16",
+            "decode_attn_d64_bf16",
+            "decode_attn_d128_bf16",
+            "decode_attn_combine_bf16",
+        ],
+    ),
     ("copy.cu", &["copy_rows_bf16"]),
     ("embed.cu", &["embed_bf16"]),
-    ("gated_xattn.cu", &["gated_xattn_d64_bf16", "gated_xattn_d128_bf16"]),
+    (
+        "gated_xattn.cu",
+        &["gated_xattn_d64_bf16", "gated_xattn_d128_bf16"],
+    ),
     ("gemm.cu", &["gemm_bf16", "gemm_small_bf16", "gemv_bf16"]),
     ("norm.cu", &["rms_norm_bf16", "layer_norm_bf16"]),
-    ("resampler.cu", &["resampler_attn_d64_bf16", "resampler_attn_d96_bf16", "resampler_attn_d128_bf16"]),
+    (
+        "resampler.cu",
+        &[
+            "resampler_attn_d64_bf16",
+            "resampler_attn_d96_bf16",
+            "resampler_attn_d128_bf16",
+        ],
+    ),
     ("rope.cu", &["rope_bf16"]),
 ];
 
@@ -61,7 +88,10 @@ impl Kernels {
         if let (Some(nvcc), false, true) = (NVCC, force_nvrtc, major >= 9) {
             let images = FATBINS.iter().map(|(f, bin)| (*f, bin.to_vec()));
             if let Ok(functions) = load_functions(ctx, images) {
-                return Ok(Kernels { functions, origin: KernelOrigin::Nvcc(nvcc) });
+                return Ok(Kernels {
+                    functions,
+                    origin: KernelOrigin::Nvcc(nvcc),
+                });
             }
         }
         let nvrtc = Nvrtc::load()?;
@@ -74,7 +104,13 @@ impl Kernels {
             })
             .collect::<Result<Vec<_>>>()?;
         let functions = load_functions(ctx, images.into_iter())?;
-        Ok(Kernels { functions, origin: KernelOrigin::Nvrtc { version: nvrtc.version, arch } })
+        Ok(Kernels {
+            functions,
+            origin: KernelOrigin::Nvrtc {
+                version: nvrtc.version,
+                arch,
+            },
+        })
     }
 
     pub fn get(&self, name: &str) -> &CudaFunction {
@@ -91,7 +127,9 @@ fn load_functions(
 ) -> Result<HashMap<&'static str, CudaFunction>> {
     let mut functions = HashMap::new();
     for (file, image) in images {
-        let Some((_, names)) = USED.iter().find(|(f, _)| *f == file) else { continue };
+        let Some((_, names)) = USED.iter().find(|(f, _)| *f == file) else {
+            continue;
+        };
         // The driver reads the image through its header: a fresh Vec is 16-byte aligned by the system allocator.
         let module = ctx
             .load_module(Ptx::from_binary(image))
@@ -103,8 +141,15 @@ fn load_functions(
             functions.insert(*name, f);
         }
     }
-    match USED.iter().flat_map(|(_, n)| n.iter()).find(|n| !functions.contains_key(*n)) {
-        Some(missing) => Err(device_error(ctx, format!("kernel {missing} was not loaded"))),
+    match USED
+        .iter()
+        .flat_map(|(_, n)| n.iter())
+        .find(|n| !functions.contains_key(*n))
+    {
+        Some(missing) => Err(device_error(
+            ctx,
+            format!("kernel {missing} was not loaded"),
+        )),
         None => Ok(functions),
     }
 }
@@ -125,7 +170,9 @@ pub fn ptr(p: u64) -> Arg {
 
 /// A size or index as the kernels' `int`: every tensor dimension fits (checked, never silently truncated).
 pub fn int(v: usize) -> Arg {
-    Arg::I32(i32::try_from(v).unwrap_or_else(|_| panic!("{v} does not fit a kernel's int argument")))
+    Arg::I32(
+        i32::try_from(v).unwrap_or_else(|_| panic!("{v} does not fit a kernel's int argument")),
+    )
 }
 
 pub fn long(v: usize) -> Arg {
@@ -138,7 +185,14 @@ pub fn float(v: f32) -> Arg {
 
 /// Launches `name` on `stream`. A failed launch is a device fault the op cannot report through the Backend trait
 /// (its ops return tensors, not results), so it panics naming the kernel and the driver error.
-pub fn launch(kernels: &Kernels, stream: &CudaStream, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
+pub fn launch(
+    kernels: &Kernels,
+    stream: &CudaStream,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[Arg],
+) {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return; // nothing to compute; a zero grid is an invalid launch
     }
@@ -152,7 +206,11 @@ pub fn launch(kernels: &Kernels, stream: &CudaStream, name: &str, grid: (u32, u3
             Arg::F32(v) => b.arg(v),
         };
     }
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: argument kinds and order follow the kernel's signature in its file header; sizes were checked by the
     // caller against the buffers it passes.
     unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA kernel {name} failed to launch: {e}"));

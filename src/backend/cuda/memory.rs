@@ -75,16 +75,31 @@ impl Pool {
     /// A buffer of at least `bytes`, reused from the pool when one of its class is free.
     pub fn take(self: &Arc<Self>, bytes: usize) -> Buffer {
         let class = size_class(bytes);
-        let reused = self.free.lock().expect("memory pool lock").get_mut(&class).and_then(Vec::pop);
+        let reused = self
+            .free
+            .lock()
+            .expect("memory pool lock")
+            .get_mut(&class)
+            .and_then(Vec::pop);
         let ptr = reused.unwrap_or_else(|| self.malloc(class));
-        Buffer { ptr, class, pool: self.clone() }
+        Buffer {
+            ptr,
+            class,
+            pool: self.clone(),
+        }
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        for ptr in self.free.get_mut().expect("memory pool lock").values().flatten() {
+        for ptr in self
+            .free
+            .get_mut()
+            .expect("memory pool lock")
+            .values()
+            .flatten()
+        {
             // SAFETY: every pointer came from `malloc` and no buffer refers to it any more (they hold the pool).
             let _ = unsafe { result::free_sync(*ptr) };
         }
@@ -102,7 +117,13 @@ pub struct WeightArena {
 
 impl WeightArena {
     pub fn new(pool: Arc<Pool>) -> Self {
-        WeightArena { pool, chunks: Vec::new(), base: 0, used: 0, capacity: 0 }
+        WeightArena {
+            pool,
+            chunks: Vec::new(),
+            base: 0,
+            used: 0,
+            capacity: 0,
+        }
     }
 
     /// Makes room for `bytes` of weights in one allocation (what a model's bf16 parameters need).
@@ -144,11 +165,30 @@ mod tests {
 
     #[test]
     fn size_classes_round_up_by_at_most_a_quarter() {
-        for bytes in [1, 255, 256, 257, 1000, 4096, 5000, 1 << 20, (1 << 20) + 1, 3 << 27, (256 << 20) + 3] {
+        for bytes in [
+            1,
+            255,
+            256,
+            257,
+            1000,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            3 << 27,
+            (256 << 20) + 3,
+        ] {
             let c = size_class(bytes);
             assert!(c >= bytes && c % 256 == 0, "{bytes} -> {c}");
-            assert!(c <= (bytes.max(256) * 5).div_ceil(4) + 256, "{bytes} -> {c}");
+            assert!(
+                c <= (bytes.max(256) * 5).div_ceil(4) + 256,
+                "{bytes} -> {c}"
+            );
         }
-        assert_eq!(size_class(5000), size_class(5100), "nearby sizes share a class");
+        assert_eq!(
+            size_class(5000),
+            size_class(5100),
+            "nearby sizes share a class"
+        );
     }
 }

@@ -95,7 +95,9 @@ impl CudaBackend {
     /// A backend on CUDA device `ordinal`: context, stream, and every kernel loaded.
     pub fn new(ordinal: usize) -> Result<Self> {
         let ctx = device::open(ordinal)?;
-        let err = |what: &str, e: cudarc::driver::DriverError| Error::Device(format!("cuda:{ordinal}"), format!("{what}: {e}"));
+        let err = |what: &str, e: cudarc::driver::DriverError| {
+            Error::Device(format!("cuda:{ordinal}"), format!("{what}: {e}"))
+        };
         let stream = ctx.new_stream().map_err(|e| err("creating a stream", e))?;
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -117,7 +119,9 @@ impl CudaBackend {
     pub fn summary(&self) -> String {
         let origin = match &self.kernels.origin {
             kernels::KernelOrigin::Nvcc(v) => format!("prebuilt kernels ({v})"),
-            kernels::KernelOrigin::Nvrtc { version, arch } => format!("NVRTC {}.{} kernels for {arch}", version.0, version.1),
+            kernels::KernelOrigin::Nvrtc { version, arch } => {
+                format!("NVRTC {}.{} kernels for {arch}", version.0, version.1)
+            }
         };
         format!("{}; {origin}", describe(&self.ctx))
     }
@@ -135,12 +139,17 @@ impl CudaBackend {
 
     /// Reserves one device allocation for `bytes` of bf16 weights, which `load_weight` then fills in order.
     pub fn reserve_weights(&self, bytes: usize) {
-        self.weights.lock().expect("weight arena lock").reserve(bytes);
+        self.weights
+            .lock()
+            .expect("weight arena lock")
+            .reserve(bytes);
     }
 
     /// Waits for every queued op.
     pub fn synchronize(&self) {
-        self.stream.synchronize().unwrap_or_else(|e| panic!("CUDA stream failed: {e}"));
+        self.stream
+            .synchronize()
+            .unwrap_or_else(|e| panic!("CUDA stream failed: {e}"));
     }
 
     fn run(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
@@ -163,7 +172,8 @@ impl CudaBackend {
         if self.poison && n > 0 {
             self.bind();
             // SAFETY: the buffer holds at least n bf16 values.
-            let rc = unsafe { sys::cuMemsetD16Async(t.ptr(), BF16_NAN, n, self.stream.cu_stream()) };
+            let rc =
+                unsafe { sys::cuMemsetD16Async(t.ptr(), BF16_NAN, n, self.stream.cu_stream()) };
             self.check("poison fill", rc.result());
         }
         t
@@ -187,7 +197,9 @@ impl CudaBackend {
         }
         self.bind();
         // SAFETY: dst holds at least size_of_val(src) bytes; pageable sources are staged before the call returns.
-        self.check("host-to-device copy", unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) });
+        self.check("host-to-device copy", unsafe {
+            result::memcpy_htod_async(dst, src, self.stream.cu_stream())
+        });
     }
 
     fn dtod(&self, dst: u64, src: u64, elems: usize) {
@@ -196,26 +208,58 @@ impl CudaBackend {
         }
         self.bind();
         // SAFETY: both ranges hold `elems` bf16 values (checked by the callers' shape asserts).
-        self.check("device copy", unsafe { result::memcpy_dtod_async(dst, src, elems * 2, self.stream.cu_stream()) });
+        self.check("device copy", unsafe {
+            result::memcpy_dtod_async(dst, src, elems * 2, self.stream.cu_stream())
+        });
     }
 
     /// `copy_rows_bf16` (kernels/copy.cu): row `i` of `dst` (or row `dst_idx[i]`) gets row `i` of `src` (or row
     /// `src_idx[i]`), per group of columns `d_src` wide in `src` and `d_dst` wide in `dst`, zero-padded.
     #[allow(clippy::too_many_arguments)]
-    fn copy_rows(&self, dst: u64, src: u64, dst_idx: u64, src_idx: u64, rows: usize, groups: usize, d: (usize, usize), ld: (usize, usize)) {
+    fn copy_rows(
+        &self,
+        dst: u64,
+        src: u64,
+        dst_idx: u64,
+        src_idx: u64,
+        rows: usize,
+        groups: usize,
+        d: (usize, usize),
+        ld: (usize, usize),
+    ) {
         let (d_dst, d_src) = d;
         self.run(
             "copy_rows_bf16",
             stride_grid(rows * groups * d_dst),
             256,
-            &[ptr(dst), ptr(src), ptr(dst_idx), ptr(src_idx), int(rows), int(groups), int(d_dst), int(d_src), long(ld.0), long(ld.1)],
+            &[
+                ptr(dst),
+                ptr(src),
+                ptr(dst_idx),
+                ptr(src_idx),
+                int(rows),
+                int(groups),
+                int(d_dst),
+                int(d_src),
+                long(ld.0),
+                long(ld.1),
+            ],
         );
     }
 
     /// `t` with each of its `heads` column groups widened (zero-padded) or narrowed from `d_from` to `d_to`.
     fn regroup(&self, t: &CudaTensor, heads: usize, d_from: usize, d_to: usize) -> CudaTensor {
         let out = self.alloc(t.rows, heads * d_to);
-        self.copy_rows(out.ptr(), t.ptr(), 0, 0, t.rows, heads, (d_to, d_from), (heads * d_to, t.cols));
+        self.copy_rows(
+            out.ptr(),
+            t.ptr(),
+            0,
+            0,
+            t.rows,
+            heads,
+            (d_to, d_from),
+            (heads * d_to, t.cols),
+        );
         out
     }
 
@@ -227,11 +271,23 @@ impl CudaBackend {
     fn upload_weight(&self, t: &TensorRef, n: usize) -> Result<u64> {
         let bf16: std::borrow::Cow<[u8]> = match t.dtype {
             DType::BF16 => t.bytes().into(),
-            DType::F32 => t.bytes().chunks_exact(4).flat_map(|b| f32_to_bf16(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
-            DType::F16 => t.bytes().chunks_exact(2).flat_map(|b| f32_to_bf16(half::f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
+            DType::F32 => t
+                .bytes()
+                .chunks_exact(4)
+                .flat_map(|b| f32_to_bf16(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            DType::F16 => t
+                .bytes()
+                .chunks_exact(2)
+                .flat_map(|b| f32_to_bf16(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+                .collect(),
         };
         if bf16.len() != n * 2 {
-            return Err(Error::Invalid(format!("{}: {} bytes of data for {n} values", t.name, t.bytes().len())));
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes of data for {n} values",
+                t.name,
+                t.bytes().len()
+            )));
         }
         let dst = self.weights.lock().expect("weight arena lock").take(n * 2);
         self.htod(dst, &bf16);
@@ -240,10 +296,24 @@ impl CudaBackend {
 
     /// RMSNorm or LayerNorm over `w.len()`-wide groups of each row (the kernels normalise rows; a per-head norm is
     /// the same kernel on the `[rows * heads, d]` view).
-    fn norm(&self, kernel: &str, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>, eps: f32) -> CudaTensor {
+    fn norm(
+        &self,
+        kernel: &str,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        eps: f32,
+    ) -> CudaTensor {
         let width = w.len();
-        assert!(width > 0 && x.cols % width == 0, "row width {} is not a multiple of the norm width {width}", x.cols);
-        assert!(width <= 8192, "norm width {width} is over the kernels' 8192 (NORM_MAX_COLS in kernels/norm.cu)");
+        assert!(
+            width > 0 && x.cols % width == 0,
+            "row width {} is not a multiple of the norm width {width}",
+            x.cols
+        );
+        assert!(
+            width <= 8192,
+            "norm width {width} is over the kernels' 8192 (NORM_MAX_COLS in kernels/norm.cu)"
+        );
         let out = self.alloc(x.rows, x.cols);
         let rows = x.len() / width;
         let mut args = vec![ptr(out.ptr()), ptr(x.ptr()), ptr(w.ptr)];
@@ -294,9 +364,16 @@ impl Backend for CudaBackend {
     }
 
     fn from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> CudaTensor {
-        assert_eq!(data.len(), rows * cols, "host data does not fill [{rows}, {cols}]");
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "host data does not fill [{rows}, {cols}]"
+        );
         let t = self.alloc(rows, cols);
-        let bf16: Vec<u16> = data.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let bf16: Vec<u16> = data
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
         self.htod(t.ptr(), &bf16);
         t
     }
@@ -306,10 +383,14 @@ impl Backend for CudaBackend {
         if !raw.is_empty() {
             self.bind();
             // SAFETY: the tensor holds t.len() bf16 values; the stream is synchronised before `raw` is read.
-            self.check("device-to-host copy", unsafe { result::memcpy_dtoh_async(&mut raw, t.ptr(), self.stream.cu_stream()) });
+            self.check("device-to-host copy", unsafe {
+                result::memcpy_dtoh_async(&mut raw, t.ptr(), self.stream.cu_stream())
+            });
             self.synchronize();
         }
-        raw.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect()
+        raw.into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect()
     }
 
     fn dims(&self, t: &CudaTensor) -> (usize, usize) {
@@ -327,13 +408,20 @@ impl Backend for CudaBackend {
         if t.len() > 0 {
             self.bind();
             // SAFETY: the buffer holds t.len() bf16 values.
-            self.check("memset", unsafe { result::memset_d8_async(t.ptr(), 0, t.len() * 2, self.stream.cu_stream()) });
+            self.check("memset", unsafe {
+                result::memset_d8_async(t.ptr(), 0, t.len() * 2, self.stream.cu_stream())
+            });
         }
         t
     }
 
     fn slice_rows(&self, t: &CudaTensor, start: usize, len: usize) -> CudaTensor {
-        assert!(start + len <= t.rows, "rows {start}..{} of {}", start + len, t.rows);
+        assert!(
+            start + len <= t.rows,
+            "rows {start}..{} of {}",
+            start + len,
+            t.rows
+        );
         let out = self.alloc(len, t.cols);
         self.dtod(out.ptr(), t.row(start), out.len());
         out
@@ -350,15 +438,38 @@ impl Backend for CudaBackend {
     fn concat_cols(&self, a: &CudaTensor, b: &CudaTensor) -> CudaTensor {
         assert_eq!(a.rows, b.rows, "concatenating columns of different heights");
         let out = self.alloc(a.rows, a.cols + b.cols);
-        self.copy_rows(out.ptr(), a.ptr(), 0, 0, a.rows, 1, (a.cols, a.cols), (out.cols, a.cols));
+        self.copy_rows(
+            out.ptr(),
+            a.ptr(),
+            0,
+            0,
+            a.rows,
+            1,
+            (a.cols, a.cols),
+            (out.cols, a.cols),
+        );
         let right = out.ptr() + (a.cols * 2) as u64;
-        self.copy_rows(right, b.ptr(), 0, 0, b.rows, 1, (b.cols, b.cols), (out.cols, b.cols));
+        self.copy_rows(
+            right,
+            b.ptr(),
+            0,
+            0,
+            b.rows,
+            1,
+            (b.cols, b.cols),
+            (out.cols, b.cols),
+        );
         out
     }
 
     fn write_rows(&self, dst: &mut CudaTensor, row: usize, src: &CudaTensor) {
         assert_eq!(dst.cols, src.cols, "writing rows of a different width");
-        assert!(row + src.rows <= dst.rows, "writing rows {row}..{} of {}", row + src.rows, dst.rows);
+        assert!(
+            row + src.rows <= dst.rows,
+            "writing rows {row}..{} of {}",
+            row + src.rows,
+            dst.rows
+        );
         self.dtod(dst.row(row), src.ptr(), src.len());
     }
 
@@ -372,7 +483,16 @@ impl Backend for CudaBackend {
             .collect();
         let out = self.alloc(rows.len(), t.cols);
         let idx = self.upload_i32(&idx);
-        self.copy_rows(out.ptr(), t.ptr(), 0, idx.ptr, rows.len(), 1, (t.cols, t.cols), (t.cols, t.cols));
+        self.copy_rows(
+            out.ptr(),
+            t.ptr(),
+            0,
+            idx.ptr,
+            rows.len(),
+            1,
+            (t.cols, t.cols),
+            (t.cols, t.cols),
+        );
         out
     }
 
@@ -385,29 +505,60 @@ impl Backend for CudaBackend {
         assert_eq!(rows.rows, layout.rows(), "K/V rows do not match the step");
         layout.check_slots(pool.rows);
         let w = rows.cols;
-        self.copy_rows(pool.ptr(), rows.ptr(), layout.slots(), 0, rows.rows, 1, (w, w), (w, w));
+        self.copy_rows(
+            pool.ptr(),
+            rows.ptr(),
+            layout.slots(),
+            0,
+            rows.rows,
+            1,
+            (w, w),
+            (w, w),
+        );
     }
 
-    fn embedding(&self, ids: &[u32], table: &CudaWeight, extra: Option<&CudaWeight>) -> Result<CudaTensor> {
+    fn embedding(
+        &self,
+        ids: &[u32],
+        table: &CudaWeight,
+        extra: Option<&CudaWeight>,
+    ) -> Result<CudaTensor> {
         let (vocab_a, vocab_b) = (table.rows, extra.map_or(0, |e| e.rows));
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_a + vocab_b) {
-            return Err(Error::Invalid(format!("token id {id} is beyond the {} embedding rows", vocab_a + vocab_b)));
+            return Err(Error::Invalid(format!(
+                "token id {id} is beyond the {} embedding rows",
+                vocab_a + vocab_b
+            )));
         }
         if let Some(e) = extra {
-            assert_eq!(e.cols, table.cols, "the additional embedding differs in width");
+            assert_eq!(
+                e.cols, table.cols,
+                "the additional embedding differs in width"
+            );
         }
         let out = self.alloc(ids.len(), table.cols);
         let dev_ids = self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>());
         let args = [
-            ptr(out.ptr()), ptr(dev_ids.ptr), int(ids.len()), ptr(table.ptr), int(vocab_a),
-            ptr(extra.map_or(0, |e| e.ptr)), int(vocab_b), int(table.cols), ptr(0),
+            ptr(out.ptr()),
+            ptr(dev_ids.ptr),
+            int(ids.len()),
+            ptr(table.ptr),
+            int(vocab_a),
+            ptr(extra.map_or(0, |e| e.ptr)),
+            int(vocab_b),
+            int(table.cols),
+            ptr(0),
         ];
         self.run("embed_bf16", (ids.len() as u32, 1, 1), 128, &args);
         Ok(out)
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> CudaTensor {
-        assert_eq!(x.cols, w.cols, "linear: input width {} but weight [{}, {}]", x.cols, w.rows, w.cols);
+        assert_eq!(
+            x.cols, w.cols,
+            "linear: input width {} but weight [{}, {}]",
+            x.cols, w.rows, w.cols
+        );
         let (m, n, k) = (x.rows, w.rows, w.cols);
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "linear: bias of {} for {n} outputs", b.len());
@@ -415,12 +566,25 @@ impl Backend for CudaBackend {
         let y = self.alloc(m, n);
         let epi = if bias.is_some() { EPI_BIAS } else { EPI_NONE };
         let args = [
-            ptr(y.ptr()), ptr(x.ptr()), ptr(w.ptr), ptr(bias.map_or(0, |b| b.ptr)), ptr(0),
-            int(m), int(n), int(k), int(n), Arg::I32(epi),
+            ptr(y.ptr()),
+            ptr(x.ptr()),
+            ptr(w.ptr),
+            ptr(bias.map_or(0, |b| b.ptr)),
+            ptr(0),
+            int(m),
+            int(n),
+            int(k),
+            int(n),
+            Arg::I32(epi),
         ];
         let tiles = |t: usize| (n.div_ceil(t) as u32, m.div_ceil(t) as u32, 1);
         if m <= GEMV_MAX_ROWS {
-            self.run("gemv_bf16", (n.div_ceil(4) as u32, m.div_ceil(8) as u32, 1), 256, &args);
+            self.run(
+                "gemv_bf16",
+                (n.div_ceil(4) as u32, m.div_ceil(8) as u32, 1),
+                256,
+                &args,
+            );
         } else if (m.div_ceil(128) * n.div_ceil(128)) < self.sm_count {
             // Too few large tiles to fill the GPU; the small tiles give bit-identical results.
             self.run("gemm_small_bf16", tiles(64), 128, &args);
@@ -431,16 +595,47 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, acc: &mut CudaTensor, x: &CudaTensor) {
-        assert_eq!((acc.rows, acc.cols), (x.rows, x.cols), "adding tensors of different shapes");
-        let args = [ptr(acc.ptr()), ptr(acc.ptr()), ptr(x.ptr()), int(acc.rows), int(acc.cols)];
+        assert_eq!(
+            (acc.rows, acc.cols),
+            (x.rows, x.cols),
+            "adding tensors of different shapes"
+        );
+        let args = [
+            ptr(acc.ptr()),
+            ptr(acc.ptr()),
+            ptr(x.ptr()),
+            int(acc.rows),
+            int(acc.cols),
+        ];
         self.run("add_bf16", Self::chunk_grid(acc.rows, acc.cols), 256, &args);
     }
 
     fn add_gated(&self, acc: &mut CudaTensor, x: &CudaTensor, alpha: &CudaWeight) {
-        assert_eq!((acc.rows, acc.cols), (x.rows, x.cols), "adding tensors of different shapes");
-        assert!(alpha.len() == 1 || alpha.len() == acc.cols, "gate of {} values for {} columns", alpha.len(), acc.cols);
-        let args = [ptr(acc.ptr()), ptr(x.ptr()), ptr(alpha.ptr), int(alpha.len()), int(acc.rows), int(acc.cols)];
-        self.run("tanh_gate_residual_bf16", Self::chunk_grid(acc.rows, acc.cols), 256, &args);
+        assert_eq!(
+            (acc.rows, acc.cols),
+            (x.rows, x.cols),
+            "adding tensors of different shapes"
+        );
+        assert!(
+            alpha.len() == 1 || alpha.len() == acc.cols,
+            "gate of {} values for {} columns",
+            alpha.len(),
+            acc.cols
+        );
+        let args = [
+            ptr(acc.ptr()),
+            ptr(x.ptr()),
+            ptr(alpha.ptr),
+            int(alpha.len()),
+            int(acc.rows),
+            int(acc.cols),
+        ];
+        self.run(
+            "tanh_gate_residual_bf16",
+            Self::chunk_grid(acc.rows, acc.cols),
+            256,
+            &args,
+        );
     }
 
     fn layer_norm(&self, x: &CudaTensor, w: &CudaWeight, b: &CudaWeight, eps: f32) -> CudaTensor {
@@ -452,37 +647,97 @@ impl Backend for CudaBackend {
     }
 
     fn activate(&self, x: &mut CudaTensor, act: Activation) {
-        let args = [ptr(x.ptr()), ptr(x.ptr()), ptr(0), int(x.rows), int(x.cols), Arg::I32(activation_code(act))];
-        self.run("bias_act_bf16", Self::chunk_grid(x.rows, x.cols), 256, &args);
+        let args = [
+            ptr(x.ptr()),
+            ptr(x.ptr()),
+            ptr(0),
+            int(x.rows),
+            int(x.cols),
+            Arg::I32(activation_code(act)),
+        ];
+        self.run(
+            "bias_act_bf16",
+            Self::chunk_grid(x.rows, x.cols),
+            256,
+            &args,
+        );
     }
 
     fn swiglu(&self, gate: &CudaTensor, up: &CudaTensor) -> CudaTensor {
-        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "gate and up differ in shape");
+        assert_eq!(
+            (gate.rows, gate.cols),
+            (up.rows, up.cols),
+            "gate and up differ in shape"
+        );
         let out = self.alloc(gate.rows, gate.cols);
-        let args = [ptr(out.ptr()), ptr(gate.ptr()), ptr(up.ptr()), int(gate.rows), int(gate.cols)];
-        self.run("silu_mul_bf16", Self::chunk_grid(gate.rows, gate.cols), 256, &args);
+        let args = [
+            ptr(out.ptr()),
+            ptr(gate.ptr()),
+            ptr(up.ptr()),
+            int(gate.rows),
+            int(gate.cols),
+        ];
+        self.run(
+            "silu_mul_bf16",
+            Self::chunk_grid(gate.rows, gate.cols),
+            256,
+            &args,
+        );
         out
     }
 
     fn rope(&self, x: &mut CudaTensor, head_dim: usize, layout: &CudaLayout, theta: f64) {
         assert_eq!(x.rows, layout.rows(), "RoPE rows do not match the step");
-        assert!(head_dim % 2 == 0 && head_dim <= 512 && x.cols % head_dim == 0, "RoPE head_dim {head_dim} for width {}", x.cols);
+        assert!(
+            head_dim % 2 == 0 && head_dim <= 512 && x.cols % head_dim == 0,
+            "RoPE head_dim {head_dim} for width {}",
+            x.cols
+        );
         let args = [
-            ptr(x.ptr()), ptr(0), ptr(layout.positions()), int(x.rows), int(x.cols / head_dim), int(0),
-            int(head_dim), int(x.cols), int(0), float(theta as f32),
+            ptr(x.ptr()),
+            ptr(0),
+            ptr(layout.positions()),
+            int(x.rows),
+            int(x.cols / head_dim),
+            int(0),
+            int(head_dim),
+            int(x.cols),
+            int(0),
+            float(theta as f32),
         ];
         self.run("rope_bf16", (x.rows as u32, 1, 1), 128, &args);
     }
 
-    fn attention(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, heads: usize) -> CudaTensor {
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+    ) -> CudaTensor {
         self.full_attention(q, k, v, heads)
     }
 
-    fn paged_attention(&self, q: &CudaTensor, k_pool: &CudaTensor, v_pool: &CudaTensor, heads: usize, layout: &CudaLayout) -> CudaTensor {
+    fn paged_attention(
+        &self,
+        q: &CudaTensor,
+        k_pool: &CudaTensor,
+        v_pool: &CudaTensor,
+        heads: usize,
+        layout: &CudaLayout,
+    ) -> CudaTensor {
         self.paged(q, k_pool, v_pool, heads, layout)
     }
 
-    fn cross_attention(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, heads: usize, layout: &CudaLayout, per_image: usize) -> CudaTensor {
+    fn cross_attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        layout: &CudaLayout,
+        per_image: usize,
+    ) -> CudaTensor {
         self.gated_cross(q, k, v, heads, layout, per_image)
     }
 

@@ -50,7 +50,10 @@ fn find_lib(dir: &Path, prefix: &str) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             n.starts_with(prefix) && !n.contains(".alt.")
         })
         .collect();
@@ -63,7 +66,9 @@ fn preload(homes: &[PathBuf]) -> Option<PathBuf> {
     for home in homes {
         for lib in ["lib64", "lib"] {
             let dir = home.join(lib);
-            let Some(nvrtc) = find_lib(&dir, "libnvrtc.so.") else { continue };
+            let Some(nvrtc) = find_lib(&dir, "libnvrtc.so.") else {
+                continue;
+            };
             if let Some(builtins) = find_lib(&dir, "libnvrtc-builtins.so.") {
                 // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's NVRTC libraries.
                 if let Ok(l) = unsafe { libloading::Library::new(&builtins) } {
@@ -82,7 +87,9 @@ fn preload(homes: &[PathBuf]) -> Option<PathBuf> {
 
 fn error_string(rc: sys::nvrtcResult) -> String {
     // SAFETY: nvrtcGetErrorString returns a static NUL-terminated string for every result code.
-    unsafe { CStr::from_ptr(sys::nvrtcGetErrorString(rc)) }.to_string_lossy().to_string()
+    unsafe { CStr::from_ptr(sys::nvrtcGetErrorString(rc)) }
+        .to_string_lossy()
+        .to_string()
 }
 
 fn check(rc: sys::nvrtcResult, what: &str) -> Result<()> {
@@ -105,7 +112,10 @@ impl Nvrtc {
         }
         let (mut major, mut minor) = (0, 0);
         // SAFETY: the library is present (checked above); the pointers are valid for writes.
-        check(unsafe { sys::nvrtcVersion(&mut major, &mut minor) }, "nvrtcVersion")?;
+        check(
+            unsafe { sys::nvrtcVersion(&mut major, &mut minor) },
+            "nvrtcVersion",
+        )?;
         let include_dir = homes
             .iter()
             .map(|h| h.join("include"))
@@ -133,7 +143,12 @@ impl Nvrtc {
     pub fn cubin(&self, file: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
         let opts = self.options(arch);
         let key = cache_key(&[source, &format!("{opts:?}{:?}", self.version)]);
-        let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key}.cubin", file.trim_end_matches(".cu"))));
+        let path = cache_dir().map(|d| {
+            d.join(format!(
+                "{}-{arch}-{key}.cubin",
+                file.trim_end_matches(".cu")
+            ))
+        });
         if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
             return Ok(bytes);
         }
@@ -155,11 +170,19 @@ impl Nvrtc {
     }
 
     fn compile(&self, file: &str, source: &str, opts: &[String]) -> Result<Vec<u8>> {
-        let cstr = |s: &str| CString::new(s).map_err(|_| device_error(format!("{file}: NUL byte in source")));
+        let cstr = |s: &str| {
+            CString::new(s).map_err(|_| device_error(format!("{file}: NUL byte in source")))
+        };
         let src = cstr(source)?;
         let name = cstr(file)?;
-        let header_src = HEADERS.iter().map(|(_, s)| cstr(s)).collect::<Result<Vec<_>>>()?;
-        let header_names = HEADERS.iter().map(|(n, _)| cstr(n)).collect::<Result<Vec<_>>>()?;
+        let header_src = HEADERS
+            .iter()
+            .map(|(_, s)| cstr(s))
+            .collect::<Result<Vec<_>>>()?;
+        let header_names = HEADERS
+            .iter()
+            .map(|(n, _)| cstr(n))
+            .collect::<Result<Vec<_>>>()?;
         let hs: Vec<*const c_char> = header_src.iter().map(|c| c.as_ptr()).collect();
         let hn: Vec<*const c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
         let opts = opts.iter().map(|o| cstr(o)).collect::<Result<Vec<_>>>()?;
@@ -168,7 +191,14 @@ impl Nvrtc {
         // SAFETY: every pointer refers to a NUL-terminated string that outlives the program; counts match.
         unsafe {
             check(
-                sys::nvrtcCreateProgram(&mut prog, src.as_ptr(), name.as_ptr(), hs.len() as i32, hs.as_ptr(), hn.as_ptr()),
+                sys::nvrtcCreateProgram(
+                    &mut prog,
+                    src.as_ptr(),
+                    name.as_ptr(),
+                    hs.len() as i32,
+                    hs.as_ptr(),
+                    hn.as_ptr(),
+                ),
                 &format!("{file}: nvrtcCreateProgram"),
             )?;
             let rc = sys::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr());
@@ -176,7 +206,10 @@ impl Nvrtc {
                 read_cubin(prog, file)
             } else {
                 let log = program_log(prog);
-                Err(device_error(format!("{file}: {}:\n{log}", error_string(rc))))
+                Err(device_error(format!(
+                    "{file}: {}:\n{log}",
+                    error_string(rc)
+                )))
             };
             sys::nvrtcDestroyProgram(&mut prog);
             result
@@ -188,9 +221,15 @@ impl Nvrtc {
 /// `prog` must be a successfully compiled program.
 unsafe fn read_cubin(prog: sys::nvrtcProgram, file: &str) -> Result<Vec<u8>> {
     let mut size = 0usize;
-    check(sys::nvrtcGetCUBINSize(prog, &mut size), &format!("{file}: nvrtcGetCUBINSize"))?;
+    check(
+        sys::nvrtcGetCUBINSize(prog, &mut size),
+        &format!("{file}: nvrtcGetCUBINSize"),
+    )?;
     let mut buf = vec![0u8; size];
-    check(sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char), &format!("{file}: nvrtcGetCUBIN"))?;
+    check(
+        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char),
+        &format!("{file}: nvrtcGetCUBIN"),
+    )?;
     Ok(buf)
 }
 
@@ -203,7 +242,9 @@ unsafe fn program_log(prog: sys::nvrtcProgram) -> String {
     }
     let mut buf = vec![0u8; size];
     sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr() as *mut c_char);
-    String::from_utf8_lossy(&buf).trim_end_matches('\0').to_string()
+    String::from_utf8_lossy(&buf)
+        .trim_end_matches('\0')
+        .to_string()
 }
 
 /// `$FLAMINGO_CACHE_DIR`, else `$XDG_CACHE_HOME/flamingo/kernels`, else `~/.cache/flamingo/kernels`.
