@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
@@ -28,14 +29,19 @@ fn main() {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fatbins = match find_nvcc(&root) {
-        Some(nvcc) if std::env::var_os("FLAMINGO_NO_NVCC").is_none() => compile_all(&nvcc, &kdir, &sources, &out),
+        Some(nvcc) if std::env::var_os("FLAMINGO_NO_NVCC").is_none() => {
+            compile_all(&nvcc, &kdir, &sources, &out)
+        }
         _ => {
             println!("cargo:warning=no nvcc found: kernels are embedded as sources only (compiled by NVRTC at run time)");
             None
         }
     };
-    std::fs::write(out.join("kernels.rs"), generated(&sources, &headers, fatbins.as_ref()))
-        .expect("write OUT_DIR/kernels.rs");
+    std::fs::write(
+        out.join("kernels.rs"),
+        generated(&sources, &headers, fatbins.as_ref()),
+    )
+    .expect("write OUT_DIR/kernels.rs");
 }
 
 /// `kernels/*.<ext>`, sorted so the generated file is stable.
@@ -52,7 +58,11 @@ fn kernel_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
     let env_path = |var: &str| std::env::var_os(var).map(PathBuf::from);
     let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("nvcc")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nvcc"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     env_path("NVCC")
         .into_iter()
@@ -82,7 +92,12 @@ fn compile_all(nvcc: &Path, kdir: &Path, sources: &[PathBuf], out: &Path) -> Opt
         .map(|chunk| {
             let chunk = chunk.to_vec();
             let (nvcc, kdir, out) = (nvcc.to_path_buf(), kdir.to_path_buf(), out.to_path_buf());
-            std::thread::spawn(move || chunk.iter().map(|s| compile_one(&nvcc, &kdir, s, &out)).collect::<Vec<_>>())
+            std::thread::spawn(move || {
+                chunk
+                    .iter()
+                    .map(|s| compile_one(&nvcc, &kdir, s, &out))
+                    .collect::<Vec<_>>()
+            })
         })
         .collect::<Vec<_>>()
         .into_iter()
@@ -98,19 +113,32 @@ fn compile_all(nvcc: &Path, kdir: &Path, sources: &[PathBuf], out: &Path) -> Opt
             }
         }
     }
-    Some(Fatbins { nvcc: nvcc_version, files })
+    Some(Fatbins {
+        nvcc: nvcc_version,
+        files,
+    })
 }
 
 /// `<name>.fatbin` (sm_90 SASS + compute_90 PTX) and `<name>.ptxas.txt` in `out`.
 fn compile_one(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<PathBuf, String> {
-    let name = src.file_stem().expect("kernel file name").to_string_lossy().to_string();
+    let name = src
+        .file_stem()
+        .expect("kernel file name")
+        .to_string_lossy()
+        .to_string();
     let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
     // wgmma / setmaxnreg only assemble for the arch-specific target (as in scripts/check-kernels.sh).
-    let arch = if text.contains("wgmma") || text.contains("setmaxnreg") { "90a" } else { "90" };
+    let arch = if text.contains("wgmma") || text.contains("setmaxnreg") {
+        "90a"
+    } else {
+        "90"
+    };
     let fatbin = out.join(format!("{name}.fatbin"));
     let output = Command::new(nvcc)
         .args(["--fatbin", "-std=c++17", "-O3", "-Xptxas", "-v"])
-        .arg(format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"))
+        .arg(format!(
+            "-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
+        ))
         .arg(format!("-I{}", kdir.display()))
         .arg("-o")
         .arg(&fatbin)
@@ -120,21 +148,38 @@ fn compile_one(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<PathB
     let report = String::from_utf8_lossy(&output.stderr).to_string();
     std::fs::write(out.join(format!("{name}.ptxas.txt")), &report).map_err(|e| e.to_string())?;
     if !output.status.success() {
-        return Err(format!("nvcc failed on {}: {}", src.display(), report.lines().take(5).collect::<Vec<_>>().join(" | ")));
+        return Err(format!(
+            "nvcc failed on {}: {}",
+            src.display(),
+            report.lines().take(5).collect::<Vec<_>>().join(" | ")
+        ));
     }
-    for line in report.lines().filter(|l| l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")) {
+    for line in report.lines().filter(|l| {
+        l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
+    }) {
         println!("cargo:warning={name}.cu: {}", line.trim());
     }
     Ok(fatbin)
 }
 
 fn generated(sources: &[PathBuf], headers: &[PathBuf], fatbins: Option<&Fatbins>) -> String {
-    let name = |p: &Path| p.file_name().expect("file name").to_string_lossy().to_string();
+    let name = |p: &Path| {
+        p.file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .to_string()
+    };
     let mut s = String::from("// Generated by build.rs.\n");
     let list = |s: &mut String, what: &str, files: &[PathBuf]| {
         writeln!(s, "pub const {what}: &[(&str, &str)] = &[").unwrap();
         for f in files {
-            writeln!(s, "    ({:?}, include_str!({:?})),", name(f), f.display().to_string()).unwrap();
+            writeln!(
+                s,
+                "    ({:?}, include_str!({:?})),",
+                name(f),
+                f.display().to_string()
+            )
+            .unwrap();
         }
         s.push_str("];\n");
     };
@@ -145,11 +190,19 @@ fn generated(sources: &[PathBuf], headers: &[PathBuf], fatbins: Option<&Fatbins>
             writeln!(s, "pub const NVCC: Option<&str> = Some({:?});", fb.nvcc).unwrap();
             s.push_str("pub const FATBINS: &[(&str, &[u8])] = &[\n");
             for (src, bin) in sources.iter().zip(&fb.files) {
-                writeln!(s, "    ({:?}, include_bytes!({:?})),", name(src), bin.display().to_string()).unwrap();
+                writeln!(
+                    s,
+                    "    ({:?}, include_bytes!({:?})),",
+                    name(src),
+                    bin.display().to_string()
+                )
+                .unwrap();
             }
             s.push_str("];\n");
         }
-        None => s.push_str("pub const NVCC: Option<&str> = None;\npub const FATBINS: &[(&str, &[u8])] = &[];\n"),
+        None => s.push_str(
+            "pub const NVCC: Option<&str> = None;\npub const FATBINS: &[(&str, &[u8])] = &[];\n",
+        ),
     }
     s
 }
