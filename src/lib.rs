@@ -1,7 +1,8 @@
 //! flamingo: an inference engine for Flamingo-style vision-language models (Hugging Face IDEFICS).
 //!
 //! Layers, each depending only on those below it:
-//! `cli` -> `runtime` (generation, KV cache) -> `model` (IDEFICS parts) -> `backend` (ops: CPU oracle, CUDA)
+//! `cli` -> `perf` (benchmarks, profiling) -> `runtime` (generation, KV cache) -> `model` (IDEFICS parts) ->
+//! `backend` (ops: CPU oracle, CUDA)
 //! with `io` (safetensors, config, tokenizer, image, prompt) feeding them.
 
 pub mod backend;
@@ -9,6 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod perf;
 pub mod runtime;
 
 pub use error::{Error, Result};

@@ -77,6 +77,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             seed: args.seed,
         },
         stop: args.stop.clone(),
+        ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
     let out = if args.json {

@@ -1,14 +1,19 @@
-//! The `flamingo` command line: `generate`, `batch` and `inspect`.
+//! The `flamingo` command line: `generate`, `batch`, `bench`, `profile` and `inspect`.
 
 mod batch;
+mod bench;
 mod generate;
 mod inspect;
+mod profile;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::synthetic::Preset;
+use crate::runtime::generate::{ModelFiles, Pipeline};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +32,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a file of requests (JSON lines) through the continuous-batching engine; results in input order.
     Batch(batch::BatchArgs),
+    /// Measure latency and throughput end to end, each beside its roofline floor.
+    Bench(bench::BenchArgs),
+    /// Time every op of a prefill and decode steps; print a per-op table and write a Chrome trace.
+    Profile(profile::ProfileArgs),
     /// Print a model directory's architecture, parameter counts, dtypes and special tokens.
     Inspect(inspect::InspectArgs),
 }
@@ -63,6 +72,39 @@ pub fn select_cpu_backend(opts: &RunOptions) -> Result<crate::backend::cpu::CpuB
     }
 }
 
+/// Which model a measuring command runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b or idefics-80b.
+    #[arg(long)]
+    pub synthetic: Option<Preset>,
+}
+
+impl ModelArgs {
+    /// The model's name in reports.
+    pub fn name(&self) -> String {
+        match (&self.synthetic, &self.model) {
+            (Some(preset), _) => format!("synthetic {}", preset.name()),
+            (None, Some(dir)) => dir.display().to_string(),
+            (None, None) => "bundled demo model".into(),
+        }
+    }
+
+    /// Loads the model onto `backend` (synthetic ones with the bundled tokenizer).
+    pub fn load<B: Backend>(&self, backend: B) -> Result<Pipeline<B>> {
+        let files = match (&self.synthetic, &self.model) {
+            (Some(preset), _) => {
+                ModelFiles::synthetic(*preset, &bundled_model_dir().join("tokenizer.json"))?
+            }
+            (None, dir) => ModelFiles::open(&dir.clone().unwrap_or_else(bundled_model_dir))?,
+        };
+        Pipeline::from_files(files, backend, false)
+    }
+}
+
 /// The small model bundled with the repository, used when `--model` is not given.
 pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model")
@@ -73,6 +115,8 @@ pub fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
         Command::Inspect(args) => inspect::run(args),
     }
 }
