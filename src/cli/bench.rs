@@ -105,7 +105,10 @@ fn table(r: &BenchReport) -> String {
     row("vision encoder", &r.vision_images_per_s);
     for t in &r.throughput {
         row(
-            &format!("output, {} requests x {} tokens", t.concurrency, t.new_tokens),
+            &format!(
+                "output, {} requests x {} tokens",
+                t.concurrency, t.new_tokens
+            ),
             &t.output_tokens_per_s,
         );
     }

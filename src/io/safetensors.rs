@@ -90,7 +90,11 @@ pub type Generator = dyn Fn(&str, DType, &[usize], &mut [u8]) + Send + Sync;
 
 /// Where an entry's bytes come from.
 enum Source {
-    File { file: usize, start: usize, len: usize },
+    File {
+        file: usize,
+        start: usize,
+        len: usize,
+    },
     Generated,
 }
 
@@ -133,7 +137,8 @@ impl WeightStore {
             for (name, shard) in &index.weight_map {
                 let file = dir.join(shard);
                 match store.entries.get(name).map(|e| &e.source) {
-                    Some(Source::File { file: f, .. }) if *store.files[*f].path.as_ref() == file => {}
+                    Some(Source::File { file: f, .. })
+                        if *store.files[*f].path.as_ref() == file => {}
                     _ => {
                         return Err(Error::MissingTensor {
                             name: name.clone(),
@@ -273,10 +278,18 @@ impl WeightStore {
     }
 
     fn generate(&self, name: &str, dtype: DType, shape: &[usize]) -> Data {
-        let generator = self.generator.as_ref().expect("generated entries come with a generator");
+        let generator = self
+            .generator
+            .as_ref()
+            .expect("generated entries come with a generator");
         let len = shape.iter().product::<usize>() * dtype.size();
         let mut words = vec![0u32; len.div_ceil(4)];
-        generator(name, dtype, shape, &mut bytemuck::cast_slice_mut(&mut words)[..len]);
+        generator(
+            name,
+            dtype,
+            shape,
+            &mut bytemuck::cast_slice_mut(&mut words)[..len],
+        );
         Data::Owned {
             words: Arc::new(words),
             len,

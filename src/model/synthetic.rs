@@ -91,12 +91,14 @@ impl Preset {
             .into_iter()
             .map(|(name, shape)| (name, dtype, shape))
             .collect();
-        Ok(WeightStore::generated(
-            tensors,
-            self.description(),
-            Arc::new(fill),
-        ))
+        Ok(random_store(tensors, self.description()))
     }
+}
+
+/// A store of the given tensors with synthetic values (drawn by name as the module doc says: a 2-D `.weight` is a
+/// linear layer's, a 1-D one a norm scale).
+pub fn random_store(tensors: Vec<(String, DType, Vec<usize>)>, description: String) -> WeightStore {
+    WeightStore::generated(tensors, description, Arc::new(fill))
 }
 
 /// Name and shape of every tensor of an `IdeficsForVisionText2Text` checkpoint with this configuration, as
@@ -231,8 +233,8 @@ fn cross_attention_specs(cfg: &IdeficsConfig, prefix: &str, t: &mut Specs) {
 /// How a tensor's values are drawn: `offset + scale * u`, u uniform in [-1, 1).
 fn distribution(name: &str, shape: &[usize]) -> (f32, f32) {
     const UNIT: f32 = 1.732_050_8; // sqrt(3): uniform in [-UNIT, UNIT) has variance 1
-    let is_embedding = (name.contains("embed") && !name.contains("patch_embedding"))
-        || name.ends_with(".latents");
+    let is_embedding =
+        (name.contains("embed") && !name.contains("patch_embedding")) || name.ends_with(".latents");
     if name.contains(".alpha_") {
         (0.75, 0.25)
     } else if is_embedding {

@@ -115,12 +115,19 @@ pub struct BenchReport {
 }
 
 /// A benchmark request: the IDEFICS prompt of one image followed by random text ids.
-pub(crate) fn bench_prompt<B: Backend>(p: &Pipeline<B>, text_tokens: usize, seed: u64) -> Result<EncodedPrompt> {
+pub fn bench_prompt<B: Backend>(
+    p: &Pipeline<B>,
+    text_tokens: usize,
+    seed: u64,
+) -> Result<EncodedPrompt> {
     let mut prompt = encode_prompt(&p.tokenizer, "<image>", 1)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let specials = [p.tokenizer.image_id, p.tokenizer.fake_image_id];
     let vocab = p.model.config.vocab_size as u32;
-    let image = *prompt.image_of_token.last().expect("the prompt has the image");
+    let image = *prompt
+        .image_of_token
+        .last()
+        .expect("the prompt has the image");
     while prompt.ids.len() < prompt.image_of_token.len() + text_tokens {
         let id = rng.random_range(3..vocab.max(4));
         if !specials.contains(&id) {
@@ -133,10 +140,12 @@ pub(crate) fn bench_prompt<B: Backend>(p: &Pipeline<B>, text_tokens: usize, seed
 }
 
 /// One image's pixels `[3, S, S]`, random in the normalised range (fixed seed).
-pub(crate) fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Vec<f32> {
+pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Vec<f32> {
     let s = p.preprocessor.image_size;
     let mut rng = StdRng::seed_from_u64(7);
-    (0..3 * s * s).map(|_| rng.random_range(-1.8..2.1)).collect()
+    (0..3 * s * s)
+        .map(|_| rng.random_range(-1.8..2.1))
+        .collect()
 }
 
 /// Runs every measurement; `progress` hears what is being measured.
@@ -161,7 +170,9 @@ pub fn run<B: Backend>(
 
     progress("vision encoder");
     let image_floor = costs.vision().floor(&ceilings) + costs.perceiver().floor(&ceilings);
-    let image_s = median(opts.repeats, || Ok(time(b, || p.encode_images(&[pixels.clone()]))))?;
+    let image_s = median(opts.repeats, || {
+        Ok(time(b, || p.encode_images(&[pixels.clone()])))
+    })?;
     let vision_s = time(b, || {
         for _ in 0..opts.vision_images {
             p.model.vision_states(b, &pixels);
@@ -235,7 +246,7 @@ fn throughput_floor(costs: &Costs, ceilings: &Ceilings, c: usize, n: usize, new:
 }
 
 /// Seconds of `f`, from a synchronised start to a synchronised end.
-fn time<B: Backend, T>(b: &B, f: impl FnOnce() -> T) -> f64 {
+pub fn time<B: Backend, T>(b: &B, f: impl FnOnce() -> T) -> f64 {
     b.synchronize();
     let start = Instant::now();
     std::hint::black_box(f());
@@ -246,13 +257,19 @@ fn time<B: Backend, T>(b: &B, f: impl FnOnce() -> T) -> f64 {
 /// Median of `repeats` runs of `f` (at least one), after one untimed warm-up run.
 fn median(repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     f()?;
-    let mut runs = (0..repeats.max(1)).map(|_| f()).collect::<Result<Vec<f64>>>()?;
+    let mut runs = (0..repeats.max(1))
+        .map(|_| f())
+        .collect::<Result<Vec<f64>>>()?;
     runs.sort_by(f64::total_cmp);
     Ok(runs[runs.len() / 2])
 }
 
 /// An engine for `seqs` requests of `positions` positions each, all running at once.
-pub(crate) fn bench_engine<'p, B: Backend>(p: &'p Pipeline<B>, seqs: usize, positions: usize) -> Result<Engine<'p, B>> {
+pub fn bench_engine<'p, B: Backend>(
+    p: &'p Pipeline<B>,
+    seqs: usize,
+    positions: usize,
+) -> Result<Engine<'p, B>> {
     let block_size = 16;
     Engine::new(
         p,
@@ -266,7 +283,8 @@ pub(crate) fn bench_engine<'p, B: Backend>(p: &'p Pipeline<B>, seqs: usize, posi
     )
 }
 
-pub(crate) fn bench_request(new_tokens: usize) -> GenerationRequest {
+/// A request that generates exactly `new_tokens` tokens, whatever they are.
+pub fn bench_request(new_tokens: usize) -> GenerationRequest {
     GenerationRequest {
         max_new_tokens: new_tokens,
         ignore_eos: true,
@@ -308,7 +326,11 @@ fn decode_seconds_per_token<B: Backend>(
 ) -> Result<f64> {
     let tokens = tokens.max(1);
     let mut e = bench_engine(p, 1, prompt.ids.len() + tokens + 1)?;
-    e.add_request(prompt.clone(), vec![pixels.to_vec()], &bench_request(tokens + 1))?;
+    e.add_request(
+        prompt.clone(),
+        vec![pixels.to_vec()],
+        &bench_request(tokens + 1),
+    )?;
     e.step()?;
     let mut result = Ok(());
     let seconds = time(&p.backend, || {

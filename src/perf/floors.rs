@@ -180,9 +180,7 @@ fn params(cfg: &IdeficsConfig) -> Params {
             + (3 * v.patch_size * v.patch_size) as f64 * dv
             + v.num_positions() as f64 * dv,
         perceiver: match cfg.use_resampler {
-            true => {
-                p.resampler_depth as f64 * perceiver_block + p.resampler_n_latents as f64 * dv
-            }
+            true => p.resampler_depth as f64 * perceiver_block + p.resampler_n_latents as f64 * dv,
             false => 0.0,
         },
     }

@@ -87,7 +87,12 @@ impl<B: Backend> Profiled<B> {
         let out = f();
         self.inner.synchronize();
         let end = self.now_us();
-        self.spans.lock().expect("spans lock").last_mut().expect("pushed above").end_us = end;
+        self.spans
+            .lock()
+            .expect("spans lock")
+            .last_mut()
+            .expect("pushed above")
+            .end_us = end;
         out
     }
 
@@ -207,11 +212,17 @@ pub fn profile_steps<B: Backend>(
     let new_tokens = decode_steps + 1;
     let mut engine = bench_engine(p, batch, prompt.ids.len() + new_tokens)?;
     for _ in 0..batch {
-        engine.add_request(prompt.clone(), vec![pixels.clone()], &bench_request(new_tokens))?;
+        engine.add_request(
+            prompt.clone(),
+            vec![pixels.clone()],
+            &bench_request(new_tokens),
+        )?;
     }
     let b = &p.backend;
     b.phase("prefill", || engine.step())?;
-    b.phase("decode", || (0..decode_steps).try_for_each(|_| engine.step().map(drop)))
+    b.phase("decode", || {
+        (0..decode_steps).try_for_each(|_| engine.step().map(drop))
+    })
 }
 
 /// One line of the per-op table.
@@ -268,7 +279,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor {
         let bytes = (data.len() * 4) as f64;
-        self.op("from_host", 0.0, bytes, || self.inner.from_host(data, rows, cols))
+        self.op("from_host", 0.0, bytes, || {
+            self.inner.from_host(data, rows, cols)
+        })
     }
     fn to_host(&self, t: &Self::Tensor) -> Vec<f32> {
         let bytes = (self.numel(t) * 4) as f64;
@@ -279,14 +292,20 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn weight_to_tensor(&self, w: &Self::Weight) -> Self::Tensor {
         let bytes = w.bytes as f64 + self.act(w.rows * w.cols);
-        self.op("weight_to_tensor", 0.0, bytes, || self.inner.weight_to_tensor(&w.inner))
+        self.op("weight_to_tensor", 0.0, bytes, || {
+            self.inner.weight_to_tensor(&w.inner)
+        })
     }
     fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor {
-        self.op("zeros", 0.0, self.act(rows * cols), || self.inner.zeros(rows, cols))
+        self.op("zeros", 0.0, self.act(rows * cols), || {
+            self.inner.zeros(rows, cols)
+        })
     }
     fn slice_rows(&self, t: &Self::Tensor, start: usize, len: usize) -> Self::Tensor {
         let bytes = 2.0 * self.act(len * self.inner.dims(t).1);
-        self.op("slice_rows", 0.0, bytes, || self.inner.slice_rows(t, start, len))
+        self.op("slice_rows", 0.0, bytes, || {
+            self.inner.slice_rows(t, start, len)
+        })
     }
     fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor {
         let bytes = 2.0 * self.act(self.numel(a) + self.numel(b));
@@ -298,11 +317,15 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn write_rows(&self, dst: &mut Self::Tensor, row: usize, src: &Self::Tensor) {
         let bytes = 2.0 * self.act(self.numel(src));
-        self.op("write_rows", 0.0, bytes, || self.inner.write_rows(dst, row, src))
+        self.op("write_rows", 0.0, bytes, || {
+            self.inner.write_rows(dst, row, src)
+        })
     }
     fn gather_rows(&self, t: &Self::Tensor, rows: &[usize]) -> Self::Tensor {
         let bytes = 2.0 * self.act(rows.len() * self.inner.dims(t).1);
-        self.op("gather_rows", 0.0, bytes, || self.inner.gather_rows(t, rows))
+        self.op("gather_rows", 0.0, bytes, || {
+            self.inner.gather_rows(t, rows)
+        })
     }
     fn layout(&self, step: &StepLayout) -> Self::Layout {
         let inner = self.op("layout", 0.0, 0.0, || self.inner.layout(step));
@@ -313,7 +336,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn write_kv(&self, pool: &mut Self::Tensor, layout: &Self::Layout, rows: &Self::Tensor) {
         let bytes = 2.0 * self.act(self.numel(rows));
-        self.op("write_kv", 0.0, bytes, || self.inner.write_kv(pool, &layout.inner, rows))
+        self.op("write_kv", 0.0, bytes, || {
+            self.inner.write_kv(pool, &layout.inner, rows)
+        })
     }
 
     fn embedding(
@@ -325,7 +350,8 @@ impl<B: Backend> Backend for Profiled<B> {
         let row_bytes = table.bytes as f64 / table.rows.max(1) as f64;
         let bytes = ids.len() as f64 * row_bytes + self.act(ids.len() * table.cols);
         self.op("embedding", 0.0, bytes, || {
-            self.inner.embedding(ids, &table.inner, extra.map(|e| &e.inner))
+            self.inner
+                .embedding(ids, &table.inner, extra.map(|e| &e.inner))
         })
     }
     fn linear(
@@ -336,11 +362,14 @@ impl<B: Backend> Backend for Profiled<B> {
     ) -> Self::Tensor {
         let m = self.inner.dims(x).0;
         let flops = 2.0 * (m * w.rows * w.cols) as f64;
-        let bytes = (w.bytes + bias.map_or(0, |b| b.bytes)) as f64
-            + self.act(m * (w.rows + w.cols));
-        self.op(format!("linear {}x{}", w.rows, w.cols), flops, bytes, || {
-            self.inner.linear(x, &w.inner, bias.map(|b| &b.inner))
-        })
+        let bytes =
+            (w.bytes + bias.map_or(0, |b| b.bytes)) as f64 + self.act(m * (w.rows + w.cols));
+        self.op(
+            format!("linear {}x{}", w.rows, w.cols),
+            flops,
+            bytes,
+            || self.inner.linear(x, &w.inner, bias.map(|b| &b.inner)),
+        )
     }
     fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor) {
         let bytes = 3.0 * self.act(self.numel(x));
@@ -348,7 +377,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn add_gated(&self, acc: &mut Self::Tensor, x: &Self::Tensor, alpha: &Self::Weight) {
         let bytes = 3.0 * self.act(self.numel(x));
-        self.op("add_gated", 0.0, bytes, || self.inner.add_gated(acc, x, &alpha.inner))
+        self.op("add_gated", 0.0, bytes, || {
+            self.inner.add_gated(acc, x, &alpha.inner)
+        })
     }
     fn layer_norm(
         &self,
@@ -364,7 +395,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor {
         let bytes = 2.0 * self.act(self.numel(x)) + w.bytes as f64;
-        self.op("rms_norm", 0.0, bytes, || self.inner.rms_norm(x, &w.inner, eps))
+        self.op("rms_norm", 0.0, bytes, || {
+            self.inner.rms_norm(x, &w.inner, eps)
+        })
     }
     fn activate(&self, x: &mut Self::Tensor, act: Activation) {
         let bytes = 2.0 * self.act(self.numel(x));
@@ -391,7 +424,9 @@ impl<B: Backend> Backend for Profiled<B> {
         let ((tq, w), tk) = (self.inner.dims(q), self.inner.dims(k).0);
         let flops = 4.0 * (tq * tk * w) as f64;
         let bytes = self.act(2 * tq * w + 2 * tk * w);
-        self.op("attention", flops, bytes, || self.inner.attention(q, k, v, heads))
+        self.op("attention", flops, bytes, || {
+            self.inner.attention(q, k, v, heads)
+        })
     }
     fn paged_attention(
         &self,

@@ -48,8 +48,12 @@ fn copy_bandwidth() -> f64 {
 /// Best of a few `GEMM_N`³ products, in FLOP/s.
 fn gemm_flops(threads: usize) -> f64 {
     let n = GEMM_N;
-    let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32 - 44.0) * 0.01).collect();
+    let a: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i % 89) as f32 - 44.0) * 0.01)
+        .collect();
     let mut c = vec![0f32; n * n];
     let seconds = best_seconds(GEMM_REPEATS, || {
         // SAFETY: a, b, c are n x n row-major (row stride n, column stride 1), all in bounds.
@@ -99,7 +103,13 @@ pub fn available_memory() -> Result<usize> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     text.lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
         .map(|kib| kib << 10)
         .ok_or_else(|| Error::Invalid(format!("{path} has no readable MemAvailable line")))
 }
