@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{fixture_dir, FIXTURES};
+use common::{fixture_dir, json_of, FIXTURES};
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
 use flamingo::cli::bundled_model_dir;
@@ -21,16 +21,6 @@ fn flamingo(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn stdout_json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
 }
 
 /// Every tensor transformers saves for a configuration, as the synthetic model lists them: checked against the
@@ -171,7 +161,7 @@ fn bench_json_has_every_figure() {
         "--repeats",
         "1",
     ]);
-    let v = stdout_json(&out);
+    let v = json_of(&out);
     let figure = |f: &serde_json::Value| {
         for field in ["value", "floor", "fraction"] {
             assert!(f[field].is_number(), "{field} missing in {f}");
@@ -205,16 +195,17 @@ fn bench_json_has_every_figure() {
     assert_positive_numbers("bench", &v);
 }
 
+/// `flamingo profile` on the tiny synthetic model on the CPU, with `args`.
+fn profile_tiny(args: &[&str]) -> std::process::Output {
+    let base = ["profile", "--synthetic", "tiny", "--device", "cpu"];
+    flamingo(&[&base[..], args].concat())
+}
+
 #[test]
 fn profile_prints_op_tables_and_writes_a_trace() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace.json");
-    let out = flamingo(&[
-        "profile",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
+    let out = profile_tiny(&[
         "--decode-steps",
         "2",
         "--batch",
@@ -223,7 +214,7 @@ fn profile_prints_op_tables_and_writes_a_trace() {
         "--trace",
         trace.to_str().unwrap(),
     ]);
-    let v = stdout_json(&out);
+    let v = json_of(&out);
     for phase in ["prefill", "decode"] {
         let ops = v["phases"][phase]["ops"].as_array().unwrap();
         assert!(!ops.is_empty(), "no ops in {phase}");
@@ -254,15 +245,7 @@ fn profile_prints_op_tables_and_writes_a_trace() {
         .iter()
         .any(|e| e["cat"] == "decode" && e["dur"].is_number()));
 
-    let table = flamingo(&[
-        "profile",
-        "--synthetic",
-        "tiny",
-        "--device",
-        "cpu",
-        "--decode-steps",
-        "1",
-    ]);
+    let table = profile_tiny(&["--decode-steps", "1"]);
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("prefill:") && text.contains("decode:") && text.contains("linear "));
