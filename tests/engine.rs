@@ -16,10 +16,16 @@ use rand::{Rng, SeedableRng};
 /// Prompts with zero, one and two images, and the image files they take.
 fn requests() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![
-        ("User:<image>Describe this image.\nAssistant:", vec!["chelsea.png"]),
+        (
+            "User:<image>Describe this image.\nAssistant:",
+            vec!["chelsea.png"],
+        ),
         ("<image>What is in the cup?", vec!["coffee.png"]),
         ("Question: How many animals are there? Answer:", vec![]),
-        ("<image>And this one?<image>Compare them.", vec!["rocket.jpg", "astronaut.png"]),
+        (
+            "<image>And this one?<image>Compare them.",
+            vec!["rocket.jpg", "astronaut.png"],
+        ),
         ("Caption:<image>", vec!["astronaut.png"]),
     ]
 }
@@ -64,6 +70,21 @@ fn cases(p: &Pipeline<CpuBackend>, n: usize) -> Vec<Case> {
         .collect()
 }
 
+/// `n` cases, what each gives alone, and the most positions one of them needs.
+fn cases_alone_and_longest(
+    p: &Pipeline<CpuBackend>,
+    n: usize,
+) -> (Vec<Case>, Vec<GenerationOutput>, usize) {
+    let cases = cases(p, n);
+    let alone = cases.iter().map(|c| solo(p, c)).collect();
+    let longest = cases
+        .iter()
+        .map(|c| c.prompt.ids.len() + c.request.max_new_tokens)
+        .max()
+        .unwrap();
+    (cases, alone, longest)
+}
+
 fn solo(p: &Pipeline<CpuBackend>, c: &Case) -> GenerationOutput {
     p.generate(&c.prompt, c.pixels.clone(), &c.request, |_| {})
         .unwrap()
@@ -84,7 +105,10 @@ fn run_engine(
     let mut on_event = |e: Event| match e {
         Event::Text { id, delta } => streamed.entry(id).or_default().push_str(&delta),
         Event::Finished { id, output } => {
-            assert!(outputs.insert(id, output).is_none(), "request {id} finished twice");
+            assert!(
+                outputs.insert(id, output).is_none(),
+                "request {id} finished twice"
+            );
         }
     };
     match rng {
@@ -122,7 +146,11 @@ fn run_engine(
         .iter()
         .map(|id| {
             let out = outputs.remove(id).expect("every request finishes");
-            assert_eq!(streamed.remove(id).unwrap_or_default(), out.text, "streamed text");
+            assert_eq!(
+                streamed.remove(id).unwrap_or_default(),
+                out.text,
+                "streamed text"
+            );
             out
         })
         .collect();
@@ -133,7 +161,10 @@ fn assert_same(what: &str, got: &[GenerationOutput], want: &[GenerationOutput]) 
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.generated_ids, w.generated_ids, "{what}: request {i} ids");
         assert_eq!(g.text, w.text, "{what}: request {i} text");
-        assert_eq!(g.finish_reason, w.finish_reason, "{what}: request {i} finish");
+        assert_eq!(
+            g.finish_reason, w.finish_reason,
+            "{what}: request {i} finish"
+        );
     }
 }
 
@@ -159,13 +190,7 @@ fn sixty_four_requests_batched_give_what_each_gives_alone() {
 #[test]
 fn a_kv_pool_too_small_for_all_forces_preemption_and_changes_nothing() {
     let p = Pipeline::load(&fixture_dir("tiny-idefics-a"), CpuBackend::new(), false).unwrap();
-    let cases = cases(&p, 64);
-    let alone: Vec<_> = cases.iter().map(|c| solo(&p, c)).collect();
-    let longest = cases
-        .iter()
-        .map(|c| c.prompt.ids.len() + c.request.max_new_tokens)
-        .max()
-        .unwrap();
+    let (cases, alone, longest) = cases_alone_and_longest(&p, 64);
     let config = EngineConfig {
         block_size: 4,
         // Room for about three of the longest requests at once.
@@ -182,13 +207,7 @@ fn a_kv_pool_too_small_for_all_forces_preemption_and_changes_nothing() {
 #[test]
 fn random_arrivals_and_limits_lose_or_duplicate_nothing() {
     let p = Pipeline::load(&fixture_dir("tiny-idefics-a"), CpuBackend::new(), false).unwrap();
-    let cases = cases(&p, 24);
-    let alone: Vec<_> = cases.iter().map(|c| solo(&p, c)).collect();
-    let longest = cases
-        .iter()
-        .map(|c| c.prompt.ids.len() + c.request.max_new_tokens)
-        .max()
-        .unwrap();
+    let (cases, alone, longest) = cases_alone_and_longest(&p, 24);
     for seed in 0..6 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let block_size = rng.random_range(1..=8);

@@ -19,10 +19,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::cli::{bundled_model_dir, select_cpu_backend, RunOptions};
+use crate::cli::{bundled_model_dir, select_cpu_backend, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
-use crate::runtime::engine::{Engine, EngineConfig, Event, RequestId};
+use crate::runtime::engine::{Engine, Event, RequestId};
 use crate::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
 
 #[derive(clap::Args, Debug)]
@@ -36,24 +36,8 @@ pub struct BatchArgs {
     /// Results, one JSON object per line, in input order.
     #[arg(long)]
     output: PathBuf,
-    /// Sequences decoded together per step at most.
-    #[arg(long, default_value_t = 64)]
-    max_seqs: usize,
-    /// Rows (prompt chunks and decode tokens) per step at most.
-    #[arg(long, default_value_t = 2048)]
-    max_step_tokens: usize,
-    /// Positions per KV-cache block.
-    #[arg(long, default_value_t = 16)]
-    block_size: usize,
-    /// KV-cache blocks in the pool (default: what --kv-memory-mib allows, at most max-seqs full contexts).
-    #[arg(long)]
-    kv_blocks: Option<usize>,
-    /// Memory for the KV pool when --kv-blocks is not given.
-    #[arg(long, default_value_t = 4096)]
-    kv_memory_mib: usize,
-    /// Images whose cross-attention K/V are cached at once (default: 4 per sequence).
-    #[arg(long)]
-    media_slots: Option<usize>,
+    #[command(flatten)]
+    engine: EngineOptions,
     /// Refuse images with more pixels than this.
     #[arg(long, default_value_t = crate::io::image::DEFAULT_MAX_PIXELS)]
     max_image_pixels: u64,
@@ -86,7 +70,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
     let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
     let mut pipeline = Pipeline::load(&dir, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
-    let config = engine_config(&args, &pipeline);
+    let config = args.engine.config(&pipeline);
     let lines = read_lines(&args.input)?;
     let out = std::fs::File::create(&args.output).map_err(|e| Error::io(&args.output, e))?;
     let mut job = Job {
@@ -128,28 +112,6 @@ pub fn run(args: BatchArgs) -> Result<()> {
     job.progress.finish_and_clear();
     job.summary(start.elapsed().as_secs_f64(), engine.preemptions());
     Ok(())
-}
-
-/// Engine limits from the flags, the KV pool sized from its memory budget on this backend.
-fn engine_config<B: Backend>(args: &BatchArgs, p: &Pipeline<B>) -> EngineConfig {
-    let cfg = &p.model.config;
-    let block_bytes =
-        2 * cfg.num_hidden_layers * args.block_size * cfg.hidden_size * std::mem::size_of::<f32>();
-    let mut config = EngineConfig::sized(
-        args.max_seqs,
-        cfg.max_position_embeddings,
-        args.block_size,
-        block_bytes,
-        args.kv_memory_mib << 20,
-    );
-    config.max_step_tokens = args.max_step_tokens;
-    if let Some(n) = args.kv_blocks {
-        config.kv_blocks = n;
-    }
-    if let Some(n) = args.media_slots {
-        config.media_slots = n;
-    }
-    config
 }
 
 /// Non-blank lines of the input with their 1-based line numbers.

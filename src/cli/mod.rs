@@ -1,10 +1,11 @@
-//! The `flamingo` command line: `generate`, `batch`, `bench`, `profile` and `inspect`.
+//! The `flamingo` command line: `generate`, `batch`, `serve`, `bench`, `profile` and `inspect`.
 
 mod batch;
 mod bench;
 mod generate;
 mod inspect;
 mod profile;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::synthetic::Preset;
+use crate::runtime::engine::EngineConfig;
 use crate::runtime::generate::{ModelFiles, Pipeline};
 
 #[derive(Parser)]
@@ -32,6 +34,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a file of requests (JSON lines) through the continuous-batching engine; results in input order.
     Batch(batch::BatchArgs),
+    /// Serve the OpenAI-compatible HTTP API (chat completions with images, completions, streaming, metrics).
+    Serve(serve::ServeArgs),
     /// Measure latency and throughput end to end, each beside its roofline floor.
     Bench(bench::BenchArgs),
     /// Time every op of a prefill and decode steps; print a per-op table and write a Chrome trace.
@@ -49,6 +53,56 @@ pub struct RunOptions {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+/// Limits of the continuous-batching engine (`batch`, `serve`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineOptions {
+    /// Sequences decoded together per step at most (the server's concurrency).
+    #[arg(long, alias = "max-concurrent", default_value_t = 64)]
+    pub max_seqs: usize,
+    /// Rows (prompt chunks and decode tokens) per step at most.
+    #[arg(long, default_value_t = 2048)]
+    pub max_step_tokens: usize,
+    /// Positions per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV-cache blocks in the pool (default: what --kv-memory-mib allows, at most max-seqs full contexts).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Memory for the KV pool when --kv-blocks is not given.
+    #[arg(long, default_value_t = 4096)]
+    pub kv_memory_mib: usize,
+    /// Images whose cross-attention K/V are cached at once (default: 4 per sequence).
+    #[arg(long)]
+    pub media_slots: Option<usize>,
+}
+
+impl EngineOptions {
+    /// Engine limits from the flags, the KV pool sized from its memory budget (f32 K and V per layer).
+    pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> EngineConfig {
+        let cfg = &p.model.config;
+        let block_bytes = 2
+            * cfg.num_hidden_layers
+            * self.block_size
+            * cfg.hidden_size
+            * std::mem::size_of::<f32>();
+        let mut config = EngineConfig::sized(
+            self.max_seqs,
+            cfg.max_position_embeddings,
+            self.block_size,
+            block_bytes,
+            self.kv_memory_mib << 20,
+        );
+        config.max_step_tokens = self.max_step_tokens;
+        if let Some(n) = self.kv_blocks {
+            config.kv_blocks = n;
+        }
+        if let Some(n) = self.media_slots {
+            config.media_slots = n;
+        }
+        config
+    }
 }
 
 /// The backend a `--device` value names. Only the CPU backend exists in this build; `auto` resolves to it.
@@ -115,6 +169,7 @@ pub fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Profile(args) => profile::run(args),
         Command::Inspect(args) => inspect::run(args),

@@ -28,19 +28,24 @@ pub struct Rgb8 {
 /// Decodes PNG, JPEG, WebP or GIF (first frame) and converts it to RGB. Refuses zero-size images and images with
 /// more than `max_pixels` pixels before decoding them.
 pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Rgb8> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_rgb(&bytes, path, max_pixels)
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP, GIF; format from its bytes) to RGB, refusing empty images and ones
+/// over `max_pixels` before decoding them. `source` names it in errors (a file, or e.g. a request's image part).
+pub fn decode_rgb(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<Rgb8> {
     let err = |message: String| Error::Image {
-        path: path.to_path_buf(),
+        path: source.to_path_buf(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.len() == 0 {
-        return Err(err("the file is empty (0 bytes)".into()));
+    if bytes.is_empty() {
+        return Err(err("the image is empty (0 bytes)".into()));
     }
-    let reader = || -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
-        ImageReader::open(path)
-            .map_err(|e| Error::io(path, e))?
+    let reader = || {
+        ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(|e| Error::io(path, e))
+            .map_err(|e| Error::io(source, e))
     };
     let (w, h) = reader()?
         .into_dimensions()
@@ -64,7 +69,6 @@ pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Rgb8> {
     Ok(to_rgb(decoded))
 }
 
-/// RGB as IDEFICS sees it: grey replicated, alpha composited over opaque white with Pillow's integer arithmetic.
 pub fn to_rgb(img: DynamicImage) -> Rgb8 {
     let (width, height) = (img.width() as usize, img.height() as usize);
     let data = match img {

@@ -65,6 +65,17 @@ impl EngineConfig {
 
 pub type RequestId = u64;
 
+/// A snapshot of an engine's occupancy (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub media_slots_used: usize,
+    pub preemptions: usize,
+}
+
 /// What the engine reports after a step.
 #[derive(Clone, Debug)]
 pub enum Event {
@@ -176,6 +187,38 @@ impl<'p, B: Backend> Engine<'p, B> {
     /// Times a sequence was preempted to make room.
     pub fn preemptions(&self) -> usize {
         self.preemptions
+    }
+
+    /// Queue, batch and cache occupancy now.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            kv_blocks_total: self.kv.total_blocks(),
+            kv_blocks_used: self.kv.total_blocks() - self.kv.free_blocks(),
+            media_slots_used: self.media.total_slots() - self.media.free_slots(),
+            preemptions: self.preemptions,
+        }
+    }
+
+    /// Drops a request wherever it is (queued or running) and frees what it holds; false if it is unknown or
+    /// already finished. No event is reported for it afterwards.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i).expect("index in range")
+        } else {
+            return false;
+        };
+        self.release(seq);
+        true
+    }
+
+    fn release(&mut self, mut seq: Sequence) -> Sequence {
+        self.kv.release(&mut seq.block_table);
+        self.media.release(&mut seq.media_slots);
+        seq
     }
 
     /// Queues a request; refuses one the engine could never run (prompt over the context, more images than the
@@ -481,12 +524,11 @@ impl<'p, B: Backend> Engine<'p, B> {
     /// Frees a sequence's blocks and media slots and reports its output.
     fn finish(
         &mut self,
-        mut seq: Sequence,
+        seq: Sequence,
         reason: FinishReason,
         events: &mut Vec<Event>,
     ) -> Result<()> {
-        self.kv.release(&mut seq.block_table);
-        self.media.release(&mut seq.media_slots);
+        let mut seq = self.release(seq);
         let text = self.pipeline.tokenizer.decode(seq.generated(), true)?;
         let id = seq.id;
         let text = seq.stream.finish(&text, &mut |delta: &str| {

@@ -5,4 +5,5 @@ pub mod engine;
 pub mod generate;
 pub mod kv_cache;
 pub mod media_cache;
+pub mod service;
 pub mod stream;

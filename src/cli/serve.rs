@@ -1,0 +1,129 @@
+//! `flamingo serve`: the OpenAI-compatible HTTP server over the continuous-batching engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::cli::{bundled_model_dir, select_cpu_backend, EngineOptions, RunOptions};
+use crate::error::{Error, Result};
+use crate::runtime::generate::Pipeline;
+use crate::runtime::service::EngineService;
+use crate::server::images::{canonical_root, ImagePolicy};
+use crate::server::openai::ChatTemplate;
+use crate::server::{serve, AppState, ServerLimits};
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model id clients see in /v1/models and responses (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests waiting for a batch slot beyond --max-seqs before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest max_tokens a request may ask for (also the default when a request does not say).
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// JSON file with a chat template: {"system", "user", "assistant" (each with {content}), "generation_prompt"}.
+    /// Default: the IDEFICS instruct format `User:...<end_of_utterance>\nAssistant:`.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Let requests name image files inside this folder.
+    #[arg(long)]
+    allow_local_images: Option<PathBuf>,
+    /// Let requests name http:// image URLs for the server to fetch.
+    #[arg(long)]
+    allow_remote_images: bool,
+    /// Images per request at most.
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
+    /// Encoded size of one image at most.
+    #[arg(long, default_value_t = 20 << 20)]
+    max_image_bytes: usize,
+    /// Decoded size of one image at most.
+    #[arg(long, default_value_t = crate::io::image::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+    /// Request bodies at most (base64 images included).
+    #[arg(long, default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+    #[command(flatten)]
+    engine: EngineOptions,
+    #[command(flatten)]
+    run: RunOptions,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let backend = select_cpu_backend(&args.run)?;
+    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let pipeline = Arc::new(Pipeline::load(&dir, backend, true)?);
+    let config = args.engine.config(&pipeline);
+    let template = match &args.chat_template {
+        Some(path) => ChatTemplate::from_file(path)?,
+        None => ChatTemplate::default(),
+    };
+    let images = ImagePolicy {
+        local_root: args
+            .allow_local_images
+            .as_deref()
+            .map(canonical_root)
+            .transpose()?,
+        allow_remote: args.allow_remote_images,
+        max_bytes: args.max_image_bytes,
+        max_pixels: args.max_image_pixels,
+        max_images: args.max_images,
+    };
+    let limits = ServerLimits {
+        max_in_flight: config.max_seqs + args.max_queue,
+        max_tokens: args.max_tokens,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        let name = dir.canonicalize().unwrap_or(dir.clone());
+        name.file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let service = EngineService::start(pipeline, config)?;
+    let state = Arc::new(AppState::new(service, model_name, template, images, limits));
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Error::Invalid(format!("cannot start the async runtime: {e}")))?;
+    let address = format!("{}:{}", args.host, args.port);
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .map_err(|e| Error::io(&address, e))?;
+        let bound = listener.local_addr().map_err(|e| Error::io(&address, e))?;
+        eprintln!("flamingo: listening on http://{bound}");
+        serve(listener, state.clone(), shutdown_signal())
+            .await
+            .map_err(|e| Error::io(&address, e))
+    })?;
+    eprintln!("flamingo: shutting down, finishing accepted requests");
+    drop(runtime);
+    drop(state);
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,332 @@
+//! The OpenAI wire format: request bodies, the chat template that turns messages into an IDEFICS prompt, response
+//! and stream-chunk bodies, and errors in OpenAI's shape.
+
+use std::path::Path;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::runtime::generate::GenerationOutput;
+
+/// An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    /// The client's fault (400).
+    pub fn bad(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    /// The engine's own error: the client's fault when it is about the request (its prompt, images, parameters),
+    /// the server's otherwise.
+    pub fn from_engine(e: Error) -> Self {
+        let status = match e {
+            Error::Prompt(_)
+            | Error::Image { .. }
+            | Error::TokenOutOfRange { .. }
+            | Error::Invalid(_)
+            | Error::Tokenizer { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status.as_u16() {
+            429 => "rate_limit_exceeded",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body =
+            json!({"error": {"message": self.message, "type": kind, "param": null, "code": null}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// `stop` is a string or a list of strings.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Clone, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Generation fields shared by chat and completions requests. Unknown fields are ignored (clients send many);
+/// known fields of the wrong type are refused.
+#[derive(Deserialize, Debug, Clone, Default)]
+pub struct GenerationFields {
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Not in OpenAI's API; vLLM and TGI accept it.
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub fields: GenerationFields,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    Object { url: String },
+    Plain(String),
+}
+
+impl ImageUrl {
+    pub fn url(&self) -> &str {
+        match self {
+            ImageUrl::Object { url } | ImageUrl::Plain(url) => url,
+        }
+    }
+}
+
+/// `POST /v1/completions`: a raw prompt with `<image>` markers; `images` (our extension) gives the image URLs in
+/// marker order.
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    pub prompt: PromptField,
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(flatten)]
+    pub fields: GenerationFields,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PromptField {
+    pub fn single(self) -> std::result::Result<String, ApiError> {
+        match self {
+            PromptField::One(s) => Ok(s),
+            PromptField::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            PromptField::Many(v) => Err(ApiError::bad(format!(
+                "prompt: {} prompts given; send one per request",
+                v.len()
+            ))),
+        }
+    }
+}
+
+/// How chat messages become a prompt: one pattern per role with `{content}` where the message goes (its images
+/// as `<image>` markers), and the text that asks the model for the assistant's turn.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChatTemplate {
+    pub system: String,
+    pub user: String,
+    pub assistant: String,
+    pub generation_prompt: String,
+}
+
+impl Default for ChatTemplate {
+    /// The IDEFICS instruct format: `User:<content><end_of_utterance>\nAssistant:`.
+    fn default() -> Self {
+        ChatTemplate {
+            system: "System:{content}<end_of_utterance>\n".into(),
+            user: "User:{content}<end_of_utterance>\n".into(),
+            assistant: "Assistant:{content}<end_of_utterance>\n".into(),
+            generation_prompt: "Assistant:".into(),
+        }
+    }
+}
+
+impl ChatTemplate {
+    /// Reads a template from a JSON file with the four fields.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let t: ChatTemplate = crate::io::config::read_json(path)?;
+        for (name, pattern) in [
+            ("system", &t.system),
+            ("user", &t.user),
+            ("assistant", &t.assistant),
+        ] {
+            if !pattern.contains("{content}") {
+                return Err(Error::config(path, name, "the pattern has no {content}"));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The prompt text (images as `<image>` markers) and the image URLs in marker order.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+    ) -> std::result::Result<(String, Vec<String>), ApiError> {
+        if messages.is_empty() {
+            return Err(ApiError::bad("messages: must not be empty"));
+        }
+        let mut prompt = String::new();
+        let mut images = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let pattern = match m.role.as_str() {
+                "system" | "developer" => &self.system,
+                "user" => &self.user,
+                "assistant" => &self.assistant,
+                other => {
+                    return Err(ApiError::bad(format!(
+                        "messages[{i}].role: unknown role {other:?} (expected system, user or assistant)"
+                    )))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => parts
+                    .iter()
+                    .map(|p| match p {
+                        ContentPart::Text { text } => text.clone(),
+                        ContentPart::ImageUrl { image_url } => {
+                            images.push(image_url.url().to_string());
+                            crate::io::tokenizer::IMAGE_TOKEN.to_string()
+                        }
+                    })
+                    .collect(),
+            };
+            prompt.push_str(&pattern.replace("{content}", &content));
+        }
+        prompt.push_str(&self.generation_prompt);
+        Ok((prompt, images))
+    }
+}
+
+/// Seconds since the Unix epoch, for `created`.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn usage(out: &GenerationOutput) -> Value {
+    let (p, c) = (out.prompt_ids.len(), out.generated_ids.len());
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+}
+
+/// Which API a response belongs to: chat completions or completions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completions,
+}
+
+impl Api {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+            (Api::Completions, _) => "text_completion",
+        }
+    }
+
+    /// One choice carrying `text` (a message or a delta) and a finish reason when there is one.
+    fn choice(self, chunk: bool, text: Option<&str>, finish: Option<&str>) -> Value {
+        match (self, chunk) {
+            (Api::Chat, false) => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                         "finish_reason": finish})
+            }
+            (Api::Chat, true) => {
+                let delta = match text {
+                    Some(t) => json!({"content": t}),
+                    None if finish.is_none() => json!({"role": "assistant", "content": ""}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "finish_reason": finish})
+            }
+            (Api::Completions, _) => {
+                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish})
+            }
+        }
+    }
+
+    /// A whole response body.
+    pub fn response(self, id: &str, model: &str, out: &GenerationOutput) -> Value {
+        json!({
+            "id": id, "object": self.object(false), "created": now(), "model": model,
+            "choices": [self.choice(false, Some(&out.text), Some(out.finish_reason.as_str()))],
+            "usage": usage(out),
+        })
+    }
+
+    /// A stream chunk: text, or (with `finish`) the last chunk; `None` and no finish is the opening chunk.
+    pub fn chunk(self, id: &str, model: &str, text: Option<&str>, finish: Option<&str>) -> Value {
+        json!({
+            "id": id, "object": self.object(true), "created": now(), "model": model,
+            "choices": [self.choice(true, text, finish)],
+        })
+    }
+
+    /// The usage chunk sent after the last one when `stream_options.include_usage` is set.
+    pub fn usage_chunk(self, id: &str, model: &str, out: &GenerationOutput) -> Value {
+        json!({
+            "id": id, "object": self.object(true), "created": now(), "model": model,
+            "choices": [], "usage": usage(out),
+        })
+    }
+}

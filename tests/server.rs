@@ -1,0 +1,496 @@
+//! `flamingo serve` over real HTTP on loopback, CPU backend, fixture model: answers equal `flamingo generate`,
+//! streaming equals non-streaming, 32 concurrent clients, every bad input gets its 4xx, 429 at capacity, a client
+//! that disconnects is cancelled, SIGTERM finishes in-flight requests.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{fixture_dir, Fixture};
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts the server on a free port with extra flags and waits until it listens.
+    fn start(flags: &[&str]) -> Server {
+        let fx = fixture_dir("tiny-idefics-a");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&fx)
+            .args(flags)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("flamingo: listening on ") {
+                break addr.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, base }
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        match agent
+            .post(&format!("{}{path}", self.base))
+            .set("Content-Type", "application/json")
+            .send_string(body)
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    fn post_json(&self, path: &str, body: &Value) -> Value {
+        let (status, text) = self.post(path, &body.to_string());
+        assert_eq!(status, 200, "{path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn get(&self, path: &str) -> String {
+        ureq::get(&format!("{}{path}", self.base))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    /// The `data:` payloads of a streamed response, in order.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = ureq::post(&format!("{}{path}", self.base))
+            .send_string(&body.to_string())
+            .unwrap();
+        BufReader::new(r.into_reader())
+            .lines()
+            .map(Result::unwrap)
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn data_url(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A one-turn chat with the fixture image.
+fn chat_body(max_tokens: usize, stream: bool) -> Value {
+    let image = fixture_dir("tiny-idefics-a").join("chelsea.png");
+    json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(&image)}},
+            {"type": "text", "text": "Describe this image."}
+        ]}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+/// About 170 tokens of the fixture's tokenizer: with `--max-step-tokens 1` its prefill takes that many steps.
+fn slow_prompt() -> String {
+    "word ".repeat(30)
+}
+
+/// The prompt the default chat template builds for `chat_body`.
+const CHAT_PROMPT: &str = "User:<image>Describe this image.<end_of_utterance>\nAssistant:";
+
+#[test]
+fn chat_answers_what_generate_answers_and_streams_the_same_text() {
+    let server = Server::start(&[]);
+    let fx = Fixture::load("tiny-idefics-a");
+    let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["generate", "--json", "--max-new-tokens", "12", "--model"])
+        .arg(&fx.dir)
+        .args(["--prompt", CHAT_PROMPT, "--image"])
+        .arg(fx.dir.join("chelsea.png"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let got = server.post_json("/v1/chat/completions", &chat_body(12, false));
+    let choice = &got["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], want["text"]);
+    assert_eq!(choice["finish_reason"], want["finish_reason"]);
+    assert_eq!(got["object"], "chat.completion");
+    let usage = &got["usage"];
+    assert_eq!(
+        usage["prompt_tokens"],
+        want["prompt_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        usage["completion_tokens"],
+        want["generated_ids"].as_array().unwrap().len()
+    );
+
+    let chunks = server.stream("/v1/chat/completions", &chat_body(12, true));
+    assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"));
+    let parsed: Vec<Value> = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = parsed
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, want["text"].as_str().unwrap(), "streamed text");
+    assert!(
+        parsed.len() > 3,
+        "the text arrived in one piece: {parsed:?}"
+    );
+    assert_eq!(
+        parsed.last().unwrap()["choices"][0]["finish_reason"],
+        want["finish_reason"]
+    );
+}
+
+#[test]
+fn completions_take_raw_prompts_with_image_markers() {
+    let server = Server::start(&[]);
+    let image = fixture_dir("tiny-idefics-a").join("chelsea.png");
+    let body = json!({"prompt": CHAT_PROMPT, "images": [data_url(&image)], "max_tokens": 12});
+    let got = server.post_json("/v1/completions", &body);
+    let chat = server.post_json("/v1/chat/completions", &chat_body(12, false));
+    assert_eq!(got["object"], "text_completion");
+    assert_eq!(
+        got["choices"][0]["text"],
+        chat["choices"][0]["message"]["content"]
+    );
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = server.stream("/v1/completions", &streamed);
+    let text: String = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| {
+            serde_json::from_str::<Value>(c).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, got["choices"][0]["text"].as_str().unwrap());
+    let models: Value = serde_json::from_str(&server.get("/v1/models")).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-idefics-a");
+    assert_eq!(server.get("/health"), r#"{"status":"ok"}"#);
+}
+
+#[test]
+fn thirty_two_concurrent_clients_all_get_complete_answers() {
+    let server = Server::start(&[]);
+    let want = server.post_json("/v1/chat/completions", &chat_body(10, false))["choices"][0]
+        ["message"]["content"]
+        .clone();
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..32)
+            .map(|i| {
+                let server = &server;
+                s.spawn(move || {
+                    if i % 2 == 0 {
+                        let chunks = server.stream("/v1/chat/completions", &chat_body(10, true));
+                        assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"));
+                        chunks[..chunks.len() - 1]
+                            .iter()
+                            .filter_map(|c| {
+                                let v: Value = serde_json::from_str(c).unwrap();
+                                v["choices"][0]["delta"]["content"]
+                                    .as_str()
+                                    .map(str::to_string)
+                            })
+                            .collect()
+                    } else {
+                        let v = server.post_json("/v1/chat/completions", &chat_body(10, false));
+                        v["choices"][0]["message"]["content"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a, want.as_str().unwrap(), "client {i}");
+    }
+    assert_eq!(
+        server.metric("flamingo_requests_total{outcome=\"finished\"}"),
+        33.0
+    );
+    assert_eq!(server.metric("flamingo_requests_in_flight"), 0.0);
+    assert!(server.metric("flamingo_generation_tokens_total") > 0.0);
+    assert!(server.metric("flamingo_step_seconds_count") > 0.0);
+}
+
+#[test]
+fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&[
+        "--max-images",
+        "2",
+        "--max-image-bytes",
+        "4000",
+        "--max-tokens",
+        "20",
+        "--allow-local-images",
+        dir.path().to_str().unwrap(),
+    ]);
+    let image_part = |url: &str| json!({"type": "image_url", "image_url": {"url": url}});
+    let user = |content: Value| json!({"messages": [{"role": "user", "content": content}], "max_tokens": 4});
+    let png = fixture_dir("images").join("chelsea.png");
+    let big = "data:image/png;base64,".to_string() + &"A".repeat(8000);
+    let garbage = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"this is not an image at all")
+    );
+    let long_prompt = "word ".repeat(400);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "{\"messages\": [".into(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "wrong type",
+            json!({"messages": "hi"}).to_string(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "max_tokens type",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"})
+                .to_string(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "empty messages",
+            json!({"messages": []}).to_string(),
+            400,
+            "messages: must not be empty",
+        ),
+        (
+            "unknown role",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            "unknown role",
+        ),
+        (
+            "bad base64",
+            user(json!([image_part("data:image/png;base64,@@@@")])).to_string(),
+            400,
+            "invalid base64",
+        ),
+        (
+            "undecodable image",
+            user(json!([image_part(&garbage)])).to_string(),
+            400,
+            "image 0",
+        ),
+        (
+            "oversized image",
+            user(json!([image_part(&big)])).to_string(),
+            400,
+            "over the limit",
+        ),
+        (
+            "too many images",
+            user(json!([
+                image_part(&garbage),
+                image_part(&garbage),
+                image_part(&garbage)
+            ]))
+            .to_string(),
+            400,
+            "3 images",
+        ),
+        (
+            "prompt over the context",
+            user(json!(long_prompt)).to_string(),
+            400,
+            "context",
+        ),
+        (
+            "max_tokens over the limit",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 21}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "remote image",
+            user(json!([image_part("http://example.com/cat.png")])).to_string(),
+            400,
+            "remote image URLs are disabled",
+        ),
+        (
+            "file outside the folder",
+            user(json!([image_part(png.to_str().unwrap())])).to_string(),
+            400,
+            "not a readable file inside",
+        ),
+        (
+            "bad temperature",
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": -2}).to_string(),
+            400,
+            "temperature",
+        ),
+        (
+            "n > 1",
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(),
+            400,
+            "n:",
+        ),
+    ];
+    for (what, body, status, needle) in &cases {
+        let (got, text) = server.post("/v1/chat/completions", body);
+        assert_eq!(got, *status, "{what}: {text}");
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {text}"));
+        assert!(
+            msg.contains(needle),
+            "{what}: expected {needle:?} in {msg:?}"
+        );
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{what}");
+    }
+    // A small file inside the allowed folder is fine.
+    image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([x as u8 * 16, y as u8 * 16, 128]))
+        .save(dir.path().join("cat.png"))
+        .unwrap();
+    let ok = server.post_json(
+        "/v1/chat/completions",
+        &user(json!([image_part("cat.png")])),
+    );
+    assert!(ok["choices"][0]["message"]["content"].is_string());
+    assert_eq!(server.get("/health"), r#"{"status":"ok"}"#);
+}
+
+#[test]
+fn requests_beyond_capacity_get_429() {
+    // One sequence at a time, no queue, and slow prefills (one token per step): concurrent requests overlap.
+    let server = Server::start(&[
+        "--max-concurrent",
+        "1",
+        "--max-queue",
+        "0",
+        "--max-step-tokens",
+        "1",
+    ]);
+    let body = json!({"messages": [{"role": "user", "content": slow_prompt()}], "max_tokens": 40});
+    // All clients fire together: the first admitted holds the only slot for ~200 engine steps while the others
+    // arrive within the same few milliseconds.
+    let clients = 32;
+    let start = std::sync::Barrier::new(clients);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    server.post("/v1/chat/completions", &body.to_string()).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(server.metric("flamingo_requests_total{outcome=\"rejected\"}") >= 1.0);
+}
+
+#[test]
+fn a_client_that_disconnects_is_cancelled() {
+    let server = Server::start(&["--max-step-tokens", "1"]);
+    let body = json!({"messages": [{"role": "user", "content": slow_prompt()}], "max_tokens": 50,
+                      "stream": true});
+    {
+        let r = ureq::post(&format!("{}/v1/chat/completions", server.base))
+            .send_string(&body.to_string())
+            .unwrap();
+        let mut first = [0u8; 16];
+        r.into_reader().read_exact(&mut first).unwrap();
+    } // connection dropped here, long before the prompt is even prefilled
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metric("flamingo_requests_in_flight") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request is still in flight"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        server.metric("flamingo_requests_total{outcome=\"cancelled\"}"),
+        1.0
+    );
+    assert_eq!(server.metric("flamingo_kv_blocks_used"), 0.0);
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_then_exits() {
+    let mut server = Server::start(&["--max-step-tokens", "1"]);
+    let body = json!({"messages": [{"role": "user", "content": slow_prompt()}], "max_tokens": 5});
+    std::thread::scope(|s| {
+        let request = s.spawn(|| server.post("/v1/chat/completions", &body.to_string()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.metric("flamingo_requests_in_flight") == 0.0 {
+            assert!(Instant::now() < deadline, "the request never got in flight");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pid = server.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let (status, text) = request.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+    });
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "exit {exit:?}");
+}
