@@ -8,18 +8,7 @@ cargo build --release --bin flamingo
 table=$(./target/release/flamingo bench "$@")
 echo "$table"
 
-commit=$(git rev-parse --short HEAD)
-name=$(echo "$*" | tr -c 'a-zA-Z0-9.\n-' '_' | tr -s '_' | sed 's/^_//; s/_$//')
-out="bench/results/$(date -u +%Y-%m-%d)-$commit-bench-${name:-default}.md"
-mkdir -p bench/results
-{
-  echo "# flamingo bench, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
-  echo
-  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -m)."
-  echo "Command: bash scripts/bench.sh $*"
-  echo
-  echo '```'
-  echo "$table"
-  echo '```'
-} >"$out"
+name=$(echo "$*" | sed 's/--//g' | tr -c 'a-zA-Z0-9.\n-' '_' | tr -s '_' | sed 's/^_//; s/_$//' | cut -c1-60)
+out=$(printf '```\n%s\n```\n' "$table" \
+      | bash scripts/record-result.sh "bench-${name:-default}" "flamingo bench" "bash scripts/bench.sh $*")
 echo "recorded in $out"

@@ -60,15 +60,7 @@ EOF
 )
 echo "$table"
 
-commit=$(git rev-parse --short HEAD)
-out="bench/results/$(date -u +%Y-%m-%d)-$commit-cpu-vs-torch.md"
-mkdir -p bench/results
-{
-  echo "# CPU side by side: flamingo vs transformers IDEFICS (cpu-mid, f32), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
-  echo
-  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -m)."
-  echo "Command: bash scripts/cpu-vs-torch.sh --threads $threads --decode-tokens $decode_tokens --repeats $repeats"
-  echo
-  echo "$table"
-} >"$out"
+out=$(echo "$table" | bash scripts/record-result.sh cpu-vs-torch \
+      "CPU side by side: flamingo vs transformers IDEFICS (cpu-mid, f32)" \
+      "bash scripts/cpu-vs-torch.sh --threads $threads --decode-tokens $decode_tokens --repeats $repeats")
 echo "recorded in $out"

@@ -75,14 +75,14 @@ def modules(out, repeats):
     with torch.device("cuda"):
         resampler = IdeficsPerceiverResampler(cfg, DV, p.resampler_depth, p.resampler_n_heads,
                                               p.resampler_head_dim, p.resampler_n_latents).to(torch.bfloat16)
-        block = IdeficsGatedCrossAttentionLayer(cfg).to(torch.bfloat16)
+        block = IdeficsGatedCrossAttentionLayer(cfg, layer_idx=0).to(torch.bfloat16)
     for param in block.parameters():
         if param.numel() == 1:
             param.data.fill_(0.5)  # non-zero gates, as in the synthetic models (checkpoints start them at 0)
     context = rand(1, 257, DV)
     hidden, images = rand(1, 64, H), rand(1, 64, DV)
     mask = torch.zeros(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16)
-    gate = torch.ones(1, 64, 1, device="cuda", dtype=torch.bfloat16)
+    gate = torch.ones(1, 64, device="cuda", dtype=torch.bfloat16)  # [batch, rows]: every row sees the image
     with torch.inference_mode():
         out["modules/idefics-9b/resampler"] = ms(lambda: resampler(context), repeats)
         out["modules/idefics-9b/gated_cross_attention_block/64"] = ms(
