@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use flamingo::backend::Backend;
-use flamingo::cli::bundled_model_dir;
+use flamingo::cli::{bundled_model_dir, BackendCommand};
 use flamingo::model::synthetic::Preset;
 use flamingo::perf::bench::{bench_engine, bench_pixels, bench_prompt, bench_request};
 use flamingo::runtime::generate::{ModelFiles, Pipeline};
@@ -26,12 +26,28 @@ fn preset() -> Preset {
         .unwrap_or_else(|e| panic!("FLAMINGO_BENCH_MODEL: {e}"))
 }
 
-fn end_to_end(c: &mut Criterion) {
-    let preset = preset();
-    let files = ModelFiles::synthetic(preset, &bundled_model_dir().join("tokenizer.json")).unwrap();
-    let p = Pipeline::from_files(files, common::backend(), false).unwrap();
-    let prompt = bench_prompt(&p, 64, 0).unwrap();
-    let pixels = vec![bench_pixels(&p)];
+struct EndToEnd<'a>(&'a mut Criterion);
+
+impl BackendCommand for EndToEnd<'_> {
+    fn run<B: Backend + 'static>(self, backend: B) -> flamingo::Result<()> {
+        let preset = preset();
+        let files = ModelFiles::synthetic(preset, &bundled_model_dir().join("tokenizer.json"))?;
+        end_to_end(
+            self.0,
+            preset,
+            &Pipeline::from_files(files, backend, false)?,
+        );
+        Ok(())
+    }
+}
+
+fn model(c: &mut Criterion) {
+    common::on_device(EndToEnd(c));
+}
+
+fn end_to_end<B: Backend>(c: &mut Criterion, preset: Preset, p: &Pipeline<B>) {
+    let prompt = bench_prompt(p, 64, 0).unwrap();
+    let pixels = vec![bench_pixels(p)];
     let b = &p.backend;
     let mut g = c.benchmark_group(format!("model/{}", preset.name()));
     g.sample_size(10).measurement_time(Duration::from_secs(3));
@@ -48,7 +64,7 @@ fn end_to_end(c: &mut Criterion) {
     });
     for batch in [1usize, 8] {
         g.bench_function(format!("decode_step_batch{batch}"), |bench| {
-            bench.iter_custom(|iters| decode_steps(&p, &prompt, &pixels, batch, iters))
+            bench.iter_custom(|iters| decode_steps(p, &prompt, &pixels, batch, iters))
         });
     }
     g.finish();
@@ -82,5 +98,5 @@ fn decode_steps<B: Backend>(
     total
 }
 
-criterion_group!(benches, end_to_end);
+criterion_group!(benches, model);
 criterion_main!(benches);

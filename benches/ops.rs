@@ -13,6 +13,7 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
+use flamingo::cli::BackendCommand;
 use flamingo::io::config::IdeficsConfig;
 use flamingo::io::safetensors::DType;
 use flamingo::model::synthetic::{random_store, Preset};
@@ -247,17 +248,25 @@ fn norms<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: 
     g.finish();
 }
 
-fn ops(c: &mut Criterion) {
-    let b = common::backend();
-    let s = shapes();
-    for &preset in &s.configs {
-        let cfg = preset.config().unwrap();
-        linear(c, &b, &s, preset, &cfg);
-        attention(c, &b, &s, preset, &cfg);
-        cross_attention(c, &b, preset, &cfg);
-        image_attention(c, &b, preset, &cfg);
-        norms(c, &b, &s, preset, &cfg);
+struct Ops<'a>(&'a mut Criterion);
+
+impl BackendCommand for Ops<'_> {
+    fn run<B: Backend + 'static>(self, b: B) -> flamingo::Result<()> {
+        let (c, s) = (self.0, shapes());
+        for &preset in &s.configs {
+            let cfg = preset.config()?;
+            linear(c, &b, &s, preset, &cfg);
+            attention(c, &b, &s, preset, &cfg);
+            cross_attention(c, &b, preset, &cfg);
+            image_attention(c, &b, preset, &cfg);
+            norms(c, &b, &s, preset, &cfg);
+        }
+        Ok(())
     }
+}
+
+fn ops(c: &mut Criterion) {
+    common::on_device(Ops(c));
 }
 
 criterion_group!(benches, ops);

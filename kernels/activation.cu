@@ -16,7 +16,8 @@
 //     group = cols: "gate | up" halves (a fused [gate_proj; up_proj] weight);
 //     group = 1: element-interleaved g0 u0 g1 u1 ...   out: [rows, cols]. Vector path needs group % 8 == 0.
 // bias_act_bf16(out, x, bias, rows, cols, act)                   out = act(bf16(x + bias))
-//     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6).
+//     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6),
+//     EPI_GELU_TANH (7).
 //     bias [cols] may be null. out may alias x.
 // gelu_bias_bf16(out, x, bias, rows, cols)   = bias_act_bf16 with act = EPI_GELU (CLIP / IDEFICS ViT MLP)
 // relu_bf16(out, x, rows, cols)              = bias_act_bf16 with act = EPI_RELU, no bias (perceiver MLP)
@@ -24,6 +25,8 @@
 //     h: [rows, cols] updated in place, x: [rows, cols], alpha: bf16 [alpha_len] with alpha_len = 1
 //     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
 //     h = bf16( h + bf16( bf16(tanh(alpha)) * x ) ).
+// add_bf16(out, a, b, rows, cols)            residual add: out = bf16(a + b) (PyTorch adds two bf16
+//     tensors into a bf16 tensor). out may alias a or b.
 // bf16_to_f32(out_f32, x, n)                 widening copy, e.g. logits before sampling (exact).
 //     One element per thread per step: grid = (min(ceil(n / 256), 65535 * 8), 1, 1), block = (256, 1, 1).
 #include "common.cuh"
@@ -133,6 +136,20 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
       hv[j] = hv[j] + rnd_bf16(g * xv[j]);
     }
     store8(h + off, c, cols, vec, hv);
+  });
+}
+
+extern "C" __global__ void __launch_bounds__(ACT_THREADS)
+    add_bf16(bf16* out, const bf16* a, const bf16* b, int rows, int cols) {
+  const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(a) && is_aligned16(b);
+  for_each_chunk(rows, cols, [&](int r, int c) {
+    const long long off = (long long)r * cols;
+    float x[8], y[8];
+    load8_rw(a + off, c, cols, vec, x);
+    load8_rw(b + off, c, cols, vec, y);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] += y[j];
+    store8(out + off, c, cols, vec, x);
   });
 }
 

@@ -19,7 +19,7 @@
 //   (static: 16 KiB for D=64, 22 KiB D=80, 26 KiB D=96, 32 KiB D=128).
 //   Causal blocks are visited longest-first (blockIdx.x reversed) to balance the tail.
 //
-// decode_attn_d{64,128}_bf16(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table,
+// decode_attn_d{16,32,64,128}_bf16(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table,
 //                            max_blocks, block_size, seq_stride, n_heads, n_kv_heads, ldq, ldkv,
 //                            split_size, scale)
 //   One query per sequence: q [n_seqs, ldq]. Sequence b attends to its kv_lens[b] cached
@@ -31,7 +31,8 @@
 //   domain: o_part [n_seqs, n_heads, n_splits, D] f32, ml_part [n_seqs, n_heads, n_splits, 2] f32.
 //   Empty splits (past kv_len) write m = -inf, l = 0, o = 0.
 //   Launch: grid = (n_heads, n_seqs, n_splits), n_splits = ceil(max kv_len / split_size);
-//   block = (128, 1, 1), dynamic smem = 0. D/8 lanes per key, 16-byte loads.
+//   block = (128, 1, 1), dynamic smem = 0. D/8 lanes per key, 16-byte loads (ldkv % 8 == 0, 16-byte
+//   aligned pools). D = 16 and 32 serve small models (and the tiny test models) without padding.
 //   Batch invariance: results depend on split_size and kv_len only: keep split_size fixed
 //   (e.g. 256), not derived from the batch size.
 // decode_attn_combine_bf16(o, o_part, ml_part, n_heads, n_splits, head_dim, ldo)
@@ -94,7 +95,7 @@ template <int D>
 FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const bf16* k_cache, const bf16* v_cache,
                             const int* kv_lens, const int* block_table, int max_blocks, int block_size, long long seq_stride,
                             int n_heads, int n_kv_heads, int ldq, int ldkv, int split_size, float scale) {
-  static_assert(D == 64 || D == 128, "decode supports head_dim 64 and 128");
+  static_assert(D % 8 == 0 && D <= 128 && 32 % (D / 8) == 0, "decode: head_dim 8, 16, 32, 64 or 128");
   constexpr int GL = D / 8;                  // lanes per key (8 elements each)
   constexpr int NG = DEC_THREADS / GL;       // key groups per block
   __shared__ float s_o[NG][D];
@@ -190,6 +191,8 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
     decode_split<D>(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table, max_blocks, block_size,          \
                     seq_stride, n_heads, n_kv_heads, ldq, ldkv, split_size, scale);                              \
   }
+DECODE_ATTN(16)
+DECODE_ATTN(32)
 DECODE_ATTN(64)
 DECODE_ATTN(128)
 

@@ -145,6 +145,9 @@ FE_DEVICE float block_max(float v, float* scratch) {
 // Activations and epilogues (shared by gemm.cu and activation.cu so the math is identical).
 // ---------------------------------------------------------------------------------------------
 FE_DEVICE float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+FE_DEVICE float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
 FE_DEVICE float quick_gelu(float x) { return x / (1.f + __expf(-1.702f * x)); }
 FE_DEVICE float silu(float x) { return x / (1.f + __expf(-x)); }
 
@@ -157,6 +160,7 @@ enum Epilogue : int {
   EPI_RELU = 4,        // y = relu(acc + bias)
   EPI_SILU_MUL = 5,    // y = silu(acc + bias) * aux          aux = up projection [M, N]
   EPI_QUICK_GELU = 6,  // y = (acc + bias) * sigmoid(1.702 (acc + bias))   (OpenAI CLIP)
+  EPI_GELU_TANH = 7,   // y = gelu_tanh(acc + bias)           (gelu_pytorch_tanh)
 };
 
 // Applies the epilogue to one f32 accumulator. Rounding mirrors the unfused HF/PyTorch graph:
@@ -170,6 +174,7 @@ FE_DEVICE float apply_epilogue(int epi, float acc, float bias, float aux) {
     case EPI_RELU: return fmaxf(lin, 0.f);
     case EPI_SILU_MUL: return rnd_bf16(silu(lin)) * aux;
     case EPI_QUICK_GELU: return quick_gelu(lin);
+    case EPI_GELU_TANH: return gelu_tanh(lin);
     default: return lin;  // EPI_NONE, EPI_BIAS
   }
 }

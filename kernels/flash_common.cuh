@@ -15,8 +15,10 @@
 //   * key sources: key j < n_a comes from (k_a, v_a) row j, key j >= n_a from (k_b, v_b) row
 //     j - n_a, so the Perceiver's [context ; latents] keys are never concatenated in memory;
 //   * masking: a functor gives, for each query row of the tile, an interval [lo, hi) of allowed
-//     keys (causal, kv offset, image slice, ...). The block visits only the union of the
-//     intervals. A row with an empty interval (or only masked keys) outputs exactly 0;
+//     keys (causal, kv offset, image slice, ...). The block visits only the 64-key tiles that meet
+//     the union of the intervals, tiles aligned to multiples of 64 keys, so a row's result does not
+//     depend on the other rows of its block. A row with an empty interval (or only masked keys)
+//     outputs exactly 0;
 //   * optional per-head normalisation of q and/or k over head_dim (RMSNorm or LayerNorm),
 //     applied to the bf16 tile in shared memory right after it lands (rounded to bf16, as the
 //     unfused reference produces a bf16 tensor).
@@ -169,7 +171,12 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
       u.hi = max(u.hi, __shfl_xor_sync(0xffffffffu, u.hi, o));
     }
     if (lane == 0) {
-      s_range[0] = u.lo;
+      // Key tiles start at multiples of 64 in key index, not at the union's first key: each key then
+      // always falls in the same tile and is folded into a row's online softmax in the same order,
+      // whichever rows share the block (batch invariance). Tiles fully masked for a row leave it
+      // bit-unchanged (p = 0, correction 1, or 0 before its first key), so the extra keys of a
+      // partial first tile cost time, never precision.
+      s_range[0] = u.lo - u.lo % FLASH_BKV;
       s_range[1] = u.hi;
     }
   }

@@ -6,7 +6,7 @@
 // aux [M, ldy] bf16 (same stride as y) for EPI_RESIDUAL (residual) and EPI_SILU_MUL (up
 // projection); aux may alias y (in-place residual add); otherwise null.
 // epi: an Epilogue code from common.cuh:
-//   0 none, 1 bias, 2 residual add, 3 GELU(erf), 4 ReLU, 5 SiLU(acc) * aux, 6 QuickGELU;
+//   0 none, 1 bias, 2 residual add, 3 GELU(erf), 4 ReLU, 5 SiLU(acc) * aux, 6 QuickGELU, 7 GELU(tanh);
 //   a non-null bias is added for every code. Roundings follow the unfused PyTorch graph
 //   (Linear output rounded to bf16 before the activation / residual add).
 // Accumulation is f32. Every edge is predicated: any M, N, K >= 1 (e.g. 1, 7, 257, 1000).

@@ -4,13 +4,10 @@
 # against transformers' IdeficsForVisionText2Text (bf16, sdpa) on the synthetic idefics-9b configuration. Prints
 # ratio tables (torch time / ours: above 1 means we are faster) and writes every log and a summary.md to $OUT.
 #
-# NOT YET RUN: our side needs the CUDA backend (branch cuda-backend), which is not merged into this branch. Until
-# it is, `flamingo bench --device cuda` and `FLAMINGO_BENCH_DEVICE=cuda` fail with "this build has no CUDA backend".
-# The device has no Rust: build the pack here first, as scripts/pack-device.sh does on the CUDA branch, with
-#   device-pack/flamingo     the release binary (CUDA build)
-#   device-pack/ops-bench    `cargo bench --bench ops --no-run` executable
-#   device-pack/root/        assets/ and scripts/ (the configs, the bundled tokenizer, the Python scripts)
-#   device-pack/manifest-dir the build's CARGO_MANIFEST_DIR (the binary finds the bundled tokenizer under it)
+# NOT YET RUN: no device was lent to the task that wrote it. The device has no Rust: build the pack here with
+# scripts/pack-device.sh (device-pack/flamingo, root/assets, manifest-dir), then add
+#   device-pack/ops-bench    the `cargo bench --bench ops --no-run` executable
+#   device-pack/root/scripts this folder (the Python scripts)
 # Usage (device tool): command "bash device-pack/root/scripts/device-bench.sh", carry ["device-pack"], timeout_s 540.
 set -uo pipefail
 PACK="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

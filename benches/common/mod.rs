@@ -1,24 +1,25 @@
 //! Shared by the criterion benches: which device they run on, and how a run is timed.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::Duration;
 
 use flamingo::backend::Backend;
-use flamingo::cli::RunOptions;
+use flamingo::cli::{with_backend, BackendCommand, RunOptions};
 
-/// `FLAMINGO_BENCH_DEVICE` (default `cpu`): the `--device` value the benches run on.
+/// `FLAMINGO_BENCH_DEVICE` (default `cpu`; `cuda`, `cuda:N`): the `--device` value the benches run on.
 pub fn device() -> String {
     std::env::var("FLAMINGO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
-/// The backend `FLAMINGO_BENCH_DEVICE` names (CPU only until the CUDA backend is merged).
-pub fn backend() -> flamingo::backend::cpu::CpuBackend {
+/// Runs `bench` on the backend `FLAMINGO_BENCH_DEVICE` names.
+pub fn on_device(bench: impl BackendCommand) {
     let opts = RunOptions {
         device: device(),
         threads: None,
     };
-    flamingo::cli::select_cpu_backend(&opts)
-        .unwrap_or_else(|e| panic!("FLAMINGO_BENCH_DEVICE: {e}"))
+    with_backend(&opts, Path::new(""), bench)
+        .unwrap_or_else(|e| panic!("FLAMINGO_BENCH_DEVICE={}: {e}", device()));
 }
 
 /// Time of `iters` runs of `f`, from a synchronised start to a synchronised end (for criterion's `iter_custom`: on

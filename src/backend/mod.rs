@@ -10,6 +10,7 @@
 //! - accumulation, norms and softmax are computed in f32 at least.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::io::config::Activation;

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::cli::{bundled_model_dir, select_cpu_backend, EngineOptions, RunOptions};
+use crate::cli::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
 use crate::runtime::engine::{Engine, Event, RequestId};
@@ -66,8 +66,22 @@ struct BatchRequest {
 }
 
 pub fn run(args: BatchArgs) -> Result<()> {
-    let backend = select_cpu_backend(&args.run)?;
     let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    with_backend(&args.run.clone(), &dir.clone(), Batch { args, dir })
+}
+
+struct Batch {
+    args: BatchArgs,
+    dir: PathBuf,
+}
+
+impl BackendCommand for Batch {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run_on(self.args, self.dir, backend)
+    }
+}
+
+fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     let mut pipeline = Pipeline::load(&dir, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
     let config = args.engine.config(&pipeline);

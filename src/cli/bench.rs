@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use crate::backend::Backend;
-use crate::cli::{select_cpu_backend, ModelArgs, RunOptions};
+use crate::cli::{with_backend, BackendCommand, ModelArgs, RunOptions};
 use crate::error::{Error, Result};
 use crate::perf::bench::{BenchOptions, BenchReport, Figure};
 
@@ -44,7 +44,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "--concurrency values and --new-tokens must be positive".into(),
         ));
     }
-    bench(&args, select_cpu_backend(&args.run)?)
+    with_backend(&args.run.clone(), &args.model.dir(), args)
+}
+
+impl BackendCommand for BenchArgs {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        bench(&self, backend)
+    }
 }
 
 fn bench<B: Backend>(args: &BenchArgs, backend: B) -> Result<()> {

@@ -3,7 +3,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::cli::{bundled_model_dir, select_cpu_backend, RunOptions};
+use crate::backend::Backend;
+use crate::cli::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
 use crate::runtime::generate::{GenerationRequest, Pipeline};
@@ -51,8 +52,22 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let backend = select_cpu_backend(&args.run)?;
     let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    with_backend(&args.run.clone(), &dir.clone(), Generate { args, dir })
+}
+
+struct Generate {
+    args: GenerateArgs,
+    dir: PathBuf,
+}
+
+impl BackendCommand for Generate {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run_on(self.args, self.dir, backend)
+    }
+}
+
+fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()> {
     let (prompt, images) = match (&args.prompt, args.images.is_empty()) {
         (Some(p), _) => (p.clone(), args.images.clone()),
         (None, false) => {

@@ -1,19 +1,23 @@
-//! The `flamingo` command line: `generate`, `batch`, `serve`, `bench`, `profile` and `inspect`.
+//! The `flamingo` command line: `generate`, `batch`, `serve`, `bench`, `profile`, `inspect` and `doctor`.
 
 mod batch;
 mod bench;
+mod doctor;
 mod generate;
 mod inspect;
 mod profile;
 mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::synthetic::Preset;
+use crate::io::safetensors::WeightStore;
 use crate::runtime::engine::EngineConfig;
 use crate::runtime::generate::{ModelFiles, Pipeline};
 
@@ -42,12 +46,14 @@ enum Command {
     Profile(profile::ProfileArgs),
     /// Print a model directory's architecture, parameter counts, dtypes and special tokens.
     Inspect(inspect::InspectArgs),
+    /// Check the CUDA setup: driver, devices, NVRTC, prebuilt kernels; compile every kernel with NVRTC.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Options every command that runs a model takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunOptions {
-    /// Where to run: auto (the best available), cpu, or cuda[:N].
+    /// Where to run: auto (CUDA device 0 when there is one, else the CPU), cpu, or cuda[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// CPU threads (default: all cores).
@@ -105,25 +111,78 @@ impl EngineOptions {
     }
 }
 
-/// The backend a `--device` value names. Only the CPU backend exists in this build; `auto` resolves to it.
-pub fn select_cpu_backend(opts: &RunOptions) -> Result<crate::backend::cpu::CpuBackend> {
+/// A command's work on whichever backend `--device` selects: the command code is written once, generic over the
+/// backend, and [`with_backend`] instantiates it for the CPU or the CUDA backend.
+pub trait BackendCommand {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()>;
+}
+
+/// What a `--device` value names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        let bad = || Error::Device(s.to_string(), "expected auto, cpu, cuda or cuda:N".into());
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Device::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+/// Runs `cmd` on the backend `opts.device` names; `model_dir`'s weights size the CUDA weight arena (one
+/// allocation). `auto` takes CUDA device 0 when there is one, else the CPU, and says which on stderr.
+pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
     if let Some(n) = opts.threads {
         // Fails only if the global pool already exists, in which case it keeps its size.
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global();
     }
-    match opts.device.as_str() {
-        "auto" | "cpu" => Ok(crate::backend::cpu::CpuBackend::new()),
-        d if d == "cuda" || d.starts_with("cuda:") => Err(Error::Device(
-            d.to_string(),
-            "this build has no CUDA backend yet; use --device cpu".into(),
-        )),
-        d => Err(Error::Device(
-            d.to_string(),
-            "expected auto, cpu or cuda[:N]".into(),
-        )),
+    let device = match opts.device.parse()? {
+        Device::Auto if cuda::device_count() > 0 => {
+            let b = CudaBackend::new(0)?;
+            eprintln!("note: --device auto: {}", b.summary());
+            return run_cuda(b, model_dir, cmd);
+        }
+        Device::Auto => {
+            eprintln!("note: --device auto: no CUDA device, running on the CPU");
+            Device::Cpu
+        }
+        d => d,
+    };
+    match device {
+        Device::Cuda(n) => run_cuda(CudaBackend::new(n)?, model_dir, cmd),
+        _ => cmd.run(CpuBackend::new()),
     }
+}
+
+fn run_cuda(backend: CudaBackend, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
+    // A directory that does not open is reported by the command itself, with its own message.
+    if let Ok(store) = WeightStore::open_dir(model_dir) {
+        backend.reserve_weights(bf16_bytes(&store));
+    }
+    cmd.run(backend)
+}
+
+/// Bytes of every tensor of `store` as bf16, each rounded up to the weight arena's 256-byte alignment.
+pub fn bf16_bytes(store: &WeightStore) -> usize {
+    store
+        .summary()
+        .iter()
+        .map(|(_, shape, _)| (shape.iter().product::<usize>() * 2).next_multiple_of(256))
+        .sum()
 }
 
 /// Which model a measuring command runs.
@@ -144,6 +203,15 @@ impl ModelArgs {
             (Some(preset), _) => format!("synthetic {}", preset.name()),
             (None, Some(dir)) => dir.display().to_string(),
             (None, None) => "bundled demo model".into(),
+        }
+    }
+
+    /// The directory whose weights size the CUDA weight arena (a synthetic model has none: its weights are
+    /// allocated one by one).
+    pub fn dir(&self) -> PathBuf {
+        match &self.synthetic {
+            Some(preset) => PathBuf::from(preset.description()),
+            None => self.model.clone().unwrap_or_else(bundled_model_dir),
         }
     }
 
@@ -173,5 +241,6 @@ pub fn run() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Profile(args) => profile::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::backend::{Backend, Ceilings};
-use crate::cli::{select_cpu_backend, ModelArgs, RunOptions};
+use crate::cli::{with_backend, BackendCommand, ModelArgs, RunOptions};
 use crate::error::{Error, Result};
 use crate::perf::profile::{profile_steps, OpRow, Profiled};
 
@@ -38,7 +38,13 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     if args.batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
-    profile(&args, select_cpu_backend(&args.run)?)
+    with_backend(&args.run.clone(), &args.model.dir(), args)
+}
+
+impl BackendCommand for ProfileArgs {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        profile(&self, backend)
+    }
 }
 
 fn profile<B: Backend>(args: &ProfileArgs, backend: B) -> Result<()> {

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cli::{bundled_model_dir, select_cpu_backend, EngineOptions, RunOptions};
+use crate::backend::Backend;
+use crate::cli::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
 use crate::runtime::generate::Pipeline;
 use crate::runtime::service::EngineService;
@@ -59,8 +60,22 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let backend = select_cpu_backend(&args.run)?;
     let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    with_backend(&args.run.clone(), &dir.clone(), Serve { args, dir })
+}
+
+struct Serve {
+    args: ServeArgs,
+    dir: PathBuf,
+}
+
+impl BackendCommand for Serve {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run_on(self.args, self.dir, backend)
+    }
+}
+
+fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Result<()> {
     let pipeline = Arc::new(Pipeline::load(&dir, backend, true)?);
     let config = args.engine.config(&pipeline);
     let template = match &args.chat_template {

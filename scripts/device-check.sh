@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The one GPU script, run on the lent H200 with device-pack carried (built here by scripts/pack-device.sh; the
+# device has no Rust and no network). Under 8 minutes: every step has a time cap and the caps add up to 465 s.
+#   nvidia-smi | flamingo doctor | every GPU test | flamingo generate on cuda | compute-sanitizer memcheck and
+#   racecheck on short test runs | brief kernel benches
+# Full logs go to $OUT (8 files at most come back: one log per step plus summary.md); one compact table is
+# printed last. Exit status: 0 only if every step passed.
+# Usage (device tool): command "bash device-pack/device-check.sh", carry ["device-pack"], timeout_s 540.
+set -uo pipefail
+PACK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OUT="${OUT:-$PACK/out}"
+mkdir -p "$OUT"
+
+# The test binary reads fixtures under the CARGO_MANIFEST_DIR it was built in: make that path resolve here.
+MANIFEST="$(cat "$PACK/manifest-dir")"
+if [ ! -d "$MANIFEST/tests/fixtures" ]; then
+  if [ -e "$MANIFEST" ]; then
+    echo "warning: $MANIFEST exists without tests/fixtures; fixture tests will fail" >&2
+  else
+    mkdir -p "$(dirname "$MANIFEST")" && ln -s "$PACK/root" "$MANIFEST"
+  fi
+fi
+
+# NVRTC (for doctor, and for any kernel file without a prebuilt image) from the image's CUDA toolkit.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+fi
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export FLAMINGO_CACHE_DIR=/tmp/flamingo-kernels
+SANITIZER="$(command -v compute-sanitizer || ls "$CUDA_HOME"/bin/compute-sanitizer "$CUDA_HOME"/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)"
+SANITIZER="${SANITIZER:-compute-sanitizer}"
+export RUST_BACKTRACE=1
+
+rows=()
+# step NAME CAP_SECONDS COMMAND...: runs it with a time cap, logs to $OUT/NAME.log, records a table row.
+step() {
+  local name="$1" cap="$2"; shift 2
+  local log="$OUT/$name.log" start rc note
+  start=$(date +%s)
+  echo "== $name (cap ${cap}s): $*"
+  timeout --kill-after=5 "$cap" "$@" > "$log" 2>&1; rc=$?
+  # On the device a skipped GPU test means the backend found no device: that is a failure here.
+  if [ "$rc" = 0 ] && grep -q 'skipped: no CUDA device' "$log"; then rc=3; fi
+  note=$(summarise "$name" "$log" "$rc")
+  rows+=("$(printf '| %-10s | %-4s | %4ss | %s |' "$name" "$([ "$rc" = 0 ] && echo ok || echo FAIL)" "$(( $(date +%s) - start ))" "$note")")
+  tail -n 5 "$log"
+  return 0
+}
+
+summarise() {  # one line per step for the table
+  local name="$1" log="$2" rc="$3"
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && { echo "timed out"; return; }
+  [ "$rc" = 3 ] && { echo "skipped: no CUDA device"; return; }
+  case "$name" in
+    smi) grep -m1 -oE 'NVIDIA H[0-9]+[^|]*|Driver Version: [0-9.]+' "$log" | tr '\n' ' ' ;;
+    doctor) grep -E '^(driver|devices|prebuilt|nvrtc):|compile|FAIL' "$log" | tr -s ' ' | tr '\n' ';' | cut -c1-150 ;;
+    tests) grep -E '^test result:' "$log" | tail -1; grep -E '^test .* FAILED$' "$log" | tr '\n' ' ' ;;
+    generate) grep -o '"generated_ids":\[[^]]*\]' "$log" ;;
+    memcheck|racecheck) grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY|hazard' "$log" || echo "rc $rc" ;;
+    bench) grep -E 'time:' "$log" | wc -l | sed 's/$/ benches timed/' ;;
+  esac
+}
+
+step smi 15 nvidia-smi
+step doctor 60 "$PACK/flamingo" doctor
+step tests 150 "$PACK/gpu-tests" --test-threads=1
+step generate 30 "$PACK/flamingo" generate --device cuda --json --max-new-tokens 8
+step memcheck 75 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+  "$PACK/gpu-tests" --test-threads=1 paged_attention_matches_cpu cross_attention_matches_cpu embedding_and_data_movement
+step racecheck 75 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+  "$PACK/gpu-tests" --test-threads=1 resampler_attention_matches_cpu rope_matches_cpu
+step bench 60 "$PACK/cuda-bench" --bench --warm-up-time 0.3 --measurement-time 1
+
+{
+  echo "# device check, commit $(cat "$PACK/commit" 2>/dev/null), $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "| step       | ok?  | time  | result |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+  echo
+  echo '```'
+  grep -E 'time:|thrpt:|^cuda/' "$OUT/bench.log" 2>/dev/null | head -40
+  echo '```'
+} > "$OUT/summary.md"
+echo
+cat "$OUT/summary.md"
+! printf '%s\n' "${rows[@]}" | grep -q '| FAIL |'

@@ -1,0 +1,165 @@
+//! The embedded kernels (see `build.rs`), loaded into a context: the nvcc fatbins when the build had nvcc and the
+//! device can run them, else cubins compiled by NVRTC for the device's architecture (cached on disk).
+//! `FLAMINGO_KERNELS=nvrtc` forces the NVRTC path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use super::nvrtc::Nvrtc;
+use crate::error::{Error, Result};
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The kernels the backend launches, by file. Each file's header comment gives shapes and launch geometry.
+const USED: &[(&str, &[&str])] = &[
+    ("activation.cu", &["add_bf16", "bias_act_bf16", "silu_mul_bf16", "tanh_gate_residual_bf16"]),
+    ("attention.cu", &[
+        "flash_attn_d64_bf16", "flash_attn_d80_bf16", "flash_attn_d96_bf16", "flash_attn_d128_bf16",
+        "decode_attn_d16_bf16", "decode_attn_d32_bf16", "decode_attn_d64_bf16", "decode_attn_d128_bf16",
+        "decode_attn_combine_bf16",
+    ]),
+    ("copy.cu", &["copy_rows_bf16"]),
+    ("embed.cu", &["embed_bf16"]),
+    ("gated_xattn.cu", &["gated_xattn_d64_bf16", "gated_xattn_d128_bf16"]),
+    ("gemm.cu", &["gemm_bf16", "gemm_small_bf16", "gemv_bf16"]),
+    ("norm.cu", &["rms_norm_bf16", "layer_norm_bf16"]),
+    ("resampler.cu", &["resampler_attn_d64_bf16", "resampler_attn_d96_bf16", "resampler_attn_d128_bf16"]),
+    ("rope.cu", &["rope_bf16"]),
+];
+
+/// The embedded source of a kernel file.
+pub fn source(file: &str) -> Option<&'static str> {
+    SOURCES.iter().find(|(n, _)| *n == file).map(|(_, s)| *s)
+}
+
+/// Where the loaded kernels came from, for `doctor` and logs.
+#[derive(Clone, Debug)]
+pub enum KernelOrigin {
+    Nvcc(&'static str),
+    Nvrtc { version: (i32, i32), arch: String },
+}
+
+pub struct Kernels {
+    functions: HashMap<&'static str, CudaFunction>,
+    pub origin: KernelOrigin,
+}
+
+fn device_error(ctx: &CudaContext, what: String) -> Error {
+    Error::Device(format!("cuda:{}", ctx.ordinal()), what)
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| device_error(ctx, format!("compute capability: {e}")))?;
+        let force_nvrtc = std::env::var("FLAMINGO_KERNELS").is_ok_and(|v| v == "nvrtc");
+        // The fatbins hold sm_90 SASS (and compute_90 PTX, which a newer GPU's driver can JIT).
+        if let (Some(nvcc), false, true) = (NVCC, force_nvrtc, major >= 9) {
+            let images = FATBINS.iter().map(|(f, bin)| (*f, bin.to_vec()));
+            if let Ok(functions) = load_functions(ctx, images) {
+                return Ok(Kernels { functions, origin: KernelOrigin::Nvcc(nvcc) });
+            }
+        }
+        let nvrtc = Nvrtc::load()?;
+        let arch = format!("sm_{major}{minor}");
+        let images = USED
+            .iter()
+            .map(|(file, _)| {
+                let src = source(file).expect("every used kernel file is embedded");
+                Ok((*file, nvrtc.cubin(file, src, &arch)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let functions = load_functions(ctx, images.into_iter())?;
+        Ok(Kernels { functions, origin: KernelOrigin::Nvrtc { version: nvrtc.version, arch } })
+    }
+
+    pub fn get(&self, name: &str) -> &CudaFunction {
+        self.functions
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel {name} is not in the backend's kernel list"))
+    }
+}
+
+/// Loads each `(file, image)` and looks up the functions the backend uses from it.
+fn load_functions(
+    ctx: &Arc<CudaContext>,
+    images: impl Iterator<Item = (&'static str, Vec<u8>)>,
+) -> Result<HashMap<&'static str, CudaFunction>> {
+    let mut functions = HashMap::new();
+    for (file, image) in images {
+        let Some((_, names)) = USED.iter().find(|(f, _)| *f == file) else { continue };
+        // The driver reads the image through its header: a fresh Vec is 16-byte aligned by the system allocator.
+        let module = ctx
+            .load_module(Ptx::from_binary(image))
+            .map_err(|e| device_error(ctx, format!("loading {file}: {e}")))?;
+        for name in names.iter() {
+            let f = module
+                .load_function(name)
+                .map_err(|e| device_error(ctx, format!("{file}: kernel {name}: {e}")))?;
+            functions.insert(*name, f);
+        }
+    }
+    match USED.iter().flat_map(|(_, n)| n.iter()).find(|n| !functions.contains_key(*n)) {
+        Some(missing) => Err(device_error(ctx, format!("kernel {missing} was not loaded"))),
+        None => Ok(functions),
+    }
+}
+
+/// One kernel argument, by value, exactly as the kernel's C signature types it.
+#[derive(Clone, Copy)]
+pub enum Arg {
+    /// A device pointer (0 = null).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+pub fn ptr(p: u64) -> Arg {
+    Arg::Ptr(p)
+}
+
+/// A size or index as the kernels' `int`: every tensor dimension fits (checked, never silently truncated).
+pub fn int(v: usize) -> Arg {
+    Arg::I32(i32::try_from(v).unwrap_or_else(|_| panic!("{v} does not fit a kernel's int argument")))
+}
+
+pub fn long(v: usize) -> Arg {
+    Arg::I64(v as i64)
+}
+
+pub fn float(v: f32) -> Arg {
+    Arg::F32(v)
+}
+
+/// Launches `name` on `stream`. A failed launch is a device fault the op cannot report through the Backend trait
+/// (its ops return tensors, not results), so it panics naming the kernel and the driver error.
+pub fn launch(kernels: &Kernels, stream: &CudaStream, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return; // nothing to compute; a zero grid is an invalid launch
+    }
+    let f = kernels.get(name);
+    let mut b = stream.launch_builder(f);
+    for a in args {
+        match a {
+            Arg::Ptr(p) => b.arg(p),
+            Arg::I32(v) => b.arg(v),
+            Arg::I64(v) => b.arg(v),
+            Arg::F32(v) => b.arg(v),
+        };
+    }
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument kinds and order follow the kernel's signature in its file header; sizes were checked by the
+    // caller against the buffers it passes.
+    unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA kernel {name} failed to launch: {e}"));
+}
+
+/// Grid for the grid-stride kernels: enough 256-thread blocks for `items`, capped as their headers say (an empty
+/// grid, for no items, launches nothing).
+pub fn stride_grid(items: usize) -> (u32, u32, u32) {
+    (items.div_ceil(256).min(65535 * 8) as u32, 1, 1)
+}

@@ -1,0 +1,406 @@
+//! The GPU test executable: every op of the CUDA backend against the CPU oracle, batch invariance on the device,
+//! the fixtures end to end, and no device allocation in a warm decode step.
+//!
+//! Parity: fresh seeded random inputs (never zeros), rounded to bf16 first so both backends start from the same
+//! values; every tensor the CUDA backend hands out is NaN-filled before its kernel writes it (`set_poison`), so an
+//! unwritten element fails; sizes include 1, 7, 257 and 1000. Tolerance fit for bf16: max |gpu - cpu| under 1e-2 x
+//! max |cpu|, and a NaN or infinity never passes (`common::assert_close`).
+//!
+//! Without a CUDA device every test prints `skipped: no CUDA device` (straight to stderr, past the test
+//! harness's capture, so it shows in `cargo test` output) and returns.
+
+mod common;
+
+use std::io::Write;
+
+use common::{assert_close, random_values, Fixture, RandomWeights, FIXTURES};
+use flamingo::backend::cpu::{CpuBackend, CpuLayout, CpuTensor, CpuWeight};
+use flamingo::backend::cuda::{device_count, CudaBackend, CudaLayout, CudaTensor, CudaWeight};
+use flamingo::backend::{Backend, SeqStep, StepLayout};
+use flamingo::io::config::Activation;
+use flamingo::model::sampling::SamplingParams;
+use flamingo::runtime::engine::{Engine, EngineConfig};
+use flamingo::runtime::generate::{GenerationRequest, Pipeline};
+
+const TOL: f64 = 1e-2;
+
+/// The CUDA backend on device 0 with poisoned outputs, or `None` after saying the test is skipped.
+fn gpu() -> Option<CudaBackend> {
+    if device_count() == 0 {
+        let _ = writeln!(std::io::stderr(), "skipped: no CUDA device");
+        return None;
+    }
+    let mut b = CudaBackend::new(0).expect("CUDA backend on device 0");
+    b.set_poison(true);
+    Some(b)
+}
+
+/// Both backends, fed the same values.
+struct Pair {
+    cpu: CpuBackend,
+    gpu: CudaBackend,
+}
+
+/// A tensor (weight, layout) on both backends.
+type Tensors = (CpuTensor, CudaTensor);
+
+impl Pair {
+    fn new() -> Option<Pair> {
+        gpu().map(|gpu| Pair { cpu: CpuBackend::new(), gpu })
+    }
+
+    fn tensor(&self, seed: u64, rows: usize, cols: usize) -> Tensors {
+        let v: Vec<f32> = random_values(seed, rows * cols).into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect();
+        (self.cpu.from_host(v.clone(), rows, cols), self.gpu.from_host(v, rows, cols))
+    }
+
+    fn weight(&self, w: &RandomWeights, name: &str) -> (CpuWeight, CudaWeight) {
+        (self.cpu.load_weight(&w.get(name)).unwrap(), self.gpu.load_weight(&w.get(name)).unwrap())
+    }
+
+    fn layout(&self, step: &StepLayout) -> (CpuLayout, CudaLayout) {
+        (self.cpu.layout(step), self.gpu.layout(step))
+    }
+
+    /// Asserts the GPU result is within bf16 tolerance of the CPU result.
+    fn check(&self, what: &str, t: &Tensors) {
+        assert_eq!(self.cpu.dims(&t.0), self.gpu.dims(&t.1), "{what}: shape");
+        let want: Vec<f64> = self.cpu.to_host(&t.0).into_iter().map(f64::from).collect();
+        assert_close(what, &self.gpu.to_host(&t.1), &want, TOL);
+    }
+}
+
+#[test]
+fn a_missing_device_is_a_typed_error_not_a_panic() {
+    let ordinal = device_count(); // one past the last device, 0 when there is none
+    match CudaBackend::new(ordinal) {
+        Err(flamingo::Error::Device(name, why)) => assert!(name.starts_with("cuda:") && !why.is_empty()),
+        Err(e) => panic!("expected a device error, got {e}"),
+        Ok(_) => panic!("cuda:{ordinal} should not exist"),
+    }
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    // (M, N, K): GEMV (M <= 64), small-tile GEMM, large-tile GEMM (>= 132 tiles of 128), odd sizes everywhere.
+    for (i, &(m, n, k)) in [(1, 7, 257), (7, 1000, 257), (64, 257, 1000), (257, 1000, 257), (1000, 3000, 264)].iter().enumerate() {
+        let w = RandomWeights::new(100 + i as u64, &[("bf16", &[n, k], true), ("f32", &[n, k], false), ("bias", &[n], false)]);
+        let x = p.tensor(200 + i as u64, m, k);
+        let bias = p.weight(&w, "bias");
+        for name in ["bf16", "f32"] {
+            let wt = p.weight(&w, name);
+            p.check(&format!("linear {name} {m}x{n}x{k}"), &(p.cpu.linear(&x.0, &wt.0, None), p.gpu.linear(&x.1, &wt.1, None)));
+            p.check(
+                &format!("linear {name} + bias {m}x{n}x{k}"),
+                &(p.cpu.linear(&x.0, &wt.0, Some(&bias.0)), p.gpu.linear(&x.1, &wt.1, Some(&bias.1))),
+            );
+        }
+    }
+}
+
+#[test]
+fn norms_and_elementwise_ops_match_cpu() {
+    let Some(p) = Pair::new() else { return };
+    for (i, &(rows, cols)) in [(1, 1000), (7, 257), (257, 7), (1000, 64)].iter().enumerate() {
+        let s = 300 + 10 * i as u64;
+        let w = RandomWeights::new(s, &[("w", &[cols], false), ("b", &[cols], true), ("alpha", &[1], false), ("alpha_vec", &[1, 1, cols], false)]);
+        let (x, y) = (p.tensor(s + 1, rows, cols), p.tensor(s + 2, rows, cols));
+        let (nw, nb) = (p.weight(&w, "w"), p.weight(&w, "b"));
+        let tag = format!("[{rows}, {cols}]");
+        p.check(&format!("rms_norm {tag}"), &(p.cpu.rms_norm(&x.0, &nw.0, 1e-6), p.gpu.rms_norm(&x.1, &nw.1, 1e-6)));
+        p.check(&format!("layer_norm {tag}"), &(p.cpu.layer_norm(&x.0, &nw.0, &nb.0, 1e-5), p.gpu.layer_norm(&x.1, &nw.1, &nb.1, 1e-5)));
+        p.check(&format!("swiglu {tag}"), &(p.cpu.swiglu(&x.0, &y.0), p.gpu.swiglu(&x.1, &y.1)));
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::QuickGelu, Activation::Relu] {
+            let mut t = p.tensor(s + 1, rows, cols);
+            p.cpu.activate(&mut t.0, act);
+            p.gpu.activate(&mut t.1, act);
+            p.check(&format!("{act:?} {tag}"), &t);
+        }
+        let mut t = p.tensor(s + 1, rows, cols);
+        p.cpu.add_assign(&mut t.0, &y.0);
+        p.gpu.add_assign(&mut t.1, &y.1);
+        p.check(&format!("add_assign {tag}"), &t);
+        for gate in ["alpha", "alpha_vec"] {
+            let a = p.weight(&w, gate);
+            let mut t = p.tensor(s + 1, rows, cols);
+            p.cpu.add_gated(&mut t.0, &y.0, &a.0);
+            p.gpu.add_gated(&mut t.1, &y.1, &a.1);
+            p.check(&format!("add_gated {gate} {tag}"), &t);
+        }
+    }
+    // Per-head norms: a [T, H*d] tensor with a [d] weight.
+    let w = RandomWeights::new(390, &[("head", &[40], true), ("hb", &[40], false)]);
+    let x = p.tensor(391, 257, 5 * 40);
+    let (hw, hb) = (p.weight(&w, "head"), p.weight(&w, "hb"));
+    p.check("rms_norm per head", &(p.cpu.rms_norm(&x.0, &hw.0, 1e-6), p.gpu.rms_norm(&x.1, &hw.1, 1e-6)));
+    p.check("layer_norm per head", &(p.cpu.layer_norm(&x.0, &hw.0, &hb.0, 1e-5), p.gpu.layer_norm(&x.1, &hw.1, &hb.1, 1e-5)));
+}
+
+#[test]
+fn embedding_and_data_movement_match_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let w = RandomWeights::new(400, &[("table", &[1000, 257], true), ("extra", &[7, 257], false), ("vec", &[257], false)]);
+    let (table, extra) = (p.weight(&w, "table"), p.weight(&w, "extra"));
+    let ids: Vec<u32> = (0..257u32).map(|i| (i * 389) % 1007).collect();
+    let e = (p.cpu.embedding(&ids, &table.0, Some(&extra.0)).unwrap(), p.gpu.embedding(&ids, &table.1, Some(&extra.1)).unwrap());
+    p.check("embedding", &e);
+    assert!(p.gpu.embedding(&[1007], &table.1, Some(&extra.1)).is_err(), "an id past both tables is an error");
+
+    // Movement is exact: the GPU result must equal the CPU result bit for bit (inputs are bf16 values).
+    let exact = |what: &str, t: &Tensors| {
+        assert_eq!(p.gpu.to_host(&t.1), p.cpu.to_host(&t.0), "{what}");
+    };
+    let (a, b) = (p.tensor(401, 257, 7), p.tensor(402, 7, 7));
+    let c = p.tensor(403, 257, 1000);
+    exact("from_host/to_host", &p.tensor(401, 257, 7));
+    exact("slice_rows", &(p.cpu.slice_rows(&a.0, 3, 200), p.gpu.slice_rows(&a.1, 3, 200)));
+    exact("concat_rows", &(p.cpu.concat_rows(&a.0, &b.0), p.gpu.concat_rows(&a.1, &b.1)));
+    exact("concat_cols", &(p.cpu.concat_cols(&a.0, &c.0), p.gpu.concat_cols(&a.1, &c.1)));
+    let rows = [256, 0, 7, 7, 100];
+    exact("gather_rows", &(p.cpu.gather_rows(&c.0, &rows), p.gpu.gather_rows(&c.1, &rows)));
+    exact("zeros", &(p.cpu.zeros(7, 1000), p.gpu.zeros(7, 1000)));
+    let v = p.weight(&w, "vec");
+    exact("weight_to_tensor", &(p.cpu.weight_to_tensor(&v.0), p.gpu.weight_to_tensor(&v.1)));
+    let mut d = p.tensor(404, 257, 7);
+    p.cpu.write_rows(&mut d.0, 250, &b.0);
+    p.gpu.write_rows(&mut d.1, 250, &b.1);
+    exact("write_rows", &d);
+    assert_eq!(p.gpu.dims(&p.gpu.zeros(0, 64)), (0, 64), "empty tensors");
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    for (i, &(heads, d)) in [(4, 16), (3, 64), (2, 128)].iter().enumerate() {
+        let step = one_row_seqs(257, |r| (r * 37) % 1000, |_| -1);
+        let l = p.layout(&step);
+        let mut x = p.tensor(500 + i as u64, 257, heads * d);
+        p.cpu.rope(&mut x.0, d, &l.0, 10000.0);
+        p.gpu.rope(&mut x.1, d, &l.1, 10000.0);
+        p.check(&format!("rope d={d}"), &x);
+    }
+}
+
+/// `rows` one-row sequences: row `r` at `position(r)`, seeing media slot `image(r)`; one shared block.
+fn one_row_seqs(rows: usize, position: impl Fn(usize) -> usize, image: impl Fn(usize) -> i32) -> StepLayout {
+    StepLayout {
+        block_size: 4096,
+        seqs: (0..rows)
+            .map(|r| SeqStep { q_rows: 1, kv_len: position(r) + 1, block_table: vec![0], image_of_row: vec![image(r)] })
+            .collect(),
+    }
+}
+
+#[test]
+fn vision_attention_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    // Head dims the kernels have (64, 80, 96, 128) and ones that run padded (12, 16).
+    for (i, &(heads, d)) in [(4, 12), (2, 16), (3, 64), (2, 80), (2, 96), (2, 128)].iter().enumerate() {
+        for (j, &t) in [1usize, 7, 257].iter().enumerate() {
+            let s = 600 + 10 * i as u64 + 3 * j as u64;
+            let (q, k, v) = (p.tensor(s, t, heads * d), p.tensor(s + 1, t, heads * d), p.tensor(s + 2, t, heads * d));
+            p.check(&format!("attention d={d} T={t}"), &(p.cpu.attention(&q.0, &k.0, &v.0, heads), p.gpu.attention(&q.1, &k.1, &v.1, heads)));
+        }
+    }
+}
+
+#[test]
+fn cross_attention_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    for (i, &(heads, d, per_image)) in [(4, 16, 7), (2, 64, 64), (3, 128, 257)].iter().enumerate() {
+        let s = 700 + 10 * i as u64;
+        let images = 3;
+        let (km, vm) = (p.tensor(s, images * per_image, heads * d), p.tensor(s + 1, images * per_image, heads * d));
+        let q = p.tensor(s + 2, 257, heads * d);
+        let l = p.layout(&one_row_seqs(257, |_| 0, |r| [0, 2, -1, 1][r % 4]));
+        p.check(
+            &format!("cross_attention d={d} per_image={per_image}"),
+            &(p.cpu.cross_attention(&q.0, &km.0, &vm.0, heads, &l.0, per_image), p.gpu.cross_attention(&q.1, &km.1, &vm.1, heads, &l.1, per_image)),
+        );
+    }
+}
+
+#[test]
+fn resampler_attention_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    for (i, &(heads, d, n_ctx, n_lat)) in [(2, 8, 7, 4), (3, 16, 257, 6), (2, 64, 257, 64), (16, 96, 257, 64), (2, 128, 1000, 7)].iter().enumerate() {
+        let s = 800 + 10 * i as u64;
+        let q = p.tensor(s, n_lat, heads * d);
+        let (kc, vc) = (p.tensor(s + 1, n_ctx, heads * d), p.tensor(s + 2, n_ctx, heads * d));
+        let (kl, vl) = (p.tensor(s + 3, n_lat, heads * d), p.tensor(s + 4, n_lat, heads * d));
+        p.check(
+            &format!("resampler_attention d={d} ctx={n_ctx} lat={n_lat}"),
+            &(p.cpu.resampler_attention(&q.0, &kc.0, &vc.0, &kl.0, &vl.0, heads), p.gpu.resampler_attention(&q.1, &kc.1, &vc.1, &kl.1, &vl.1, heads)),
+        );
+    }
+}
+
+const BLOCK: usize = 16;
+
+/// Sequences of the given lengths with shuffled block tables over one pool, and a layout writing all their
+/// positions (for filling the pools with `write_kv`).
+struct Paged {
+    tables: Vec<Vec<u32>>,
+    lens: Vec<usize>,
+    pool_rows: usize,
+}
+
+impl Paged {
+    fn new(lens: &[usize]) -> Paged {
+        let blocks: usize = lens.iter().map(|l| l.div_ceil(BLOCK)).sum();
+        // A fixed permutation of the blocks (7919 is prime, coprime with any block count it does not divide).
+        let order: Vec<u32> = (0..blocks).map(|i| ((i * 7919) % blocks) as u32).collect();
+        let mut next = order.into_iter();
+        let tables = lens.iter().map(|l| next.by_ref().take(l.div_ceil(BLOCK)).collect()).collect();
+        Paged { tables, lens: lens.to_vec(), pool_rows: blocks * BLOCK }
+    }
+
+    /// Sequence `s` computing its last `q_rows[s]` positions.
+    fn step(&self, seqs: &[usize], q_rows: impl Fn(usize) -> usize) -> StepLayout {
+        StepLayout {
+            block_size: BLOCK,
+            seqs: seqs
+                .iter()
+                .map(|&s| SeqStep {
+                    q_rows: q_rows(s),
+                    kv_len: self.lens[s],
+                    block_table: self.tables[s].clone(),
+                    image_of_row: vec![-1; q_rows(s)],
+                })
+                .collect(),
+        }
+    }
+
+    fn all(&self) -> Vec<usize> {
+        (0..self.lens.len()).collect()
+    }
+
+    /// K and V pools on both backends, every position of every sequence written through `write_kv`.
+    fn pools(&self, p: &Pair, seed: u64, width: usize) -> [Tensors; 2] {
+        let fill = self.step(&self.all(), |s| self.lens[s]);
+        let l = p.layout(&fill);
+        let total: usize = self.lens.iter().sum();
+        [seed, seed + 1].map(|sd| {
+            let rows = p.tensor(sd, total, width);
+            let mut pool = (p.cpu.zeros(self.pool_rows, width), p.gpu.zeros(self.pool_rows, width));
+            p.cpu.write_kv(&mut pool.0, &l.0, &rows.0);
+            p.gpu.write_kv(&mut pool.1, &l.1, &rows.1);
+            pool
+        })
+    }
+}
+
+#[test]
+fn paged_attention_matches_cpu() {
+    let Some(p) = Pair::new() else { return };
+    let paged = Paged::new(&[1, 7, 40, 257, 1000, 300]);
+    // Decode rows, whole prompts and prompt chunks in one step; head dims with a decode kernel (16, 64, 128) and
+    // without one (24: flash for every row, padded to 64).
+    let q_rows = |s: usize| [1, 7, 1, 100, 1, 300][s];
+    for (i, &(heads, d)) in [(4, 16), (3, 24), (2, 64), (2, 128)].iter().enumerate() {
+        let s = 900 + 10 * i as u64;
+        let [k, v] = paged.pools(&p, s, heads * d);
+        p.check(&format!("write_kv d={d}"), &k);
+        let step = paged.step(&paged.all(), q_rows);
+        let q = p.tensor(s + 5, step.rows(), heads * d);
+        let l = p.layout(&step);
+        p.check(
+            &format!("paged_attention d={d}"),
+            &(p.cpu.paged_attention(&q.0, &k.0, &v.0, heads, &l.0), p.gpu.paged_attention(&q.1, &k.1, &v.1, heads, &l.1)),
+        );
+    }
+}
+
+/// Rows 5..8 and row 37 of `op(subset)` must equal, bit for bit, the same rows of `op(all 64)`.
+fn check_rows<B: Backend>(b: &B, what: &str, op: impl Fn(std::ops::Range<usize>) -> B::Tensor) {
+    let full = b.to_host(&op(0..64));
+    let width = full.len() / 64;
+    for range in [5..8, 37..38] {
+        let part = b.to_host(&op(range.clone()));
+        let want = &full[range.start * width..range.end * width];
+        let differ = part.iter().zip(want).filter(|(a, w)| a.to_bits() != w.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: {differ} values of rows {range:?} differ from the batch of 64");
+    }
+}
+
+#[test]
+fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
+    let Some(b) = gpu() else { return };
+    let w = RandomWeights::new(1000, &[("w", &[1000, 257], true), ("n", &[257], false), ("head", &[64], true)]);
+    let get = |n: &str| b.load_weight(&w.get(n)).unwrap();
+    let (lin, nw) = (get("w"), get("n"));
+    let rand = |seed, rows, cols| b.from_host(random_values(seed, rows * cols), rows, cols);
+    let x = rand(1001, 64, 257);
+    let rows = |r: std::ops::Range<usize>| b.slice_rows(&x, r.start, r.len());
+    check_rows(&b, "linear (GEMV)", |r| b.linear(&rows(r), &lin, None));
+    check_rows(&b, "rms_norm", |r| b.rms_norm(&rows(r), &nw, 1e-6));
+    let (heads, d) = (4, 64);
+    let q = rand(1002, 64, heads * d);
+    let qr = |r: std::ops::Range<usize>| b.slice_rows(&q, r.start, r.len());
+    check_rows(&b, "rope", |r| {
+        let mut t = qr(r.clone());
+        b.rope(&mut t, d, &b.layout(&one_row_seqs(r.len(), |i| 3 * (r.start + i) + 1, |_| -1)), 10000.0);
+        t
+    });
+    let (km, vm) = (rand(1003, 3 * 7, heads * d), rand(1004, 3 * 7, heads * d));
+    check_rows(&b, "cross_attention", |r| {
+        let l = b.layout(&one_row_seqs(r.len(), |_| 0, |i| [0, 2, -1, 1][(r.start + i) % 4]));
+        b.cross_attention(&qr(r), &km, &vm, heads, &l, 7)
+    });
+    let (k, v) = (rand(1005, 257, heads * d), rand(1006, 257, heads * d));
+    check_rows(&b, "vision attention", |r| b.attention(&qr(r), &k, &v, heads));
+    // 64 decode sequences of different lengths over one paged pool.
+    let lens: Vec<usize> = (0..64).map(|s| 1 + (s * 53) % 700).collect();
+    let paged = Paged::new(&lens);
+    let pool = |seed| rand(seed, paged.pool_rows, heads * d);
+    let (kp, vp) = (pool(1007), pool(1008));
+    check_rows(&b, "paged decode attention", |r| {
+        let seqs: Vec<usize> = r.clone().collect();
+        b.paged_attention(&qr(r), &kp, &vp, heads, &b.layout(&paged.step(&seqs, |_| 1)))
+    });
+}
+
+fn greedy(n: usize) -> GenerationRequest {
+    GenerationRequest { max_new_tokens: n, sampling: SamplingParams::default(), stop: vec![], ignore_eos: false }
+}
+
+#[test]
+fn fixtures_match_golden_logits_and_greedy_ids() {
+    if gpu().is_none() {
+        return;
+    }
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let p = Pipeline::load(&fx.dir, gpu().unwrap(), false).unwrap();
+        let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
+        let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
+        let logits = p.backend.to_host(&p.model.logits(&p.backend, &h));
+        let rel = assert_close(&format!("{name} logits"), &logits, &fx.get("logits").data, 3e-2);
+        let want = fx.ids("generated_ids");
+        let out = p.generate(&prompt, fx.golden_pixels(), &greedy(want.len()), |_| {}).unwrap();
+        assert_eq!(out.generated_ids, want, "{name}: greedy ids (prompt logits error {rel:.2e} x max|ref|)");
+        let _ = writeln!(std::io::stderr(), "{name}: logits error {rel:.2e} x max|ref|, greedy ids equal");
+    }
+}
+
+#[test]
+fn warm_decode_steps_make_no_device_allocation() {
+    let Some(b) = gpu() else { return };
+    let fx = Fixture::load("tiny-idefics-a");
+    let p = Pipeline::load(&fx.dir, b, false).unwrap();
+    let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
+    let config = EngineConfig { block_size: BLOCK, kv_blocks: 8, media_slots: 2, max_seqs: 2, max_step_tokens: 256 };
+    let mut engine = Engine::new(&p, config).unwrap();
+    // The golden continuation has 8 tokens and no end-of-sequence: step 1 is the prefill, 2..8 decode.
+    engine.add_request(prompt, fx.golden_pixels(), &greedy(8)).unwrap();
+    for _ in 0..3 {
+        engine.step().unwrap();
+    }
+    let before = p.backend.device_allocations();
+    for _ in 0..4 {
+        engine.step().unwrap();
+        assert_eq!(engine.running_requests(), 1, "the request ended early");
+    }
+    assert_eq!(p.backend.device_allocations(), before, "device allocations in warm decode steps");
+}
