@@ -36,15 +36,7 @@ table=$(./target/release/examples/load --url "$url" --concurrency "$concurrency"
         --max-tokens "$max_tokens" --image "$image")
 echo "$table"
 
-commit=$(git rev-parse --short HEAD)
-out="bench/results/$(date -u +%Y-%m-%d)-$commit-load-$device.md"
-mkdir -p bench/results
-{
-  echo "# Load test: flamingo serve, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
-  echo
-  echo "Machine: $(nproc) cores, $(uname -m), device $device. Model: $model."
-  echo "Command: bash scripts/load.sh --model $model --concurrency $concurrency --seconds $seconds --max-tokens $max_tokens --device $device"
-  echo
-  echo "$table"
-} >"$out"
+out=$(echo "$table" | bash scripts/record-result.sh "load-$device" \
+      "Load test: flamingo serve ($model on $device)" \
+      "bash scripts/load.sh --model $model --concurrency $concurrency --seconds $seconds --max-tokens $max_tokens --device $device")
 echo "recorded in $out"

@@ -1,15 +1,16 @@
 //! flamingo: an inference engine for Flamingo-style vision-language models (Hugging Face IDEFICS).
 //!
 //! Layers, each depending only on those below it:
-//! `cli`, `server` (OpenAI HTTP API) -> `runtime` (batching engine, paged KV cache, media cache) -> `model` (IDEFICS
-//! parts) -> `backend` (ops: CPU oracle, CUDA), with `io` (safetensors, config, tokenizer, image, prompt) feeding
-//! them.
+//! `cli`, `server` (OpenAI HTTP API) -> `perf` (benchmarks, profiling) -> `runtime` (batching engine, paged KV
+//! cache, media cache) -> `model` (IDEFICS parts) -> `backend` (ops: CPU oracle, CUDA), with `io` (safetensors,
+//! config, tokenizer, image, prompt) feeding them.
 
 pub mod backend;
 pub mod cli;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod perf;
 pub mod runtime;
 pub mod server;
 

@@ -4,26 +4,12 @@ mod common;
 
 use std::process::Command;
 
-use common::{Fixture, FIXTURES};
+use common::{json_of, Fixture, FIXTURES};
 
 fn flamingo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_flamingo"))
 }
 
-fn json_of(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}): {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()

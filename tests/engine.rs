@@ -63,6 +63,7 @@ fn cases(p: &Pipeline<CpuBackend>, n: usize) -> Vec<Case> {
                     max_new_tokens: 3 + i % 9,
                     sampling,
                     stop: Vec::new(),
+                    ignore_eos: false,
                 },
             }
         })

@@ -19,6 +19,7 @@ fn greedy(n: usize) -> GenerationRequest {
         max_new_tokens: n,
         sampling: SamplingParams::default(),
         stop: vec![],
+        ignore_eos: false,
     }
 }
 

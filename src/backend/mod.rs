@@ -14,7 +14,7 @@ pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
-use crate::io::safetensors::TensorRef;
+use crate::io::safetensors::{DType, TensorRef};
 
 /// One sequence's share of a batched decoder step: its new rows are contiguous in the step's activations, in
 /// the order of [`StepLayout::seqs`].
@@ -87,6 +87,18 @@ impl StepLayout {
     }
 }
 
+/// What the hardware under a backend reaches at best, measured (not datasheet numbers): the ceilings that
+/// roofline floors are computed from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ceilings {
+    /// Bytes per second of a large copy, counting bytes read plus bytes written.
+    pub copy_bytes_per_s: f64,
+    /// FLOP/s (2 per multiply-add) of a large matrix product in the dtype the backend computes in.
+    pub matmul_flops_per_s: f64,
+    /// How both were measured (sizes, dtype, threads), for reports.
+    pub method: String,
+}
+
 pub trait Backend: Send + Sync {
     /// An activation tensor (2-D, f32 semantics).
     type Tensor: Send + Sync;
@@ -94,6 +106,21 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// A [`StepLayout`] in the form the backend's kernels read it.
     type Layout: Send + Sync;
+
+    // ---- the device ----
+    /// A short description of the device, for reports.
+    fn device_name(&self) -> String;
+    /// Waits until every op queued so far has finished, so a host clock can time them (the CPU backend's ops have
+    /// finished when they return).
+    fn synchronize(&self);
+    /// Bytes this backend can still allocate for weights: free device memory, or the memory available on the host.
+    fn free_memory(&self) -> Result<usize>;
+    /// Measures the copy bandwidth and matrix throughput of the hardware now (takes about a second).
+    fn measure_ceilings(&self) -> Ceilings;
+    /// Bytes per element of a weight stored as `stored`, as this backend holds it (and reads it in every op).
+    fn weight_width(&self, stored: DType) -> usize;
+    /// Bytes per element of activations and the KV cache.
+    fn activation_width(&self) -> usize;
 
     // ---- data movement ----
     fn load_weight(&self, t: &TensorRef) -> Result<Self::Weight>;

@@ -166,6 +166,7 @@ fn admit<B: Backend>(
             seed: req.seed.unwrap_or(defaults.seed),
         },
         stop: req.stop,
+        ignore_eos: false,
     };
     engine.add_request(prompt, pixels, &request)
 }

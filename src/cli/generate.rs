@@ -92,6 +92,7 @@ fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()
             seed: args.seed,
         },
         stop: args.stop.clone(),
+        ignore_eos: false,
     };
     let mut stdout = std::io::stdout().lock();
     let out = if args.json {

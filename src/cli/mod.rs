@@ -1,9 +1,11 @@
-//! The `flamingo` command line: `generate`, `batch`, `serve`, `inspect` and `doctor`.
+//! The `flamingo` command line: `generate`, `batch`, `serve`, `bench`, `profile`, `inspect` and `doctor`.
 
 mod batch;
+mod bench;
 mod doctor;
 mod generate;
 mod inspect;
+mod profile;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -14,9 +16,10 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::synthetic::Preset;
 use crate::io::safetensors::WeightStore;
 use crate::runtime::engine::EngineConfig;
-use crate::runtime::generate::Pipeline;
+use crate::runtime::generate::{ModelFiles, Pipeline};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +40,10 @@ enum Command {
     Batch(batch::BatchArgs),
     /// Serve the OpenAI-compatible HTTP API (chat completions with images, completions, streaming, metrics).
     Serve(serve::ServeArgs),
+    /// Measure latency and throughput end to end, each beside its roofline floor.
+    Bench(bench::BenchArgs),
+    /// Time every op of a prefill and decode steps; print a per-op table and write a Chrome trace.
+    Profile(profile::ProfileArgs),
     /// Print a model directory's architecture, parameter counts, dtypes and special tokens.
     Inspect(inspect::InspectArgs),
     /// Check the CUDA setup: driver, devices, NVRTC, prebuilt kernels; compile every kernel with NVRTC.
@@ -178,6 +185,48 @@ pub fn bf16_bytes(store: &WeightStore) -> usize {
         .sum()
 }
 
+/// Which model a measuring command runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b or idefics-80b.
+    #[arg(long)]
+    pub synthetic: Option<Preset>,
+}
+
+impl ModelArgs {
+    /// The model's name in reports.
+    pub fn name(&self) -> String {
+        match (&self.synthetic, &self.model) {
+            (Some(preset), _) => format!("synthetic {}", preset.name()),
+            (None, Some(dir)) => dir.display().to_string(),
+            (None, None) => "bundled demo model".into(),
+        }
+    }
+
+    /// The directory whose weights size the CUDA weight arena (a synthetic model has none: its weights are
+    /// allocated one by one).
+    pub fn dir(&self) -> PathBuf {
+        match &self.synthetic {
+            Some(preset) => PathBuf::from(preset.description()),
+            None => self.model.clone().unwrap_or_else(bundled_model_dir),
+        }
+    }
+
+    /// Loads the model onto `backend` (synthetic ones with the bundled tokenizer).
+    pub fn load<B: Backend>(&self, backend: B) -> Result<Pipeline<B>> {
+        let files = match (&self.synthetic, &self.model) {
+            (Some(preset), _) => {
+                ModelFiles::synthetic(*preset, &bundled_model_dir().join("tokenizer.json"))?
+            }
+            (None, dir) => ModelFiles::open(&dir.clone().unwrap_or_else(bundled_model_dir))?,
+        };
+        Pipeline::from_files(files, backend, false)
+    }
+}
+
 /// The small model bundled with the repository, used when `--model` is not given.
 pub fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model")
@@ -189,6 +238,8 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Doctor(args) => doctor::run(args),
     }

@@ -193,6 +193,17 @@ impl IdeficsConfig {
         Ok(cfg)
     }
 
+    /// A config from JSON text; `origin` names it in messages.
+    pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
+        let mut cfg: IdeficsConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+        cfg.path = origin.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

@@ -2,6 +2,10 @@
 //!
 //! Every file is memory-mapped, never read whole: a tensor is a byte range of a mapping, widened to f32 only inside
 //! the ops that use it, so idefics-9b (17.9 GB in bf16) runs on a 24 GB machine.
+//!
+//! A store can also be generated in memory ([`WeightStore::generated`]): each tensor is filled when it is asked for,
+//! so a model of any size can be built for benchmarks without writing its weights to disk, and a backend that copies
+//! weights elsewhere (a GPU) holds only one tensor on the host at a time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -28,32 +32,76 @@ impl DType {
             DType::BF16 | DType::F16 => 2,
         }
     }
+
+    /// The engine's dtype for a stored one it reads.
+    fn of(stored: safetensors::Dtype) -> Option<DType> {
+        match stored {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            _ => None,
+        }
+    }
+
+    fn stored(self) -> safetensors::Dtype {
+        match self {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F16 => safetensors::Dtype::F16,
+        }
+    }
 }
 
-/// One tensor inside a mapped file: where its bytes are, and what they hold.
+/// Where a tensor's bytes are.
+#[derive(Clone)]
+enum Data {
+    /// A byte range of a mapped file.
+    Mapped {
+        mmap: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    /// A generated buffer, held as 4-byte words so f32 data is aligned (the CPU backend borrows it in place).
+    Owned { words: Arc<Vec<u32>>, len: usize },
+}
+
+/// One tensor of a store: where its bytes are, and what they hold.
 #[derive(Clone)]
 pub struct TensorRef {
     pub name: String,
+    /// The file it was read from, or a `<description>` of a generated store (for messages).
     pub path: Arc<PathBuf>,
     pub dtype: DType,
     pub shape: Vec<usize>,
-    mmap: Arc<Mmap>,
-    start: usize,
-    len: usize,
+    data: Data,
 }
 
 impl TensorRef {
     pub fn bytes(&self) -> &[u8] {
-        &self.mmap[self.start..self.start + self.len]
+        match &self.data {
+            Data::Mapped { mmap, start, len } => &mmap[*start..*start + *len],
+            Data::Owned { words, len } => &bytemuck::cast_slice(words.as_slice())[..*len],
+        }
     }
 }
 
+/// Fills a generated tensor's little-endian bytes, given its name, dtype and shape.
+pub type Generator = dyn Fn(&str, DType, &[usize], &mut [u8]) + Send + Sync;
+
+/// Where an entry's bytes come from.
+enum Source {
+    File {
+        file: usize,
+        start: usize,
+        len: usize,
+    },
+    Generated,
+}
+
 struct Entry {
-    file: usize,
+    source: Source,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    start: usize,
-    len: usize,
 }
 
 struct MappedFile {
@@ -61,11 +109,12 @@ struct MappedFile {
     mmap: Arc<Mmap>,
 }
 
-/// All the tensors of a model directory, by name.
+/// All the tensors of a model, by name: read from a model directory, or generated.
 pub struct WeightStore {
     files: Vec<MappedFile>,
     entries: HashMap<String, Entry>,
     description: String,
+    generator: Option<Arc<Generator>>,
 }
 
 #[derive(Deserialize)]
@@ -87,8 +136,9 @@ impl WeightStore {
             let store = Self::open_files(&paths, format!("{}", index_path.display()))?;
             for (name, shard) in &index.weight_map {
                 let file = dir.join(shard);
-                match store.entries.get(name) {
-                    Some(e) if *store.files[e.file].path.as_ref() == file => {}
+                match store.entries.get(name).map(|e| &e.source) {
+                    Some(Source::File { file: f, .. })
+                        if *store.files[*f].path.as_ref() == file => {}
                     _ => {
                         return Err(Error::MissingTensor {
                             name: name.clone(),
@@ -125,11 +175,13 @@ impl WeightStore {
             for (name, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
                 let entry = Entry {
-                    file,
+                    source: Source::File {
+                        file,
+                        start: data_start + s,
+                        len: e - s,
+                    },
                     dtype: info.dtype,
                     shape: info.shape.clone(),
-                    start: data_start + s,
-                    len: e - s,
                 };
                 if entries.insert(name.clone(), entry).is_some() {
                     return Err(Error::Safetensors {
@@ -147,7 +199,34 @@ impl WeightStore {
             files,
             entries,
             description,
+            generator: None,
         })
+    }
+
+    /// A store of the given tensors whose bytes `generator` writes each time one is asked for (nothing is kept, so
+    /// it must give the same bytes every time). `description` names the store in messages.
+    pub fn generated(
+        tensors: Vec<(String, DType, Vec<usize>)>,
+        description: String,
+        generator: Arc<Generator>,
+    ) -> Self {
+        let entries = tensors
+            .into_iter()
+            .map(|(name, dtype, shape)| {
+                let entry = Entry {
+                    source: Source::Generated,
+                    dtype: dtype.stored(),
+                    shape,
+                };
+                (name, entry)
+            })
+            .collect();
+        WeightStore {
+            files: Vec::new(),
+            entries,
+            description,
+            generator: Some(generator),
+        }
     }
 
     /// The tensor `name`, checked against the shape the config implies. Shapes that differ only by leading/trailing
@@ -171,29 +250,80 @@ impl WeightStore {
             name: name.to_string(),
             searched: self.description.clone(),
         })?;
-        let file = &self.files[e.file];
-        let dtype = match e.dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F16 => DType::F16,
-            other => {
-                return Err(Error::TensorDtype {
-                    path: file.path.as_ref().clone(),
-                    name: name.to_string(),
-                    expected: "F32, BF16, F16".into(),
-                    actual: format!("{other:?}"),
-                })
-            }
+        let path = match &e.source {
+            Source::File { file, .. } => self.files[*file].path.clone(),
+            Source::Generated => Arc::new(PathBuf::from(&self.description)),
+        };
+        let dtype = DType::of(e.dtype).ok_or_else(|| Error::TensorDtype {
+            path: path.as_ref().clone(),
+            name: name.to_string(),
+            expected: "F32, BF16, F16".into(),
+            actual: format!("{:?}", e.dtype),
+        })?;
+        let data = match e.source {
+            Source::File { file, start, len } => Data::Mapped {
+                mmap: self.files[file].mmap.clone(),
+                start,
+                len,
+            },
+            Source::Generated => self.generate(name, dtype, &e.shape),
         };
         Ok(TensorRef {
             name: name.to_string(),
-            path: file.path.clone(),
+            path,
             dtype,
             shape: e.shape.clone(),
-            mmap: file.mmap.clone(),
-            start: e.start,
-            len: e.len,
+            data,
         })
+    }
+
+    fn generate(&self, name: &str, dtype: DType, shape: &[usize]) -> Data {
+        let generator = self
+            .generator
+            .as_ref()
+            .expect("generated entries come with a generator");
+        let len = shape.iter().product::<usize>() * dtype.size();
+        let mut words = vec![0u32; len.div_ceil(4)];
+        generator(
+            name,
+            dtype,
+            shape,
+            &mut bytemuck::cast_slice_mut(&mut words)[..len],
+        );
+        Data::Owned {
+            words: Arc::new(words),
+            len,
+        }
+    }
+
+    /// Whether the tensors are generated in memory rather than read from files.
+    pub fn is_generated(&self) -> bool {
+        self.generator.is_some()
+    }
+
+    /// Elements of every tensor.
+    pub fn params(&self) -> usize {
+        self.entries
+            .values()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Bytes of every tensor when each element of a stored dtype takes `width(dtype)` bytes (tensors of dtypes the
+    /// engine does not read count as stored).
+    pub fn bytes_as(&self, width: impl Fn(DType) -> usize) -> usize {
+        self.entries
+            .values()
+            .map(|e| {
+                let w = DType::of(e.dtype).map_or(e.dtype.bitsize() / 8, &width);
+                e.shape.iter().product::<usize>() * w
+            })
+            .sum()
+    }
+
+    /// Bytes of every tensor as stored.
+    pub fn bytes(&self) -> usize {
+        self.bytes_as(DType::size)
     }
 
     /// Every tensor: name, shape and storage dtype name, sorted by name.

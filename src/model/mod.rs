@@ -8,6 +8,7 @@ pub mod cross_attention;
 pub mod decoder;
 pub mod resampler;
 pub mod sampling;
+pub mod synthetic;
 pub mod vision;
 
 use indicatif::{ProgressBar, ProgressStyle};

@@ -278,9 +278,12 @@ impl<'p, B: Backend> Engine<'p, B> {
                 vec![tok.image_id, tok.fake_image_id],
             ),
             stream: TextStream::new(request.stop.clone()),
-            stop_ids: std::iter::once(tok.eos_id)
-                .chain(tok.end_of_utterance_id)
-                .collect(),
+            stop_ids: match request.ignore_eos {
+                true => Vec::new(),
+                false => std::iter::once(tok.eos_id)
+                    .chain(tok.end_of_utterance_id)
+                    .collect(),
+            },
         });
         Ok(id)
     }

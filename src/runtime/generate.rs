@@ -15,6 +15,7 @@ use crate::io::prompt::{encode_prompt, EncodedPrompt};
 use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::IdeficsTokenizer;
 use crate::model::sampling::SamplingParams;
+use crate::model::synthetic::Preset;
 use crate::model::Idefics;
 use crate::runtime::engine::{Engine, EngineConfig, Event};
 
@@ -68,6 +69,23 @@ impl ModelFiles {
             store,
         })
     }
+
+    /// A synthetic model (random weights generated as they load) with `tokenizer` (any IDEFICS tokenizer: the
+    /// text of a random model is noise, and benchmarks feed token ids directly).
+    pub fn synthetic(preset: Preset, tokenizer: &Path) -> Result<Self> {
+        let config = preset.config()?;
+        Ok(ModelFiles {
+            dir: PathBuf::from(preset.description()),
+            preprocessor: PreprocessorConfig::default_for(&config.vision_config),
+            tokenizer: IdeficsTokenizer::from_file(
+                tokenizer,
+                config.bos_token_id.unwrap_or(1),
+                config.eos_token_id.unwrap_or(2),
+            )?,
+            store: preset.store()?,
+            config,
+        })
+    }
 }
 
 /// What to generate.
@@ -77,6 +95,8 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Generation stops when the text contains one of these; the text is cut before it.
     pub stop: Vec<String>,
+    /// Generate exactly `max_new_tokens` (within the context), whatever tokens come: for benchmarks.
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationRequest {
@@ -85,6 +105,7 @@ impl Default for GenerationRequest {
             max_new_tokens: 32,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -117,7 +138,12 @@ pub struct GenerationOutput {
 
 impl<B: Backend> Pipeline<B> {
     pub fn load(dir: &Path, backend: B, show_progress: bool) -> Result<Self> {
-        let files = ModelFiles::open(dir)?;
+        Self::from_files(ModelFiles::open(dir)?, backend, show_progress)
+    }
+
+    /// Loads checked model files onto `backend`; refuses weights larger than the memory the backend has free.
+    pub fn from_files(files: ModelFiles, backend: B, show_progress: bool) -> Result<Self> {
+        check_fits(&files, &backend)?;
         let model = Idefics::load(&backend, &files.store, &files.config, show_progress)?;
         Ok(Pipeline {
             backend,
@@ -267,3 +293,36 @@ impl<B: Backend> Pipeline<B> {
         Ok(output.expect("the engine finishes every request it accepts"))
     }
 }
+
+/// Generated weights take memory of their own (mapped checkpoints only page cache): refuse a synthetic model the
+/// backend cannot hold, before generating any of it. Over one H200 is refused on every device: that is the largest
+/// the engine targets, and such a model needs compressed weights first.
+fn check_fits<B: Backend>(files: &ModelFiles, backend: &B) -> Result<()> {
+    if !files.store.is_generated() {
+        return Ok(());
+    }
+    let need = files.store.bytes_as(|d| backend.weight_width(d));
+    let gb = |b: usize| b as f64 / 1e9;
+    let name = files.dir.display();
+    if need > H200_BYTES {
+        return Err(Error::Invalid(format!(
+            "{name} needs {:.1} GB for its weights: it does not fit on one H200 ({:.0} GB); running it needs \
+             compressed (quantized) weights, which the engine does not have yet",
+            gb(need),
+            gb(H200_BYTES)
+        )));
+    }
+    let free = backend.free_memory()?;
+    if need > free {
+        return Err(Error::Invalid(format!(
+            "{name} needs {:.1} GB for its weights, more than the {:.1} GB free on {}",
+            gb(need),
+            gb(free),
+            backend.device_name()
+        )));
+    }
+    Ok(())
+}
+
+/// One H200's memory.
+const H200_BYTES: usize = 141_000_000_000;

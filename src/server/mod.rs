@@ -214,6 +214,7 @@ fn generation_request(
         max_new_tokens: max_new,
         sampling,
         stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        ignore_eos: false,
     };
     let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
     Ok((request, f.stream, include_usage))

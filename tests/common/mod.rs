@@ -181,3 +181,19 @@ impl RandomWeights {
         self.store.get_any_shape(name).unwrap()
     }
 }
+
+/// The one JSON object a successful command printed (the panic shows its stderr or stdout otherwise).
+pub fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

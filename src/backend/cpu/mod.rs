@@ -2,6 +2,7 @@
 //! It is the reference every other backend is tested against, and a working fallback.
 
 mod attention;
+mod ceilings;
 mod matmul;
 mod weight;
 
@@ -9,10 +10,10 @@ pub use weight::CpuWeight;
 
 use rayon::prelude::*;
 
-use super::{Backend, StepLayout};
+use super::{Backend, Ceilings, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
-use crate::io::safetensors::TensorRef;
+use crate::io::safetensors::{DType, TensorRef};
 
 /// A row-major `[rows, cols]` f32 tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +89,29 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
     type Layout = CpuLayout;
+
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn synchronize(&self) {}
+
+    fn free_memory(&self) -> Result<usize> {
+        ceilings::available_memory()
+    }
+
+    fn measure_ceilings(&self) -> Ceilings {
+        ceilings::measure()
+    }
+
+    /// Weights stay in their stored dtype, widened inside the ops.
+    fn weight_width(&self, stored: DType) -> usize {
+        stored.size()
+    }
+
+    fn activation_width(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
 
     fn load_weight(&self, t: &TensorRef) -> Result<CpuWeight> {
         Ok(CpuWeight::new(t.clone()))

@@ -17,6 +17,7 @@
 //! Attention rows are independent by construction (see `kernels/flash_common.cuh` and `attention.cu`).
 
 mod attention;
+mod ceilings;
 mod device;
 pub mod kernels;
 mod memory;
@@ -31,7 +32,7 @@ pub use device::{describe, device_count, driver_present, driver_version};
 use kernels::{float, int, launch, long, ptr, stride_grid, Arg, Kernels};
 use memory::{Buffer, Pool, WeightArena};
 
-use super::{Backend, StepLayout};
+use super::{Backend, Ceilings, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
@@ -352,6 +353,35 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type Layout = CudaLayout;
+
+    fn device_name(&self) -> String {
+        describe(&self.ctx)
+    }
+
+    fn synchronize(&self) {
+        CudaBackend::synchronize(self)
+    }
+
+    fn free_memory(&self) -> Result<usize> {
+        self.bind();
+        result::mem_get_info()
+            .map(|(free, _total)| free)
+            .map_err(|e| Error::Device(describe(&self.ctx), format!("reading free memory: {e}")))
+    }
+
+    fn measure_ceilings(&self) -> Ceilings {
+        ceilings::measure(self)
+    }
+
+    /// Every weight is uploaded as bf16.
+    fn weight_width(&self, _stored: DType) -> usize {
+        2
+    }
+
+    /// Activations and the KV cache are bf16.
+    fn activation_width(&self) -> usize {
+        2
+    }
 
     fn load_weight(&self, t: &TensorRef) -> Result<CudaWeight> {
         let (rows, cols) = match t.shape.as_slice() {

@@ -1,0 +1,273 @@
+//! Every op family through the `Backend` trait at IDEFICS layer shapes: linear layers (each layer shape at several
+//! row counts), causal prefill attention, paged decode attention, gated cross-attention, resampler and vision
+//! attention, norms. Compute-bound ops report FLOP/s as criterion's `elem/s`; memory-bound ones bytes/s.
+//!
+//! On the CPU the shapes are those of `cpu-mid` (hidden 1024) and the largest sizes are left out, so
+//! `cargo bench --bench ops` takes minutes; on a GPU (`FLAMINGO_BENCH_DEVICE=cuda`, once the CUDA backend is in
+//! this build) they are idefics-9b's and idefics-80b's. Linear weights are bf16, as checkpoints ship.
+
+mod common;
+
+use std::time::Duration;
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use flamingo::backend::{Backend, SeqStep, StepLayout};
+use flamingo::cli::BackendCommand;
+use flamingo::io::config::IdeficsConfig;
+use flamingo::io::safetensors::DType;
+use flamingo::model::synthetic::{random_store, Preset};
+
+/// The workloads of one device class.
+struct Shapes {
+    configs: Vec<Preset>,
+    gemm_rows: &'static [usize],
+    prefill_lens: &'static [usize],
+    /// (sequences, cached positions each)
+    decode: &'static [(usize, usize)],
+    norm_rows: &'static [usize],
+}
+
+fn shapes() -> Shapes {
+    match common::device().as_str() {
+        "cpu" => Shapes {
+            configs: vec![Preset::CpuMid],
+            gemm_rows: &[1, 16, 128, 512],
+            prefill_lens: &[512, 2048],
+            decode: &[(1, 512), (8, 512), (32, 2048)],
+            norm_rows: &[1, 128, 2048],
+        },
+        _ => Shapes {
+            configs: vec![Preset::Idefics9b, Preset::Idefics80b],
+            gemm_rows: &[1, 16, 128, 2048],
+            prefill_lens: &[512, 2048, 8192],
+            decode: &[(1, 512), (1, 8192), (32, 1024), (128, 1024)],
+            norm_rows: &[1, 128, 2048],
+        },
+    }
+}
+
+/// Every distinct linear-layer shape `(name, out, in)` of a configuration.
+fn linear_shapes(cfg: &IdeficsConfig) -> Vec<(&'static str, usize, usize)> {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let v = &cfg.vision_config;
+    let (dv, mv) = (v.embed_dim, v.intermediate_size);
+    let p = &cfg.perceiver_config;
+    let inner = p.resampler_n_heads * p.resampler_head_dim;
+    let mut all = vec![
+        ("attn_qkvo", d, d),
+        ("mlp_gate_up", i, d),
+        ("mlp_down", d, i),
+        ("lm_head", cfg.vocab_size, d),
+        ("xattn_kv", d, dv),
+        ("vision_qkvo", dv, dv),
+        ("vision_fc1", mv, dv),
+        ("vision_fc2", dv, mv),
+        ("perceiver_qkv", inner, dv),
+        ("perceiver_out", dv, inner),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|&(_, n, k)| seen.insert((n, k)));
+    all
+}
+
+fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
+/// A `[rows, cols]` activation of fixed non-zero values.
+fn activation<B: Backend>(b: &B, rows: usize, cols: usize, seed: usize) -> B::Tensor {
+    let data = (0..rows * cols)
+        .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 * 1e-3 - 1.0)
+        .collect();
+    b.from_host(data, rows, cols)
+}
+
+/// A weight of `shape` with synthetic values (a 1-D `.weight` is a norm scale).
+fn weight<B: Backend>(b: &B, name: &str, dtype: DType, shape: &[usize]) -> B::Weight {
+    let store = random_store(vec![(name.into(), dtype, shape.to_vec())], "bench".into());
+    b.load_weight(&store.get(name, shape).unwrap()).unwrap()
+}
+
+/// `seqs` sequences of `kv_len` positions each, the last `q_rows` of each new this step, all seeing image 0.
+fn layout<B: Backend>(b: &B, seqs: usize, q_rows: usize, kv_len: usize) -> B::Layout {
+    let block_size = 16;
+    let blocks = kv_len.div_ceil(block_size);
+    let step = StepLayout {
+        block_size,
+        seqs: (0..seqs)
+            .map(|s| SeqStep {
+                q_rows,
+                kv_len,
+                block_table: (s * blocks..(s + 1) * blocks).map(|x| x as u32).collect(),
+                image_of_row: vec![0; q_rows],
+            })
+            .collect(),
+    };
+    b.layout(&step)
+}
+
+fn linear<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &IdeficsConfig) {
+    let mut g = group(c, &format!("linear_bf16/{}", preset.name()));
+    for (name, n, k) in linear_shapes(cfg) {
+        let w = weight(b, "w.weight", DType::BF16, &[n, k]);
+        for &m in s.gemm_rows {
+            let x = activation(b, m, k, 1);
+            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            g.bench_function(format!("{name}_{n}x{k}/m{m}"), |bench| {
+                bench.iter_custom(|iters| common::timed(b, iters, || b.linear(&x, &w, None)))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn attention<B: Backend>(
+    c: &mut Criterion,
+    b: &B,
+    s: &Shapes,
+    preset: Preset,
+    cfg: &IdeficsConfig,
+) {
+    let (heads, width) = (cfg.num_attention_heads, cfg.hidden_size);
+    let mut g = group(c, &format!("attention/{}", preset.name()));
+    for &len in s.prefill_lens {
+        let (q, pool) = (activation(b, len, width, 2), activation(b, len, width, 3));
+        let l = layout(b, 1, len, len);
+        g.throughput(Throughput::Elements((2 * len * len * width) as u64));
+        g.bench_function(format!("prefill_causal/{len}"), |bench| {
+            bench.iter_custom(|iters| {
+                common::timed(b, iters, || b.paged_attention(&q, &pool, &pool, heads, &l))
+            })
+        });
+    }
+    for &(seqs, ctx) in s.decode {
+        let q = activation(b, seqs, width, 4);
+        let pool = activation(b, seqs * ctx.next_multiple_of(16), width, 5);
+        let l = layout(b, seqs, 1, ctx);
+        let kv_bytes = 2 * seqs * ctx * width * b.activation_width();
+        g.throughput(Throughput::BytesDecimal(kv_bytes as u64));
+        g.bench_function(format!("decode_paged/{seqs}x{ctx}"), |bench| {
+            bench.iter_custom(|iters| {
+                common::timed(b, iters, || b.paged_attention(&q, &pool, &pool, heads, &l))
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Cross-attention of decoder rows over one image's tokens, then the tanh gate.
+fn cross_attention<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsConfig) {
+    let (heads, width) = (cfg.num_attention_heads, cfg.hidden_size);
+    let per_image = cfg.image_tokens_per_image();
+    let kv = activation(b, per_image, width, 6);
+    let gate = weight(b, "x.alpha_cross_attn", DType::F32, &[1]);
+    let mut g = group(c, &format!("gated_cross_attention/{}", preset.name()));
+    for (name, seqs, rows) in [("decode", 32, 1), ("prefill", 1, 64)] {
+        let q = activation(b, seqs * rows, width, 7);
+        let l = layout(b, seqs, rows, rows);
+        g.throughput(Throughput::Elements(
+            (4 * seqs * rows * per_image * width) as u64,
+        ));
+        g.bench_function(format!("{name}/{seqs}x{rows}"), |bench| {
+            bench.iter_custom(|iters| {
+                let mut h = activation(b, seqs * rows, width, 8);
+                common::timed(b, iters, || {
+                    let a = b.cross_attention(&q, &kv, &kv, heads, &l, per_image);
+                    b.add_gated(&mut h, &a, &gate);
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// The perceiver's latent queries over `[context ; latents]`, and the vision encoder's full attention.
+fn image_attention<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsConfig) {
+    let p = &cfg.perceiver_config;
+    let v = &cfg.vision_config;
+    let (tokens, lat) = (v.num_positions(), p.resampler_n_latents);
+    let inner = p.resampler_n_heads * p.resampler_head_dim;
+    let mut g = group(c, &format!("image_attention/{}", preset.name()));
+    let (q, ctx, lats) = (
+        activation(b, lat, inner, 9),
+        activation(b, tokens, inner, 10),
+        activation(b, lat, inner, 11),
+    );
+    g.throughput(Throughput::Elements(
+        (4 * lat * (tokens + lat) * inner) as u64,
+    ));
+    g.bench_function(format!("resampler/{lat}x{}", tokens + lat), |bench| {
+        bench.iter_custom(|iters| {
+            common::timed(b, iters, || {
+                b.resampler_attention(&q, &ctx, &ctx, &lats, &lats, p.resampler_n_heads)
+            })
+        })
+    });
+    let x = activation(b, tokens, v.embed_dim, 12);
+    g.throughput(Throughput::Elements(
+        (4 * tokens * tokens * v.embed_dim) as u64,
+    ));
+    g.bench_function(format!("vision/{tokens}"), |bench| {
+        bench.iter_custom(|iters| {
+            common::timed(b, iters, || b.attention(&x, &x, &x, v.num_attention_heads))
+        })
+    });
+    g.finish();
+}
+
+fn norms<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &IdeficsConfig) {
+    let (d, dv) = (cfg.hidden_size, cfg.vision_config.embed_dim);
+    let rms = weight(b, "n.weight", DType::F32, &[d]);
+    let (ln_w, ln_b) = (
+        weight(b, "ln.weight", DType::F32, &[dv]),
+        weight(b, "ln.bias", DType::F32, &[dv]),
+    );
+    let mut g = group(c, &format!("norms/{}", preset.name()));
+    for &rows in s.norm_rows {
+        let x = activation(b, rows, d, 13);
+        g.throughput(Throughput::BytesDecimal(
+            (2 * rows * d * b.activation_width()) as u64,
+        ));
+        g.bench_function(format!("rms_norm/{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| common::timed(b, iters, || b.rms_norm(&x, &rms, 1e-6)))
+        });
+    }
+    let rows = cfg.vision_config.num_positions();
+    let x = activation(b, rows, dv, 14);
+    g.throughput(Throughput::BytesDecimal(
+        (2 * rows * dv * b.activation_width()) as u64,
+    ));
+    g.bench_function(format!("layer_norm/{rows}x{dv}"), |bench| {
+        bench.iter_custom(|iters| common::timed(b, iters, || b.layer_norm(&x, &ln_w, &ln_b, 1e-5)))
+    });
+    g.finish();
+}
+
+struct Ops<'a>(&'a mut Criterion);
+
+impl BackendCommand for Ops<'_> {
+    fn run<B: Backend + 'static>(self, b: B) -> flamingo::Result<()> {
+        let (c, s) = (self.0, shapes());
+        for &preset in &s.configs {
+            let cfg = preset.config()?;
+            linear(c, &b, &s, preset, &cfg);
+            attention(c, &b, &s, preset, &cfg);
+            cross_attention(c, &b, preset, &cfg);
+            image_attention(c, &b, preset, &cfg);
+            norms(c, &b, &s, preset, &cfg);
+        }
+        Ok(())
+    }
+}
+
+fn ops(c: &mut Criterion) {
+    common::on_device(Ops(c));
+}
+
+criterion_group!(benches, ops);
+criterion_main!(benches);

@@ -1,0 +1,122 @@
+//! `flamingo bench`: time to first token, decode latency, throughput under concurrency and vision encoder speed,
+//! each beside its roofline floor from ceilings measured in the same run (see `perf::bench`). `--json` prints one
+//! object with every figure.
+
+use std::io::Write;
+
+use crate::backend::Backend;
+use crate::cli::{with_backend, BackendCommand, ModelArgs, RunOptions};
+use crate::error::{Error, Result};
+use crate::perf::bench::{BenchOptions, BenchReport, Figure};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text tokens per prompt (each prompt also has one image).
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Tokens each request generates in the throughput runs.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Concurrent requests of the throughput runs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 32, 128])]
+    concurrency: Vec<usize>,
+    /// Tokens timed for the batch-1 decode figure.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Images timed for the vision encoder figure.
+    #[arg(long, default_value_t = 16)]
+    vision_images: usize,
+    /// Timed repetitions of the latency figures (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run: RunOptions,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.concurrency.contains(&0) || args.new_tokens == 0 {
+        return Err(Error::Invalid(
+            "--concurrency values and --new-tokens must be positive".into(),
+        ));
+    }
+    with_backend(&args.run.clone(), &args.model.dir(), args)
+}
+
+impl BackendCommand for BenchArgs {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        bench(&self, backend)
+    }
+}
+
+fn bench<B: Backend>(args: &BenchArgs, backend: B) -> Result<()> {
+    let pipeline = args.model.load(backend)?;
+    let opts = BenchOptions {
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+        concurrency: args.concurrency.clone(),
+        decode_tokens: args.decode_tokens,
+        vision_images: args.vision_images,
+        repeats: args.repeats,
+    };
+    let report = crate::perf::bench::run(&pipeline, &opts, &args.model.name(), |what| {
+        if !args.json {
+            eprintln!("bench: {what}");
+        }
+    })?;
+    let mut out = std::io::stdout().lock();
+    let text = match args.json {
+        true => serde_json::to_string(&report).expect("the report serialises"),
+        false => table(&report),
+    };
+    writeln!(out, "{text}").map_err(|e| Error::io("<stdout>", e))
+}
+
+/// The report as a human-readable table.
+fn table(r: &BenchReport) -> String {
+    let mut s = format!(
+        "{} on {}: {:.1}M parameters, {:.3} GB of weights ({:.3} GB read per decode step)\n\
+         ceilings: copy {:.1} GB/s, matmul {:.1} GFLOP/s ({})\n\
+         prompts: 1 image + {} tokens in all\n\n\
+         {:<34} {:>18} {:>18} {:>9}\n",
+        r.model,
+        r.device,
+        r.params / 1e6,
+        r.weight_gb,
+        r.decode_weight_gb,
+        r.ceilings.copy_gb_per_s,
+        r.ceilings.matmul_gflop_per_s,
+        r.ceilings.method,
+        r.prompt_tokens,
+        "figure",
+        "measured",
+        "floor",
+        "of floor",
+    );
+    let mut row = |name: &str, f: &Figure| {
+        s += &format!(
+            "{name:<34} {:>18} {:>18} {:>8.1}%\n",
+            format!("{:.2} {}", f.value, f.unit),
+            format!("{:.2} {}", f.floor, f.unit),
+            100.0 * f.fraction
+        );
+    };
+    row("time to first token", &r.time_to_first_token);
+    row("decode, batch 1 (per token)", &r.decode_batch1);
+    row("image: vision + resampler", &r.image_encode);
+    row("vision encoder", &r.vision_images_per_s);
+    for t in &r.throughput {
+        row(
+            &format!(
+                "output, {} requests x {} tokens",
+                t.concurrency, t.new_tokens
+            ),
+            &t.output_tokens_per_s,
+        );
+    }
+    s
+}

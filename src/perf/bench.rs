@@ -1,0 +1,343 @@
+//! `flamingo bench`'s measurements: end-to-end latency and throughput through the continuous-batching engine, each
+//! beside its roofline floor (`perf::floors`) computed from ceilings measured in the same run.
+//!
+//! Every request is one image plus `prompt_tokens` text tokens (random ids, fixed seed) and generates exactly its
+//! `new_tokens` (end-of-sequence ignored), so every run does the same work whatever the weights.
+
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::backend::{Backend, Ceilings};
+use crate::error::Result;
+use crate::io::prompt::{encode_prompt, EncodedPrompt};
+use crate::perf::floors::Costs;
+use crate::runtime::engine::{Engine, EngineConfig, Event};
+use crate::runtime::generate::{GenerationRequest, Pipeline};
+
+/// What to measure; the defaults are the published-anchor workloads (`shared/docs/perf-anchors.md`).
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Text tokens per prompt, after the image.
+    pub prompt_tokens: usize,
+    /// Tokens each request generates in the throughput runs.
+    pub new_tokens: usize,
+    /// Concurrent requests of each throughput run.
+    pub concurrency: Vec<usize>,
+    /// Tokens timed for the batch-1 decode figure.
+    pub decode_tokens: usize,
+    /// Images timed for the vision encoder figure.
+    pub vision_images: usize,
+    /// Timed repetitions of the time-to-first-token and image figures (the median is reported).
+    pub repeats: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            prompt_tokens: 64,
+            new_tokens: 128,
+            concurrency: vec![8, 32, 128],
+            decode_tokens: 64,
+            vision_images: 16,
+            repeats: 5,
+        }
+    }
+}
+
+/// A measured figure beside its floor. `fraction` is floor over measured for times and measured over floor for
+/// rates: the share of the hardware's best that was reached (1 = at the roofline).
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub value: f64,
+    pub floor: f64,
+    pub fraction: f64,
+    pub unit: &'static str,
+}
+
+impl Figure {
+    fn time(seconds: f64, floor_seconds: f64) -> Self {
+        Figure {
+            value: seconds * 1e3,
+            floor: floor_seconds * 1e3,
+            fraction: floor_seconds / seconds,
+            unit: "ms",
+        }
+    }
+
+    fn rate(value: f64, ceiling: f64, unit: &'static str) -> Self {
+        Figure {
+            value,
+            floor: ceiling,
+            fraction: value / ceiling,
+            unit,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Throughput {
+    pub concurrency: usize,
+    pub new_tokens: usize,
+    pub seconds: f64,
+    /// Generated tokens per second over the whole run (prefills included), beside the roofline's.
+    pub output_tokens_per_s: Figure,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CeilingsReport {
+    pub copy_gb_per_s: f64,
+    pub matmul_gflop_per_s: f64,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub params: f64,
+    pub weight_gb: f64,
+    /// Weights a decode step reads.
+    pub decode_weight_gb: f64,
+    pub ceilings: CeilingsReport,
+    /// Tokens per prompt, image tokens included.
+    pub prompt_tokens: usize,
+    /// 1 image + the prompt, to the first generated token.
+    pub time_to_first_token: Figure,
+    /// Per generated token, one request.
+    pub decode_batch1: Figure,
+    /// Vision encoder and resampler, one image.
+    pub image_encode: Figure,
+    pub vision_images_per_s: Figure,
+    pub throughput: Vec<Throughput>,
+}
+
+/// A benchmark request: the IDEFICS prompt of one image followed by random text ids.
+pub fn bench_prompt<B: Backend>(
+    p: &Pipeline<B>,
+    text_tokens: usize,
+    seed: u64,
+) -> Result<EncodedPrompt> {
+    let mut prompt = encode_prompt(&p.tokenizer, "<image>", 1)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let specials = [p.tokenizer.image_id, p.tokenizer.fake_image_id];
+    let vocab = p.model.config.vocab_size as u32;
+    let image = *prompt
+        .image_of_token
+        .last()
+        .expect("the prompt has the image");
+    while prompt.ids.len() < prompt.image_of_token.len() + text_tokens {
+        let id = rng.random_range(3..vocab.max(4));
+        if !specials.contains(&id) {
+            prompt.ids.push(id);
+        }
+    }
+    prompt.image_of_token.resize(prompt.ids.len(), image);
+    p.check_prompt(&prompt)?;
+    Ok(prompt)
+}
+
+/// One image's pixels `[3, S, S]`, random in the normalised range (fixed seed).
+pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Vec<f32> {
+    let s = p.preprocessor.image_size;
+    let mut rng = StdRng::seed_from_u64(7);
+    (0..3 * s * s)
+        .map(|_| rng.random_range(-1.8..2.1))
+        .collect()
+}
+
+/// Runs every measurement; `progress` hears what is being measured.
+pub fn run<B: Backend>(
+    p: &Pipeline<B>,
+    opts: &BenchOptions,
+    model_name: &str,
+    mut progress: impl FnMut(&str),
+) -> Result<BenchReport> {
+    let b = &p.backend;
+    progress("measuring the ceilings");
+    let ceilings = b.measure_ceilings();
+    let weight_bytes = p.store.bytes_as(|d| b.weight_width(d)) as f64;
+    let costs = Costs::new(
+        &p.model.config,
+        weight_bytes / p.store.params() as f64,
+        b.activation_width() as f64,
+    );
+    let prompt = bench_prompt(p, opts.prompt_tokens, 0)?;
+    let pixels = bench_pixels(p);
+    let n = prompt.ids.len();
+
+    progress("vision encoder");
+    let image_floor = costs.vision().floor(&ceilings) + costs.perceiver().floor(&ceilings);
+    let image_s = median(opts.repeats, || {
+        Ok(time(b, || p.encode_images(&[pixels.clone()])))
+    })?;
+    let vision_s = time(b, || {
+        for _ in 0..opts.vision_images {
+            p.model.vision_states(b, &pixels);
+        }
+    }) / opts.vision_images.max(1) as f64;
+
+    progress("time to first token");
+    let ttft_floor = image_floor + costs.prefill(n).floor(&ceilings);
+    let ttft = median(opts.repeats, || Ok(generate(p, &prompt, &pixels, 1, 1)?.0))?;
+
+    progress("decode at batch 1");
+    let decode = decode_seconds_per_token(p, &prompt, &pixels, opts.decode_tokens)?;
+    let decode_floor = costs
+        .decode_step(1, n + opts.decode_tokens / 2)
+        .floor(&ceilings);
+
+    let mut throughput = Vec::new();
+    for &c in &opts.concurrency {
+        progress(&format!("throughput at {c} concurrent requests"));
+        let (seconds, tokens) = generate(p, &prompt, &pixels, c, opts.new_tokens)?;
+        let floor = throughput_floor(&costs, &ceilings, c, n, opts.new_tokens);
+        throughput.push(Throughput {
+            concurrency: c,
+            new_tokens: opts.new_tokens,
+            seconds,
+            output_tokens_per_s: Figure::rate(
+                tokens as f64 / seconds,
+                (c * opts.new_tokens) as f64 / floor,
+                "tokens/s",
+            ),
+        });
+    }
+    Ok(BenchReport {
+        model: model_name.to_string(),
+        device: b.device_name(),
+        params: costs.total_params(),
+        weight_gb: weight_bytes / 1e9,
+        decode_weight_gb: costs.decode_params() * costs.weight_bytes / 1e9,
+        ceilings: CeilingsReport {
+            copy_gb_per_s: ceilings.copy_bytes_per_s / 1e9,
+            matmul_gflop_per_s: ceilings.matmul_flops_per_s / 1e9,
+            method: ceilings.method.clone(),
+        },
+        prompt_tokens: n,
+        time_to_first_token: Figure::time(ttft, ttft_floor),
+        decode_batch1: Figure::time(decode, decode_floor),
+        image_encode: Figure::time(image_s, image_floor),
+        vision_images_per_s: Figure::rate(
+            1.0 / vision_s,
+            1.0 / costs.vision().floor(&ceilings),
+            "images/s",
+        ),
+        throughput,
+    })
+}
+
+/// Least time for `c` requests of `n` prompt tokens to generate `new` tokens each: every image through the
+/// vision encoder and resampler, all prompts in one prefill (weights read once), then one decode step per further
+/// token with all `c` sequences.
+fn throughput_floor(costs: &Costs, ceilings: &Ceilings, c: usize, n: usize, new: usize) -> f64 {
+    let image = costs.vision().floor(ceilings) + costs.perceiver().floor(ceilings);
+    let one = costs.prefill(n);
+    let prefill = crate::perf::floors::Work {
+        flops: c as f64 * one.flops,
+        bytes: one.bytes,
+    };
+    let decode: f64 = (1..new)
+        .map(|i| costs.decode_step(c, n + i).floor(ceilings))
+        .sum();
+    c as f64 * image + prefill.floor(ceilings) + decode
+}
+
+/// Seconds of `f`, from a synchronised start to a synchronised end.
+pub fn time<B: Backend, T>(b: &B, f: impl FnOnce() -> T) -> f64 {
+    b.synchronize();
+    let start = Instant::now();
+    std::hint::black_box(f());
+    b.synchronize();
+    start.elapsed().as_secs_f64()
+}
+
+/// Median of `repeats` runs of `f` (at least one), after one untimed warm-up run.
+fn median(repeats: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    f()?;
+    let mut runs = (0..repeats.max(1))
+        .map(|_| f())
+        .collect::<Result<Vec<f64>>>()?;
+    runs.sort_by(f64::total_cmp);
+    Ok(runs[runs.len() / 2])
+}
+
+/// An engine for `seqs` requests of `positions` positions each, all running at once.
+pub fn bench_engine<'p, B: Backend>(
+    p: &'p Pipeline<B>,
+    seqs: usize,
+    positions: usize,
+) -> Result<Engine<'p, B>> {
+    let block_size = 16;
+    Engine::new(
+        p,
+        EngineConfig {
+            block_size,
+            kv_blocks: seqs * positions.div_ceil(block_size),
+            media_slots: seqs,
+            max_seqs: seqs,
+            max_step_tokens: 2048,
+        },
+    )
+}
+
+/// A request that generates exactly `new_tokens` tokens, whatever they are.
+pub fn bench_request(new_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        max_new_tokens: new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Seconds for `c` requests to generate `new` tokens each from a standing start, and the tokens generated.
+fn generate<B: Backend>(
+    p: &Pipeline<B>,
+    prompt: &EncodedPrompt,
+    pixels: &[f32],
+    c: usize,
+    new: usize,
+) -> Result<(f64, usize)> {
+    let mut e = bench_engine(p, c, prompt.ids.len() + new)?;
+    for _ in 0..c {
+        e.add_request(prompt.clone(), vec![pixels.to_vec()], &bench_request(new))?;
+    }
+    let mut tokens = 0;
+    let mut result = Ok(());
+    let seconds = time(&p.backend, || {
+        result = e.run_to_completion(|event| {
+            if let Event::Finished { output, .. } = event {
+                tokens += output.generated_ids.len();
+            }
+        })
+    });
+    result?;
+    Ok((seconds, tokens))
+}
+
+/// Seconds per token of one request decoding `tokens` tokens after its prefill.
+fn decode_seconds_per_token<B: Backend>(
+    p: &Pipeline<B>,
+    prompt: &EncodedPrompt,
+    pixels: &[f32],
+    tokens: usize,
+) -> Result<f64> {
+    let tokens = tokens.max(1);
+    let mut e = bench_engine(p, 1, prompt.ids.len() + tokens + 1)?;
+    e.add_request(
+        prompt.clone(),
+        vec![pixels.to_vec()],
+        &bench_request(tokens + 1),
+    )?;
+    e.step()?;
+    let mut result = Ok(());
+    let seconds = time(&p.backend, || {
+        while e.pending_requests() > 0 && result.is_ok() {
+            result = e.step().map(drop);
+        }
+    });
+    result?;
+    Ok(seconds / tokens as f64)
+}
