@@ -10,7 +10,6 @@ fn flamingo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_flamingo"))
 }
 
-
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .expect("array")

@@ -16,8 +16,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::synthetic::Preset;
 use crate::io::safetensors::WeightStore;
+use crate::model::synthetic::Preset;
 use crate::runtime::engine::EngineConfig;
 use crate::runtime::generate::{ModelFiles, Pipeline};
 
