@@ -84,7 +84,7 @@ impl BackendCommand for Batch {
 fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     let mut pipeline = Pipeline::load(&dir, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
-    let config = args.engine.config(&pipeline);
+    let config = args.engine.config(&pipeline)?;
     let lines = read_lines(&args.input)?;
     let out = std::fs::File::create(&args.output).map_err(|e| Error::io(&args.output, e))?;
     let mut job = Job {

@@ -76,29 +76,47 @@ pub struct EngineOptions {
     /// KV-cache blocks in the pool (default: what --kv-memory-mib allows, at most max-seqs full contexts).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
-    /// Memory for the KV pool when --kv-blocks is not given.
-    #[arg(long, default_value_t = 4096)]
-    pub kv_memory_mib: usize,
+    /// Memory for the KV pool when --kv-blocks is not given (default: --kv-memory-fraction of what is free once the
+    /// weights are loaded).
+    #[arg(long)]
+    pub kv_memory_mib: Option<usize>,
+    /// Share of the free device (or host) memory the KV pool may take when neither --kv-blocks nor --kv-memory-mib
+    /// is given.
+    #[arg(long, default_value_t = 0.5)]
+    pub kv_memory_fraction: f64,
     /// Images whose cross-attention K/V are cached at once (default: 4 per sequence).
     #[arg(long)]
     pub media_slots: Option<usize>,
 }
 
 impl EngineOptions {
-    /// Engine limits from the flags, the KV pool sized from its memory budget (f32 K and V per layer).
-    pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> EngineConfig {
+    /// Engine limits from the flags, the KV pool sized from its memory budget (K and V of every layer, in the
+    /// backend's activation width), never more than `max_seqs` full contexts.
+    pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> Result<EngineConfig> {
         let cfg = &p.model.config;
         let block_bytes = 2
             * cfg.num_hidden_layers
             * self.block_size
             * cfg.hidden_size
-            * std::mem::size_of::<f32>();
+            * p.backend.activation_width();
+        let kv_bytes = match self.kv_memory_mib {
+            Some(mib) => mib << 20,
+            None => {
+                if !(self.kv_memory_fraction > 0.0 && self.kv_memory_fraction <= 1.0) {
+                    return Err(Error::Invalid(format!(
+                        "--kv-memory-fraction must be in (0, 1], got {}",
+                        self.kv_memory_fraction
+                    )));
+                }
+                (p.backend.free_memory()? as f64 * self.kv_memory_fraction) as usize
+            }
+        };
         let mut config = EngineConfig::sized(
             self.max_seqs,
             cfg.max_position_embeddings,
             self.block_size,
             block_bytes,
-            self.kv_memory_mib << 20,
+            kv_bytes,
         );
         config.max_step_tokens = self.max_step_tokens;
         if let Some(n) = self.kv_blocks {
@@ -107,7 +125,7 @@ impl EngineOptions {
         if let Some(n) = self.media_slots {
             config.media_slots = n;
         }
-        config
+        Ok(config)
     }
 }
 

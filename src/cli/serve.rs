@@ -77,7 +77,7 @@ impl BackendCommand for Serve {
 
 fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Result<()> {
     let pipeline = Arc::new(Pipeline::load(&dir, backend, true)?);
-    let config = args.engine.config(&pipeline);
+    let config = args.engine.config(&pipeline)?;
     let template = match &args.chat_template {
         Some(path) => ChatTemplate::from_file(path)?,
         None => ChatTemplate::default(),
