@@ -8,7 +8,7 @@ mod metrics;
 pub mod openai;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -33,7 +33,7 @@ use openai::{Api, ApiError, ChatRequest, ChatTemplate, CompletionRequest, Genera
 /// What the server is allowed to accept.
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
-    /// Requests in flight (running or queued in the engine) beyond which new ones get 429.
+    /// Requests in flight (preparing, queued, running or streaming) beyond which new ones get 429.
     pub max_in_flight: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens: usize,
@@ -49,6 +49,34 @@ pub struct AppState<B: Backend + 'static> {
     pub limits: ServerLimits,
     next_id: AtomicU64,
     rejected: AtomicU64,
+    /// Requests admitted by the server and not yet answered (preparing, queued, running or streaming).
+    admitted: AtomicUsize,
+}
+
+/// A request's place under `max_in_flight`, taken atomically at arrival and given back when it is answered.
+struct Slot<B: Backend + 'static>(Arc<AppState<B>>);
+
+impl<B: Backend + 'static> Slot<B> {
+    fn take(app: &Arc<AppState<B>>) -> Result<Self, ApiError> {
+        let before = app.admitted.fetch_add(1, Ordering::SeqCst);
+        let slot = Slot(app.clone());
+        if before >= app.limits.max_in_flight {
+            app.rejected.fetch_add(1, Ordering::SeqCst);
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "the server is at capacity ({before} requests in flight); retry later"
+                ),
+            });
+        }
+        Ok(slot)
+    }
+}
+
+impl<B: Backend + 'static> Drop for Slot<B> {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl<B: Backend + 'static> AppState<B> {
@@ -67,6 +95,7 @@ impl<B: Backend + 'static> AppState<B> {
             limits,
             next_id: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            admitted: AtomicUsize::new(0),
         }
     }
 }
@@ -136,16 +165,7 @@ async fn serve_request<B: Backend + 'static>(
     image_urls: Vec<String>,
     fields: GenerationFields,
 ) -> Result<Response, ApiError> {
-    let in_flight = app.service.metrics().in_flight.load(Ordering::SeqCst);
-    if in_flight >= app.limits.max_in_flight {
-        app.rejected.fetch_add(1, Ordering::SeqCst);
-        return Err(ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: format!(
-                "the server is at capacity ({in_flight} requests in flight); retry later"
-            ),
-        });
-    }
+    let slot = Slot::take(app)?;
     let (request, stream, include_usage) = generation_request(&fields, app.limits.max_tokens)?;
     let prepare_app = app.clone();
     let (encoded, pixels) = tokio::task::spawn_blocking(move || {
@@ -177,9 +197,11 @@ async fn serve_request<B: Backend + 'static>(
             app.model_name.clone(),
             events,
             include_usage,
+            slot,
         ))
     } else {
         let out = collect(events).await?;
+        drop(slot);
         Ok(Json(api.response(&id, &app.model_name, &out)).into_response())
     }
 }
@@ -237,15 +259,18 @@ async fn collect(mut events: UnboundedReceiver<StreamEvent>) -> Result<Generatio
 /// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A forwarding task turns engine events
 /// into SSE events; when the client goes away the SSE stream is dropped, the task's send fails, it drops the
 /// engine receiver, and the engine cancels the request.
-fn stream_response(
+fn stream_response<B: Backend + 'static>(
     api: Api,
     id: String,
     model: String,
     mut events: UnboundedReceiver<StreamEvent>,
     include_usage: bool,
+    slot: Slot<B>,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
+        // The request holds its place until its stream ends or its client leaves.
+        let _slot = slot;
         let send = |v: Value| {
             let tx = tx.clone();
             async move {
