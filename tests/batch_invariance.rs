@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{random_values, RandomWeights};
+use common::{one_row_seqs, random_values, RandomWeights};
 use flamingo::backend::cpu::{CpuBackend, CpuTensor};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
 use flamingo::io::config::Activation;
@@ -44,25 +44,6 @@ fn check_rows(what: &str, op: impl Fn(usize, usize) -> CpuTensor) {
             got.len(),
             start + len
         );
-    }
-}
-
-/// A layout whose rows are one-row sequences: row `r` at `position(r)` seeing image slot `image(r)`.
-fn single_row_layout(
-    rows: std::ops::Range<usize>,
-    position: impl Fn(usize) -> usize,
-    image: impl Fn(usize) -> i32,
-) -> StepLayout {
-    StepLayout {
-        block_size: 4096,
-        seqs: rows
-            .map(|r| SeqStep {
-                q_rows: 1,
-                kv_len: position(r) + 1,
-                block_table: vec![0],
-                image_of_row: vec![image(r)],
-            })
-            .collect(),
     }
 }
 
@@ -154,7 +135,7 @@ fn norms_activations_gates_embedding_and_rope_do_not_depend_on_the_batch() {
         b.embedding(&ids[s..s + n], &table, Some(&extra)).unwrap()
     });
     check_rows("rope", |s, n| {
-        let layout = b.layout(&single_row_layout(s..s + n, |r| 3 * r + 1, |_| -1));
+        let layout = b.layout(&one_row_seqs(s..s + n, |r| 3 * r + 1, |_| -1));
         let mut t = rows(&x, s, n);
         b.rope(&mut t, 40, &layout, 10000.0);
         t
@@ -178,7 +159,7 @@ fn attention_rows_do_not_depend_on_the_batch() {
     );
     let image = |r: usize| [0, 2, -1, 1][r % 4];
     check_rows("cross attention", |s, n| {
-        let layout = b.layout(&single_row_layout(s..s + n, |_| 0, image));
+        let layout = b.layout(&one_row_seqs(s..s + n, |_| 0, image));
         b.cross_attention(&b.slice_rows(&q, s, n), &km, &vm, heads, &layout, 7)
     });
 }

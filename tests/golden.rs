@@ -2,25 +2,15 @@
 
 mod common;
 
-use common::{assert_close, Fixture, FIXTURES};
+use common::{assert_close, greedy, Fixture, FIXTURES};
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
-use flamingo::model::sampling::SamplingParams;
-use flamingo::runtime::generate::{GenerationRequest, Pipeline};
+use flamingo::runtime::generate::Pipeline;
 
 const TOL: f64 = 1e-3;
 
 fn pipeline(fx: &Fixture) -> Pipeline<CpuBackend> {
     Pipeline::load(&fx.dir, CpuBackend::new(), false).unwrap()
-}
-
-fn greedy(n: usize) -> GenerationRequest {
-    GenerationRequest {
-        max_new_tokens: n,
-        sampling: SamplingParams::default(),
-        stop: vec![],
-        ignore_eos: false,
-    }
 }
 
 #[test]

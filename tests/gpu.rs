@@ -13,14 +13,13 @@ mod common;
 
 use std::io::Write;
 
-use common::{assert_close, random_values, Fixture, RandomWeights, FIXTURES};
+use common::{assert_close, greedy, one_row_seqs, random_values, Fixture, RandomWeights, FIXTURES};
 use flamingo::backend::cpu::{CpuBackend, CpuLayout, CpuTensor, CpuWeight};
 use flamingo::backend::cuda::{device_count, CudaBackend, CudaLayout, CudaTensor, CudaWeight};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
 use flamingo::io::config::Activation;
-use flamingo::model::sampling::SamplingParams;
 use flamingo::runtime::engine::{Engine, EngineConfig};
-use flamingo::runtime::generate::{GenerationRequest, Pipeline};
+use flamingo::runtime::generate::Pipeline;
 
 const TOL: f64 = 1e-2;
 
@@ -289,31 +288,12 @@ fn embedding_and_data_movement_match_cpu() {
 fn rope_matches_cpu() {
     let Some(p) = Pair::new() else { return };
     for (i, &(heads, d)) in [(4, 16), (3, 64), (2, 128)].iter().enumerate() {
-        let step = one_row_seqs(257, |r| (r * 37) % 1000, |_| -1);
+        let step = one_row_seqs(0..257, |r| (r * 37) % 1000, |_| -1);
         let l = p.layout(&step);
         let mut x = p.tensor(500 + i as u64, 257, heads * d);
         p.cpu.rope(&mut x.0, d, &l.0, 10000.0);
         p.gpu.rope(&mut x.1, d, &l.1, 10000.0);
         p.check(&format!("rope d={d}"), &x);
-    }
-}
-
-/// `rows` one-row sequences: row `r` at `position(r)`, seeing media slot `image(r)`; one shared block.
-fn one_row_seqs(
-    rows: usize,
-    position: impl Fn(usize) -> usize,
-    image: impl Fn(usize) -> i32,
-) -> StepLayout {
-    StepLayout {
-        block_size: 4096,
-        seqs: (0..rows)
-            .map(|r| SeqStep {
-                q_rows: 1,
-                kv_len: position(r) + 1,
-                block_table: vec![0],
-                image_of_row: vec![image(r)],
-            })
-            .collect(),
     }
 }
 
@@ -354,7 +334,7 @@ fn cross_attention_matches_cpu() {
             p.tensor(s + 1, images * per_image, heads * d),
         );
         let q = p.tensor(s + 2, 257, heads * d);
-        let l = p.layout(&one_row_seqs(257, |_| 0, |r| [0, 2, -1, 1][r % 4]));
+        let l = p.layout(&one_row_seqs(0..257, |_| 0, |r| [0, 2, -1, 1][r % 4]));
         p.check(
             &format!("cross_attention d={d} per_image={per_image}"),
             &(
@@ -536,18 +516,14 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
         b.rope(
             &mut t,
             d,
-            &b.layout(&one_row_seqs(r.len(), |i| 3 * (r.start + i) + 1, |_| -1)),
+            &b.layout(&one_row_seqs(r.clone(), |i| 3 * i + 1, |_| -1)),
             10000.0,
         );
         t
     });
     let (km, vm) = (rand(1003, 3 * 7, heads * d), rand(1004, 3 * 7, heads * d));
     check_rows(&b, "cross_attention", |r| {
-        let l = b.layout(&one_row_seqs(
-            r.len(),
-            |_| 0,
-            |i| [0, 2, -1, 1][(r.start + i) % 4],
-        ));
+        let l = b.layout(&one_row_seqs(r.clone(), |_| 0, |i| [0, 2, -1, 1][i % 4]));
         b.cross_attention(&qr(r), &km, &vm, heads, &l, 7)
     });
     let (k, v) = (rand(1005, 257, heads * d), rand(1006, 257, heads * d));
@@ -569,15 +545,6 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
             &b.layout(&paged.step(&seqs, |_| 1)),
         )
     });
-}
-
-fn greedy(n: usize) -> GenerationRequest {
-    GenerationRequest {
-        max_new_tokens: n,
-        sampling: SamplingParams::default(),
-        stop: vec![],
-        ignore_eos: false,
-    }
 }
 
 #[test]

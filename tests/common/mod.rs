@@ -197,3 +197,31 @@ pub fn json_of(out: &std::process::Output) -> serde_json::Value {
         )
     })
 }
+
+/// A step whose rows are one-row sequences: row `r` at `position(r)`, seeing media slot `image(r)`; one shared
+/// block.
+pub fn one_row_seqs(
+    rows: std::ops::Range<usize>,
+    position: impl Fn(usize) -> usize,
+    image: impl Fn(usize) -> i32,
+) -> flamingo::backend::StepLayout {
+    flamingo::backend::StepLayout {
+        block_size: 4096,
+        seqs: rows
+            .map(|r| flamingo::backend::SeqStep {
+                q_rows: 1,
+                kv_len: position(r) + 1,
+                block_table: vec![0],
+                image_of_row: vec![image(r)],
+            })
+            .collect(),
+    }
+}
+
+/// Greedy generation of `n` tokens.
+pub fn greedy(n: usize) -> flamingo::runtime::generate::GenerationRequest {
+    flamingo::runtime::generate::GenerationRequest {
+        max_new_tokens: n,
+        ..Default::default()
+    }
+}
