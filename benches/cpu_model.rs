@@ -45,10 +45,13 @@ fn linear(c: &mut Criterion) {
 
 fn end_to_end(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model");
-    let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/examples/cat.png");
+    let image = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/examples/shapes.png");
     let p = Pipeline::load(&dir, CpuBackend::new(), false).unwrap();
     let (prompt, pixels) = p
-        .prepare("User:<image>Describe this image.\nAssistant:", &[image])
+        .prepare(
+            "User:<image>Describe this image.<end_of_utterance>\nAssistant:",
+            &[image],
+        )
         .unwrap();
     let b = &p.backend;
     let mut g = c.benchmark_group("cpu_bundled_model");
