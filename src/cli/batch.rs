@@ -2,7 +2,7 @@
 //! engine, and writes one JSON result per line in input order:
 //!
 //! ```text
-//! in:  {"prompt": "User:<image>Describe this image.\nAssistant:", "images": ["cat.png"], "max_new_tokens": 32,
+//! in:  {"prompt": "User:<image>Describe this image.\nAssistant:", "images": ["shapes.png"], "max_new_tokens": 32,
 //!       "temperature": 0.7, "top_k": 50, "top_p": 0.9, "seed": 1, "stop": ["\n"]}     (all but prompt optional)
 //! out: {"generated_ids": [...], "text": "...", "prompt_tokens": 18, "finish_reason": "stop"|"length"}
 //!      or {"error": "line 3: ..."} for a request that cannot run (the others go on)

@@ -6,11 +6,27 @@ use std::path::PathBuf;
 use crate::backend::Backend;
 use crate::cli::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
 use crate::error::{Error, Result};
+use crate::io::tokenizer::{END_OF_UTTERANCE, IMAGE_TOKEN};
 use crate::model::sampling::SamplingParams;
 use crate::runtime::generate::{GenerationRequest, Pipeline};
 
-/// The prompt used when none is given: IDEFICS' describe-this-image format.
-const DESCRIBE_PROMPT: &str = "User:<image>Describe this image.\nAssistant:";
+/// The picture described when neither `--prompt` nor `--image` is given (the bundled model was trained on such
+/// pictures; see tools/demo_model).
+pub const DEFAULT_IMAGE: &str = "assets/examples/shapes.png";
+
+/// The prompt used when none is given: IDEFICS' instruct format, one `<image>` per image, the user turn closed by
+/// `<end_of_utterance>` where the tokenizer has that token (the instruct checkpoints and the bundled model were
+/// trained so; the base checkpoints' tokenizers lack it and get the plain `User:<image>Describe this
+/// image.\nAssistant:`).
+pub fn describe_prompt(num_images: usize, end_of_utterance: bool) -> String {
+    let markers = IMAGE_TOKEN.repeat(num_images);
+    let eou = if end_of_utterance {
+        END_OF_UTTERANCE
+    } else {
+        ""
+    };
+    format!("User:{markers}Describe this image.{eou}\nAssistant:")
+}
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -68,18 +84,18 @@ impl BackendCommand for Generate {
 }
 
 fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()> {
-    let (prompt, images) = match (&args.prompt, args.images.is_empty()) {
-        (Some(p), _) => (p.clone(), args.images.clone()),
-        (None, false) => {
-            let markers = "<image>".repeat(args.images.len());
-            (
-                format!("User:{markers}Describe this image.\nAssistant:"),
-                args.images.clone(),
-            )
-        }
-        (None, true) => (DESCRIBE_PROMPT.to_string(), vec![bundled_example_image()?]),
+    let images = match (&args.prompt, args.images.is_empty()) {
+        (None, true) => vec![bundled_example_image()?],
+        _ => args.images.clone(),
     };
     let mut pipeline = Pipeline::load(&dir, backend, !args.json)?;
+    let prompt = match &args.prompt {
+        Some(p) => p.clone(),
+        None => describe_prompt(
+            images.len(),
+            pipeline.tokenizer.end_of_utterance_id.is_some(),
+        ),
+    };
     pipeline.max_image_pixels = args.max_image_pixels;
     let (encoded, pixels) = pipeline.prepare(&prompt, &images)?;
     let request = GenerationRequest {
@@ -119,7 +135,7 @@ fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()
 }
 
 fn bundled_example_image() -> Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/examples/cat.png");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_IMAGE);
     if !path.exists() {
         return Err(Error::io(
             &path,
@@ -130,4 +146,21 @@ fn bundled_example_image() -> Result<PathBuf> {
         ));
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_prompt_closes_the_user_turn_only_where_the_tokenizer_can() {
+        assert_eq!(
+            describe_prompt(1, true),
+            "User:<image>Describe this image.<end_of_utterance>\nAssistant:"
+        );
+        assert_eq!(
+            describe_prompt(2, false),
+            "User:<image><image>Describe this image.\nAssistant:"
+        );
+    }
 }
