@@ -4,12 +4,15 @@
 //!
 //! Batch invariance: `gemm` sums in a different order depending on how many rows it is given (a single row takes
 //! a GEMV path, and the blocking of larger products depends on their size), so a row's result would change with
-//! the rows around it. Calling it on exactly one row at a time, over column blocks whose width depends only on
-//! `n` and `k`, fixes every row's summation order whatever the batch (`tests/batch_invariance.rs`).
+//! the rows around it. On CPUs with AVX2 and FMA the block product is our own (`dot.rs`), whose summation order per
+//! element is fixed; elsewhere `gemm` is called on exactly one row at a time. Either way, over column blocks whose
+//! width depends only on `n` and `k`, every row's result is the same whatever the batch
+//! (`tests/batch_invariance.rs`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::dot;
 use super::weight::CpuWeight;
 
 /// Columns per block: enough blocks to keep every thread busy, few enough that each block's `gemm` is efficient.
@@ -38,6 +41,7 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
     let nb = block_cols(n, k);
     let dst = OutPtr(out.as_mut_ptr());
     let stored = w.as_f32();
+    let fma = dot::available();
     (0..n.div_ceil(nb)).into_par_iter().for_each(|b| {
         let n0 = b * nb;
         let cols = nb.min(n - n0);
@@ -52,6 +56,13 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
             }
         };
         let dst = &dst;
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            // SAFETY: `fma` says the CPU has AVX2 and FMA; the output window is rows 0..m, columns n0..n0+cols of
+            // the [m, n] output, which no other task writes.
+            unsafe { dot::block_product(x, m, k, rows, cols, dst.0.add(n0), n) };
+            return;
+        }
         for r in 0..m {
             // SAFETY: lhs is row r of x ([1, k]), rhs is W^T viewed through strides (element (kk, j) at
             // j*k + kk), dst is the [1, cols] window at column n0 of row r of the [m, n] output; all in bounds, and

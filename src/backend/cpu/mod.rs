@@ -3,6 +3,7 @@
 
 mod attention;
 mod ceilings;
+mod dot;
 mod matmul;
 mod weight;
 

@@ -1,0 +1,105 @@
+//! A batch-invariant matrix product on x86-64 with AVX2 and FMA: rows of x against a block of W rows (both
+//! row-major over k), 4 rows x 2 columns at a time so each W row read from cache serves 4 rows of x.
+//!
+//! Every output element is summed the same way whatever tile computed it: 8 lane sums over k in steps of 8 (fused
+//! multiply-adds), the k tail added to lanes in order, then the lanes added pairwise in a fixed tree. A row's result
+//! therefore depends only on its values and k, never on how many rows share the call.
+
+/// Whether this CPU can run [`block_product`].
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[r * ld + j] = x[r] . w[j]` for `r < m`, `j < cols`; `x` is `[m, k]`, `w` is `[cols, k]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA ([`available`]); `out` must be valid for writes at `r * ld + j` for every
+/// `r < m`, `j < cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn block_product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    cols: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= cols * k);
+    let row = |r: usize| &x[r * k..(r + 1) * k];
+    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let mut r = 0;
+    while r < m {
+        let rows = (m - r).min(4);
+        let mut j = 0;
+        while j < cols {
+            let cs = (cols - j).min(2);
+            macro_rules! tile {
+                ($R:literal, $C:literal) => {{
+                    let xs: [&[f32]; $R] = std::array::from_fn(|i| row(r + i));
+                    let ws: [&[f32]; $C] = std::array::from_fn(|i| wrow(j + i));
+                    let t = tile::<$R, $C>(xs, ws, k);
+                    for (i, tr) in t.iter().enumerate() {
+                        for (c, &v) in tr.iter().enumerate() {
+                            // SAFETY: r + i < m and j + c < cols, within the caller's promise.
+                            unsafe { *out.add((r + i) * ld + j + c) = v };
+                        }
+                    }
+                }};
+            }
+            match (rows, cs) {
+                (4, 2) => tile!(4, 2),
+                (4, _) => tile!(4, 1),
+                (3, 2) => tile!(3, 2),
+                (3, _) => tile!(3, 1),
+                (2, 2) => tile!(2, 2),
+                (2, _) => tile!(2, 1),
+                (_, 2) => tile!(1, 2),
+                _ => tile!(1, 1),
+            }
+            j += cs;
+        }
+        r += rows;
+    }
+}
+
+/// `R x C` dot products of length `k`, each in the fixed order the module doc describes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tile<const R: usize, const C: usize>(
+    xs: [&[f32]; R],
+    ws: [&[f32]; C],
+    k: usize,
+) -> [[f32; C]; R] {
+    let mut acc = [[[0f32; 8]; C]; R];
+    let full = k / 8 * 8;
+    for base in (0..full).step_by(8) {
+        let xv: [[f32; 8]; R] = std::array::from_fn(|i| xs[i][base..base + 8].try_into().unwrap());
+        let wv: [[f32; 8]; C] = std::array::from_fn(|c| ws[c][base..base + 8].try_into().unwrap());
+        for i in 0..R {
+            for c in 0..C {
+                for l in 0..8 {
+                    acc[i][c][l] = xv[i][l].mul_add(wv[c][l], acc[i][c][l]);
+                }
+            }
+        }
+    }
+    std::array::from_fn(|i| {
+        std::array::from_fn(|c| {
+            let mut lanes = acc[i][c];
+            for t in full..k {
+                lanes[t - full] = xs[i][t].mul_add(ws[c][t], lanes[t - full]);
+            }
+            ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+                + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+        })
+    })
+}
