@@ -71,7 +71,8 @@ pub unsafe fn block_product(
     }
 }
 
-/// `R x C` dot products of length `k`, each in the fixed order the module doc describes.
+/// `R x C` dot products of length `k`, each in the fixed order the module doc describes: one 8-lane FMA
+/// accumulator per element (AVX2 registers, so the tile stays in registers), then the scalar tail and the lane tree.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn tile<const R: usize, const C: usize>(
@@ -79,22 +80,32 @@ fn tile<const R: usize, const C: usize>(
     ws: [&[f32]; C],
     k: usize,
 ) -> [[f32; C]; R] {
-    let mut acc = [[[0f32; 8]; C]; R];
+    use std::arch::x86_64::{
+        __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
     let full = k / 8 * 8;
-    for base in (0..full).step_by(8) {
-        let xv: [[f32; 8]; R] = std::array::from_fn(|i| xs[i][base..base + 8].try_into().unwrap());
-        let wv: [[f32; 8]; C] = std::array::from_fn(|c| ws[c][base..base + 8].try_into().unwrap());
-        for i in 0..R {
-            for c in 0..C {
-                for l in 0..8 {
-                    acc[i][c][l] = xv[i][l].mul_add(wv[c][l], acc[i][c][l]);
+    // SAFETY: the caller runs with AVX2 and FMA enabled; every load reads 8 floats at `base < full <= len`.
+    let acc: [[__m256; C]; R] = unsafe {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut base = 0;
+        while base < full {
+            let wv: [__m256; C] =
+                std::array::from_fn(|c| _mm256_loadu_ps(ws[c].as_ptr().add(base)));
+            for i in 0..R {
+                let xv = _mm256_loadu_ps(xs[i].as_ptr().add(base));
+                for c in 0..C {
+                    acc[i][c] = _mm256_fmadd_ps(xv, wv[c], acc[i][c]);
                 }
             }
+            base += 8;
         }
-    }
+        acc
+    };
     std::array::from_fn(|i| {
         std::array::from_fn(|c| {
-            let mut lanes = acc[i][c];
+            let mut lanes = [0f32; 8];
+            // SAFETY: an 8-float store into an 8-float array.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][c]) };
             for t in full..k {
                 lanes[t - full] = xs[i][t].mul_add(ws[c][t], lanes[t - full]);
             }
