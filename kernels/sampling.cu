@@ -1,13 +1,19 @@
 // sampling.cu - next-token selection on the device, one block per row of logits.
 //
 // logits: [rows, vocab] f32 row-major (convert a bf16 LM-head output with bf16_to_f32; exact).
-// Order of use per step: ban_tokens_f32 (optional, in place) -> argmax_f32 or sample_f32.
+// Order of use per step: ban_tokens_f32 and penalize_tokens_f32 (optional, in place) -> argmax_f32
+// or sample_f32. src/backend/cpu/sampling.rs is the CPU reference of all four.
 // Every reduction has a fixed order, so the result is a deterministic function of the row.
 //
 // ban_tokens_f32(logits, rows, vocab, ban_offsets, ban_ids)
 //   Sets logits[r, id] = -inf for the banned ids of row r: ban_ids[ban_offsets[r] ..
 //   ban_offsets[r+1]) (CSR, int32, ban_offsets has rows + 1 entries). Ids outside [0, vocab) are
 //   ignored. Launch: grid = (rows, 1, 1), block = (32, 1, 1), smem = 0.
+//
+// penalize_tokens_f32(logits, rows, vocab, offsets, ids, penalty)
+//   HF repetition penalty: for each id of row r's list ids[offsets[r] .. offsets[r+1]) (CSR as
+//   above; the ids of a row must be distinct), logits[r, id] = l > 0 ? l / penalty[r] : l * penalty[r].
+//   Ids outside [0, vocab) are ignored. Launch: grid = (rows, 1, 1), block = (128, 1, 1), smem = 0.
 //
 // argmax_f32(out_ids, logits, rows, vocab)
 //   out_ids[r] = argmax_i logits[r, i] (int32); ties -> lowest index; NaN counts as larger than
@@ -30,6 +36,7 @@
 #include "common.cuh"
 
 #define ARGMAX_THREADS 256
+#define PENALTY_THREADS 128
 #define SAMPLE_THREADS 512
 
 extern "C" __global__ void __launch_bounds__(32)
@@ -40,6 +47,21 @@ extern "C" __global__ void __launch_bounds__(32)
   for (int i = ban_offsets[r] + threadIdx.x; i < ban_offsets[r + 1]; i += blockDim.x) {
     const int id = ban_ids[i];
     if (id >= 0 && id < vocab) row[id] = FE_NEG_INF;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(PENALTY_THREADS)
+    penalize_tokens_f32(float* logits, int rows, int vocab, const int* __restrict__ offsets,
+                        const int* __restrict__ ids, const float* __restrict__ penalty) {
+  const int r = blockIdx.x;
+  if (r >= rows) return;
+  float* row = logits + (long long)r * vocab;
+  const float p = penalty[r];
+  for (int i = offsets[r] + threadIdx.x; i < offsets[r + 1]; i += blockDim.x) {
+    const int id = ids[i];
+    if (id < 0 || id >= vocab) continue;
+    const float l = row[id];
+    row[id] = l > 0.f ? l / p : l * p;
   }
 }
 
@@ -161,7 +183,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
       z += order_key(xv) >= tau ? R.e(xv) : 0.f;
     }
     const float limit = (1.f - p) * block_sum<NT>(z, scratch);
+    // Built from 0, not from tau_k: the answer need not contain tau_k's bits, and every t <= tau_k
+    // qualifies (nothing lies below it), so the result is >= tau_k anyway.
     const unsigned tau_k = tau;
+    tau = 0;
     for (int bit = 31; bit >= 0; --bit) {
       const unsigned cand = tau | (1u << bit);
       float below = 0.f;

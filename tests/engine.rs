@@ -8,8 +8,10 @@ use std::collections::HashMap;
 
 use common::fixture_dir;
 use flamingo::backend::cpu::CpuBackend;
+use flamingo::backend::Backend;
 use flamingo::model::sampling::SamplingParams;
-use flamingo::runtime::engine::{Engine, EngineConfig, Event, RequestId};
+use flamingo::perf::profile::Profiled;
+use flamingo::runtime::engine::{Engine, EngineConfig, EngineStats, Event, RequestId};
 use flamingo::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
 use rand::{Rng, SeedableRng};
 
@@ -37,7 +39,7 @@ struct Case {
 }
 
 /// `n` requests cycling through the prompts, with varied lengths; every third one sampled with its own seed.
-fn cases(p: &Pipeline<CpuBackend>, n: usize) -> Vec<Case> {
+fn cases<B: Backend>(p: &Pipeline<B>, n: usize) -> Vec<Case> {
     let images = fixture_dir("images");
     let base = requests();
     (0..n)
@@ -92,12 +94,12 @@ fn solo(p: &Pipeline<CpuBackend>, c: &Case) -> GenerationOutput {
 
 /// Runs every case through one engine, adding them `arrivals` at a time between steps (all at once when None),
 /// and returns each request's output and the text streamed for it.
-fn run_engine(
-    p: &Pipeline<CpuBackend>,
+fn run_engine<B: Backend>(
+    p: &Pipeline<B>,
     config: EngineConfig,
     cases: &[Case],
     rng: Option<&mut rand::rngs::StdRng>,
-) -> (Vec<GenerationOutput>, usize) {
+) -> (Vec<GenerationOutput>, EngineStats) {
     let mut engine = Engine::new(p, config).unwrap();
     let mut ids: Vec<RequestId> = Vec::new();
     let mut outputs: HashMap<RequestId, GenerationOutput> = HashMap::new();
@@ -141,7 +143,7 @@ fn run_engine(
         }
     }
     assert_eq!(outputs.len(), cases.len(), "requests lost");
-    let preemptions = engine.preemptions();
+    let stats = engine.stats();
     let ordered = ids
         .iter()
         .map(|id| {
@@ -154,7 +156,7 @@ fn run_engine(
             out
         })
         .collect();
-    (ordered, preemptions)
+    (ordered, stats)
 }
 
 fn assert_same(what: &str, got: &[GenerationOutput], want: &[GenerationOutput]) {
@@ -180,11 +182,36 @@ fn sixty_four_requests_batched_give_what_each_gives_alone() {
             media_slots: 128,
             max_seqs: 64,
             max_step_tokens: 512,
+            decode_graphs: true,
         };
-        let (batched, preemptions) = run_engine(&p, config, &cases, None);
-        assert_eq!(preemptions, 0, "{name}: the pool was big enough");
+        let (batched, stats) = run_engine(&p, config, &cases, None);
+        assert_eq!(stats.preemptions, 0, "{name}: the pool was big enough");
         assert_same(name, &batched, &alone);
     }
+}
+
+/// The engine pads a decode step to its batch size's recording (CUDA graphs) with rows on the KV cache's padding
+/// block. `Profiled` runs "recorded" steps eagerly, so the padding is checked here on the CPU: every request gives
+/// exactly what it gives through an engine that never pads, while the batch shrinks through several sizes.
+#[test]
+fn padded_decode_steps_give_the_tokens_of_unpadded_ones() {
+    let dir = fixture_dir("tiny-idefics-a");
+    let plain = Pipeline::load(&dir, CpuBackend::new(), false).unwrap();
+    let padding = Pipeline::load(&dir, Profiled::new(CpuBackend::new()), false).unwrap();
+    let cases = cases(&plain, 13);
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 13 * 16,
+        media_slots: 32,
+        max_seqs: 13,
+        max_step_tokens: 512,
+        decode_graphs: true,
+    };
+    let (want, unpadded) = run_engine(&plain, config.clone(), &cases, None);
+    let (got, padded) = run_engine(&padding, config, &cases, None);
+    assert_eq!(unpadded.recorded_steps, 0, "the CPU backend records nothing");
+    assert!(padded.recorded_steps > 3, "{padded:?}");
+    assert_same("padded", &got, &want);
 }
 
 #[test]
@@ -198,9 +225,10 @@ fn a_kv_pool_too_small_for_all_forces_preemption_and_changes_nothing() {
         media_slots: 16,
         max_seqs: 32,
         max_step_tokens: 64,
+        decode_graphs: true,
     };
-    let (batched, preemptions) = run_engine(&p, config, &cases, None);
-    assert!(preemptions > 0, "the pool was meant to run dry");
+    let (batched, stats) = run_engine(&p, config, &cases, None);
+    assert!(stats.preemptions > 0, "the pool was meant to run dry");
     assert_same("small pool", &batched, &alone);
 }
 
@@ -217,6 +245,7 @@ fn random_arrivals_and_limits_lose_or_duplicate_nothing() {
             media_slots: rng.random_range(2..=8),
             max_seqs: rng.random_range(1..=8),
             max_step_tokens: rng.random_range(1..=48),
+            decode_graphs: true,
         };
         let (got, _) = run_engine(&p, config.clone(), &cases, Some(&mut rng));
         assert_same(&format!("seed {seed} {config:?}"), &got, &alone);
@@ -233,6 +262,7 @@ fn requests_the_engine_could_never_run_are_refused_up_front() {
         media_slots: 1,
         max_seqs: 4,
         max_step_tokens: 64,
+        decode_graphs: true,
     };
     let mut engine = Engine::new(&p, config).unwrap();
     let err = engine

@@ -87,6 +87,44 @@ impl StepLayout {
     }
 }
 
+/// The fixed geometry of a recorded decode step: whatever its sequences' own lengths, the step is laid out with
+/// block tables of `table_width` entries and attention split for `max_kv` positions, so that every step of the
+/// same batch size launches exactly the same work (a CUDA graph replays it with new data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodeShape {
+    pub table_width: usize,
+    pub max_kv: usize,
+}
+
+/// How one row of logits becomes a token, on any backend (the exact rule is in `kernels/sampling.cu`, and
+/// `cpu::sampling` is its reference): `banned` ids are set to -inf; each `seen` id gets the repetition penalty
+/// (HF's rule); then greedy argmax when `temperature` is 0, else softmax at `temperature`, the top-k and top-p
+/// cuts (ties at the cut kept), and the token where the kept cumulative mass in index order first exceeds
+/// `uniform` times the total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling<'a> {
+    pub temperature: f32,
+    /// 0: no top-k cut.
+    pub top_k: usize,
+    /// 1: no nucleus cut.
+    pub top_p: f32,
+    /// 1: none.
+    pub repetition_penalty: f32,
+    /// Ids never produced.
+    pub banned: &'a [u32],
+    /// Distinct ids seen so far (read only when `repetition_penalty` is not 1).
+    pub seen: &'a [u32],
+    /// The request's next draw in `[0, 1)` from its own seeded generator (ignored when greedy).
+    pub uniform: f32,
+}
+
+/// The error of a row of logits with no token left to sample.
+pub(crate) fn nothing_to_sample(row: usize) -> Error {
+    Error::Invalid(format!(
+        "row {row} of the logits has nothing to sample: every logit is -inf or NaN after the banned ids"
+    ))
+}
+
 /// What the hardware under a backend reaches at best, measured (not datasheet numbers): the ceilings that
 /// roofline floors are computed from.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,6 +250,30 @@ pub trait Backend: Send + Sync {
         layout: &Self::Layout,
         per_image: usize,
     ) -> Self::Tensor;
+    // ---- recorded decode steps ----
+    /// One engine's recorded decode steps, one per batch size (CUDA graphs). They refer to the engine's KV and
+    /// media pools, so they live and die with the engine.
+    type StepGraphs: Send;
+    /// An empty set of recorded steps, or `None` where this backend replays nothing (or cannot record a decoder
+    /// with heads of `head_dim`): then the engine runs every step eagerly.
+    fn new_step_graphs(&self, head_dim: usize) -> Option<Self::StepGraphs>;
+    /// Runs a decode step, every sequence one row, laid out in `shape`: the first step of its batch size is
+    /// recorded from `run` (which must launch the same work for any step of that size and shape, and read the
+    /// step's tokens only through `ids` and the layout), later ones replay the recording with their own `ids`
+    /// and layout. Returns what `run` returns (e.g. the logits of every row), bit for bit what an eager run gives.
+    fn run_recorded(
+        &self,
+        graphs: &mut Self::StepGraphs,
+        ids: &[u32],
+        step: &StepLayout,
+        shape: DecodeShape,
+        run: &mut dyn FnMut(&Self::Layout) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    /// The next token of each row of `logits` `[rows.len(), vocab]` by that row's rule; an error names a row
+    /// with nothing left to sample (every logit -inf or NaN). Only the ids leave the device.
+    fn sample(&self, logits: &Self::Tensor, rows: &[RowSampling]) -> Result<Vec<u32>>;
+
     /// Perceiver attention: latent queries over the keys `[k_ctx ; k_lat]` and values `[v_ctx ; v_lat]`, no mask,
     /// without materialising the concatenation.
     fn resampler_attention(

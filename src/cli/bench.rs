@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Launch every decode step's kernels one by one instead of replaying recorded steps (CUDA graphs).
+    #[arg(long)]
+    no_cuda_graphs: bool,
     #[command(flatten)]
     run: RunOptions,
 }
@@ -62,6 +65,7 @@ fn bench<B: Backend>(args: &BenchArgs, backend: B) -> Result<()> {
         decode_tokens: args.decode_tokens,
         vision_images: args.vision_images,
         repeats: args.repeats,
+        decode_graphs: !args.no_cuda_graphs,
     };
     let report = crate::perf::bench::run(&pipeline, &opts, &args.model.name(), |what| {
         if !args.json {

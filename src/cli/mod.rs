@@ -87,6 +87,9 @@ pub struct EngineOptions {
     /// Images whose cross-attention K/V are cached at once (default: 4 per sequence).
     #[arg(long)]
     pub media_slots: Option<usize>,
+    /// Launch every decode step's kernels one by one instead of replaying recorded steps (CUDA graphs).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 impl EngineOptions {
@@ -125,6 +128,7 @@ impl EngineOptions {
         if let Some(n) = self.media_slots {
             config.media_slots = n;
         }
+        config.decode_graphs = !self.no_cuda_graphs;
         Ok(config)
     }
 }

@@ -1,8 +1,11 @@
-//! Choosing the next token from a row of logits: banned ids, repetition penalty, then greedy or
-//! temperature / top-k / top-p sampling with a seeded generator (same seed, same tokens).
+//! A request's sampling parameters and state. The rule that turns a row of logits into a token (banned ids,
+//! repetition penalty, then greedy or temperature / top-k / top-p with a uniform draw) runs in the backend, on
+//! the device for the whole batch: see [`RowSampling`].
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::backend::RowSampling;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -50,107 +53,63 @@ impl SamplingParams {
     }
 }
 
+/// One request's sampling state: its rule, its own seeded generator (so a seeded request draws the same numbers
+/// whatever else shares its batch), its banned ids and the distinct ids it has seen (for the repetition penalty).
+/// The backend applies the rule ([`Backend::sample`](crate::backend::Backend::sample)); this only feeds it.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     banned: Vec<u32>,
+    /// Sorted, distinct; kept only when there is a penalty to apply.
+    seen: Vec<u32>,
 }
 
 impl Sampler {
-    /// `banned` ids are never produced (IDEFICS: `<image>` and `<fake_token_around_image>`).
-    pub fn new(params: SamplingParams, banned: Vec<u32>) -> Self {
+    /// `banned` ids are never produced (IDEFICS: `<image>` and `<fake_token_around_image>`); `prompt` is what the
+    /// request has seen before its first new token.
+    pub fn new(params: SamplingParams, banned: Vec<u32>, prompt: &[u32]) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Sampler {
+        let mut s = Sampler {
             params,
             rng,
             banned,
-        }
+            seen: Vec::new(),
+        };
+        prompt.iter().for_each(|&t| s.observe(t));
+        s
     }
 
-    /// The next token; `history` is every token so far (prompt and generated), for the repetition penalty.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        for &id in &self.banned {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+    /// Records a token the request has seen.
+    pub fn observe(&mut self, token: u32) {
         if self.params.repetition_penalty != 1.0 {
-            let mut seen = history.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 {
-                        *l / self.params.repetition_penalty
-                    } else {
-                        *l * self.params.repetition_penalty
-                    };
-                }
+            if let Err(at) = self.seen.binary_search(&token) {
+                self.seen.insert(at, token);
             }
         }
-        if self.params.temperature == 0.0 {
-            return argmax(logits);
-        }
-        self.sample_filtered(logits)
     }
 
-    fn sample_filtered(&mut self, logits: &[f32]) -> u32 {
-        let t = self.params.temperature;
-        let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| logits[i as usize].is_finite())
-            .collect();
-        if order.is_empty() {
-            return argmax(logits);
+    /// The uniform number in `[0, 1)` for the next token: the generator's next draw when sampling (a greedy
+    /// request's generator never advances).
+    pub fn draw(&mut self) -> f32 {
+        if self.params.temperature > 0.0 {
+            self.rng.random::<f32>()
+        } else {
+            0.0
         }
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        if self.params.top_k > 0 {
-            order.truncate(self.params.top_k);
-        }
-        let max = logits[order[0] as usize] / t;
-        let mut probs: Vec<f32> = order
-            .iter()
-            .map(|&i| (logits[i as usize] / t - max).exp())
-            .collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        // Nucleus: the smallest prefix whose mass reaches top_p (at least one token).
-        if self.params.top_p < 1.0 {
-            let mut mass = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&p| {
-                    mass += p;
-                    mass >= self.params.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            order.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, &p) in probs.iter().enumerate() {
-            if r < p {
-                return order[i];
-            }
-            r -= p;
-        }
-        *order.last().expect("non-empty")
     }
-}
 
-/// Index of the largest logit, the lowest index on ties (as torch.argmax).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    /// The rule for the next token, with `uniform` from [`Sampler::draw`].
+    pub fn rule(&self, uniform: f32) -> RowSampling<'_> {
+        RowSampling {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            repetition_penalty: self.params.repetition_penalty,
+            banned: &self.banned,
+            seen: &self.seen,
+            uniform,
         }
     }
-    best as u32
 }
 
 #[cfg(test)]
@@ -158,56 +117,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn greedy_skips_banned_and_breaks_ties_low() {
-        let mut s = Sampler::new(SamplingParams::default(), vec![3]);
-        let mut logits = vec![0.0, 2.0, 2.0, 9.0];
-        assert_eq!(s.sample(&mut logits, &[]), 1);
-    }
-
-    #[test]
-    fn repetition_penalty_follows_hf_sign_rule() {
-        let p = SamplingParams {
-            repetition_penalty: 2.0,
-            ..Default::default()
-        };
-        let mut s = Sampler::new(p, vec![]);
-        let mut logits = vec![3.0, 2.0, -1.0];
-        // token 0 seen: 3 -> 1.5 < 2, so 1 wins; token 2 seen: -1 -> -2.
-        assert_eq!(s.sample(&mut logits, &[0, 2]), 1);
-        assert_eq!(logits, vec![1.5, 2.0, -2.0]);
-    }
-
-    #[test]
-    fn seeded_sampling_repeats_and_respects_top_k() {
+    fn seeded_draws_repeat_and_greedy_draws_nothing() {
         let p = SamplingParams {
             temperature: 1.0,
-            top_k: 2,
             seed: 7,
             ..Default::default()
         };
-        let draw = |p: &SamplingParams| {
-            let mut s = Sampler::new(p.clone(), vec![]);
-            (0..64)
-                .map(|_| s.sample(&mut vec![1.0, 0.5, 0.9, -3.0], &[]))
-                .collect::<Vec<_>>()
+        let draws = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone(), vec![], &[]);
+            (0..16).map(|_| s.draw()).collect::<Vec<_>>()
         };
-        let a = draw(&p);
-        assert_eq!(a, draw(&p));
-        assert!(a.iter().all(|&t| t == 0 || t == 2), "{a:?}");
-        assert!(a.contains(&0) && a.contains(&2));
+        let a = draws(&p);
+        assert_eq!(a, draws(&p));
+        assert!(a.iter().all(|u| (0.0..1.0).contains(u)));
+        assert_ne!(a[0], a[1]);
+        assert_ne!(a, draws(&SamplingParams { seed: 8, ..p.clone() }));
+        assert!(draws(&SamplingParams::default()).iter().all(|&u| u == 0.0));
     }
 
     #[test]
-    fn top_p_keeps_the_nucleus_only() {
+    fn seen_ids_are_distinct_and_kept_only_with_a_penalty() {
         let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.5,
-            seed: 1,
+            repetition_penalty: 1.3,
             ..Default::default()
         };
-        let mut s = Sampler::new(p, vec![]);
-        for _ in 0..32 {
-            assert_eq!(s.sample(&mut vec![5.0, 0.0, 0.0], &[]), 0);
-        }
+        let mut s = Sampler::new(p, vec![4], &[9, 2, 9]);
+        s.observe(5);
+        s.observe(2);
+        let rule = s.rule(0.0);
+        assert_eq!(rule.seen, &[2, 5, 9]);
+        assert_eq!(rule.banned, &[4]);
+        let plain = Sampler::new(SamplingParams::default(), vec![], &[1, 2]);
+        assert!(plain.rule(0.0).seen.is_empty());
     }
 }

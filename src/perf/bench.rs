@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub vision_images: usize,
     /// Timed repetitions of the time-to-first-token and image figures (the median is reported).
     pub repeats: usize,
+    /// Whether decode steps replay recordings (CUDA graphs) where the backend has them.
+    pub decode_graphs: bool,
 }
 
 impl Default for BenchOptions {
@@ -43,6 +45,7 @@ impl Default for BenchOptions {
             decode_tokens: 64,
             vision_images: 16,
             repeats: 5,
+            decode_graphs: true,
         }
     }
 }
@@ -181,10 +184,10 @@ pub fn run<B: Backend>(
 
     progress("time to first token");
     let ttft_floor = image_floor + costs.prefill(n).floor(&ceilings);
-    let ttft = median(opts.repeats, || Ok(generate(p, &prompt, &pixels, 1, 1)?.0))?;
+    let ttft = median(opts.repeats, || Ok(generate(p, opts, &prompt, &pixels, 1, 1)?.0))?;
 
     progress("decode at batch 1");
-    let decode = decode_seconds_per_token(p, &prompt, &pixels, opts.decode_tokens)?;
+    let decode = decode_seconds_per_token(p, opts, &prompt, &pixels)?;
     let decode_floor = costs
         .decode_step(1, n + opts.decode_tokens / 2)
         .floor(&ceilings);
@@ -192,7 +195,7 @@ pub fn run<B: Backend>(
     let mut throughput = Vec::new();
     for &c in &opts.concurrency {
         progress(&format!("throughput at {c} concurrent requests"));
-        let (seconds, tokens) = generate(p, &prompt, &pixels, c, opts.new_tokens)?;
+        let (seconds, tokens) = generate(p, opts, &prompt, &pixels, c, opts.new_tokens)?;
         let floor = throughput_floor(&costs, &ceilings, c, n, opts.new_tokens);
         throughput.push(Throughput {
             concurrency: c,
@@ -269,6 +272,7 @@ pub fn bench_engine<'p, B: Backend>(
     p: &'p Pipeline<B>,
     seqs: usize,
     positions: usize,
+    decode_graphs: bool,
 ) -> Result<Engine<'p, B>> {
     let block_size = 16;
     Engine::new(
@@ -279,6 +283,7 @@ pub fn bench_engine<'p, B: Backend>(
             media_slots: seqs,
             max_seqs: seqs,
             max_step_tokens: 2048,
+            decode_graphs,
         },
     )
 }
@@ -295,12 +300,13 @@ pub fn bench_request(new_tokens: usize) -> GenerationRequest {
 /// Seconds for `c` requests to generate `new` tokens each from a standing start, and the tokens generated.
 fn generate<B: Backend>(
     p: &Pipeline<B>,
+    opts: &BenchOptions,
     prompt: &EncodedPrompt,
     pixels: &[f32],
     c: usize,
     new: usize,
 ) -> Result<(f64, usize)> {
-    let mut e = bench_engine(p, c, prompt.ids.len() + new)?;
+    let mut e = bench_engine(p, c, prompt.ids.len() + new, opts.decode_graphs)?;
     for _ in 0..c {
         e.add_request(prompt.clone(), vec![pixels.to_vec()], &bench_request(new))?;
     }
@@ -320,17 +326,19 @@ fn generate<B: Backend>(
 /// Seconds per token of one request decoding `tokens` tokens after its prefill.
 fn decode_seconds_per_token<B: Backend>(
     p: &Pipeline<B>,
+    opts: &BenchOptions,
     prompt: &EncodedPrompt,
     pixels: &[f32],
-    tokens: usize,
 ) -> Result<f64> {
-    let tokens = tokens.max(1);
-    let mut e = bench_engine(p, 1, prompt.ids.len() + tokens + 1)?;
+    let tokens = opts.decode_tokens.max(1);
+    let mut e = bench_engine(p, 1, prompt.ids.len() + tokens + 2, opts.decode_graphs)?;
     e.add_request(
         prompt.clone(),
         vec![pixels.to_vec()],
-        &bench_request(tokens + 1),
+        &bench_request(tokens + 2),
     )?;
+    // The prefill, then one decode step, where a backend that records decode steps records this one.
+    e.step()?;
     e.step()?;
     let mut result = Ok(());
     let seconds = time(&p.backend, || {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::backend::{Backend, Ceilings, StepLayout};
+use crate::backend::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::Result;
 use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
@@ -210,7 +210,7 @@ pub fn profile_steps<B: Backend>(
     let prompt = bench_prompt(p, prompt_tokens, 0)?;
     let pixels = bench_pixels(p);
     let new_tokens = decode_steps + 1;
-    let mut engine = bench_engine(p, batch, prompt.ids.len() + new_tokens)?;
+    let mut engine = bench_engine(p, batch, prompt.ids.len() + new_tokens, false)?;
     for _ in 0..batch {
         engine.add_request(
             prompt.clone(),
@@ -473,6 +473,27 @@ impl<B: Backend> Backend for Profiled<B> {
             self.inner
                 .cross_attention(q, k, v, heads, &layout.inner, per_image)
         })
+    }
+    /// A recorded step runs eagerly here, so that each of its ops is timed on its own (and an engine's padded
+    /// decode steps can be checked on any backend).
+    type StepGraphs = ();
+    fn new_step_graphs(&self, _head_dim: usize) -> Option<()> {
+        Some(())
+    }
+    fn run_recorded(
+        &self,
+        _graphs: &mut (),
+        _ids: &[u32],
+        step: &StepLayout,
+        _shape: DecodeShape,
+        run: &mut dyn FnMut(&Self::Layout) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        run(&self.layout(step))
+    }
+    fn sample(&self, logits: &Self::Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        let (n, vocab) = self.inner.dims(logits);
+        let bytes = self.act(n * vocab);
+        self.op("sample", 0.0, bytes, || self.inner.sample(logits, rows))
     }
     fn resampler_attention(
         &self,

@@ -10,15 +10,18 @@
 //! 3. grows block tables; when the pool runs dry the newest running sequence is preempted: its blocks are freed and
 //!    it goes back to the queue, to be recomputed from its prompt and the tokens it has generated (overload slows
 //!    requests down and never fails or loses one);
-//! 4. runs one forward pass over all planned rows, samples each finished row with its request's own sampler (so a
-//!    seeded request gives the same tokens whatever else shares the batch), and reports text and completions.
+//! 4. runs one forward pass over all planned rows and samples every finished row on the backend in one call, each
+//!    with its request's own rule and generator (so a seeded request gives the same tokens whatever else shares
+//!    the batch), and reports text and completions. A step of decodes only (one row per sequence, at most
+//!    [`MAX_RECORDED_SEQS`]) runs through the backend's recorded steps where it has them (CUDA graphs): padded to
+//!    the next power of two with rows on the KV cache's padding block, recorded the first time, replayed after.
 //!
 //! A request's output does not depend on what it is batched with: every op computes a row the same way whatever
 //! rows share its launch (tested in `tests/batch_invariance.rs`).
 
 use std::collections::VecDeque;
 
-use crate::backend::{Backend, SeqStep, StepLayout};
+use crate::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::model::sampling::Sampler;
@@ -40,7 +43,13 @@ pub struct EngineConfig {
     pub max_seqs: usize,
     /// Rows (prompt and decode tokens together) per step at most.
     pub max_step_tokens: usize,
+    /// Whether decode steps are recorded once per batch size and replayed (CUDA graphs), where the backend can.
+    pub decode_graphs: bool,
 }
+
+/// Decode steps of up to this many sequences are recorded: the CUDA backend's GEMV regime, so a step padded to its
+/// batch size computes each real row exactly as an eager step of its own size does.
+pub const MAX_RECORDED_SEQS: usize = crate::backend::cuda::GEMV_MAX_ROWS;
 
 impl EngineConfig {
     /// Limits for `max_seqs` concurrent sequences whose KV pool takes at most `kv_bytes` (each block costs
@@ -59,6 +68,7 @@ impl EngineConfig {
             media_slots: 4 * max_seqs,
             max_seqs,
             max_step_tokens: 2048,
+            decode_graphs: true,
         }
     }
 }
@@ -74,6 +84,8 @@ pub struct EngineStats {
     pub kv_blocks_used: usize,
     pub media_slots_used: usize,
     pub preemptions: usize,
+    /// Steps run from a recording (CUDA graph replays, and the step each recording was made on).
+    pub recorded_steps: usize,
 }
 
 /// What the engine reports after a step.
@@ -139,6 +151,9 @@ pub struct Engine<'p, B: Backend> {
     running: Vec<Sequence>,
     next_id: RequestId,
     preemptions: usize,
+    /// The backend's recorded decode steps, when it has them and the config asks for them.
+    graphs: Option<B::StepGraphs>,
+    recorded_steps: usize,
 }
 
 impl<'p, B: Backend> Engine<'p, B> {
@@ -153,7 +168,13 @@ impl<'p, B: Backend> Engine<'p, B> {
             )));
         }
         let b = &pipeline.backend;
+        let graphs = config
+            .decode_graphs
+            .then(|| b.new_step_graphs(pipeline.model.config.head_dim()))
+            .flatten();
         Ok(Engine {
+            graphs,
+            recorded_steps: 0,
             kv: pipeline
                 .model
                 .new_kv_cache(b, config.kv_blocks, config.block_size),
@@ -198,6 +219,7 @@ impl<'p, B: Backend> Engine<'p, B> {
             kv_blocks_used: self.kv.total_blocks() - self.kv.free_blocks(),
             media_slots_used: self.media.total_slots() - self.media.free_slots(),
             preemptions: self.preemptions,
+            recorded_steps: self.recorded_steps,
         }
     }
 
@@ -259,6 +281,11 @@ impl<'p, B: Backend> Engine<'p, B> {
             )));
         }
         let tok = &p.tokenizer;
+        let sampler = Sampler::new(
+            request.sampling.clone(),
+            vec![tok.image_id, tok.fake_image_id],
+            &prompt.ids,
+        );
         let id = self.next_id;
         self.next_id += 1;
         self.waiting.push_back(Sequence {
@@ -273,10 +300,7 @@ impl<'p, B: Backend> Engine<'p, B> {
             pixels,
             max_new_tokens: request.max_new_tokens,
             capacity,
-            sampler: Sampler::new(
-                request.sampling.clone(),
-                vec![tok.image_id, tok.fake_image_id],
-            ),
+            sampler,
             stream: TextStream::new(request.stop.clone()),
             stop_ids: match request.ignore_eos {
                 true => Vec::new(),
@@ -435,6 +459,7 @@ impl<'p, B: Backend> Engine<'p, B> {
         let mut ids = Vec::new();
         let mut seqs = Vec::with_capacity(plan.len());
         let mut sample_rows = Vec::new();
+        let mut sampled = Vec::new();
         for &(i, rows) in &plan {
             let seq = &self.running[i];
             let range = seq.computed..seq.computed + rows;
@@ -454,34 +479,39 @@ impl<'p, B: Backend> Engine<'p, B> {
             });
             if range.end == seq.tokens.len() {
                 sample_rows.push(ids.len() - 1);
+                sampled.push(i);
             }
         }
-        let step = StepLayout {
-            block_size: self.config.block_size,
-            seqs,
-        };
-        let layout = b.layout(&step);
-        let h = p
-            .model
-            .forward(b, &ids, &layout, &mut self.kv, &self.media, None)?;
-        let mut logits = if sample_rows.is_empty() {
-            Vec::new()
-        } else {
-            b.to_host(&p.model.logits(b, &b.gather_rows(&h, &sample_rows)))
-        };
-        let vocab = p.model.config.total_vocab();
-        let mut rows_of_logits = logits.chunks_mut(vocab);
-        let mut done = Vec::new();
-        for &(i, rows) in &plan {
-            let seq = &mut self.running[i];
-            seq.computed += rows;
-            if seq.pending() > 0 {
-                continue;
+        let decode_only = sample_rows.len() == ids.len() && ids.len() <= MAX_RECORDED_SEQS;
+        let logits = match (&mut self.graphs, decode_only) {
+            (Some(graphs), true) => {
+                self.recorded_steps += 1;
+                let step = padded(ids, seqs, self.config.block_size, self.kv.padding_block());
+                Some(recorded_logits(p, graphs, step, &mut self.kv, &self.media)?)
             }
-            let row = rows_of_logits
-                .next()
-                .expect("one logits row per sampled sequence");
-            if let Some(reason) = Self::sample(p, seq, row, events)? {
+            _ => {
+                let step = StepLayout {
+                    block_size: self.config.block_size,
+                    seqs,
+                };
+                let layout = b.layout(&step);
+                let h = p
+                    .model
+                    .forward(b, &ids, &layout, &mut self.kv, &self.media, None)?;
+                (!sample_rows.is_empty())
+                    .then(|| p.model.logits(b, &b.gather_rows(&h, &sample_rows)))
+            }
+        };
+        for &(i, rows) in &plan {
+            self.running[i].computed += rows;
+        }
+        let Some(logits) = logits else {
+            return Ok(());
+        };
+        let next = self.sample(&logits, &sampled)?;
+        let mut done = Vec::new();
+        for (&i, &token) in sampled.iter().zip(&next) {
+            if let Some(reason) = Self::accept(p, &mut self.running[i], token, events)? {
                 done.push((i, reason));
             }
         }
@@ -492,17 +522,32 @@ impl<'p, B: Backend> Engine<'p, B> {
         Ok(())
     }
 
-    /// Samples `seq`'s next token from its logits row, streams its text, and says whether it is finished.
-    fn sample(
+    /// The next token of each of `running[i]` for `i` in `sampled`, from its row of `logits`, all in one backend
+    /// call.
+    fn sample(&mut self, logits: &B::Tensor, sampled: &[usize]) -> Result<Vec<u32>> {
+        let uniforms: Vec<f32> = sampled
+            .iter()
+            .map(|&i| self.running[i].sampler.draw())
+            .collect();
+        let rules: Vec<RowSampling> = sampled
+            .iter()
+            .zip(uniforms)
+            .map(|(&i, u)| self.running[i].sampler.rule(u))
+            .collect();
+        self.pipeline.backend.sample(logits, &rules)
+    }
+
+    /// Appends `next` to `seq`, streams its text, and says whether it is finished.
+    fn accept(
         p: &Pipeline<B>,
         seq: &mut Sequence,
-        logits: &mut [f32],
+        next: u32,
         events: &mut Vec<Event>,
     ) -> Result<Option<FinishReason>> {
-        let next = seq.sampler.sample(logits, &seq.tokens);
         let image = *seq.image_of_token.last().expect("prompts are not empty");
         seq.tokens.push(next);
         seq.image_of_token.push(image);
+        seq.sampler.observe(next);
         if seq.stop_ids.contains(&next) {
             return Ok(Some(FinishReason::Stop));
         }
@@ -548,4 +593,51 @@ impl<'p, B: Backend> Engine<'p, B> {
         });
         Ok(())
     }
+}
+
+/// A decode step of these rows padded to the next power of two with one-row sequences on the padding block `pad`,
+/// so that every step of a batch size replays one recording. Returns the ids, the step and how many rows are real.
+fn padded(
+    mut ids: Vec<u32>,
+    mut seqs: Vec<SeqStep>,
+    block_size: usize,
+    pad: u32,
+) -> (Vec<u32>, StepLayout, usize) {
+    let real = seqs.len();
+    for _ in seqs.len()..seqs.len().next_power_of_two() {
+        ids.push(0);
+        seqs.push(SeqStep {
+            q_rows: 1,
+            kv_len: 1,
+            block_table: vec![pad],
+            image_of_row: vec![-1],
+        });
+    }
+    (ids, StepLayout { block_size, seqs }, real)
+}
+
+/// The logits of every real row of a padded decode step, through the backend's recording for its batch size (made
+/// on the first such step). Block tables and attention splits take the shape of the model's whole context.
+fn recorded_logits<B: Backend>(
+    p: &Pipeline<B>,
+    graphs: &mut B::StepGraphs,
+    (ids, step, real): (Vec<u32>, StepLayout, usize),
+    kv: &mut PagedKvCache<B>,
+    media: &MediaCache<B>,
+) -> Result<B::Tensor> {
+    let b = &p.backend;
+    let context = p.model.config.max_position_embeddings;
+    let shape = DecodeShape {
+        table_width: kv.blocks_for(context),
+        max_kv: context,
+    };
+    let logits = b.run_recorded(graphs, &ids, &step, shape, &mut |layout| {
+        let h = p.model.forward(b, &ids, layout, kv, media, None)?;
+        Ok(p.model.logits(b, &h))
+    })?;
+    Ok(if real == ids.len() {
+        logits
+    } else {
+        b.slice_rows(&logits, 0, real)
+    })
 }

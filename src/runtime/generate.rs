@@ -282,6 +282,7 @@ impl<B: Backend> Pipeline<B> {
             media_slots: pixels.len(),
             max_seqs: 1,
             max_step_tokens: self.model.config.max_position_embeddings.max(1),
+            decode_graphs: true,
         };
         let mut engine = Engine::new(self, config)?;
         engine.add_request(prompt.clone(), pixels, req)?;

@@ -1,6 +1,7 @@
 //! The paged self-attention KV cache. Every decoder layer has one K pool and one V pool `[blocks * block_size,
 //! hidden]`, allocated once; a sequence owns a list of blocks (its block table) that grows as it does, so memory
 //! is committed per `block_size` positions instead of per maximum context, and freed the moment a sequence ends.
+//! One more block past the pool's takes the writes of padding rows (see [`PagedKvCache::padding_block`]).
 
 use crate::backend::Backend;
 
@@ -48,16 +49,22 @@ pub struct PagedKvCache<B: Backend> {
 }
 
 impl<B: Backend> PagedKvCache<B> {
-    /// `layers` pairs of pools of `num_blocks` blocks of `block_size` rows of `width`.
+    /// `layers` pairs of pools of `num_blocks` blocks of `block_size` rows of `width`, plus the padding block.
     pub fn new(b: &B, layers: usize, num_blocks: usize, block_size: usize, width: usize) -> Self {
         assert!(block_size > 0, "block size must be positive");
-        let pool = || b.zeros(num_blocks * block_size, width);
+        let pool = || b.zeros((num_blocks + 1) * block_size, width);
         PagedKvCache {
             k: (0..layers).map(|_| pool()).collect(),
             v: (0..layers).map(|_| pool()).collect(),
             block_size,
             blocks: SlotPool::new(num_blocks),
         }
+    }
+
+    /// A block past the pool's, never given to a sequence: where the padding rows of a recorded decode step (one
+    /// padded to its batch size) write their K/V.
+    pub fn padding_block(&self) -> u32 {
+        self.blocks.total() as u32
     }
 
     pub fn block_size(&self) -> usize {

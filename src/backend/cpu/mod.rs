@@ -5,13 +5,14 @@ mod attention;
 mod ceilings;
 mod dot;
 mod matmul;
+pub mod sampling;
 mod weight;
 
 pub use weight::CpuWeight;
 
 use rayon::prelude::*;
 
-use super::{Backend, Ceilings, StepLayout};
+use super::{nothing_to_sample, Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
@@ -407,6 +408,35 @@ impl Backend for CpuBackend {
             attention::attend(qh, per_image, key, scale, scores, out);
         });
         tensor(out, q.rows, q.cols)
+    }
+
+    /// The CPU has no launches to record.
+    type StepGraphs = std::convert::Infallible;
+
+    fn new_step_graphs(&self, _head_dim: usize) -> Option<Self::StepGraphs> {
+        None
+    }
+
+    fn run_recorded(
+        &self,
+        graphs: &mut Self::StepGraphs,
+        _ids: &[u32],
+        _step: &StepLayout,
+        _shape: DecodeShape,
+        _run: &mut dyn FnMut(&CpuLayout) -> Result<CpuTensor>,
+    ) -> Result<CpuTensor> {
+        match *graphs {}
+    }
+
+    fn sample(&self, logits: &CpuTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        assert_eq!(logits.rows, rows.len(), "one sampling rule per row of logits");
+        let vocab = logits.cols;
+        (0..rows.len())
+            .map(|r| {
+                let mut row = logits.data[r * vocab..(r + 1) * vocab].to_vec();
+                sampling::sample_row(&mut row, &rows[r]).ok_or_else(|| nothing_to_sample(r))
+            })
+            .collect()
     }
 
     fn resampler_attention(

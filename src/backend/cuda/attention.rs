@@ -17,10 +17,10 @@ use std::sync::OnceLock;
 use super::kernels::{float, int, long, ptr};
 use super::memory::Buffer;
 use super::{CudaBackend, CudaTensor};
-use crate::backend::StepLayout;
+use crate::backend::{DecodeShape, StepLayout};
 
 const FLASH_DIMS: &[usize] = &[64, 80, 96, 128];
-const DECODE_DIMS: &[usize] = &[16, 32, 64, 128];
+pub(super) const DECODE_DIMS: &[usize] = &[16, 32, 64, 128];
 const XATTN_DIMS: &[usize] = &[64, 128];
 const RESAMPLER_DIMS: &[usize] = &[64, 96, 128];
 /// Keys per flash-decoding split: fixed, so a row's reduction order depends on its own length only.
@@ -125,8 +125,20 @@ pub struct CudaLayout {
     decode_flash: OnceLock<FlashGroup>,
 }
 
-impl CudaLayout {
-    pub(super) fn new(b: &CudaBackend, step: &StepLayout) -> CudaLayout {
+/// A step's int32 arrays before upload, and where each part sits in them.
+pub(super) struct LayoutPlan {
+    arrays: Arrays,
+    starts: Vec<usize>,
+    positions: usize,
+    slots: usize,
+    images: usize,
+    max_slot: usize,
+    decode: Option<DecodePlan>,
+}
+
+impl LayoutPlan {
+    /// The arrays of `step`; with a `shape`, its decode sequences take that fixed geometry (a recorded step's).
+    pub(super) fn new(step: &StepLayout, shape: Option<&DecodeShape>) -> LayoutPlan {
         let mut a = Arrays::default();
         let starts: Vec<usize> = step
             .seqs
@@ -143,24 +155,66 @@ impl CudaLayout {
                 .iter()
                 .flat_map(|s| s.image_of_row.iter().copied()),
         );
-        let decoding =
-            |d: bool| (0..step.seqs.len()).filter(move |&i| (step.seqs[i].q_rows == 1) == d);
-        let dec: Vec<usize> = decoding(true).collect();
-        let dec_plan = (!dec.is_empty()).then(|| plan_decode(&mut a, step, &starts, &dec));
-        let buf = b.upload_i32(&a.0);
-        let pre: Vec<usize> = decoding(false).collect();
-        CudaLayout {
-            prefill: (!pre.is_empty()).then(|| flash_group(b, step, &starts, &pre)),
-            decode: dec_plan.map(|p| p.resolve(&buf)),
-            decode_flash: OnceLock::new(),
-            step: step.clone(),
+        let dec: Vec<usize> = (0..step.seqs.len())
+            .filter(|&i| step.seqs[i].q_rows == 1)
+            .collect();
+        let decode = (!dec.is_empty()).then(|| plan_decode(&mut a, step, &starts, &dec, shape));
+        LayoutPlan {
+            arrays: a,
             starts,
-            buf,
             positions,
             slots,
             images,
             max_slot,
+            decode,
         }
+    }
+
+    /// Appends the step's token ids (a recorded step's embedding reads them from the layout's buffer); returns
+    /// their offset.
+    pub(super) fn push_ids(&mut self, ids: &[u32]) -> usize {
+        self.arrays.push(ids.iter().map(|&i| i as usize))
+    }
+
+    pub(super) fn arrays(&self) -> &[i32] {
+        &self.arrays.0
+    }
+}
+
+impl CudaLayout {
+    pub(super) fn new(b: &CudaBackend, step: &StepLayout) -> CudaLayout {
+        let plan = LayoutPlan::new(step, None);
+        let buf = b.upload_i32(plan.arrays());
+        CudaLayout::from_plan(b, step, plan, buf)
+    }
+
+    /// The layout of `step` whose arrays `plan` are (or will be) in `buf`.
+    pub(super) fn from_plan(
+        b: &CudaBackend,
+        step: &StepLayout,
+        plan: LayoutPlan,
+        buf: Buffer,
+    ) -> CudaLayout {
+        let pre: Vec<usize> = (0..step.seqs.len())
+            .filter(|&i| step.seqs[i].q_rows != 1)
+            .collect();
+        CudaLayout {
+            prefill: (!pre.is_empty()).then(|| flash_group(b, step, &plan.starts, &pre)),
+            decode: plan.decode.map(|p| p.resolve(&buf)),
+            decode_flash: OnceLock::new(),
+            step: step.clone(),
+            starts: plan.starts,
+            buf,
+            positions: plan.positions,
+            slots: plan.slots,
+            images: plan.images,
+            max_slot: plan.max_slot,
+        }
+    }
+
+    /// Device address of element `offset` of the layout's int32 arrays.
+    pub(super) fn array(&self, offset: usize) -> u64 {
+        device_ptr(&self.buf, offset)
     }
 
     pub(super) fn rows(&self) -> usize {
@@ -211,14 +265,34 @@ impl DecodePlan {
     }
 }
 
-fn plan_decode(a: &mut Arrays, step: &StepLayout, starts: &[usize], seqs: &[usize]) -> DecodePlan {
+/// The decode sequences' arrays; a `shape` fixes the block-table width and the longest length (so the split count)
+/// whatever the sequences' own, for a recorded step.
+fn plan_decode(
+    a: &mut Arrays,
+    step: &StepLayout,
+    starts: &[usize],
+    seqs: &[usize],
+    shape: Option<&DecodeShape>,
+) -> DecodePlan {
     let rows: Vec<usize> = seqs.iter().map(|&s| starts[s]).collect();
-    let max_blocks = seqs
+    let longest_table = seqs
         .iter()
         .map(|&s| step.seqs[s].block_table.len())
         .max()
-        .unwrap_or(0)
-        .max(1);
+        .unwrap_or(0);
+    let longest = seqs.iter().map(|&s| step.seqs[s].kv_len).max().unwrap_or(0);
+    let (max_blocks, max_kv) = match shape {
+        Some(f) => {
+            assert!(
+                longest_table <= f.table_width && longest <= f.max_kv,
+                "a recorded decode step holds tables of {} blocks and {} positions at most",
+                f.table_width,
+                f.max_kv
+            );
+            (f.table_width, f.max_kv)
+        }
+        None => (longest_table.max(1), longest),
+    };
     let rows_at = a.push(rows.iter().copied());
     let kv_lens = a.push(seqs.iter().map(|&s| step.seqs[s].kv_len));
     let table = seqs.iter().flat_map(|&s| {
@@ -226,7 +300,6 @@ fn plan_decode(a: &mut Arrays, step: &StepLayout, starts: &[usize], seqs: &[usiz
         (0..max_blocks).map(move |j| t.get(j).map_or(0, |&b| b as usize))
     });
     let block_table = a.push(table);
-    let max_kv = seqs.iter().map(|&s| step.seqs[s].kv_len).max().unwrap_or(0);
     DecodePlan {
         rows,
         rows_at,

@@ -19,6 +19,7 @@ const USED: &[(&str, &[&str])] = &[
         "activation.cu",
         &[
             "add_bf16",
+            "bf16_to_f32",
             "bias_act_bf16",
             "silu_mul_bf16",
             "tanh_gate_residual_bf16",
@@ -55,6 +56,10 @@ const USED: &[(&str, &[&str])] = &[
         ],
     ),
     ("rope.cu", &["rope_bf16"]),
+    (
+        "sampling.cu",
+        &["ban_tokens_f32", "penalize_tokens_f32", "sample_f32"],
+    ),
 ];
 
 /// The embedded source of a kernel file.

@@ -22,7 +22,8 @@ const EXACT_ABOVE: usize = 256 << 20;
 pub struct Pool {
     ctx: Arc<CudaContext>,
     free: Mutex<HashMap<usize, Vec<CUdeviceptr>>>,
-    allocations: AtomicUsize,
+    /// Shared with sibling pools, so one count covers every driver allocation of a backend.
+    allocations: Arc<AtomicUsize>,
 }
 
 /// A device buffer that goes back to its pool when dropped.
@@ -54,7 +55,17 @@ impl Pool {
         Arc::new(Pool {
             ctx,
             free: Mutex::new(HashMap::new()),
-            allocations: AtomicUsize::new(0),
+            allocations: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// A separate pool on the same context whose driver allocations count with this one's (a recorded step's
+    /// private buffers).
+    pub fn sibling(&self) -> Arc<Pool> {
+        Arc::new(Pool {
+            ctx: self.ctx.clone(),
+            free: Mutex::new(HashMap::new()),
+            allocations: self.allocations.clone(),
         })
     }
 

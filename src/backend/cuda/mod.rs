@@ -19,9 +19,11 @@
 mod attention;
 mod ceilings;
 mod device;
+mod graph;
 pub mod kernels;
 mod memory;
 pub mod nvrtc;
+mod sampling;
 
 use std::sync::{Arc, Mutex};
 
@@ -32,7 +34,7 @@ pub use device::{describe, device_count, driver_present, driver_version};
 use kernels::{float, int, launch, long, ptr, stride_grid, Arg, Kernels};
 use memory::{Buffer, Pool, WeightArena};
 
-use super::{Backend, Ceilings, StepLayout};
+use super::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
@@ -90,6 +92,8 @@ pub struct CudaBackend {
     weights: Mutex<WeightArena>,
     sm_count: usize,
     poison: bool,
+    /// Set while a decode step is being recorded (see [`graph`]).
+    recording: Mutex<Option<graph::Recording>>,
 }
 
 impl CudaBackend {
@@ -113,6 +117,7 @@ impl CudaBackend {
             pool,
             sm_count,
             poison: false,
+            recording: Mutex::new(None),
         })
     }
 
@@ -165,10 +170,19 @@ impl CudaBackend {
         self.check("context binding", self.ctx.bind_to_thread());
     }
 
+    /// Where buffers come from now: the private pool of the step being recorded (so a recorded graph's buffers
+    /// are never handed to anything else), else the backend's pool.
+    fn pool(&self) -> Arc<Pool> {
+        match &*self.recording.lock().expect("recording lock") {
+            Some(r) => r.pool.clone(),
+            None => self.pool.clone(),
+        }
+    }
+
     /// A fresh (poisoned when asked) bf16 tensor.
     fn alloc(&self, rows: usize, cols: usize) -> CudaTensor {
         let n = rows * cols;
-        let buf = (n > 0).then(|| self.pool.take(n * 2));
+        let buf = (n > 0).then(|| self.pool().take(n * 2));
         let t = CudaTensor { buf, rows, cols };
         if self.poison && n > 0 {
             self.bind();
@@ -182,12 +196,12 @@ impl CudaBackend {
 
     /// A scratch buffer of `n` f32 values.
     fn scratch_f32(&self, n: usize) -> Buffer {
-        self.pool.take(n.max(1) * 4)
+        self.pool().take(n.max(1) * 4)
     }
 
     /// `data` on the device, as the kernels' int32 arrays.
     fn upload_i32(&self, data: &[i32]) -> Buffer {
-        let buf = self.pool.take(data.len().max(1) * 4);
+        let buf = self.pool().take(data.len().max(1) * 4);
         self.htod(buf.ptr, data);
         buf
     }
@@ -196,6 +210,10 @@ impl CudaBackend {
         if src.is_empty() {
             return;
         }
+        assert!(
+            self.recording.lock().expect("recording lock").is_none(),
+            "a host-to-device copy inside a recorded decode step: a graph cannot replay it with new data"
+        );
         self.bind();
         // SAFETY: dst holds at least size_of_val(src) bytes; pageable sources are staged before the call returns.
         self.check("host-to-device copy", unsafe {
@@ -567,10 +585,18 @@ impl Backend for CudaBackend {
             );
         }
         let out = self.alloc(ids.len(), table.cols);
-        let dev_ids = self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>());
+        // A recorded step reads its ids from its layout's buffer, where each replay writes the new ones.
+        let recorded = self.recording.lock().expect("recording lock").as_ref().map(|r| {
+            assert_eq!(r.rows, ids.len(), "a recorded step embeds its own ids");
+            r.ids
+        });
+        let uploaded = recorded.is_none().then(|| {
+            self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())
+        });
+        let dev_ids = recorded.unwrap_or_else(|| uploaded.as_ref().expect("uploaded").ptr);
         let args = [
             ptr(out.ptr()),
-            ptr(dev_ids.ptr),
+            ptr(dev_ids),
             int(ids.len()),
             ptr(table.ptr),
             int(vocab_a),
@@ -769,6 +795,27 @@ impl Backend for CudaBackend {
         per_image: usize,
     ) -> CudaTensor {
         self.gated_cross(q, k, v, heads, layout, per_image)
+    }
+
+    type StepGraphs = graph::StepGraphs;
+
+    fn new_step_graphs(&self, head_dim: usize) -> Option<graph::StepGraphs> {
+        graph::StepGraphs::new(head_dim)
+    }
+
+    fn run_recorded(
+        &self,
+        graphs: &mut graph::StepGraphs,
+        ids: &[u32],
+        step: &StepLayout,
+        shape: DecodeShape,
+        run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        self.replay_or_record(graphs, ids, step, shape, run)
+    }
+
+    fn sample(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        self.sample_rows(logits, rows)
     }
 
     fn resampler_attention(

@@ -1,0 +1,243 @@
+//! The CPU reference of `kernels/sampling.cu`: the same rule, step for step (ban, repetition penalty, then greedy
+//! argmax or temperature softmax with top-k and top-p cuts found on the order-preserving key of each logit, and an
+//! inverse CDF in index order). Sums run left to right here and in tiles on the GPU, so the two can differ only
+//! when a draw falls within rounding of a boundary between two tokens.
+
+use crate::backend::RowSampling;
+
+/// The next token of `logits` (modified in place by the ban and the penalty), or `None` when nothing can be
+/// sampled (every logit -inf or NaN, or an empty row).
+pub fn sample_row(logits: &mut [f32], rule: &RowSampling) -> Option<u32> {
+    ban(logits, rule.banned);
+    if rule.repetition_penalty != 1.0 {
+        penalize(logits, rule.seen, rule.repetition_penalty);
+    }
+    let t = rule.temperature;
+    if t.is_nan() || t <= 0.0 || t == f32::INFINITY {
+        return argmax(logits);
+    }
+    sample_filtered(logits, t, rule)
+}
+
+fn ban(logits: &mut [f32], ids: &[u32]) {
+    for &id in ids {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// HF's repetition penalty: positive logits divided by it, the others multiplied.
+fn penalize(logits: &mut [f32], seen: &[u32], penalty: f32) {
+    for &id in seen {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// Index of the largest logit, NaN counting as the largest and the lowest index winning ties (torch.argmax).
+pub fn argmax(logits: &[f32]) -> Option<u32> {
+    let better = |a: f32, b: f32| match (a.is_nan(), b.is_nan()) {
+        (an, bn) if an != bn => an,
+        _ => a > b,
+    };
+    let mut best: Option<usize> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if best.is_none_or(|b| better(l, logits[b])) {
+            best = Some(i);
+        }
+    }
+    best.map(|i| i as u32)
+}
+
+/// Order-preserving map of a float to u32: `a < b` iff `key(a) < key(b)` (non-NaN).
+fn order_key(x: f32) -> u32 {
+    let u = x.to_bits();
+    if u & 0x8000_0000 != 0 {
+        !u
+    } else {
+        u | 0x8000_0000
+    }
+}
+
+fn sample_filtered(logits: &[f32], t: f32, rule: &RowSampling) -> Option<u32> {
+    let inv_t = 1.0 / t;
+    let x: Vec<f32> = logits
+        .iter()
+        .map(|&l| {
+            let v = l * inv_t;
+            if v.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                v
+            }
+        })
+        .collect();
+    let mx = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if mx == f32::NEG_INFINITY {
+        return None;
+    }
+    let e = |v: f32| (v - mx).exp();
+    let tau_k = top_k_threshold(&x, rule.top_k);
+    let tau = if rule.top_p > 0.0 && rule.top_p < 1.0 {
+        top_p_threshold(&x, tau_k, rule.top_p, e)
+    } else {
+        tau_k
+    };
+    let kept = |i: usize| order_key(x[i]) >= tau && x[i] != f32::NEG_INFINITY;
+    let total: f32 = (0..x.len()).filter(|&i| kept(i)).map(|i| e(x[i])).sum();
+    let target = rule.uniform.clamp(0.0, 0.999_999_94) * total;
+    let mut acc = 0.0;
+    let mut last = None;
+    for i in (0..x.len()).filter(|&i| kept(i)) {
+        acc += e(x[i]);
+        last = Some(i as u32);
+        if acc > target {
+            return last;
+        }
+    }
+    last
+}
+
+/// The k-th largest key (0 keeps everything: no cut when k is 0 or at least the row length).
+fn top_k_threshold(x: &[f32], k: usize) -> u32 {
+    if k == 0 || k >= x.len() {
+        return 0;
+    }
+    let mut keys: Vec<u32> = x.iter().map(|&v| order_key(v)).collect();
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    keys[k - 1]
+}
+
+/// HF's nucleus over the tokens at or above `tau_k`: the smallest key whose cumulative mass, summing key groups
+/// in ascending order, exceeds `(1 - p)` of their total; every token below it is dropped.
+fn top_p_threshold(x: &[f32], tau_k: u32, p: f32, e: impl Fn(f32) -> f32) -> u32 {
+    let mut kept: Vec<(u32, f32)> = x
+        .iter()
+        .map(|&v| (order_key(v), e(v)))
+        .filter(|&(k, _)| k >= tau_k)
+        .collect();
+    let z: f32 = kept.iter().map(|&(_, m)| m).sum();
+    let limit = (1.0 - p) * z;
+    kept.sort_unstable_by_key(|&(k, _)| k);
+    let mut mass = 0.0;
+    let mut i = 0;
+    while i < kept.len() {
+        let key = kept[i].0;
+        while i < kept.len() && kept[i].0 == key {
+            mass += kept[i].1;
+            i += 1;
+        }
+        if mass > limit {
+            return key;
+        }
+    }
+    kept.last().map_or(tau_k, |&(k, _)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(temperature: f32) -> RowSampling<'static> {
+        RowSampling {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            banned: &[],
+            seen: &[],
+            uniform: 0.5,
+        }
+    }
+
+    #[test]
+    fn greedy_skips_banned_and_breaks_ties_low() {
+        let r = RowSampling {
+            banned: &[3],
+            ..rule(0.0)
+        };
+        assert_eq!(sample_row(&mut [0.0, 2.0, 2.0, 9.0], &r), Some(1));
+        assert_eq!(argmax(&[1.0, f32::NAN, 5.0]), Some(1), "NaN is the largest");
+        assert_eq!(argmax(&[]), None);
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf_sign_rule() {
+        let r = RowSampling {
+            repetition_penalty: 2.0,
+            seen: &[0, 2],
+            ..rule(0.0)
+        };
+        let mut logits = [3.0, 2.0, -1.0];
+        // token 0 seen: 3 -> 1.5 < 2, so 1 wins; token 2 seen: -1 -> -2.
+        assert_eq!(sample_row(&mut logits, &r), Some(1));
+        assert_eq!(logits, [1.5, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn inverse_cdf_walks_index_order() {
+        // Equal logits: each token owns a quarter of [0, 1).
+        for (u, want) in [(0.0, 0), (0.24, 0), (0.26, 1), (0.6, 2), (0.99, 3), (1.5, 3)] {
+            let r = RowSampling {
+                uniform: u,
+                ..rule(1.0)
+            };
+            assert_eq!(sample_row(&mut [1.0; 4], &r), Some(want), "u = {u}");
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_ties_and_top_p_keeps_the_nucleus() {
+        let draws = |r: RowSampling, logits: &[f32]| -> Vec<u32> {
+            (0..100)
+                .map(|i| {
+                    let r = RowSampling {
+                        uniform: i as f32 / 100.0,
+                        ..r
+                    };
+                    sample_row(&mut logits.to_vec(), &r).unwrap()
+                })
+                .collect()
+        };
+        let k2 = draws(
+            RowSampling {
+                top_k: 2,
+                ..rule(1.0)
+            },
+            &[1.0, 0.5, 0.9, -3.0, 0.9],
+        );
+        // The second-largest value, 0.9, is tied: both copies stay.
+        assert!(k2.iter().all(|&t| [0, 2, 4].contains(&t)), "{k2:?}");
+        assert!([0, 2, 4].iter().all(|t| k2.contains(t)));
+        let nucleus = draws(
+            RowSampling {
+                top_p: 0.5,
+                ..rule(1.0)
+            },
+            &[0.0, 5.0, 0.0],
+        );
+        assert!(nucleus.iter().all(|&t| t == 1), "{nucleus:?}");
+        // Top-k then top-p: p = 0.6 of {3.0, 2.9} needs both (each has about half the mass).
+        let both = draws(
+            RowSampling {
+                top_k: 2,
+                top_p: 0.6,
+                ..rule(1.0)
+            },
+            &[3.0, -1.0, 2.9, 0.0],
+        );
+        assert!(both.contains(&0) && both.contains(&2) && both.iter().all(|&t| t == 0 || t == 2));
+    }
+
+    #[test]
+    fn nothing_to_sample_is_none() {
+        let r = RowSampling {
+            banned: &[0, 1],
+            ..rule(0.7)
+        };
+        assert_eq!(sample_row(&mut [1.0, 2.0], &r), None);
+        assert_eq!(sample_row(&mut [f32::NAN, f32::NAN], &rule(0.7)), None);
+    }
+}

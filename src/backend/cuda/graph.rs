@@ -1,0 +1,164 @@
+//! Recorded decode steps: CUDA graphs of a whole decode step (decoder and LM head), one per batch size, replayed
+//! with new data. A decode step of IDEFICS-9B is some 600 small launches; replaying them as one graph removes the
+//! launch overhead that otherwise rivals the step's 3.7 ms memory floor at small batches.
+//!
+//! What makes a replay valid is that every launch's arguments stay the same:
+//! - the step is laid out in a fixed [`DecodeShape`] (block tables of one width, attention split for the longest
+//!   context), so kernel geometry does not follow the sequences' lengths; empty attention splits add exact zeros,
+//!   so results are bit-identical to an eager step's;
+//! - the step's int32 arrays and token ids live in one buffer the graph owns; a replay writes the new ones into it
+//!   (in stream order) before launching;
+//! - every buffer the step takes comes from a private pool (a sibling of the backend's, [`Pool::sibling`]): an
+//!   eager warm-up run fills it, the captured run reuses exactly those buffers, and no other op ever gets them;
+//! - weights, KV and media pools stay where they are for the engine's life, and the graphs die with the engine.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
+use cudarc::driver::CudaGraph;
+
+use super::attention::{LayoutPlan, DECODE_DIMS};
+use super::memory::Pool;
+use super::{describe, CudaBackend, CudaLayout, CudaTensor};
+use crate::backend::{DecodeShape, StepLayout};
+use crate::error::{Error, Result};
+
+/// What the backend's ops consult while a step is being recorded.
+pub(super) struct Recording {
+    /// Where every buffer of the step comes from.
+    pub pool: Arc<Pool>,
+    /// Device address of the step's token ids (int32) for the embedding.
+    pub ids: u64,
+    pub rows: usize,
+}
+
+/// One engine's recorded steps, by batch size and shape.
+pub struct StepGraphs {
+    by_size: HashMap<(usize, DecodeShape), StepGraph>,
+}
+
+struct StepGraph {
+    graph: CudaGraph,
+    /// The layout the graph reads; it owns the input buffer each replay rewrites.
+    layout: CudaLayout,
+    inputs_len: usize,
+    output: CudaTensor,
+}
+
+// SAFETY: a CUDA graph is not internally synchronised; a `StepGraph` is only reached through `&mut StepGraphs`,
+// so one thread at a time uses it, which is all the driver asks.
+unsafe impl Send for StepGraph {}
+
+impl StepGraphs {
+    /// Recording needs the `decode_attn` kernel for the head dim (the flash fallback uploads per step).
+    pub(super) fn new(head_dim: usize) -> Option<StepGraphs> {
+        DECODE_DIMS.contains(&head_dim).then(|| StepGraphs {
+            by_size: HashMap::new(),
+        })
+    }
+}
+
+/// Clears the recording state, and ends a capture still open (an op failed or panicked inside it), whatever way
+/// recording ends.
+struct RecordingGuard<'a>(&'a CudaBackend);
+
+impl<'a> RecordingGuard<'a> {
+    fn start(b: &'a CudaBackend, r: Recording) -> Self {
+        *b.recording.lock().expect("recording lock") = Some(r);
+        RecordingGuard(b)
+    }
+}
+
+impl Drop for RecordingGuard<'_> {
+    fn drop(&mut self) {
+        let stream = &self.0.stream;
+        if stream.capture_status().ok() == Some(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE) {
+            let _ = stream.end_capture(CUgraphInstantiate_flags(0));
+        }
+        *self.0.recording.lock().expect("recording lock") = None;
+    }
+}
+
+impl CudaBackend {
+    /// See [`Backend::run_recorded`](crate::backend::Backend::run_recorded).
+    pub(super) fn replay_or_record(
+        &self,
+        graphs: &mut StepGraphs,
+        ids: &[u32],
+        step: &StepLayout,
+        shape: DecodeShape,
+        run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        assert!(
+            step.seqs.iter().all(|s| s.q_rows == 1) && ids.len() == step.seqs.len(),
+            "a recorded step decodes one row per sequence"
+        );
+        let mut plan = LayoutPlan::new(step, Some(&shape));
+        let ids_at = plan.push_ids(ids);
+        let key = (step.seqs.len(), shape);
+        if let Some(g) = graphs.by_size.get(&key) {
+            assert_eq!(plan.arrays().len(), g.inputs_len, "same size and shape, same arrays");
+            self.htod(g.layout.array(0), plan.arrays());
+            self.check("graph launch", g.graph.launch());
+            return Ok(self.copy_of(&g.output));
+        }
+        let g = self.record(step, plan, ids_at, run)?;
+        let out = self.copy_of(&g.output);
+        graphs.by_size.insert(key, g);
+        Ok(out)
+    }
+
+    /// Records `run` on `step` (laid out by `plan`, its ids at `ids_at`) and launches the graph once, which
+    /// computes this step (the capture itself runs nothing).
+    fn record(
+        &self,
+        step: &StepLayout,
+        plan: LayoutPlan,
+        ids_at: usize,
+        run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
+    ) -> Result<StepGraph> {
+        let err = |what: &str, e: cudarc::driver::DriverError| {
+            Error::Device(describe(&self.ctx), format!("recording a decode step: {what}: {e}"))
+        };
+        let pool = self.pool.sibling();
+        let inputs_len = plan.arrays().len();
+        let inputs = pool.take(inputs_len * 4);
+        self.htod(inputs.ptr, plan.arrays());
+        let layout = CudaLayout::from_plan(self, step, plan, inputs);
+        let guard = RecordingGuard::start(
+            self,
+            Recording {
+                pool,
+                ids: layout.array(ids_at),
+                rows: step.seqs.len(),
+            },
+        );
+        // The warm-up fills the private pool, so the captured run takes only buffers that exist already.
+        drop(run(&layout)?);
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| err("beginning the capture", e))?;
+        let output = run(&layout)?;
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| err("ending the capture", e))?
+            .ok_or_else(|| Error::Device(describe(&self.ctx), "the captured step is empty".into()))?;
+        drop(guard);
+        graph.launch().map_err(|e| err("first launch", e))?;
+        Ok(StepGraph {
+            graph,
+            layout,
+            inputs_len,
+            output,
+        })
+    }
+
+    /// A copy of `t` from the backend's own pool (a graph's output buffer is rewritten by its next replay).
+    fn copy_of(&self, t: &CudaTensor) -> CudaTensor {
+        let out = self.alloc(t.rows, t.cols);
+        self.dtod(out.ptr(), t.ptr(), t.len());
+        out
+    }
+}

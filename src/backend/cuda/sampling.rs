@@ -1,0 +1,150 @@
+//! Sampling on the device (`kernels/sampling.cu`): the logits stay on the GPU; each row's rule goes up as a few
+//! small arrays, and only one id per row comes back.
+//!
+//! Per step: `bf16_to_f32` widens the logits (exact), `ban_tokens_f32` and `penalize_tokens_f32` apply the banned
+//! ids and the repetition penalty (CSR lists per row), and `sample_f32` picks each row's token (greedy or
+//! temperature / top-k / top-p with the row's uniform draw), one block per row.
+
+use cudarc::driver::result;
+
+use super::kernels::{int, long, ptr, stride_grid};
+use super::CudaBackend;
+use super::CudaTensor;
+use crate::backend::{nothing_to_sample, RowSampling};
+use crate::error::Result;
+
+/// The int32 and f32 arrays of one step's rules, laid out as the kernels read them.
+struct RuleArrays {
+    ints: Vec<i32>,
+    floats: Vec<f32>,
+    /// Offsets into `ints`: ban CSR offsets and ids, penalty CSR offsets and ids, top_k, output ids.
+    ban_offsets: usize,
+    ban_ids: usize,
+    penalty_offsets: usize,
+    penalty_ids: usize,
+    top_k: usize,
+    out: usize,
+    /// Whether any row has a repetition penalty (else that kernel is skipped).
+    penalized: bool,
+}
+
+/// Offsets into `RuleArrays::floats`, each `rows` long: penalty, temperature, top_p, uniform.
+const PENALTY: usize = 0;
+const TEMPERATURE: usize = 1;
+const TOP_P: usize = 2;
+const UNIFORM: usize = 3;
+
+fn id(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(-1) // out of any vocabulary: the kernels ignore it
+}
+
+fn csr<'a>(ints: &mut Vec<i32>, lists: impl Iterator<Item = &'a [u32]> + Clone) -> (usize, usize) {
+    let offsets = ints.len();
+    let mut acc = 0;
+    ints.push(0);
+    for l in lists.clone() {
+        acc += l.len();
+        ints.push(i32::try_from(acc).expect("list lengths fit int32"));
+    }
+    let ids = ints.len();
+    ints.extend(lists.flat_map(|l| l.iter().map(|&v| id(v))));
+    (offsets, ids)
+}
+
+impl RuleArrays {
+    fn new(rows: &[RowSampling]) -> RuleArrays {
+        let mut ints = Vec::new();
+        let (ban_offsets, ban_ids) = csr(&mut ints, rows.iter().map(|r| r.banned));
+        let penalized = rows.iter().any(|r| r.repetition_penalty != 1.0);
+        let seen = rows
+            .iter()
+            .map(|r| if r.repetition_penalty != 1.0 { r.seen } else { &[] });
+        let (penalty_offsets, penalty_ids) = csr(&mut ints, seen);
+        let top_k = ints.len();
+        ints.extend(rows.iter().map(|r| i32::try_from(r.top_k).unwrap_or(0)));
+        let out = ints.len();
+        ints.extend(std::iter::repeat_n(-1, rows.len()));
+        let fields: [fn(&RowSampling) -> f32; 4] = [
+            |r| r.repetition_penalty,
+            |r| r.temperature,
+            |r| r.top_p,
+            |r| r.uniform,
+        ];
+        let floats = fields.iter().flat_map(|f| rows.iter().map(f)).collect();
+        RuleArrays {
+            ints,
+            floats,
+            ban_offsets,
+            ban_ids,
+            penalty_offsets,
+            penalty_ids,
+            top_k,
+            out,
+            penalized,
+        }
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        assert_eq!(logits.rows, rows.len(), "one sampling rule per row of logits");
+        let (n, vocab) = (rows.len(), logits.cols);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let a = RuleArrays::new(rows);
+        let ints = self.upload_i32(&a.ints);
+        let floats = self.pool().take(a.floats.len() * 4);
+        self.htod(floats.ptr, &a.floats);
+        let i = |offset: usize| ptr(ints.ptr + 4 * offset as u64);
+        let f = |which: usize| ptr(floats.ptr + (4 * which * n) as u64);
+        let x = self.scratch_f32(n * vocab);
+        self.run(
+            "bf16_to_f32",
+            stride_grid(n * vocab),
+            256,
+            &[ptr(x.ptr), ptr(logits.ptr()), long(n * vocab)],
+        );
+        let x_rows = [ptr(x.ptr), int(n), int(vocab)];
+        self.run(
+            "ban_tokens_f32",
+            (n as u32, 1, 1),
+            32,
+            &[&x_rows[..], &[i(a.ban_offsets), i(a.ban_ids)]].concat(),
+        );
+        if a.penalized {
+            self.run(
+                "penalize_tokens_f32",
+                (n as u32, 1, 1),
+                128,
+                &[&x_rows[..], &[i(a.penalty_offsets), i(a.penalty_ids), f(PENALTY)]].concat(),
+            );
+        }
+        self.run(
+            "sample_f32",
+            (n as u32, 1, 1),
+            512,
+            &[
+                i(a.out),
+                ptr(x.ptr),
+                int(n),
+                int(vocab),
+                f(TEMPERATURE),
+                i(a.top_k),
+                f(TOP_P),
+                f(UNIFORM),
+            ],
+        );
+        let mut ids = vec![0i32; n];
+        self.bind();
+        // SAFETY: the buffer holds `n` int32 ids at `out`; the stream is synchronised before `ids` is read.
+        self.check("device-to-host copy", unsafe {
+            result::memcpy_dtoh_async(&mut ids, ints.ptr + 4 * a.out as u64, self.stream.cu_stream())
+        });
+        self.synchronize();
+        ids.iter()
+            .enumerate()
+            .map(|(r, &t)| u32::try_from(t).map_err(|_| nothing_to_sample(r)))
+            .collect()
+    }
+}
