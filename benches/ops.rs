@@ -1,6 +1,7 @@
 //! Every op family through the `Backend` trait at IDEFICS layer shapes: linear layers (each layer shape at several
 //! row counts), causal prefill attention, paged decode attention, gated cross-attention, resampler and vision
-//! attention, norms. Compute-bound ops report FLOP/s as criterion's `elem/s`; memory-bound ones bytes/s.
+//! attention, norms, batch sampling of the LM head's logits. Compute-bound ops report FLOP/s as criterion's
+//! `elem/s`; memory-bound ones bytes/s.
 //!
 //! On the CPU the shapes are those of `cpu-mid` (hidden 1024) and the largest sizes are left out, so
 //! `cargo bench --bench ops` takes minutes; on a GPU (`FLAMINGO_BENCH_DEVICE=cuda`, once the CUDA backend is in
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use flamingo::backend::{Backend, SeqStep, StepLayout};
+use flamingo::backend::{Backend, RowSampling, SeqStep, StepLayout};
 use flamingo::cli::BackendCommand;
 use flamingo::io::config::IdeficsConfig;
 use flamingo::io::safetensors::DType;
@@ -248,6 +249,36 @@ fn norms<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: 
     g.finish();
 }
 
+/// One step's sampling over `[rows, vocab]` logits (the vocabulary plus IDEFICS' additional tokens): greedy, and
+/// temperature with top-k, top-p and a repetition penalty over 512 seen ids. Includes bringing the ids back.
+fn sampling<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsConfig) {
+    let vocab = cfg.total_vocab();
+    let seen: Vec<u32> = (0..512).map(|i| i * 61 % vocab as u32).collect();
+    let mut g = group(c, &format!("sampling/{}", preset.name()));
+    for rows in [1, 32, 128] {
+        let logits = activation(b, rows, vocab, 15);
+        g.throughput(Throughput::BytesDecimal((rows * vocab * b.activation_width()) as u64));
+        for (name, temperature) in [("greedy", 0.0), ("top_k_top_p_penalty", 0.8)] {
+            let rule = RowSampling {
+                temperature,
+                top_k: 50,
+                top_p: 0.9,
+                repetition_penalty: if temperature > 0.0 { 1.1 } else { 1.0 },
+                banned: &[0, 1],
+                seen: &seen,
+                uniform: 0.37,
+            };
+            let rules = vec![rule; rows];
+            g.bench_function(format!("{name}/{rows}x{vocab}"), |bench| {
+                bench.iter_custom(|iters| {
+                    common::timed(b, iters, || b.sample(&logits, &rules).unwrap())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 struct Ops<'a>(&'a mut Criterion);
 
 impl BackendCommand for Ops<'_> {
@@ -260,6 +291,7 @@ impl BackendCommand for Ops<'_> {
             cross_attention(c, &b, preset, &cfg);
             image_attention(c, &b, preset, &cfg);
             norms(c, &b, &s, preset, &cfg);
+            sampling(c, &b, preset, &cfg);
         }
         Ok(())
     }

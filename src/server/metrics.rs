@@ -91,6 +91,12 @@ pub async fn render<B: Backend + 'static>(
         "Sequences preempted to free KV blocks.",
         &[("", stats.preemptions as f64)],
     );
+    metric(
+        "recorded_steps_total",
+        "counter",
+        "Decode steps run from a recording (CUDA graph replays).",
+        &[("", stats.recorded_steps as f64)],
+    );
     let (counts, sum) = *m.step_counts.lock().expect("metrics lock");
     let _ = writeln!(
         out,

@@ -432,6 +432,7 @@ impl Backend for CpuBackend {
         assert_eq!(logits.rows, rows.len(), "one sampling rule per row of logits");
         let vocab = logits.cols;
         (0..rows.len())
+            .into_par_iter()
             .map(|r| {
                 let mut row = logits.data[r * vocab..(r + 1) * vocab].to_vec();
                 sampling::sample_row(&mut row, &rows[r]).ok_or_else(|| nothing_to_sample(r))

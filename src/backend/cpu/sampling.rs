@@ -106,8 +106,7 @@ fn top_k_threshold(x: &[f32], k: usize) -> u32 {
         return 0;
     }
     let mut keys: Vec<u32> = x.iter().map(|&v| order_key(v)).collect();
-    keys.sort_unstable_by(|a, b| b.cmp(a));
-    keys[k - 1]
+    *keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a)).1
 }
 
 /// HF's nucleus over the tokens at or above `tau_k`: the smallest key whose cumulative mass, summing key groups
