@@ -66,9 +66,10 @@ step doctor 60 "$PACK/flamingo" doctor
 step tests 150 "$PACK/gpu-tests" --test-threads=1
 step generate 30 "$PACK/flamingo" generate --device cuda --json --max-new-tokens 8
 step memcheck 75 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-  "$PACK/gpu-tests" --test-threads=1 paged_attention_matches_cpu cross_attention_matches_cpu embedding_and_data_movement
+  "$PACK/gpu-tests" --test-threads=1 paged_attention_matches_cpu cross_attention_matches_cpu embedding_and_data_movement \
+  cuda_graph_replays
 step racecheck 75 "$SANITIZER" --tool racecheck --error-exitcode 1 \
-  "$PACK/gpu-tests" --test-threads=1 resampler_attention_matches_cpu rope_matches_cpu
+  "$PACK/gpu-tests" --test-threads=1 resampler_attention_matches_cpu rope_matches_cpu sampling_matches_cpu
 step bench 60 "$PACK/cuda-bench" --bench --warm-up-time 0.3 --measurement-time 1
 
 {

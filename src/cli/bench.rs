@@ -85,7 +85,7 @@ fn table(r: &BenchReport) -> String {
     let mut s = format!(
         "{} on {}: {:.1}M parameters, {:.3} GB of weights ({:.3} GB read per decode step)\n\
          ceilings: copy {:.1} GB/s, matmul {:.1} GFLOP/s ({})\n\
-         prompts: 1 image + {} tokens in all\n\n\
+         prompts: 1 image + {} tokens in all; decode steps {}\n\n\
          {:<34} {:>18} {:>18} {:>9}\n",
         r.model,
         r.device,
@@ -96,6 +96,11 @@ fn table(r: &BenchReport) -> String {
         r.ceilings.matmul_gflop_per_s,
         r.ceilings.method,
         r.prompt_tokens,
+        if r.decode_graphs {
+            "replayed from CUDA graphs"
+        } else {
+            "launched kernel by kernel"
+        },
         "figure",
         "measured",
         "floor",

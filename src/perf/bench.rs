@@ -115,6 +115,8 @@ pub struct BenchReport {
     pub image_encode: Figure,
     pub vision_images_per_s: Figure,
     pub throughput: Vec<Throughput>,
+    /// Whether decode steps replayed recordings (CUDA graphs): asked for, and the backend records.
+    pub decode_graphs: bool,
 }
 
 /// A benchmark request: the IDEFICS prompt of one image followed by random text ids.
@@ -229,6 +231,8 @@ pub fn run<B: Backend>(
             "images/s",
         ),
         throughput,
+        decode_graphs: opts.decode_graphs
+            && b.new_step_graphs(p.model.config.head_dim()).is_some(),
     })
 }
 
