@@ -4,10 +4,8 @@
 # against transformers' IdeficsForVisionText2Text (bf16, sdpa) on the synthetic idefics-9b configuration. Prints
 # ratio tables (torch time / ours: above 1 means we are faster) and writes every log and a summary.md to $OUT.
 #
-# NOT YET RUN: no device was lent to the task that wrote it. The device has no Rust: build the pack here with
-# scripts/pack-device.sh (device-pack/flamingo, root/assets, manifest-dir), then add
-#   device-pack/ops-bench    the `cargo bench --bench ops --no-run` executable
-#   device-pack/root/scripts this folder (the Python scripts)
+# NOT YET RUN: no device was lent to the tasks that wrote it. The device has no Rust: scripts/pack-device.sh builds
+# the pack here (device-pack/flamingo, ops-bench, root/assets, root/scripts, manifest-dir).
 # Usage (device tool): command "bash device-pack/root/scripts/device-bench.sh", carry ["device-pack"], timeout_s 540.
 set -uo pipefail
 PACK="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Builds what the GPU machine runs (it has no Rust and no network) into the git-ignored folder device-pack/:
 #   flamingo (release binary, stripped)  gpu-tests (tests/gpu.rs)  cuda-bench (benches/cuda_ops.rs)
+#   ops-bench (benches/ops.rs, for device-bench.sh)
 #   root/tests/fixtures, root/assets     (the paths the test binary has baked in, see device-check.sh)
+#   root/scripts                         (device-bench.sh and its PyTorch scripts)
 #   device-check.sh                      (the script to run there)  manifest-dir  (the build's CARGO_MANIFEST_DIR)
 # The binaries embed the kernels as sm_90 fatbins when nvcc is available here (scripts/check-kernels.sh installs
 # the pinned CUDA 13.0 wheels), so the device needs no compiler. Fails if the pack exceeds 64 MiB.
 # Usage: bash scripts/pack-device.sh      then, on the device (carry device-pack): bash device-pack/device-check.sh
+#        and, with time left, bash device-pack/root/scripts/device-bench.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,7 +19,7 @@ if [ ! -x .toolchain/cuda/nvidia/cu13/bin/nvcc ] && ! command -v nvcc >/dev/null
   SKIP_NVRTC=1 bash scripts/check-kernels.sh >/dev/null
 fi
 
-echo "== building (release): binary, tests/gpu.rs, benches/cuda_ops.rs"
+echo "== building (release): binary, tests/gpu.rs, benches/cuda_ops.rs, benches/ops.rs"
 # The last executable cargo reports for a target, from its JSON messages.
 executable() { python3 -c '
 import json, sys
@@ -25,7 +28,9 @@ print(exe[-1] if exe else "")'; }
 cargo build --release --bin flamingo
 gpu_tests=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null | executable)
 bench=$(cargo bench --bench cuda_ops --no-run --message-format=json 2>/dev/null | executable)
-[ -x "$gpu_tests" ] && [ -x "$bench" ] || { echo "error: could not locate the test or bench executable" >&2; exit 1; }
+ops_bench=$(cargo bench --bench ops --no-run --message-format=json 2>/dev/null | executable)
+[ -x "$gpu_tests" ] && [ -x "$bench" ] && [ -x "$ops_bench" ] \
+  || { echo "error: could not locate the test or bench executables" >&2; exit 1; }
 out_dir=$(ls -td target/release/build/flamingo-engine-*/out | head -1)
 grep -q 'NVCC: Option<&str> = Some' "$out_dir/kernels.rs" \
   || echo "warning: built without nvcc: the device will compile the kernels with its own NVRTC" >&2
@@ -35,9 +40,12 @@ mkdir -p "$PACK/root/tests"
 cp target/release/flamingo "$PACK/flamingo"
 cp "$gpu_tests" "$PACK/gpu-tests"
 cp "$bench" "$PACK/cuda-bench"
-strip "$PACK/flamingo" "$PACK/gpu-tests" "$PACK/cuda-bench"
+cp "$ops_bench" "$PACK/ops-bench"
+strip "$PACK/flamingo" "$PACK/gpu-tests" "$PACK/cuda-bench" "$PACK/ops-bench"
 cp -r tests/fixtures "$PACK/root/tests/"
 cp -r assets "$PACK/root/"
+mkdir -p "$PACK/root/scripts"
+cp scripts/device-bench.sh scripts/torch_*.py "$PACK/root/scripts/"
 cp "$out_dir"/*.ptxas.txt "$PACK/root/" 2>/dev/null || true
 cp scripts/device-check.sh "$PACK/"
 echo "$ROOT" > "$PACK/manifest-dir"
