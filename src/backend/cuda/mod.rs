@@ -22,6 +22,7 @@ mod device;
 pub mod kernels;
 mod memory;
 pub mod nvrtc;
+mod timing;
 
 use std::sync::{Arc, Mutex};
 
@@ -88,6 +89,7 @@ pub struct CudaBackend {
     kernels: Kernels,
     pool: Arc<Pool>,
     weights: Mutex<WeightArena>,
+    events: Arc<timing::EventPool>,
     sm_count: usize,
     poison: bool,
 }
@@ -107,6 +109,7 @@ impl CudaBackend {
         let pool = Pool::new(ctx.clone());
         Ok(CudaBackend {
             weights: Mutex::new(WeightArena::new(pool.clone())),
+            events: timing::EventPool::new(ctx.clone()),
             ctx,
             stream,
             kernels,
@@ -136,6 +139,11 @@ impl CudaBackend {
     /// Driver allocations made so far (activations, scratch, weights).
     pub fn device_allocations(&self) -> usize {
         self.pool.allocations()
+    }
+
+    /// CUDA events created for timestamps so far (they are pooled and reused).
+    pub fn timing_events(&self) -> usize {
+        self.events.created()
     }
 
     /// Reserves one device allocation for `bytes` of bf16 weights, which `load_weight` then fills in order.
@@ -353,6 +361,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type Layout = CudaLayout;
+    type Timestamp = timing::Stamp;
 
     fn device_name(&self) -> String {
         describe(&self.ctx)
@@ -360,6 +369,14 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) {
         CudaBackend::synchronize(self)
+    }
+
+    fn timestamp(&self) -> timing::Stamp {
+        self.events.stamp(&self.stream)
+    }
+
+    fn elapsed_us(&self, from: &timing::Stamp, to: &timing::Stamp) -> f64 {
+        from.us_until(to)
     }
 
     fn free_memory(&self) -> Result<usize> {
