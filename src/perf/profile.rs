@@ -18,6 +18,7 @@ use crate::backend::{Backend, Ceilings, StepLayout};
 use crate::error::Result;
 use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
+use crate::nvtx;
 use crate::perf::bench::{bench_engine, bench_pixels, bench_prompt, bench_request};
 use crate::runtime::generate::Pipeline;
 
@@ -240,7 +241,7 @@ impl<B: Backend> Profiled<B> {
 
 /// Runs `batch` requests (one image and `prompt_tokens` text tokens each) through the engine: the step that encodes
 /// their images and prefills their prompts as phase `prefill`, then `decode_steps` steps as phase `decode`, one
-/// span each.
+/// span each. NVTX ranges name the phases and each decode step for Nsight Systems (the model adds `vision`).
 pub fn profile_steps<B: Backend>(
     p: &Pipeline<Profiled<B>>,
     prompt_tokens: usize,
@@ -259,8 +260,15 @@ pub fn profile_steps<B: Backend>(
         )?;
     }
     let b = &p.backend;
-    b.phase("prefill", || engine.step())?;
-    (0..decode_steps).try_for_each(|_| b.phase("decode", || engine.step().map(drop)))
+    {
+        let _range = nvtx::range("prefill");
+        b.phase("prefill", || engine.step())?;
+    }
+    let _range = nvtx::range("decode");
+    (1..=decode_steps).try_for_each(|step| {
+        let _range = nvtx::range(&format!("decode step {step}"));
+        b.phase("decode", || engine.step().map(drop))
+    })
 }
 
 /// One line of the per-op table.
