@@ -1,6 +1,6 @@
 //! The GPU test executable: every op of the CUDA backend against the CPU oracle, batch invariance on the device,
 //! the fixtures end to end, no device allocation in a warm decode step, and the profiling paths: CUDA-event
-//! timestamps and `flamingo profile`'s per-op times on the device's clock.
+//! timestamps, `flamingo profile`'s per-op times on the device's clock, cuBLAS as the matmul ceiling's yardstick.
 //!
 //! Parity: fresh seeded random inputs (never zeros), rounded to bf16 first so both backends start from the same
 //! values; every tensor the CUDA backend hands out is NaN-filled before its kernel writes it (`set_poison`), so an
@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use common::{assert_close, greedy, one_row_seqs, random_values, Fixture, RandomWeights, FIXTURES};
 use flamingo::backend::cpu::{CpuBackend, CpuLayout, CpuTensor, CpuWeight};
-use flamingo::backend::cuda::{device_count, CudaBackend, CudaLayout, CudaTensor, CudaWeight};
+use flamingo::backend::cuda::{
+    cublas_library, device_count, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
+};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
 use flamingo::io::config::Activation;
 use flamingo::perf::profile::{profile_steps, Profiled};
@@ -686,5 +688,59 @@ fn profile_times_every_op_on_the_device_clock() {
         created <= 2 * prefill_ops + 1,
         "{created} events for {} ops, {prefill_ops} in the prefill",
         records.len()
+    );
+}
+
+#[test]
+fn ceilings_measure_cublas_beside_our_gemm() {
+    let Some(b) = gpu() else { return };
+    let c = b.measure_ceilings();
+    let _ = writeln!(
+        std::io::stderr(),
+        "ceilings: copy {:.0} GB/s, matmul {:.1} TFLOP/s ({})",
+        c.copy_bytes_per_s / 1e9,
+        c.matmul_flops_per_s / 1e12,
+        c.method
+    );
+    assert!(c.copy_bytes_per_s > 1e11 && c.copy_bytes_per_s.is_finite());
+    assert!(c.matmul_flops_per_s > 1e12 && c.matmul_flops_per_s.is_finite());
+    match cublas_library() {
+        Ok(_) => assert!(
+            c.method.contains("cuBLAS bf16 GEMM") && c.method.contains("of cuBLAS"),
+            "{}",
+            c.method
+        ),
+        Err(_) => assert!(c.method.contains("no cuBLAS yardstick"), "{}", c.method),
+    }
+}
+
+#[test]
+fn cublas_product_matches_our_linear() {
+    let Some(b) = gpu() else { return };
+    let blas = match b.cublas() {
+        Ok(blas) => blas,
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "skipped: no cuBLAS ({why})");
+            return;
+        }
+    };
+    let (m, n, k) = (37, 130, 96);
+    let w = RandomWeights::new(310, &[("w", &[n, k], true)]);
+    let w = b.load_weight(&w.get("w")).unwrap();
+    let v: Vec<f32> = random_values(311, m * k)
+        .into_iter()
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let x = b.from_host(v, m, k);
+    let ours: Vec<f64> = b
+        .to_host(&b.linear(&x, &w, None))
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    assert_close(
+        "cuBLAS x @ w^T",
+        &b.to_host(&blas.linear(&b, &x, &w)),
+        &ours,
+        TOL,
     );
 }

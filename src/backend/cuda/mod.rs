@@ -18,8 +18,10 @@
 
 mod attention;
 mod ceilings;
+mod cublas;
 mod device;
 pub mod kernels;
+mod libs;
 mod memory;
 pub mod nvrtc;
 mod timing;
@@ -29,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 pub use attention::CudaLayout;
+pub use cublas::library as cublas_library;
 pub use device::{describe, device_count, driver_present, driver_version};
 use kernels::{float, int, launch, long, ptr, stride_grid, Arg, Kernels};
 use memory::{Buffer, Pool, WeightArena};
