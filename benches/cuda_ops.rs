@@ -1,12 +1,14 @@
 //! CUDA backend op latency at IDEFICS-9B shapes (hidden 4096, 32 heads of 128): the linear layer at decode and
-//! prefill sizes, paged attention (decode and prefill), gated cross-attention, RMSNorm. Each sample waits for the
-//! stream, so the times are device times plus launch overhead. Without a CUDA device it prints a note and exits.
+//! prefill sizes, paged attention (decode and prefill), gated cross-attention, RMSNorm. Each sample is timed on the
+//! GPU's clock: CUDA events recorded on the stream around its iterations, read after one synchronise at the end,
+//! so it is the device's time for the queued work (gaps included where the host launches slower than the GPU
+//! runs). Without a CUDA device it prints a note and exits.
 //! Run: `cargo bench --bench cuda_ops` (the device script runs it briefly).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{random_values, RandomWeights};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -16,19 +18,19 @@ use flamingo::backend::{Backend, SeqStep, StepLayout};
 const D: usize = 4096;
 const HEADS: usize = 32;
 
-/// Times `op` per iteration, waiting for the device at the end.
+/// Times `iters` runs of `op` between two CUDA events on the stream, read once the device has caught up.
 fn timed<'a>(
     b: &'a CudaBackend,
     op: impl Fn() -> CudaTensor + 'a,
 ) -> impl FnMut(u64) -> Duration + 'a {
     move |iters| {
-        b.synchronize();
-        let start = Instant::now();
+        let start = b.timestamp();
         for _ in 0..iters {
             drop(op());
         }
+        let end = b.timestamp();
         b.synchronize();
-        start.elapsed()
+        Duration::from_secs_f64(b.elapsed_us(&start, &end) * 1e-6)
     }
 }
 

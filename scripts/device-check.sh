@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU script, run on the lent H200 with device-pack carried (built here by scripts/pack-device.sh; the
-# device has no Rust and no network). Under 8 minutes: every step has a time cap and the caps add up to 465 s.
-#   nvidia-smi | flamingo doctor | every GPU test | flamingo generate on cuda | compute-sanitizer memcheck and
-#   racecheck on short test runs | brief kernel benches
+# device has no Rust and no network). Under 8 minutes: every step has a time cap and the caps add up to 480 s.
+#   nvidia-smi | flamingo doctor | every GPU test | flamingo generate and profile on cuda (events, cuBLAS ceiling,
+#   trace) | compute-sanitizer memcheck and racecheck on short test runs | brief kernel benches (CUDA events)
 # Full logs go to $OUT (8 files at most come back: one log per step plus summary.md); one compact table is
 # printed last. Exit status: 0 only if every step passed.
 # Usage (device tool): command "bash device-pack/device-check.sh", carry ["device-pack"], timeout_s 540.
@@ -27,6 +27,12 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
 fi
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export FLAMINGO_CACHE_DIR=/tmp/flamingo-kernels
+# cuBLAS, the matmul ceiling's yardstick: from that toolkit, else from PyTorch's CUDA 13 wheels (via CUDA_PATH, the
+# second place the backend looks).
+if ! ls "$CUDA_HOME"/lib64/libcublas.so.* "$CUDA_HOME"/lib/libcublas.so.* >/dev/null 2>&1; then
+  WHEELS="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null)/cu13"
+  if ls "$WHEELS"/lib/libcublas.so.* >/dev/null 2>&1; then export CUDA_PATH="$WHEELS"; fi
+fi
 SANITIZER="$(command -v compute-sanitizer || ls "$CUDA_HOME"/bin/compute-sanitizer "$CUDA_HOME"/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)"
 SANITIZER="${SANITIZER:-compute-sanitizer}"
 export RUST_BACKTRACE=1
@@ -53,9 +59,10 @@ summarise() {  # one line per step for the table
   [ "$rc" = 3 ] && { echo "skipped: no CUDA device"; return; }
   case "$name" in
     smi) grep -m1 -oE 'NVIDIA H[0-9]+[^|]*|Driver Version: [0-9.]+' "$log" | tr '\n' ' ' ;;
-    doctor) grep -E '^(driver|devices|prebuilt|nvrtc):|compile|FAIL' "$log" | tr -s ' ' | tr '\n' ';' | cut -c1-150 ;;
+    doctor) grep -E '^(driver|devices|prebuilt|nvrtc|cublas):|compile|FAIL' "$log" | tr -s ' ' | tr '\n' ';' | cut -c1-200 ;;
     tests) grep -E '^test result:' "$log" | tail -1; grep -E '^test .* FAILED$' "$log" | tr '\n' ' ' ;;
-    generate) grep -o '"generated_ids":\[[^]]*\]' "$log" ;;
+    engine) grep -o '"generated_ids":\[[^]]*\]' "$log"; grep -m1 -E '^ceilings:' "$log" | cut -c1-160;
+            grep -m1 -E '^trace events:' "$log" ;;
     memcheck|racecheck) grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY|hazard' "$log" || echo "rc $rc" ;;
     bench) grep -E 'time:' "$log" | wc -l | sed 's/$/ benches timed/' ;;
   esac
@@ -64,7 +71,11 @@ summarise() {  # one line per step for the table
 step smi 15 nvidia-smi
 step doctor 60 "$PACK/flamingo" doctor
 step tests 150 "$PACK/gpu-tests" --test-threads=1
-step generate 30 "$PACK/flamingo" generate --device cuda --json --max-new-tokens 8
+# generate, then profile (per-op CUDA-event times, the cuBLAS ceiling, a Chrome trace that must parse).
+step engine 45 bash -c '"$0" generate --device cuda --json --max-new-tokens 8 &&
+  "$0" profile --synthetic tiny --device cuda --decode-steps 4 --trace /tmp/flamingo-trace.json &&
+  python3 -c "import json; print(\"trace events:\", len(json.load(open(\"/tmp/flamingo-trace.json\"))[\"traceEvents\"]))"' \
+  "$PACK/flamingo"
 step memcheck 75 "$SANITIZER" --tool memcheck --error-exitcode 1 \
   "$PACK/gpu-tests" --test-threads=1 paged_attention_matches_cpu cross_attention_matches_cpu embedding_and_data_movement \
   cuda_graph_replays

@@ -1,5 +1,6 @@
 //! The GPU test executable: every op of the CUDA backend against the CPU oracle, batch invariance on the device,
-//! the fixtures end to end, and no device allocation in a warm decode step.
+//! the fixtures end to end, no device allocation in a warm decode step, and the profiling paths: CUDA-event
+//! timestamps, `flamingo profile`'s per-op times on the device's clock, cuBLAS as the matmul ceiling's yardstick.
 //!
 //! Parity: fresh seeded random inputs (never zeros), rounded to bf16 first so both backends start from the same
 //! values; every tensor the CUDA backend hands out is NaN-filled before its kernel writes it (`set_poison`), so an
@@ -12,13 +13,17 @@
 mod common;
 
 use std::io::Write;
+use std::time::Instant;
 
 use common::{assert_close, greedy, one_row_seqs, random_values, Fixture, RandomWeights, FIXTURES};
 use flamingo::backend::cpu::{CpuBackend, CpuLayout, CpuTensor, CpuWeight};
-use flamingo::backend::cuda::{device_count, CudaBackend, CudaLayout, CudaTensor, CudaWeight};
+use flamingo::backend::cuda::{
+    cublas_library, device_count, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
+};
 use flamingo::backend::{Backend, RowSampling, SeqStep, StepLayout};
-use flamingo::model::sampling::SamplingParams;
 use flamingo::io::config::Activation;
+use flamingo::model::sampling::SamplingParams;
+use flamingo::perf::profile::{profile_steps, Profiled};
 use flamingo::runtime::engine::{Engine, EngineConfig, Event};
 use rand::{Rng, SeedableRng};
 use flamingo::runtime::generate::Pipeline;
@@ -712,4 +717,132 @@ fn cuda_graph_replays_give_the_eager_tokens() {
     assert_eq!(none, 0);
     assert!(recorded >= 6, "{recorded} steps ran from graphs");
     assert_eq!(replayed, eager);
+}
+
+#[test]
+fn timestamps_time_device_work_and_reuse_their_events() {
+    let Some(b) = gpu() else { return };
+    let w = RandomWeights::new(300, &[("w", &[4096, 4096], true)]);
+    let w = b.load_weight(&w.get("w")).unwrap();
+    let x = b.from_host(random_values(301, 512 * 4096), 512, 4096);
+    b.synchronize();
+    let host = Instant::now();
+    let start = b.timestamp();
+    for _ in 0..8 {
+        drop(b.linear(&x, &w, None));
+    }
+    let end = b.timestamp();
+    b.synchronize();
+    let wall_us = host.elapsed().as_secs_f64() * 1e6;
+    let device_us = b.elapsed_us(&start, &end);
+    // 8 products of 512x4096x4096 are 137 GFLOP: well over 50 us on any GPU, and inside the host's wall time.
+    assert!(
+        (50.0..=wall_us).contains(&device_us),
+        "8 GEMMs in {device_us:.1} us of device time, {wall_us:.1} us of wall time"
+    );
+    let before = b.timing_events();
+    for _ in 0..50 {
+        let stamps: Vec<_> = (0..100).map(|_| b.timestamp()).collect();
+        b.synchronize();
+        assert!(stamps.windows(2).all(|s| b.elapsed_us(&s[0], &s[1]) >= 0.0));
+    }
+    let created = b.timing_events() - before;
+    assert!(
+        created <= 100,
+        "5000 stamps in batches of 100 created {created} events"
+    );
+}
+
+#[test]
+fn profile_times_every_op_on_the_device_clock() {
+    let Some(b) = gpu() else { return };
+    let fx = Fixture::load("tiny-idefics-a");
+    let p = Pipeline::load(&fx.dir, Profiled::new(b), false).unwrap();
+    profile_steps(&p, 8, 2, 6).unwrap();
+    let prof = &p.backend;
+    let records = prof.records();
+    for phase in ["prefill", "decode"] {
+        let ops: Vec<_> = records.iter().filter(|r| r.phase == phase).collect();
+        assert!(!ops.is_empty(), "no {phase} ops");
+        // One stream: each op starts after the one queued before it ends (events resolve to about 0.5 us).
+        for pair in ops.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(
+                a.duration_us >= 0.0 && b.start_us + 1.0 >= a.start_us + a.duration_us,
+                "{phase}: {} at {:.1} us for {:.1} us, then {} at {:.1} us",
+                a.op,
+                a.start_us,
+                a.duration_us,
+                b.op,
+                b.start_us
+            );
+        }
+        let in_ops: f64 = ops.iter().map(|r| r.duration_us).sum();
+        assert!(
+            in_ops > 0.0 && in_ops <= prof.phase_us(phase),
+            "{phase}: {in_ops} us in ops"
+        );
+    }
+    // Events are read and reused at the end of each step: the largest step (the prefill) bounds them.
+    let prefill_ops = records.iter().filter(|r| r.phase == "prefill").count();
+    let created = prof.inner().timing_events();
+    assert!(
+        created <= 2 * prefill_ops + 1,
+        "{created} events for {} ops, {prefill_ops} in the prefill",
+        records.len()
+    );
+}
+
+#[test]
+fn ceilings_measure_cublas_beside_our_gemm() {
+    let Some(b) = gpu() else { return };
+    let c = b.measure_ceilings();
+    let _ = writeln!(
+        std::io::stderr(),
+        "ceilings: copy {:.0} GB/s, matmul {:.1} TFLOP/s ({})",
+        c.copy_bytes_per_s / 1e9,
+        c.matmul_flops_per_s / 1e12,
+        c.method
+    );
+    assert!(c.copy_bytes_per_s > 1e11 && c.copy_bytes_per_s.is_finite());
+    assert!(c.matmul_flops_per_s > 1e12 && c.matmul_flops_per_s.is_finite());
+    match cublas_library() {
+        Ok(_) => assert!(
+            c.method.contains("cuBLAS bf16 GEMM") && c.method.contains("of cuBLAS"),
+            "{}",
+            c.method
+        ),
+        Err(_) => assert!(c.method.contains("no cuBLAS yardstick"), "{}", c.method),
+    }
+}
+
+#[test]
+fn cublas_product_matches_our_linear() {
+    let Some(b) = gpu() else { return };
+    let blas = match b.cublas() {
+        Ok(blas) => blas,
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "skipped: no cuBLAS ({why})");
+            return;
+        }
+    };
+    let (m, n, k) = (37, 130, 96);
+    let w = RandomWeights::new(310, &[("w", &[n, k], true)]);
+    let w = b.load_weight(&w.get("w")).unwrap();
+    let v: Vec<f32> = random_values(311, m * k)
+        .into_iter()
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let x = b.from_host(v, m, k);
+    let ours: Vec<f64> = b
+        .to_host(&b.linear(&x, &w, None))
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    assert_close(
+        "cuBLAS x @ w^T",
+        &b.to_host(&blas.linear(&b, &x, &w)),
+        &ours,
+        TOL,
+    );
 }

@@ -245,6 +245,41 @@ fn profile_prints_op_tables_and_writes_a_trace() {
     assert!(complete
         .iter()
         .any(|e| e["cat"] == "decode" && e["dur"].is_number()));
+    // One span per engine step (the device is synchronised and op times read at its ends), and every op inside
+    // a span of its phase, its time within the span's.
+    let spans = |name: &str| -> Vec<(f64, f64)> {
+        complete
+            .iter()
+            .filter(|e| e["cat"] == "phase" && e["name"] == name)
+            .map(|e| {
+                let ts = e["ts"].as_f64().unwrap();
+                (ts, ts + e["dur"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(spans("prefill").len(), 1);
+    assert_eq!(spans("decode").len(), 2, "one decode span per step");
+    for phase in ["prefill", "decode"] {
+        let within = spans(phase);
+        for op in complete.iter().filter(|e| e["cat"] == phase) {
+            let (ts, dur) = (op["ts"].as_f64().unwrap(), op["dur"].as_f64().unwrap());
+            assert!(
+                dur >= 0.0 && within.iter().any(|&(a, b)| a <= ts && ts + dur <= b),
+                "{phase} op {op} outside its phase's spans {within:?}"
+            );
+        }
+        let in_ops: f64 = v["phases"][phase]["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["total_us"].as_f64().unwrap())
+            .sum();
+        let wall = v["phases"][phase]["wall_us"].as_f64().unwrap();
+        assert!(
+            in_ops <= wall,
+            "{phase}: ops {in_ops} us in {wall} us of wall time"
+        );
+    }
 
     let table = profile_tiny(&["--decode-steps", "1"]);
     assert!(table.status.success());

@@ -144,6 +144,8 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// A [`StepLayout`] in the form the backend's kernels read it.
     type Layout: Send + Sync;
+    /// A point on the backend's own clock, in the order of its queued work ([`Backend::timestamp`]).
+    type Timestamp: Send;
 
     // ---- the device ----
     /// A short description of the device, for reports.
@@ -151,6 +153,12 @@ pub trait Backend: Send + Sync {
     /// Waits until every op queued so far has finished, so a host clock can time them (the CPU backend's ops have
     /// finished when they return).
     fn synchronize(&self);
+    /// When every op queued so far has finished, on the device's clock, taken without waiting for them: a GPU
+    /// records an event on its stream; the CPU backend, whose ops have finished when they return, reads the host
+    /// clock. Profiling stamps each op this way and reads the times after one synchronise per step.
+    fn timestamp(&self) -> Self::Timestamp;
+    /// Microseconds from `from` to `to` (both taken by this backend; waits until both are reached).
+    fn elapsed_us(&self, from: &Self::Timestamp, to: &Self::Timestamp) -> f64;
     /// Bytes this backend can still allocate for weights: free device memory, or the memory available on the host.
     fn free_memory(&self) -> Result<usize>;
     /// Measures the copy bandwidth and matrix throughput of the hardware now (takes about a second).

@@ -1,4 +1,5 @@
 //! `flamingo doctor`: what the CUDA backend would find on this machine, and whether every kernel compiles.
+//! Also names the cuBLAS library the ceilings measure against and whether an NVTX tool is attached.
 //! Works without a GPU or a driver (it then says so and still checks NVRTC); exits 0 only if every kernel file
 //! compiles (and, where there are devices, loads on each).
 
@@ -52,6 +53,11 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         "nvrtc:    {}.{} ({})",
         nvrtc.version.0, nvrtc.version.1, nvrtc.library
     );
+    match cuda::cublas_library() {
+        Ok(lib) => println!("cublas:   {lib} (the matmul ceiling's yardstick)"),
+        Err(why) => println!("cublas:   {why} (the matmul ceiling is our GEMM's)"),
+    }
+    println!("nvtx:     {}", crate::nvtx::status());
     println!("compiling every kernel file for {} with NVRTC:", args.arch);
     for (file, source) in kernels::SOURCES {
         let start = Instant::now();

@@ -111,7 +111,7 @@ fn tables<B: Backend>(args: &ProfileArgs, b: &Profiled<B>, ceilings: &Ceilings) 
         let in_ops: f64 = rows.iter().map(|r| r.total_us).sum::<f64>() / 1e3;
         s += &format!(
             "{:<28} {:>6} {:>10.3} {:>10} {:>6.1}%\n",
-            "(between ops: host work)",
+            "(between ops)",
             "",
             wall_ms - in_ops,
             "",

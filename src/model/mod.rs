@@ -223,6 +223,7 @@ impl<B: Backend> Idefics<B> {
     /// What the cross-attention sees of a request's images (each `[3, S, S]`):
     /// `[images * tokens_per_image, D_vision]`.
     pub fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> B::Tensor {
+        let _range = crate::nvtx::range("vision");
         let width = self.config.vision_config.embed_dim;
         let mut states = b.zeros(0, width);
         for pixels in images {

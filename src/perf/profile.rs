@@ -1,7 +1,9 @@
 //! A backend wrapper that times every op: [`Profiled`] implements [`Backend`] by delegating to the backend it wraps,
-//! waiting for the device before and after each op (`Backend::synchronize`) so each time is that op's alone, and
-//! recording what the op had to do (FLOPs, bytes moved) from its operand shapes. It works on any backend; on a GPU
-//! the synchronisation adds a launch-and-wait per op, which is why `flamingo bench` never runs through it.
+//! taking a timestamp on the backend's own clock before and after each op (`Backend::timestamp`: CUDA events on a
+//! GPU, the host clock on the CPU) without waiting for the device, and recording what the op had to do (FLOPs,
+//! bytes moved) from its operand shapes. The device is synchronised only at the ends of each phase span (one
+//! engine step), where the span's op times are read: on a GPU the ops run back to back as they do unprofiled, and
+//! an op's time is the device's time for it, not a launch-and-wait.
 //!
 //! Records carry the phase they ran in (`prefill`, `decode`, set by the caller), and turn into a per-op table
 //! ([`Profiled::table`]) and a Chrome trace ([`Profiled::chrome_trace`], opens in Perfetto or chrome://tracing).
@@ -16,6 +18,7 @@ use crate::backend::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::Result;
 use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
+use crate::nvtx;
 use crate::perf::bench::{bench_engine, bench_pixels, bench_prompt, bench_request};
 use crate::runtime::generate::Pipeline;
 
@@ -25,7 +28,8 @@ pub struct Record {
     /// The op, with the weight shape for linear layers (`linear 4096x11008`): one row of the table each.
     pub op: String,
     pub phase: String,
-    /// Microseconds since the profiler started.
+    /// Microseconds since the profiler started: the span's start on the host clock plus the op's start after it
+    /// on the device's clock.
     pub start_us: f64,
     pub duration_us: f64,
     pub flops: f64,
@@ -40,11 +44,29 @@ struct Span {
     end_us: f64,
 }
 
+/// An op whose timestamps are not read yet.
+struct Pending<T> {
+    op: String,
+    start: T,
+    end: T,
+    flops: f64,
+    bytes: f64,
+}
+
+/// The span running now: where it starts on both clocks, and its ops so far.
+struct Open<T> {
+    name: String,
+    start_us: f64,
+    origin: T,
+    ops: Vec<Pending<T>>,
+}
+
 pub struct Profiled<B: Backend> {
     inner: B,
     epoch: Instant,
     records: Mutex<Vec<Record>>,
     spans: Mutex<Vec<Span>>,
+    open: Mutex<Option<Open<B::Timestamp>>>,
 }
 
 /// A weight with what profiling needs to know of it.
@@ -68,60 +90,78 @@ impl<B: Backend> Profiled<B> {
             epoch: Instant::now(),
             records: Mutex::new(Vec::new()),
             spans: Mutex::new(Vec::new()),
+            open: Mutex::new(None),
         }
+    }
+
+    /// The backend being profiled.
+    pub fn inner(&self) -> &B {
+        &self.inner
     }
 
     fn now_us(&self) -> f64 {
         self.epoch.elapsed().as_secs_f64() * 1e6
     }
 
-    /// Runs `f` as phase `name`: its ops are labelled with it, and its wall time is the base of their shares.
+    /// Runs `f` as one span of phase `name`: its ops are labelled with it, and its wall time (from a synchronised
+    /// start to a synchronised end) is the base of their shares. Spans do not nest.
     pub fn phase<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
         self.inner.synchronize();
         let start_us = self.now_us();
-        self.spans.lock().expect("spans lock").push(Span {
+        // The device is idle here, so this stamp is reached at once: it ties the device's clock to `start_us`.
+        let origin = self.inner.timestamp();
+        let previous = self.open.lock().expect("open span lock").replace(Open {
             name: name.to_string(),
             start_us,
-            end_us: f64::NAN,
+            origin,
+            ops: Vec::new(),
         });
+        assert!(previous.is_none(), "profiled phase {name} inside another");
         let out = f();
         self.inner.synchronize();
-        let end = self.now_us();
-        self.spans
-            .lock()
-            .expect("spans lock")
-            .last_mut()
-            .expect("pushed above")
-            .end_us = end;
+        let end_us = self.now_us();
+        let open = self.open.lock().expect("open span lock").take();
+        self.close(open.expect("opened above"), end_us);
         out
     }
 
-    /// Times one op: waits for the device before and after, and records the work it did.
+    /// Reads the times of a finished span's ops (all reached: the device was synchronised) and records them with
+    /// the span. Their stamps are dropped here, so a GPU's events are reused by the next span.
+    fn close(&self, span: Open<B::Timestamp>, end_us: f64) {
+        let records = span.ops.into_iter().map(|p| Record {
+            start_us: span.start_us + self.inner.elapsed_us(&span.origin, &p.start),
+            duration_us: self.inner.elapsed_us(&p.start, &p.end),
+            op: p.op,
+            phase: span.name.clone(),
+            flops: p.flops,
+            bytes: p.bytes,
+        });
+        self.records.lock().expect("records lock").extend(records);
+        self.spans.lock().expect("spans lock").push(Span {
+            name: span.name,
+            start_us: span.start_us,
+            end_us,
+        });
+    }
+
+    /// Times one op between two stamps on the backend's clock, and records the work it did. An op outside any
+    /// phase (model loading, engine set-up) is a span of phase "other" on its own, so nothing waits unread.
     fn op<T>(&self, op: impl Into<String>, flops: f64, bytes: f64, f: impl FnOnce() -> T) -> T {
-        self.inner.synchronize();
-        let start_us = self.now_us();
+        if self.open.lock().expect("open span lock").is_none() {
+            return self.phase("other", || self.op(op, flops, bytes, f));
+        }
+        let start = self.inner.timestamp();
         let out = f();
-        self.inner.synchronize();
-        let duration_us = self.now_us() - start_us;
-        let phase = self.current_phase(start_us);
-        self.records.lock().expect("records lock").push(Record {
+        let end = self.inner.timestamp();
+        let mut open = self.open.lock().expect("open span lock");
+        open.as_mut().expect("checked above").ops.push(Pending {
             op: op.into(),
-            phase,
-            start_us,
-            duration_us,
+            start,
+            end,
             flops,
             bytes,
         });
         out
-    }
-
-    /// The phase open at `t`, or "other".
-    fn current_phase(&self, t: f64) -> String {
-        let spans = self.spans.lock().expect("spans lock");
-        match spans.last() {
-            Some(s) if s.start_us <= t && !(s.end_us < t) => s.name.clone(),
-            _ => "other".into(),
-        }
     }
 
     pub fn records(&self) -> Vec<Record> {
@@ -200,7 +240,8 @@ impl<B: Backend> Profiled<B> {
 }
 
 /// Runs `batch` requests (one image and `prompt_tokens` text tokens each) through the engine: the step that encodes
-/// their images and prefills their prompts as phase `prefill`, then `decode_steps` steps as phase `decode`.
+/// their images and prefills their prompts as phase `prefill`, then `decode_steps` steps as phase `decode`, one
+/// span each. NVTX ranges name the phases and each decode step for Nsight Systems (the model adds `vision`).
 pub fn profile_steps<B: Backend>(
     p: &Pipeline<Profiled<B>>,
     prompt_tokens: usize,
@@ -219,9 +260,14 @@ pub fn profile_steps<B: Backend>(
         )?;
     }
     let b = &p.backend;
-    b.phase("prefill", || engine.step())?;
-    b.phase("decode", || {
-        (0..decode_steps).try_for_each(|_| engine.step().map(drop))
+    {
+        let _range = nvtx::range("prefill");
+        b.phase("prefill", || engine.step())?;
+    }
+    let _range = nvtx::range("decode");
+    (1..=decode_steps).try_for_each(|step| {
+        let _range = nvtx::range(&format!("decode step {step}"));
+        b.phase("decode", || engine.step().map(drop))
     })
 }
 
@@ -244,12 +290,19 @@ impl<B: Backend> Backend for Profiled<B> {
     type Tensor = B::Tensor;
     type Weight = ProfiledWeight<B::Weight>;
     type Layout = ProfiledLayout<B::Layout>;
+    type Timestamp = B::Timestamp;
 
     fn device_name(&self) -> String {
         self.inner.device_name()
     }
     fn synchronize(&self) {
         self.inner.synchronize()
+    }
+    fn timestamp(&self) -> B::Timestamp {
+        self.inner.timestamp()
+    }
+    fn elapsed_us(&self, from: &B::Timestamp, to: &B::Timestamp) -> f64 {
+        self.inner.elapsed_us(from, to)
     }
     fn free_memory(&self) -> Result<usize> {
         self.inner.free_memory()

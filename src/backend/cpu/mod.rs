@@ -91,12 +91,22 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
     type Layout = CpuLayout;
+    type Timestamp = std::time::Instant;
 
     fn device_name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
     fn synchronize(&self) {}
+
+    /// Ops have finished when they return: the host clock is the device's.
+    fn timestamp(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
+    fn elapsed_us(&self, from: &std::time::Instant, to: &std::time::Instant) -> f64 {
+        to.saturating_duration_since(*from).as_secs_f64() * 1e6
+    }
 
     fn free_memory(&self) -> Result<usize> {
         ceilings::available_memory()

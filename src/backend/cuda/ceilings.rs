@@ -1,12 +1,12 @@
 //! The GPU's measured ceilings: device-to-device copy bandwidth (`cuMemcpyDtoD` of 1 GiB, bytes read + written) and
-//! bf16 matrix throughput of an 8192³ product. The build has no cuBLAS, so the product is this backend's own
-//! tensor-core GEMM: a compute fraction is then relative to our kernel, not to the chip (cuBLAS reaches ~790 TFLOP/s
-//! on an H200; `scripts/device-bench.sh` measures it beside ours).
+//! bf16 matrix throughput of an 8192³ product. The matmul ceiling is cuBLAS's GEMM when libcublas can be opened
+//! (`cublas.rs`: what the chip does, ~790 TFLOP/s on an H200), with our own GEMM's rate on the same operands beside
+//! it in the method; without cuBLAS it is our GEMM, and the method says so (fractions are then relative to our
+//! kernel, not to the chip). Every run is timed with CUDA events on the backend's stream.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use super::CudaBackend;
+use super::{CudaBackend, CudaTensor, CudaWeight};
 use crate::backend::{Backend, Ceilings};
 use crate::io::safetensors::{DType, WeightStore};
 
@@ -15,27 +15,49 @@ const GEMM_N: usize = 8192;
 const REPEATS: usize = 5;
 
 pub fn measure(b: &CudaBackend) -> Ceilings {
+    let copy = copy_bandwidth(b);
+    let (x, w) = gemm_operands(b);
+    let flops = 2.0 * (GEMM_N * GEMM_N * GEMM_N) as f64;
+    let ours = flops / best_seconds(b, || drop(b.linear(&x, &w, None)));
+    let tflops = |f: f64| f / 1e12;
+    let (matmul, how) = match b.cublas() {
+        Ok(blas) => {
+            let chip = flops / best_seconds(b, || drop(blas.linear(b, &x, &w)));
+            let how = format!(
+                "cuBLAS bf16 GEMM {GEMM_N}^3 (f32 accumulate), best of {REPEATS}; our GEMM on the same operands \
+                 {:.0} TFLOP/s = {:.2} of cuBLAS",
+                tflops(ours),
+                ours / chip
+            );
+            (chip, how)
+        }
+        Err(why) => {
+            let how = format!(
+                "our bf16 GEMM {GEMM_N}^3, best of {REPEATS} (no cuBLAS yardstick: {why}; compute fractions are \
+                 relative to our kernel, not to the chip)"
+            );
+            (ours, how)
+        }
+    };
     Ceilings {
-        copy_bytes_per_s: copy_bandwidth(b),
-        matmul_flops_per_s: gemm_flops(b),
+        copy_bytes_per_s: copy,
+        matmul_flops_per_s: matmul,
         method: format!(
-            "device-to-device copy of {} MiB, best of {REPEATS}; our bf16 GEMM {GEMM_N}^3 (no cuBLAS in the \
-             build), best of {REPEATS}",
-            COPY_ELEMS * 2 >> 20
+            "device-to-device copy of {} MiB, best of {REPEATS}; {how}",
+            (COPY_ELEMS * 2) >> 20
         ),
     }
 }
 
-/// The fastest of `REPEATS` synchronised runs of `f`, after one warm-up run.
+/// The fastest of `REPEATS` runs of `f` on the device's clock (events around each run), after one warm-up run.
 fn best_seconds(b: &CudaBackend, mut f: impl FnMut()) -> f64 {
     f();
     (0..REPEATS)
         .map(|_| {
-            b.synchronize();
-            let t = Instant::now();
+            let start = b.timestamp();
             f();
-            b.synchronize();
-            t.elapsed().as_secs_f64()
+            let end = b.timestamp();
+            b.elapsed_us(&start, &end) * 1e-6
         })
         .fold(f64::INFINITY, f64::min)
 }
@@ -46,9 +68,9 @@ fn copy_bandwidth(b: &CudaBackend) -> f64 {
     (2 * 2 * COPY_ELEMS) as f64 / seconds
 }
 
-fn gemm_flops(b: &CudaBackend) -> f64 {
+/// `x` `[N, N]` and `w` `[N, N]`, bf16, random-looking and never zero: a product of zeros runs faster than real data.
+fn gemm_operands(b: &CudaBackend) -> (CudaTensor, CudaWeight) {
     let n = GEMM_N;
-    // Random-looking, never-zero values: a product of zeros runs faster than real data.
     let fill = |_: &str, _: DType, _: &[usize], out: &mut [u8]| {
         for (i, v) in out.chunks_exact_mut(2).enumerate() {
             let x = ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 * 1e-3 - 1.0;
@@ -70,6 +92,5 @@ fn gemm_flops(b: &CudaBackend) -> f64 {
         n,
         n,
     );
-    let seconds = best_seconds(b, || drop(b.linear(&x, &w, None)));
-    2.0 * (n * n * n) as f64 / seconds
+    (x, w)
 }

@@ -18,18 +18,22 @@
 
 mod attention;
 mod ceilings;
+mod cublas;
 mod device;
 mod graph;
 pub mod kernels;
+mod libs;
 mod memory;
 pub mod nvrtc;
 mod sampling;
+mod timing;
 
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 pub use attention::CudaLayout;
+pub use cublas::library as cublas_library;
 pub use device::{describe, device_count, driver_present, driver_version};
 use kernels::{float, int, launch, long, ptr, stride_grid, Arg, Kernels};
 use memory::{Buffer, Pool, WeightArena};
@@ -90,6 +94,7 @@ pub struct CudaBackend {
     kernels: Kernels,
     pool: Arc<Pool>,
     weights: Mutex<WeightArena>,
+    events: Arc<timing::EventPool>,
     sm_count: usize,
     poison: bool,
     /// Set while a decode step is being recorded (see [`graph`]).
@@ -111,6 +116,7 @@ impl CudaBackend {
         let pool = Pool::new(ctx.clone());
         Ok(CudaBackend {
             weights: Mutex::new(WeightArena::new(pool.clone())),
+            events: timing::EventPool::new(ctx.clone()),
             ctx,
             stream,
             kernels,
@@ -141,6 +147,11 @@ impl CudaBackend {
     /// Driver allocations made so far (activations, scratch, weights).
     pub fn device_allocations(&self) -> usize {
         self.pool.allocations()
+    }
+
+    /// CUDA events created for timestamps so far (they are pooled and reused).
+    pub fn timing_events(&self) -> usize {
+        self.events.created()
     }
 
     /// Reserves one device allocation for `bytes` of bf16 weights, which `load_weight` then fills in order.
@@ -371,6 +382,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
     type Layout = CudaLayout;
+    type Timestamp = timing::Stamp;
 
     fn device_name(&self) -> String {
         describe(&self.ctx)
@@ -378,6 +390,14 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) {
         CudaBackend::synchronize(self)
+    }
+
+    fn timestamp(&self) -> timing::Stamp {
+        self.events.stamp(&self.stream)
+    }
+
+    fn elapsed_us(&self, from: &timing::Stamp, to: &timing::Stamp) -> f64 {
+        from.us_until(to)
     }
 
     fn free_memory(&self) -> Result<usize> {

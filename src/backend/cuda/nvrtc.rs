@@ -1,20 +1,17 @@
 //! NVRTC: finding the library, compiling the embedded kernel sources to cubins, caching them on disk.
 //!
-//! cudarc opens NVRTC by library name only (`libnvrtc.so`, `libnvrtc.so.13`, ...) through the dynamic loader, and
-//! NVRTC 13.0 in turn opens `libnvrtc-builtins.so.13.0` by name (its library has no RPATH). So that neither needs
-//! `LD_LIBRARY_PATH`, [`Nvrtc::load`] first opens both by full path from the first CUDA installation it finds
-//! (`$CUDA_HOME`, `$CUDA_PATH`, the CUDA 13.0 wheels under `.toolchain/cuda/nvidia/cu13`, `/usr/local/cuda`) and
-//! keeps them open: the loader then answers the later by-name opens with the already loaded libraries. Where none is
-//! found, whatever the loader finds (`LD_LIBRARY_PATH`, system paths) is used. The same installation's `include/`
-//! supplies `cuda_bf16.h`, the only header the kernels include besides their own (which are passed to NVRTC from
-//! memory).
+//! cudarc opens NVRTC by library name only, and NVRTC 13.0 in turn opens `libnvrtc-builtins.so.13.0` by name, so
+//! [`Nvrtc::load`] first opens both by full path from the first CUDA installation that has them ([`libs`]: no
+//! `LD_LIBRARY_PATH` needed). The same installation's `include/` supplies `cuda_bf16.h`, the only header the
+//! kernels include besides their own (which are passed to NVRTC from memory).
 
 use std::ffi::{c_char, CStr, CString};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cudarc::nvrtc::sys;
 
 use super::kernels::HEADERS;
+use super::libs;
 use crate::error::{Error, Result};
 
 /// A loaded NVRTC and the CUDA headers it compiles against.
@@ -27,62 +24,6 @@ pub struct Nvrtc {
 
 fn device_error(what: impl Into<String>) -> Error {
     Error::Device("nvrtc".into(), what.into())
-}
-
-/// CUDA installations to look in, most specific first.
-fn cuda_homes() -> Vec<PathBuf> {
-    let wheels = ".toolchain/cuda/nvidia/cu13";
-    let mut homes: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
-        .iter()
-        .filter_map(std::env::var_os)
-        .map(PathBuf::from)
-        .collect();
-    homes.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(wheels));
-    homes.push(PathBuf::from(wheels));
-    homes.push(PathBuf::from("/usr/local/cuda"));
-    homes.into_iter().filter(|h| h.is_dir()).collect()
-}
-
-/// The first file in `dir` whose name starts with `prefix` and does not contain `.alt.` (the wheels ship an
-/// alternative build beside the main one).
-fn find_lib(dir: &Path, prefix: &str) -> Option<PathBuf> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            n.starts_with(prefix) && !n.contains(".alt.")
-        })
-        .collect();
-    names.sort();
-    names.into_iter().next()
-}
-
-/// Opens NVRTC (and its builtins) from the first installation that has it; returns the library path.
-fn preload(homes: &[PathBuf]) -> Option<PathBuf> {
-    for home in homes {
-        for lib in ["lib64", "lib"] {
-            let dir = home.join(lib);
-            let Some(nvrtc) = find_lib(&dir, "libnvrtc.so.") else {
-                continue;
-            };
-            if let Some(builtins) = find_lib(&dir, "libnvrtc-builtins.so.") {
-                // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's NVRTC libraries.
-                if let Ok(l) = unsafe { libloading::Library::new(&builtins) } {
-                    std::mem::forget(l); // kept for the life of the process
-                }
-            }
-            // SAFETY: as above.
-            if let Ok(l) = unsafe { libloading::Library::new(&nvrtc) } {
-                std::mem::forget(l);
-                return Some(nvrtc);
-            }
-        }
-    }
-    None
 }
 
 fn error_string(rc: sys::nvrtcResult) -> String {
@@ -101,8 +42,8 @@ fn check(rc: sys::nvrtcResult, what: &str) -> Result<()> {
 
 impl Nvrtc {
     pub fn load() -> Result<Nvrtc> {
-        let homes = cuda_homes();
-        let preloaded = preload(&homes);
+        let homes = libs::cuda_homes();
+        let preloaded = libs::preload(&homes, &["libnvrtc-builtins.so."], "libnvrtc.so.");
         // SAFETY: only probes whether the library can be opened.
         if !unsafe { sys::is_culib_present() } {
             return Err(device_error(
