@@ -257,7 +257,9 @@ fn sampling<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsC
     let mut g = group(c, &format!("sampling/{}", preset.name()));
     for rows in [1, 32, 128] {
         let logits = activation(b, rows, vocab, 15);
-        g.throughput(Throughput::BytesDecimal((rows * vocab * b.activation_width()) as u64));
+        g.throughput(Throughput::BytesDecimal(
+            (rows * vocab * b.activation_width()) as u64,
+        ));
         for (name, temperature) in [("greedy", 0.0), ("top_k_top_p_penalty", 0.8)] {
             let rule = RowSampling {
                 temperature,

@@ -209,7 +209,10 @@ fn padded_decode_steps_give_the_tokens_of_unpadded_ones() {
     };
     let (want, unpadded) = run_engine(&plain, config.clone(), &cases, None);
     let (got, padded) = run_engine(&padding, config, &cases, None);
-    assert_eq!(unpadded.recorded_steps, 0, "the CPU backend records nothing");
+    assert_eq!(
+        unpadded.recorded_steps, 0,
+        "the CPU backend records nothing"
+    );
     assert!(padded.recorded_steps > 3, "{padded:?}");
     assert_same("padded", &got, &want);
 }

@@ -25,8 +25,8 @@ use flamingo::io::config::Activation;
 use flamingo::model::sampling::SamplingParams;
 use flamingo::perf::profile::{profile_steps, Profiled};
 use flamingo::runtime::engine::{Engine, EngineConfig, Event};
-use rand::{Rng, SeedableRng};
 use flamingo::runtime::generate::Pipeline;
+use rand::{Rng, SeedableRng};
 
 const TOL: f64 = 1e-2;
 
@@ -635,12 +635,16 @@ fn sampling_matches_cpu() {
         let rows = 29;
         let logits = p.tensor(900 + i as u64, rows, vocab);
         let ids = |n: usize, rng: &mut rand::rngs::StdRng| -> Vec<u32> {
-            let mut v: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32 + 2)).collect();
+            let mut v: Vec<u32> = (0..n)
+                .map(|_| rng.random_range(0..vocab as u32 + 2))
+                .collect();
             v.sort_unstable();
             v.dedup();
             v
         };
-        let lists: Vec<(Vec<u32>, Vec<u32>)> = (0..rows).map(|_| (ids(3, &mut rng), ids(20, &mut rng))).collect();
+        let lists: Vec<(Vec<u32>, Vec<u32>)> = (0..rows)
+            .map(|_| (ids(3, &mut rng), ids(20, &mut rng)))
+            .collect();
         let rules: Vec<RowSampling> = lists
             .iter()
             .enumerate()
@@ -664,15 +668,23 @@ fn sampling_matches_cpu() {
         let mut compared = 0;
         for r in 0..rows {
             let nudged = |d: f32| {
-                let rule = RowSampling { uniform: (rules[r].uniform + d).clamp(0.0, 0.999), ..rules[r] };
-                p.cpu.sample(&p.cpu.slice_rows(&logits.0, r, 1), &[rule]).unwrap()[0]
+                let rule = RowSampling {
+                    uniform: (rules[r].uniform + d).clamp(0.0, 0.999),
+                    ..rules[r]
+                };
+                p.cpu
+                    .sample(&p.cpu.slice_rows(&logits.0, r, 1), &[rule])
+                    .unwrap()[0]
             };
             if nudged(1e-4) == cpu[r] && nudged(-1e-4) == cpu[r] {
                 assert_eq!(gpu[r], cpu[r], "vocab {vocab} row {r}: {:?}", rules[r]);
                 compared += 1;
             }
         }
-        assert!(compared * 10 >= rows * 8, "vocab {vocab}: only {compared} of {rows} rows compared");
+        assert!(
+            compared * 10 >= rows * 8,
+            "vocab {vocab}: only {compared} of {rows} rows compared"
+        );
     }
 }
 
@@ -698,9 +710,17 @@ fn cuda_graph_replays_give_the_eager_tokens() {
             let mut req = greedy(3 + i as usize % 7);
             req.ignore_eos = true;
             if i % 2 == 1 {
-                req.sampling = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: i };
+                req.sampling = SamplingParams {
+                    temperature: 0.9,
+                    top_k: 40,
+                    top_p: 0.95,
+                    repetition_penalty: 1.1,
+                    seed: i,
+                };
             }
-            engine.add_request(prompt.clone(), fx.golden_pixels(), &req).unwrap();
+            engine
+                .add_request(prompt.clone(), fx.golden_pixels(), &req)
+                .unwrap();
         }
         let mut out = std::collections::BTreeMap::new();
         engine

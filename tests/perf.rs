@@ -181,7 +181,10 @@ fn bench_json_has_every_figure() {
     for key in ["copy_gb_per_s", "matmul_gflop_per_s"] {
         assert!(v["ceilings"][key].is_number(), "ceilings.{key} missing");
     }
-    assert_eq!(v["decode_graphs"], false, "the CPU backend records no decode steps");
+    assert_eq!(
+        v["decode_graphs"], false,
+        "the CPU backend records no decode steps"
+    );
     let runs = v["throughput"].as_array().unwrap();
     assert_eq!(
         runs.iter()

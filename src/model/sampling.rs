@@ -131,7 +131,13 @@ mod tests {
         assert_eq!(a, draws(&p));
         assert!(a.iter().all(|u| (0.0..1.0).contains(u)));
         assert_ne!(a[0], a[1]);
-        assert_ne!(a, draws(&SamplingParams { seed: 8, ..p.clone() }));
+        assert_ne!(
+            a,
+            draws(&SamplingParams {
+                seed: 8,
+                ..p.clone()
+            })
+        );
         assert!(draws(&SamplingParams::default()).iter().all(|&u| u == 0.0));
     }
 

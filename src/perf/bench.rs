@@ -186,7 +186,9 @@ pub fn run<B: Backend>(
 
     progress("time to first token");
     let ttft_floor = image_floor + costs.prefill(n).floor(&ceilings);
-    let ttft = median(opts.repeats, || Ok(generate(p, opts, &prompt, &pixels, 1, 1)?.0))?;
+    let ttft = median(opts.repeats, || {
+        Ok(generate(p, opts, &prompt, &pixels, 1, 1)?.0)
+    })?;
 
     progress("decode at batch 1");
     let decode = decode_seconds_per_token(p, opts, &prompt, &pixels)?;
@@ -231,8 +233,7 @@ pub fn run<B: Backend>(
             "images/s",
         ),
         throughput,
-        decode_graphs: opts.decode_graphs
-            && b.new_step_graphs(p.model.config.head_dim()).is_some(),
+        decode_graphs: opts.decode_graphs && b.new_step_graphs(p.model.config.head_dim()).is_some(),
     })
 }
 

@@ -1,7 +1,99 @@
-//! Softmax attention on the CPU: one query row at a time (rows in parallel), every head, f32 scores with the maximum
-//! subtracted. The three attention ops differ only in which key rows a query sees, so they share `attend`.
+//! Softmax attention on the CPU, f32 scores with the maximum subtracted.
+//!
+//! Where every query row sees the same keys (the vision encoder), [`full`] runs each head as two register-tiled
+//! products (`dot::broadcast_product`): scores `Q K^T`, the softmax, then `P V`. Elsewhere (causal, paged and cross-attention, whose rows see
+//! different keys) one query row at a time ([`per_row_head`] and [`attend`]). Either way a row's result is summed
+//! in an order fixed by its own keys, whatever rows share the call.
 
 use rayon::prelude::*;
+
+use super::dot;
+use super::matmul::OutPtr;
+
+/// Query rows per task of [`full`]: enough tasks to feed every thread, each long enough to reuse a head's keys.
+const ROWS_PER_TASK: usize = 64;
+
+/// Non-causal attention of `q` `[rows, heads * d]` over every row of `k`, `v` `[n, heads * d]` with tiled products,
+/// or `None` on CPUs without AVX2 and FMA (then [`per_row_head`] serves).
+pub fn full(
+    q: &[f32],
+    rows: usize,
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    heads: usize,
+    scale: f32,
+) -> Option<Vec<f32>> {
+    if !dot::available() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    return Some(tiled(q, rows, k, v, n, heads, scale));
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`full`] on AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn tiled(
+    q: &[f32],
+    rows: usize,
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    heads: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let width = q.len() / rows.max(1);
+    let d = width / heads;
+    // Each head's keys transposed to [d, n] and values as [n, d]: the right-hand sides of the two products.
+    let operands: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let kt = (0..d)
+                .flat_map(|c| (0..n).map(move |j| k[j * width + h * d + c]))
+                .collect();
+            let vh = (0..n)
+                .flat_map(|j| &v[j * width + h * d..j * width + (h + 1) * d])
+                .copied()
+                .collect();
+            (kt, vh)
+        })
+        .collect();
+    let mut out = vec![0f32; rows * width];
+    let dst = OutPtr(out.as_mut_ptr());
+    let tasks = rows.div_ceil(ROWS_PER_TASK);
+    (0..heads * tasks).into_par_iter().for_each(|t| {
+        let (h, r0) = (t / tasks, t % tasks * ROWS_PER_TASK);
+        let m = ROWS_PER_TASK.min(rows - r0);
+        let qh: Vec<f32> = (r0..r0 + m)
+            .flat_map(|r| &q[r * width + h * d..r * width + (h + 1) * d])
+            .copied()
+            .collect();
+        let (kt, vh) = &operands[h];
+        let mut p = vec![0f32; m * n];
+        let dst = &dst;
+        // SAFETY: `full` checked AVX2 and FMA; `p` is [m, n]; the output window is rows r0..r0+m, columns of
+        // head h, which no other task writes.
+        unsafe {
+            dot::broadcast_product(&qh, m, d, kt, n, p.as_mut_ptr(), n);
+            p.chunks_mut(n).for_each(|row| softmax(row, scale));
+            dot::broadcast_product(&p, m, n, vh, d, dst.0.add(r0 * width + h * d), width);
+        }
+    });
+    out
+}
+
+/// `row = softmax(scale * row)`, in place, maximum subtracted.
+fn softmax(row: &mut [f32], scale: f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(scale * s));
+    let mut sum = 0f32;
+    for s in row.iter_mut() {
+        *s = (scale * *s - max).exp();
+        sum += *s;
+    }
+    row.iter_mut().for_each(|s| *s /= sum);
+}
 
 /// `out = sum_j softmax_j(scale * q . k_j) v_j` over `n` keys given by `key(j) -> (k_j, v_j)`.
 pub fn attend<'a>(

@@ -24,8 +24,9 @@ fn block_cols(n: usize, k: usize) -> usize {
     by_threads.clamp(8, by_cache.max(8)).min(n.max(1))
 }
 
-struct OutPtr(*mut f32);
-// SAFETY: each task writes a disjoint set of output columns.
+/// An output buffer shared by parallel tasks that each write their own disjoint window of it.
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: each task writes a disjoint set of output elements (every user says which).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 

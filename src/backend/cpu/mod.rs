@@ -357,15 +357,18 @@ impl Backend for CpuBackend {
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, heads: usize) -> CpuTensor {
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
-        let out = attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
-            attention::attend(
-                qh,
-                k.rows,
-                |j| head_of_row(k, v, j, h, d),
-                scale,
-                scores,
-                out,
-            );
+        let blocked = attention::full(&q.data, q.rows, &k.data, &v.data, k.rows, heads, scale);
+        let out = blocked.unwrap_or_else(|| {
+            attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
+                attention::attend(
+                    qh,
+                    k.rows,
+                    |j| head_of_row(k, v, j, h, d),
+                    scale,
+                    scores,
+                    out,
+                );
+            })
         });
         tensor(out, q.rows, q.cols)
     }
@@ -439,7 +442,11 @@ impl Backend for CpuBackend {
     }
 
     fn sample(&self, logits: &CpuTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        assert_eq!(logits.rows, rows.len(), "one sampling rule per row of logits");
+        assert_eq!(
+            logits.rows,
+            rows.len(),
+            "one sampling rule per row of logits"
+        );
         let vocab = logits.cols;
         (0..rows.len())
             .into_par_iter()

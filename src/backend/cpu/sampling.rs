@@ -178,7 +178,14 @@ mod tests {
     #[test]
     fn inverse_cdf_walks_index_order() {
         // Equal logits: each token owns a quarter of [0, 1).
-        for (u, want) in [(0.0, 0), (0.24, 0), (0.26, 1), (0.6, 2), (0.99, 3), (1.5, 3)] {
+        for (u, want) in [
+            (0.0, 0),
+            (0.24, 0),
+            (0.26, 1),
+            (0.6, 2),
+            (0.99, 3),
+            (1.5, 3),
+        ] {
             let r = RowSampling {
                 uniform: u,
                 ..rule(1.0)

@@ -73,7 +73,9 @@ impl<'a> RecordingGuard<'a> {
 impl Drop for RecordingGuard<'_> {
     fn drop(&mut self) {
         let stream = &self.0.stream;
-        if stream.capture_status().ok() == Some(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE) {
+        if stream.capture_status().ok()
+            == Some(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+        {
             let _ = stream.end_capture(CUgraphInstantiate_flags(0));
         }
         *self.0.recording.lock().expect("recording lock") = None;
@@ -98,7 +100,11 @@ impl CudaBackend {
         let ids_at = plan.push_ids(ids);
         let key = (step.seqs.len(), shape);
         if let Some(g) = graphs.by_size.get(&key) {
-            assert_eq!(plan.arrays().len(), g.inputs_len, "same size and shape, same arrays");
+            assert_eq!(
+                plan.arrays().len(),
+                g.inputs_len,
+                "same size and shape, same arrays"
+            );
             self.htod(g.layout.array(0), plan.arrays());
             self.check("graph launch", g.graph.launch());
             return Ok(self.copy_of(&g.output));
@@ -119,7 +125,10 @@ impl CudaBackend {
         run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
     ) -> Result<StepGraph> {
         let err = |what: &str, e: cudarc::driver::DriverError| {
-            Error::Device(describe(&self.ctx), format!("recording a decode step: {what}: {e}"))
+            Error::Device(
+                describe(&self.ctx),
+                format!("recording a decode step: {what}: {e}"),
+            )
         };
         let pool = self.pool.sibling();
         let inputs_len = plan.arrays().len();
@@ -144,7 +153,9 @@ impl CudaBackend {
             .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(|e| err("ending the capture", e))?
-            .ok_or_else(|| Error::Device(describe(&self.ctx), "the captured step is empty".into()))?;
+            .ok_or_else(|| {
+                Error::Device(describe(&self.ctx), "the captured step is empty".into())
+            })?;
         drop(guard);
         graph.launch().map_err(|e| err("first launch", e))?;
         Ok(StepGraph {

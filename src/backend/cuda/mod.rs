@@ -606,13 +606,18 @@ impl Backend for CudaBackend {
         }
         let out = self.alloc(ids.len(), table.cols);
         // A recorded step reads its ids from its layout's buffer, where each replay writes the new ones.
-        let recorded = self.recording.lock().expect("recording lock").as_ref().map(|r| {
-            assert_eq!(r.rows, ids.len(), "a recorded step embeds its own ids");
-            r.ids
-        });
-        let uploaded = recorded.is_none().then(|| {
-            self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())
-        });
+        let recorded = self
+            .recording
+            .lock()
+            .expect("recording lock")
+            .as_ref()
+            .map(|r| {
+                assert_eq!(r.rows, ids.len(), "a recorded step embeds its own ids");
+                r.ids
+            });
+        let uploaded = recorded
+            .is_none()
+            .then(|| self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>()));
         let dev_ids = recorded.unwrap_or_else(|| uploaded.as_ref().expect("uploaded").ptr);
         let args = [
             ptr(out.ptr()),

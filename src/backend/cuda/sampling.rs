@@ -56,9 +56,13 @@ impl RuleArrays {
         let mut ints = Vec::new();
         let (ban_offsets, ban_ids) = csr(&mut ints, rows.iter().map(|r| r.banned));
         let penalized = rows.iter().any(|r| r.repetition_penalty != 1.0);
-        let seen = rows
-            .iter()
-            .map(|r| if r.repetition_penalty != 1.0 { r.seen } else { &[] });
+        let seen = rows.iter().map(|r| {
+            if r.repetition_penalty != 1.0 {
+                r.seen
+            } else {
+                &[]
+            }
+        });
         let (penalty_offsets, penalty_ids) = csr(&mut ints, seen);
         let top_k = ints.len();
         ints.extend(rows.iter().map(|r| i32::try_from(r.top_k).unwrap_or(0)));
@@ -86,8 +90,16 @@ impl RuleArrays {
 }
 
 impl CudaBackend {
-    pub(super) fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        assert_eq!(logits.rows, rows.len(), "one sampling rule per row of logits");
+    pub(super) fn sample_rows(
+        &self,
+        logits: &CudaTensor,
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>> {
+        assert_eq!(
+            logits.rows,
+            rows.len(),
+            "one sampling rule per row of logits"
+        );
         let (n, vocab) = (rows.len(), logits.cols);
         if n == 0 {
             return Ok(Vec::new());
@@ -117,7 +129,11 @@ impl CudaBackend {
                 "penalize_tokens_f32",
                 (n as u32, 1, 1),
                 128,
-                &[&x_rows[..], &[i(a.penalty_offsets), i(a.penalty_ids), f(PENALTY)]].concat(),
+                &[
+                    &x_rows[..],
+                    &[i(a.penalty_offsets), i(a.penalty_ids), f(PENALTY)],
+                ]
+                .concat(),
             );
         }
         self.run(
@@ -139,7 +155,11 @@ impl CudaBackend {
         self.bind();
         // SAFETY: the buffer holds `n` int32 ids at `out`; the stream is synchronised before `ids` is read.
         self.check("device-to-host copy", unsafe {
-            result::memcpy_dtoh_async(&mut ids, ints.ptr + 4 * a.out as u64, self.stream.cu_stream())
+            result::memcpy_dtoh_async(
+                &mut ids,
+                ints.ptr + 4 * a.out as u64,
+                self.stream.cu_stream(),
+            )
         });
         self.synchronize();
         ids.iter()
