@@ -727,3 +727,82 @@ impl CudaBackend {
         self.unpad(o, heads, d, dk)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LayoutPlan;
+    use crate::backend::{DecodeShape, SeqStep, StepLayout};
+
+    fn decode_step(lens: &[usize], block_size: usize) -> StepLayout {
+        let mut next = 0u32;
+        let seqs = lens
+            .iter()
+            .map(|&len| {
+                let blocks = len.div_ceil(block_size) as u32;
+                next += blocks;
+                SeqStep {
+                    q_rows: 1,
+                    kv_len: len,
+                    block_table: (next - blocks..next).collect(),
+                    image_of_row: vec![-1],
+                }
+            })
+            .collect();
+        StepLayout { block_size, seqs }
+    }
+
+    /// A recorded step's arrays must sit at the same offsets with the same lengths whatever its sequences'
+    /// lengths (a CUDA graph replays the kernels with the pointers and sizes of its recording), and carry each
+    /// step's own values.
+    #[test]
+    fn a_fixed_shape_gives_every_step_of_a_size_the_same_geometry() {
+        let shape = DecodeShape {
+            table_width: 8,
+            max_kv: 128,
+        };
+        let plan = |lens: &[usize]| {
+            let mut p = LayoutPlan::new(&decode_step(lens, 16), Some(&shape));
+            let ids_at = p.push_ids(&vec![7; lens.len()]);
+            (p, ids_at)
+        };
+        let (a, a_ids) = plan(&[1, 40, 128]);
+        let (b, b_ids) = plan(&[17, 3, 64]);
+        assert_eq!(a.arrays().len(), b.arrays().len());
+        assert_eq!(a_ids, b_ids);
+        let (da, db) = (a.decode.as_ref().unwrap(), b.decode.as_ref().unwrap());
+        assert_eq!(
+            (
+                da.rows_at,
+                da.kv_lens,
+                da.block_table,
+                da.max_blocks,
+                da.max_kv
+            ),
+            (
+                db.rows_at,
+                db.kv_lens,
+                db.block_table,
+                db.max_blocks,
+                db.max_kv
+            )
+        );
+        assert_eq!((da.max_blocks, da.max_kv), (8, 128));
+        assert_ne!(a.arrays(), b.arrays(), "each step's own lengths and tables");
+        // Unfixed, the geometry follows the step.
+        let eager = LayoutPlan::new(&decode_step(&[1, 40], 16), None);
+        let d = eager.decode.as_ref().unwrap();
+        assert_eq!((d.max_blocks, d.max_kv), (3, 40));
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "a recorded decode step holds tables of 8 blocks and 128 positions at most"
+    )]
+    fn a_step_longer_than_its_shape_is_refused() {
+        let shape = DecodeShape {
+            table_width: 8,
+            max_kv: 128,
+        };
+        LayoutPlan::new(&decode_step(&[129], 16), Some(&shape));
+    }
+}

@@ -168,3 +168,44 @@ impl CudaBackend {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arrays the kernels read: CSR lists per row (the penalty's only where a row has one), then top_k and
+    /// the output slots; the floats field by field, each `rows` long.
+    #[test]
+    fn rules_are_laid_out_as_the_kernels_read_them() {
+        let rule =
+            |temperature, penalty, banned: &'static [u32], seen: &'static [u32]| RowSampling {
+                temperature,
+                top_k: 5,
+                top_p: 0.9,
+                repetition_penalty: penalty,
+                banned,
+                seen,
+                uniform: 0.25,
+            };
+        let rows = [
+            rule(0.0, 1.0, &[3], &[1, 2]),
+            rule(0.7, 1.2, &[], &[4, u32::MAX]),
+        ];
+        let a = RuleArrays::new(&rows);
+        let at = |o: usize, n: usize| &a.ints[o..o + n];
+        assert_eq!(at(a.ban_offsets, 3), [0, 1, 1]);
+        assert_eq!(at(a.ban_ids, 1), [3]);
+        // Row 0 has no penalty: its seen ids are not sent. An id beyond int32 becomes -1, which the kernel skips.
+        assert_eq!(at(a.penalty_offsets, 3), [0, 0, 2]);
+        assert_eq!(at(a.penalty_ids, 2), [4, -1]);
+        assert_eq!(at(a.top_k, 2), [5, 5]);
+        assert_eq!(at(a.out, 2), [-1, -1]);
+        assert_eq!(a.out + 2, a.ints.len());
+        assert!(a.penalized);
+        let f = |which: usize| &a.floats[which * 2..which * 2 + 2];
+        assert_eq!(f(PENALTY), [1.0, 1.2]);
+        assert_eq!(f(TEMPERATURE), [0.0, 0.7]);
+        assert_eq!(f(TOP_P), [0.9, 0.9]);
+        assert_eq!(f(UNIFORM), [0.25, 0.25]);
+    }
+}
