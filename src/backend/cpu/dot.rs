@@ -207,6 +207,7 @@ unsafe fn strip<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
+#[allow(clippy::needless_range_loop)] // indexed loops over the const-sized tile keep it in registers
 unsafe fn vectors<const R: usize, const V: usize>(
     xs: [&[f32]; R],
     wt: &[f32],
