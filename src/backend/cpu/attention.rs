@@ -13,14 +13,14 @@ use super::matmul::OutPtr;
 /// Query rows per task of [`full`]: enough tasks to feed every thread, each long enough to reuse a head's keys.
 const ROWS_PER_TASK: usize = 64;
 
-/// Non-causal attention of `q` `[rows, heads * d]` over every row of `k`, `v` `[n, heads * d]` with tiled products,
-/// or `None` on CPUs without AVX2 and FMA (then [`per_row_head`] serves).
-pub fn full(
+/// Non-causal attention of `q` `[rows, heads * d]` over `n` keys, `key(j)` giving key row `j` and value row `j`
+/// (each `heads * d` wide), with tiled products; `None` on CPUs without AVX2 and FMA (then [`per_row_head`]
+/// serves).
+pub fn full<'a>(
     q: &[f32],
     rows: usize,
-    k: &[f32],
-    v: &[f32],
     n: usize,
+    key: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
     heads: usize,
     scale: f32,
 ) -> Option<Vec<f32>> {
@@ -28,33 +28,35 @@ pub fn full(
         return None;
     }
     #[cfg(target_arch = "x86_64")]
-    return Some(tiled(q, rows, k, v, n, heads, scale));
+    return Some(tiled(q, rows, n, key, heads, scale));
     #[cfg(not(target_arch = "x86_64"))]
     None
 }
 
 /// [`full`] on AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-fn tiled(
+fn tiled<'a>(
     q: &[f32],
     rows: usize,
-    k: &[f32],
-    v: &[f32],
     n: usize,
+    key: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
     heads: usize,
     scale: f32,
 ) -> Vec<f32> {
     let width = q.len() / rows.max(1);
     let d = width / heads;
+    let key = &key;
     // Each head's keys transposed to [d, n] and values as [n, d]: the right-hand sides of the two products.
     let operands: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            let kt = (0..d)
-                .flat_map(|c| (0..n).map(move |j| k[j * width + h * d + c]))
+            let cols = h * d..(h + 1) * d;
+            let kt = cols
+                .clone()
+                .flat_map(|c| (0..n).map(move |j| key(j).0[c]))
                 .collect();
             let vh = (0..n)
-                .flat_map(|j| &v[j * width + h * d..j * width + (h + 1) * d])
+                .flat_map(|j| &key(j).1[cols.clone()])
                 .copied()
                 .collect();
             (kt, vh)

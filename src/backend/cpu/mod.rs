@@ -34,6 +34,13 @@ impl CpuBackend {
     }
 }
 
+impl CpuTensor {
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
 fn tensor(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
     debug_assert_eq!(data.len(), rows * cols);
     CpuTensor { data, rows, cols }
@@ -357,7 +364,14 @@ impl Backend for CpuBackend {
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, heads: usize) -> CpuTensor {
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
-        let blocked = attention::full(&q.data, q.rows, &k.data, &v.data, k.rows, heads, scale);
+        let blocked = attention::full(
+            &q.data,
+            q.rows,
+            k.rows,
+            |j| (k.row(j), v.row(j)),
+            heads,
+            scale,
+        );
         let out = blocked.unwrap_or_else(|| {
             attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
                 attention::attend(
@@ -469,6 +483,18 @@ impl Backend for CpuBackend {
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
         let n_ctx = k_ctx.rows;
+        let n = n_ctx + k_lat.rows;
+        let rows = |j: usize| {
+            let (kt, vt, r) = if j < n_ctx {
+                (k_ctx, v_ctx, j)
+            } else {
+                (k_lat, v_lat, j - n_ctx)
+            };
+            (kt.row(r), vt.row(r))
+        };
+        if let Some(out) = attention::full(&q.data, q.rows, n, rows, heads, scale) {
+            return tensor(out, q.rows, q.cols);
+        }
         let out = attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
             let key = |j: usize| {
                 let (kt, vt, r) = if j < n_ctx {
