@@ -152,6 +152,14 @@ fn attention_rows_do_not_depend_on_the_batch() {
     check_rows("vision attention", |s, n| {
         b.attention(&b.slice_rows(&q, s, n), &k, &v, heads)
     });
+    // Latent rows over [context ; latents] (the latents' own keys fixed, as in the resampler).
+    let (kl, vl) = (
+        random(&b, 25, 64, heads * 16),
+        random(&b, 26, 64, heads * 16),
+    );
+    check_rows("resampler attention", |s, n| {
+        b.resampler_attention(&b.slice_rows(&q, s, n), &k, &v, &kl, &vl, heads)
+    });
     // Three images of 7 tokens in the media pools; rows see one of them or none.
     let (km, vm) = (
         random(&b, 23, 21, heads * 16),
