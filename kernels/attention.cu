@@ -30,7 +30,8 @@
 //   (s+1)*split_size); it writes its un-normalised partial output and (max, sum) in the log2
 //   domain: o_part [n_seqs, n_heads, n_splits, D] f32, ml_part [n_seqs, n_heads, n_splits, 2] f32.
 //   Empty splits (past kv_len) write m = -inf, l = 0, o = 0.
-//   Launch: grid = (n_heads, n_seqs, n_splits), n_splits = ceil(max kv_len / split_size);
+//   Launch: grid = (n_heads, n_seqs, n_splits), n_splits >= ceil(max kv_len / split_size) (a recorded
+//   CUDA-graph step launches the count of its fixed shape; the extra splits are empty);
 //   block = (128, 1, 1), dynamic smem = 0. D/8 lanes per key, 16-byte loads (ldkv % 8 == 0, 16-byte
 //   aligned pools). D = 16 and 32 serve small models (and the tiny test models) without padding.
 //   Batch invariance: results depend on split_size and kv_len only: keep split_size fixed

@@ -17,16 +17,16 @@
 //
 // argmax_f32(out_ids, logits, rows, vocab)
 //   out_ids[r] = argmax_i logits[r, i] (int32); ties -> lowest index; NaN counts as larger than
-//   any number (torch.argmax semantics). Launch: grid = (rows, 1, 1), block = (256, 1, 1), smem = 0.
+//   any number (torch.argmax semantics); -1 when every logit is -inf (all banned) or vocab = 0. Launch: grid = (rows, 1, 1), block = (256, 1, 1), smem = 0.
 //
 // sample_f32(out_ids, logits, rows, vocab, temperature, top_k, top_p, uniform)
 //   Per row r (all parameter arrays have `rows` entries):
-//     temperature[r] <= 0 (or not finite)  -> greedy: same as argmax_f32.
-//     x = logits / temperature (NaN -> -inf); p_i = softmax(x) (max-subtracted, f32)
+//     temperature[r] <= 0 (or not finite)  -> greedy: same as argmax_f32 (NaN picked as the largest).
+//     x = logits * (1 / temperature) (NaN -> -inf); p_i = softmax(x) (max-subtracted, f32, __expf)
 //     top_k[r] in (0, vocab): keep tokens with x >= the k-th largest x (ties kept, like HF TopK)
 //     top_p[r] in (0, 1): of those, keep token i iff the probability mass of the kept tokens with
 //       x <= x_i is > 1 - top_p (HF TopPLogitsWarper: drop the ascending prefix whose cumulative
-//       mass is <= 1 - top_p; the top token always survives)
+//       mass is <= 1 - top_p; the top token always survives, also when 1 - top_p rounds to 1)
 //     then pick the token where the cumulative kept mass, in index order, first exceeds
 //     uniform[r] * total (inverse CDF, uniform[r] in [0, 1), clamped).
 //   A row whose logits are all -inf (everything banned) gets out_ids[r] = -1.
@@ -107,12 +107,17 @@ FE_DEVICE ArgMax block_argmax(const float* row, int vocab) {
   return best;
 }
 
+// The id an argmax names, or -1 when there is nothing to pick (empty row, or every logit -inf).
+FE_DEVICE int argmax_id(const ArgMax& best, int vocab) {
+  return best.i < vocab && best.v != FE_NEG_INF ? best.i : -1;
+}
+
 extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     argmax_f32(int* __restrict__ out_ids, const float* __restrict__ logits, int rows, int vocab) {
   const int r = blockIdx.x;
   if (r >= rows) return;
   const ArgMax best = block_argmax<ARGMAX_THREADS>(logits + (long long)r * vocab, vocab);
-  if (threadIdx.x == 0) out_ids[r] = best.i < vocab ? best.i : -1;
+  if (threadIdx.x == 0) out_ids[r] = argmax_id(best, vocab);
 }
 
 // ---- sampling ----
@@ -147,7 +152,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 
   if (!(temp > 0.f) || temp == FE_INF) {  // greedy (also catches NaN temperature)
     const ArgMax best = block_argmax<NT>(row, vocab);
-    if (threadIdx.x == 0) out_ids[r] = best.i < vocab ? best.i : -1;
+    if (threadIdx.x == 0) out_ids[r] = argmax_id(best, vocab);
     return;
   }
 
@@ -197,6 +202,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
       }
       if (block_sum<NT>(below, scratch) <= limit) tau = cand;
     }
+    // When 1 - p rounds to 1 the bisection runs past every key: keep the top token at least.
+    tau = min(tau, order_key(mx));
   }
 
   // Inverse CDF in index order: thread t owns the contiguous segment [t*seg, (t+1)*seg).

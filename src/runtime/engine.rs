@@ -483,13 +483,32 @@ impl<'p, B: Backend> Engine<'p, B> {
             }
         }
         let decode_only = sample_rows.len() == ids.len() && ids.len() <= MAX_RECORDED_SEQS;
-        let logits = match (&mut self.graphs, decode_only) {
+        let recorded = match (&mut self.graphs, decode_only) {
             (Some(graphs), true) => {
-                self.recorded_steps += 1;
-                let step = padded(ids, seqs, self.config.block_size, self.kv.padding_block());
-                Some(recorded_logits(p, graphs, step, &mut self.kv, &self.media)?)
+                let step = padded(
+                    ids.clone(),
+                    seqs.clone(),
+                    self.config.block_size,
+                    self.kv.padding_block(),
+                );
+                match recorded_logits(p, graphs, step, &mut self.kv, &self.media) {
+                    Ok(logits) => Some(logits),
+                    Err(e) => {
+                        // Recording is an optimisation: a failure to record (or replay) must not fail requests.
+                        eprintln!("warning: {e}; decode steps run kernel by kernel from now on");
+                        self.graphs = None;
+                        None
+                    }
+                }
             }
-            _ => {
+            _ => None,
+        };
+        let logits = match recorded {
+            Some(logits) => {
+                self.recorded_steps += 1;
+                Some(logits)
+            }
+            None => {
                 let step = StepLayout {
                     block_size: self.config.block_size,
                     seqs,
@@ -617,7 +636,7 @@ fn padded(
 }
 
 /// The logits of every real row of a padded decode step, through the backend's recording for its batch size (made
-/// on the first such step). Block tables and attention splits take the shape of the model's whole context.
+/// on the first such step). Block tables and attention splits take the shape of the longest sequence possible.
 fn recorded_logits<B: Backend>(
     p: &Pipeline<B>,
     graphs: &mut B::StepGraphs,
@@ -626,10 +645,15 @@ fn recorded_logits<B: Backend>(
     media: &MediaCache<B>,
 ) -> Result<B::Tensor> {
     let b = &p.backend;
-    let context = p.model.config.max_position_embeddings;
+    // No sequence outgrows the model's context or the whole pool.
+    let max_kv = p
+        .model
+        .config
+        .max_position_embeddings
+        .min(kv.total_blocks() * kv.block_size());
     let shape = DecodeShape {
-        table_width: kv.blocks_for(context),
-        max_kv: context,
+        table_width: kv.blocks_for(max_kv),
+        max_kv,
     };
     let logits = b.run_recorded(graphs, &ids, &step, shape, &mut |layout| {
         let h = p.model.forward(b, &ids, layout, kv, media, None)?;

@@ -1,7 +1,8 @@
 //! The CPU reference of `kernels/sampling.cu`: the same rule, step for step (ban, repetition penalty, then greedy
 //! argmax or temperature softmax with top-k and top-p cuts found on the order-preserving key of each logit, and an
-//! inverse CDF in index order). Sums run left to right here and in tiles on the GPU, so the two can differ only
-//! when a draw falls within rounding of a boundary between two tokens.
+//! inverse CDF in index order). Sums run left to right here and in tiles on the GPU, and the GPU's `__expf` is
+//! a few ulp from `exp`, so the two can differ only when a draw (or a top-p cut) falls within rounding of a
+//! boundary between two tokens.
 
 use crate::backend::RowSampling;
 
@@ -36,7 +37,8 @@ fn penalize(logits: &mut [f32], seen: &[u32], penalty: f32) {
     }
 }
 
-/// Index of the largest logit, NaN counting as the largest and the lowest index winning ties (torch.argmax).
+/// Index of the largest logit, NaN counting as the largest and the lowest index winning ties (torch.argmax);
+/// `None` when there is nothing to pick (an empty row, or every logit -inf).
 pub fn argmax(logits: &[f32]) -> Option<u32> {
     let better = |a: f32, b: f32| match (a.is_nan(), b.is_nan()) {
         (an, bn) if an != bn => an,
@@ -48,7 +50,8 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
             best = Some(i);
         }
     }
-    best.map(|i| i as u32)
+    best.filter(|&i| logits[i] != f32::NEG_INFINITY)
+        .map(|i| i as u32)
 }
 
 /// Order-preserving map of a float to u32: `a < b` iff `key(a) < key(b)` (non-NaN).
@@ -225,6 +228,15 @@ mod tests {
             &[0.0, 5.0, 0.0],
         );
         assert!(nucleus.iter().all(|&t| t == 1), "{nucleus:?}");
+        // 1 - top_p rounds to 1: the top token still survives.
+        let tiny = draws(
+            RowSampling {
+                top_p: 1e-8,
+                ..rule(1.0)
+            },
+            &[0.0, 5.0, 4.9],
+        );
+        assert!(tiny.iter().all(|&t| t == 1), "{tiny:?}");
         // Top-k then top-p: p = 0.6 of {3.0, 2.9} needs both (each has about half the mass).
         let both = draws(
             RowSampling {
@@ -244,6 +256,11 @@ mod tests {
             ..rule(0.7)
         };
         assert_eq!(sample_row(&mut [1.0, 2.0], &r), None);
+        let greedy = RowSampling {
+            banned: &[0, 1],
+            ..rule(0.0)
+        };
+        assert_eq!(sample_row(&mut [1.0, 2.0], &greedy), None);
         assert_eq!(sample_row(&mut [f32::NAN, f32::NAN], &rule(0.7)), None);
     }
 }

@@ -13,10 +13,10 @@
 //! - weights, KV and media pools stay where they are for the engine's life, and the graphs die with the engine.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
-use cudarc::driver::CudaGraph;
+use cudarc::driver::{result, CudaGraph, CudaStream};
 
 use super::attention::{LayoutPlan, DECODE_DIMS};
 use super::memory::Pool;
@@ -36,6 +36,14 @@ pub(super) struct Recording {
 /// One engine's recorded steps, by batch size and shape.
 pub struct StepGraphs {
     by_size: HashMap<(usize, DecodeShape), StepGraph>,
+    /// The backend's stream, waited for before the graphs' buffers go back to the driver.
+    stream: Arc<CudaStream>,
+}
+
+impl Drop for StepGraphs {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
 }
 
 struct StepGraph {
@@ -52,20 +60,22 @@ unsafe impl Send for StepGraph {}
 
 impl StepGraphs {
     /// Recording needs the `decode_attn` kernel for the head dim (the flash fallback uploads per step).
-    pub(super) fn new(head_dim: usize) -> Option<StepGraphs> {
+    pub(super) fn new(head_dim: usize, stream: Arc<CudaStream>) -> Option<StepGraphs> {
         DECODE_DIMS.contains(&head_dim).then(|| StepGraphs {
             by_size: HashMap::new(),
+            stream,
         })
     }
 }
 
-/// Clears the recording state, and ends a capture still open (an op failed or panicked inside it), whatever way
-/// recording ends.
+/// However recording ends (done, an error, a panic): ends a capture still open (active or invalidated) without
+/// instantiating it, waits for the work queued so far (the warm-up's kernels read buffers that may be freed
+/// next), and clears the recording state.
 struct RecordingGuard<'a>(&'a CudaBackend);
 
 impl<'a> RecordingGuard<'a> {
     fn start(b: &'a CudaBackend, r: Recording) -> Self {
-        *b.recording.lock().expect("recording lock") = Some(r);
+        *b.recording.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
         RecordingGuard(b)
     }
 }
@@ -73,12 +83,23 @@ impl<'a> RecordingGuard<'a> {
 impl Drop for RecordingGuard<'_> {
     fn drop(&mut self) {
         let stream = &self.0.stream;
-        if stream.capture_status().ok()
-            == Some(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
-        {
-            let _ = stream.end_capture(CUgraphInstantiate_flags(0));
+        let open = stream.capture_status().ok();
+        if open.is_some_and(|s| s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) {
+            // SAFETY: the stream is capturing; the graph ending it is ours alone, destroyed uninstantiated.
+            unsafe {
+                if let Ok(graph) = result::stream::end_capture(stream.cu_stream()) {
+                    if !graph.is_null() {
+                        let _ = result::graph::destroy(graph);
+                    }
+                }
+            }
         }
-        *self.0.recording.lock().expect("recording lock") = None;
+        let _ = stream.synchronize();
+        *self
+            .0
+            .recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 

@@ -606,15 +606,13 @@ impl Backend for CudaBackend {
         }
         let out = self.alloc(ids.len(), table.cols);
         // A recorded step reads its ids from its layout's buffer, where each replay writes the new ones.
-        let recorded = self
-            .recording
-            .lock()
-            .expect("recording lock")
-            .as_ref()
-            .map(|r| {
-                assert_eq!(r.rows, ids.len(), "a recorded step embeds its own ids");
-                r.ids
-            });
+        // (Copied out first: asserting under the lock would poison it.)
+        let recorded =
+            (self.recording.lock().expect("recording lock").as_ref()).map(|r| (r.rows, r.ids));
+        let recorded = recorded.map(|(rows, ptr)| {
+            assert_eq!(rows, ids.len(), "a recorded step embeds its own ids");
+            ptr
+        });
         let uploaded = recorded
             .is_none()
             .then(|| self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>()));
@@ -825,7 +823,7 @@ impl Backend for CudaBackend {
     type StepGraphs = graph::StepGraphs;
 
     fn new_step_graphs(&self, head_dim: usize) -> Option<graph::StepGraphs> {
-        graph::StepGraphs::new(head_dim)
+        graph::StepGraphs::new(head_dim, self.stream.clone())
     }
 
     fn run_recorded(
