@@ -935,7 +935,7 @@ fn recorded_steps_in_a_fixed_shape_equal_eager_steps() {
         );
         let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&step)));
         let recorded = b
-            .run_recorded(&mut graphs, &[0; 4], &step, shape, &mut |layout| {
+            .run_recorded(&mut graphs, &[0; 4], &step, shape, 4, &mut |layout| {
                 Ok(b.paged_attention(&q, &kp, &vp, heads, layout))
             })
             .unwrap();

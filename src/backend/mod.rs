@@ -268,13 +268,15 @@ pub trait Backend: Send + Sync {
     /// Runs a decode step, every sequence one row, laid out in `shape`: the first step of its batch size is
     /// recorded from `run` (which must launch the same work for any step of that size and shape, and read the
     /// step's tokens only through `ids` and the layout), later ones replay the recording with their own `ids`
-    /// and layout. Returns what `run` returns (e.g. the logits of every row), bit for bit what an eager run gives.
+    /// and layout. Returns the first `rows` rows of what `run` returns (the real rows of a padded step, e.g. their
+    /// logits), bit for bit what an eager run gives.
     fn run_recorded(
         &self,
         graphs: &mut Self::StepGraphs,
         ids: &[u32],
         step: &StepLayout,
         shape: DecodeShape,
+        rows: usize,
         run: &mut dyn FnMut(&Self::Layout) -> Result<Self::Tensor>,
     ) -> Result<Self::Tensor>;
 

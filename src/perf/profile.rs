@@ -539,9 +539,11 @@ impl<B: Backend> Backend for Profiled<B> {
         _ids: &[u32],
         step: &StepLayout,
         _shape: DecodeShape,
+        rows: usize,
         run: &mut dyn FnMut(&Self::Layout) -> Result<Self::Tensor>,
     ) -> Result<Self::Tensor> {
-        run(&self.layout(step))
+        let out = run(&self.layout(step))?;
+        Ok(self.slice_rows(&out, 0, rows))
     }
     fn sample(&self, logits: &Self::Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
         let (n, vocab) = self.inner.dims(logits);

@@ -655,13 +655,8 @@ fn recorded_logits<B: Backend>(
         table_width: kv.blocks_for(max_kv),
         max_kv,
     };
-    let logits = b.run_recorded(graphs, &ids, &step, shape, &mut |layout| {
+    b.run_recorded(graphs, &ids, &step, shape, real, &mut |layout| {
         let h = p.model.forward(b, &ids, layout, kv, media, None)?;
         Ok(p.model.logits(b, &h))
-    })?;
-    Ok(if real == ids.len() {
-        logits
-    } else {
-        b.slice_rows(&logits, 0, real)
     })
 }

@@ -450,6 +450,7 @@ impl Backend for CpuBackend {
         _ids: &[u32],
         _step: &StepLayout,
         _shape: DecodeShape,
+        _rows: usize,
         _run: &mut dyn FnMut(&CpuLayout) -> Result<CpuTensor>,
     ) -> Result<CpuTensor> {
         match *graphs {}

@@ -21,7 +21,7 @@ use cudarc::driver::{result, CudaGraph, CudaStream};
 use super::attention::{LayoutPlan, DECODE_DIMS};
 use super::memory::Pool;
 use super::{describe, CudaBackend, CudaLayout, CudaTensor};
-use crate::backend::{DecodeShape, StepLayout};
+use crate::backend::{Backend, DecodeShape, StepLayout};
 use crate::error::{Error, Result};
 
 /// What the backend's ops consult while a step is being recorded.
@@ -111,6 +111,7 @@ impl CudaBackend {
         ids: &[u32],
         step: &StepLayout,
         shape: DecodeShape,
+        rows: usize,
         run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
         assert!(
@@ -128,10 +129,11 @@ impl CudaBackend {
             );
             self.htod(g.layout.array(0), plan.arrays());
             self.check("graph launch", g.graph.launch());
-            return Ok(self.copy_of(&g.output));
+            // A copy: the graph's output buffer is rewritten by its next replay.
+            return Ok(self.slice_rows(&g.output, 0, rows));
         }
         let g = self.record(step, plan, ids_at, run)?;
-        let out = self.copy_of(&g.output);
+        let out = self.slice_rows(&g.output, 0, rows);
         graphs.by_size.insert(key, g);
         Ok(out)
     }
@@ -185,12 +187,5 @@ impl CudaBackend {
             inputs_len,
             output,
         })
-    }
-
-    /// A copy of `t` from the backend's own pool (a graph's output buffer is rewritten by its next replay).
-    fn copy_of(&self, t: &CudaTensor) -> CudaTensor {
-        let out = self.alloc(t.rows, t.cols);
-        self.dtod(out.ptr(), t.ptr(), t.len());
-        out
     }
 }

@@ -832,9 +832,10 @@ impl Backend for CudaBackend {
         ids: &[u32],
         step: &StepLayout,
         shape: DecodeShape,
+        rows: usize,
         run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        self.replay_or_record(graphs, ids, step, shape, run)
+        self.replay_or_record(graphs, ids, step, shape, rows, run)
     }
 
     fn sample(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
