@@ -139,6 +139,17 @@ impl Sequence {
     }
 }
 
+/// One step's rows as the model takes them.
+struct StepInputs {
+    /// Token ids of every row, sequence after sequence.
+    ids: Vec<u32>,
+    seqs: Vec<SeqStep>,
+    /// Rows whose logits are sampled (each sequence's last row once its pending tokens are all computed).
+    sample_rows: Vec<usize>,
+    /// The index into `running` of each sampled row's sequence.
+    sampled: Vec<usize>,
+}
+
 /// The engine over one loaded model; see the module doc for what a step does.
 pub struct Engine<'p, B: Backend> {
     pipeline: &'p Pipeline<B>,
@@ -455,81 +466,18 @@ impl<'p, B: Backend> Engine<'p, B> {
 
     /// Runs the planned rows through the model and samples the sequences whose pending tokens are all computed.
     fn run(&mut self, plan: Vec<(usize, usize)>, events: &mut Vec<Event>) -> Result<()> {
-        let (p, b) = (self.pipeline, &self.pipeline.backend);
-        let mut ids = Vec::new();
-        let mut seqs = Vec::with_capacity(plan.len());
-        let mut sample_rows = Vec::new();
-        let mut sampled = Vec::new();
-        for &(i, rows) in &plan {
-            let seq = &self.running[i];
-            let range = seq.computed..seq.computed + rows;
-            ids.extend_from_slice(&seq.tokens[range.clone()]);
-            let slot_of = |img: i32| match usize::try_from(img) {
-                Ok(j) => seq.media_slots[j] as i32,
-                Err(_) => -1,
-            };
-            seqs.push(SeqStep {
-                q_rows: rows,
-                kv_len: range.end,
-                block_table: seq.block_table.clone(),
-                image_of_row: seq.image_of_token[range.clone()]
-                    .iter()
-                    .map(|&img| slot_of(img))
-                    .collect(),
-            });
-            if range.end == seq.tokens.len() {
-                sample_rows.push(ids.len() - 1);
-                sampled.push(i);
-            }
-        }
-        let decode_only = sample_rows.len() == ids.len() && ids.len() <= MAX_RECORDED_SEQS;
-        let recorded = match (&mut self.graphs, decode_only) {
-            (Some(graphs), true) => {
-                let step = padded(
-                    ids.clone(),
-                    seqs.clone(),
-                    self.config.block_size,
-                    self.kv.padding_block(),
-                );
-                match recorded_logits(p, graphs, step, &mut self.kv, &self.media) {
-                    Ok(logits) => Some(logits),
-                    Err(e) => {
-                        // Recording is an optimisation: a failure to record (or replay) must not fail requests.
-                        eprintln!("warning: {e}; decode steps run kernel by kernel from now on");
-                        self.graphs = None;
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
-        let logits = match recorded {
-            Some(logits) => {
-                self.recorded_steps += 1;
-                Some(logits)
-            }
-            None => {
-                let step = StepLayout {
-                    block_size: self.config.block_size,
-                    seqs,
-                };
-                let layout = b.layout(&step);
-                let h = p
-                    .model
-                    .forward(b, &ids, &layout, &mut self.kv, &self.media, None)?;
-                (!sample_rows.is_empty())
-                    .then(|| p.model.logits(b, &b.gather_rows(&h, &sample_rows)))
-            }
-        };
+        let p = self.pipeline;
+        let inputs = self.step_inputs(&plan);
+        let logits = self.step_logits(&inputs)?;
         for &(i, rows) in &plan {
             self.running[i].computed += rows;
         }
         let Some(logits) = logits else {
             return Ok(());
         };
-        let next = self.sample(&logits, &sampled)?;
+        let next = self.sample(&logits, &inputs.sampled)?;
         let mut done = Vec::new();
-        for (&i, &token) in sampled.iter().zip(&next) {
+        for (&i, &token) in inputs.sampled.iter().zip(&next) {
             if let Some(reason) = Self::accept(p, &mut self.running[i], token, events)? {
                 done.push((i, reason));
             }
@@ -539,6 +487,83 @@ impl<'p, B: Backend> Engine<'p, B> {
             self.finish(seq, reason, events)?;
         }
         Ok(())
+    }
+
+    /// The planned rows as the model takes them.
+    fn step_inputs(&self, plan: &[(usize, usize)]) -> StepInputs {
+        let mut inputs = StepInputs {
+            ids: Vec::new(),
+            seqs: Vec::with_capacity(plan.len()),
+            sample_rows: Vec::new(),
+            sampled: Vec::new(),
+        };
+        for &(i, rows) in plan {
+            let seq = &self.running[i];
+            let range = seq.computed..seq.computed + rows;
+            inputs.ids.extend_from_slice(&seq.tokens[range.clone()]);
+            let slot_of = |img: i32| match usize::try_from(img) {
+                Ok(j) => seq.media_slots[j] as i32,
+                Err(_) => -1,
+            };
+            inputs.seqs.push(SeqStep {
+                q_rows: rows,
+                kv_len: range.end,
+                block_table: seq.block_table.clone(),
+                image_of_row: seq.image_of_token[range.clone()]
+                    .iter()
+                    .map(|&img| slot_of(img))
+                    .collect(),
+            });
+            if range.end == seq.tokens.len() {
+                inputs.sample_rows.push(inputs.ids.len() - 1);
+                inputs.sampled.push(i);
+            }
+        }
+        inputs
+    }
+
+    /// The logits of the step's sampled rows (none when it only prefills): from the recording for its batch size
+    /// when every row is a decode and the backend records, else launched op by op.
+    fn step_logits(&mut self, inputs: &StepInputs) -> Result<Option<B::Tensor>> {
+        let decode_only =
+            inputs.sample_rows.len() == inputs.ids.len() && inputs.ids.len() <= MAX_RECORDED_SEQS;
+        if decode_only {
+            if let Some(logits) = self.recorded_logits(inputs) {
+                self.recorded_steps += 1;
+                return Ok(Some(logits));
+            }
+        }
+        let (p, b) = (self.pipeline, &self.pipeline.backend);
+        let step = StepLayout {
+            block_size: self.config.block_size,
+            seqs: inputs.seqs.clone(),
+        };
+        let layout = b.layout(&step);
+        let h = p
+            .model
+            .forward(b, &inputs.ids, &layout, &mut self.kv, &self.media, None)?;
+        Ok((!inputs.sample_rows.is_empty())
+            .then(|| p.model.logits(b, &b.gather_rows(&h, &inputs.sample_rows))))
+    }
+
+    /// A decode step through the backend's recordings, `None` where it has none. Recording is an optimisation: a
+    /// failure to record or replay turns recordings off and the step runs op by op, never failing a request.
+    fn recorded_logits(&mut self, inputs: &StepInputs) -> Option<B::Tensor> {
+        let graphs = self.graphs.as_mut()?;
+        let padded = padded(
+            inputs.ids.clone(),
+            inputs.seqs.clone(),
+            self.config.block_size,
+            self.kv.padding_block(),
+        );
+        match recorded_logits(self.pipeline, graphs, padded, &mut self.kv, &self.media) {
+            Ok(logits) => Some(logits),
+            Err(e) => {
+                eprintln!("warning: {e}; decode steps run kernel by kernel from now on");
+                self.graphs = None;
+                None
+            }
+        }
     }
 
     /// The next token of each of `running[i]` for `i` in `sampled`, from its row of `logits`, all in one backend
