@@ -198,28 +198,31 @@ fn padded_decode_steps_give_the_tokens_of_unpadded_ones() {
     let dir = fixture_dir("tiny-idefics-a");
     let plain = Pipeline::load(&dir, CpuBackend::new(), false).unwrap();
     let padding = Pipeline::load(&dir, Profiled::new(CpuBackend::new()), false).unwrap();
-    // Long enough that a padding row writing where it must not would show in some request's tokens.
-    let mut cases = cases(&plain, 13);
-    for (i, c) in cases.iter_mut().enumerate() {
-        c.request.max_new_tokens = 12 + 3 * i;
-        c.request.ignore_eos = true;
+    // 13 requests long enough that a padding row writing where it must not shows in some request's tokens; then
+    // 70 short ones, padded to 128.
+    for (n, tokens) in [(13, 12..), (70, 3..)] {
+        let mut cases = cases(&plain, n);
+        for (c, t) in cases.iter_mut().zip(tokens.step_by(3)) {
+            c.request.max_new_tokens = t.min(12 + 3 * 12);
+            c.request.ignore_eos = true;
+        }
+        let config = EngineConfig {
+            block_size: 4,
+            kv_blocks: n * 24,
+            media_slots: 2 * n,
+            max_seqs: n,
+            max_step_tokens: 1024,
+            decode_graphs: true,
+        };
+        let (want, unpadded) = run_engine(&plain, config.clone(), &cases, None);
+        let (got, padded) = run_engine(&padding, config, &cases, None);
+        assert_eq!(
+            unpadded.recorded_steps, 0,
+            "the CPU backend records nothing"
+        );
+        assert!(padded.recorded_steps > 3, "{n} requests: {padded:?}");
+        assert_same(&format!("padded, {n} requests"), &got, &want);
     }
-    let config = EngineConfig {
-        block_size: 4,
-        kv_blocks: 13 * 24,
-        media_slots: 32,
-        max_seqs: 13,
-        max_step_tokens: 512,
-        decode_graphs: true,
-    };
-    let (want, unpadded) = run_engine(&plain, config.clone(), &cases, None);
-    let (got, padded) = run_engine(&padding, config, &cases, None);
-    assert_eq!(
-        unpadded.recorded_steps, 0,
-        "the CPU backend records nothing"
-    );
-    assert!(padded.recorded_steps > 3, "{padded:?}");
-    assert_same("padded", &got, &want);
 }
 
 #[test]

@@ -892,6 +892,34 @@ fn cublas_product_matches_our_linear() {
     );
 }
 
+/// Above 64 rows linear layers take the tensor-core GEMM: the small-tile kernel (too few large tiles to fill the
+/// GPU) and the large-tile one must give bit-identical rows, since recorded decode steps of 65..256 sequences pad
+/// across that choice.
+#[test]
+fn gemm_rows_are_bit_identical_across_batch_sizes() {
+    let Some(b) = gpu() else { return };
+    let w = RandomWeights::new(1100, &[("w", &[4096, 257], true)]);
+    let lin = b.load_weight(&w.get("w")).unwrap();
+    let x = b.from_host(random_values(1101, 640 * 257), 640, 257);
+    // 640 rows x 32 column tiles of 128 fill an H200's 132 SMs: the large tiles; 65 and 130 rows: the small ones.
+    let all = b.to_host(&b.linear(&x, &lin, None));
+    for (start, len) in [(100, 65), (7, 130), (0, 640)] {
+        let part = b.to_host(&b.linear(&b.slice_rows(&x, start, len), &lin, None));
+        let want = &all[start * 4096..(start + len) * 4096];
+        let differ = part
+            .iter()
+            .zip(want)
+            .filter(|(a, w)| a.to_bits() != w.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "rows {start}..{}: {differ} values differ from the batch of 640",
+            start + len
+        );
+    }
+}
+
 /// A recorded decode step in a fixed shape much longer than its sequences (several empty flash-decoding splits,
 /// padded block tables), replayed with other lengths, tables and queries, equals eager launches bit for bit.
 #[test]

@@ -47,9 +47,11 @@ pub struct EngineConfig {
     pub decode_graphs: bool,
 }
 
-/// Decode steps of up to this many sequences are recorded: the CUDA backend's GEMV regime, so a step padded to its
-/// batch size computes each real row exactly as an eager step of its own size does.
-pub const MAX_RECORDED_SEQS: usize = crate::backend::cuda::GEMV_MAX_ROWS;
+/// Decode steps of up to this many sequences are recorded. Padding to the next power of two never crosses the CUDA
+/// backend's regime boundary ([`GEMV_MAX_ROWS`](crate::backend::cuda::GEMV_MAX_ROWS) = 64: GEMV up to it, GEMM
+/// above, and both GEMM kernels give bit-identical rows), so a padded step computes each real row exactly as an
+/// eager step of its own size does.
+pub const MAX_RECORDED_SEQS: usize = 256;
 
 impl EngineConfig {
     /// Limits for `max_seqs` concurrent sequences whose KV pool takes at most `kv_bytes` (each block costs
