@@ -479,17 +479,21 @@ fn paged_attention_matches_cpu() {
 }
 
 /// Rows 5..8 and row 37 of `op(subset)` must equal, bit for bit, the same rows of `op(all 64)`.
+/// How many values of `a` and `b` differ in any bit.
+fn differing_bits(a: &[f32], b: &[f32]) -> usize {
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
 fn check_rows<B: Backend>(b: &B, what: &str, op: impl Fn(std::ops::Range<usize>) -> B::Tensor) {
     let full = b.to_host(&op(0..64));
     let width = full.len() / 64;
     for range in [5..8, 37..38] {
         let part = b.to_host(&op(range.clone()));
         let want = &full[range.start * width..range.end * width];
-        let differ = part
-            .iter()
-            .zip(want)
-            .filter(|(a, w)| a.to_bits() != w.to_bits())
-            .count();
+        let differ = differing_bits(&part, want);
         assert_eq!(
             differ, 0,
             "{what}: {differ} values of rows {range:?} differ from the batch of 64"
@@ -906,11 +910,7 @@ fn gemm_rows_are_bit_identical_across_batch_sizes() {
     for (start, len) in [(100, 65), (7, 130), (0, 640)] {
         let part = b.to_host(&b.linear(&b.slice_rows(&x, start, len), &lin, None));
         let want = &all[start * 4096..(start + len) * 4096];
-        let differ = part
-            .iter()
-            .zip(want)
-            .filter(|(a, w)| a.to_bits() != w.to_bits())
-            .count();
+        let differ = differing_bits(&part, want);
         assert_eq!(
             differ,
             0,
