@@ -122,11 +122,15 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
     return (long long)blk * block_size + pos % block_size;
   };
 
-  // Each group walks keys grp, grp + NG, ... of the split with its own online softmax state.
+  // Each group walks keys grp, grp + NG, ... of the split with its own online softmax state. The trip count is the
+  // same in every group (the loop runs over the block's `base`, not the group's key), so the shuffles of the dot
+  // product run on every lane of a warp together: a full-mask shuffle in a branch taken by some groups of a warp
+  // and not others is undefined on sm_70+ (and hangs). Loads and softmax updates are predicated on the key instead.
   float m = FE_NEG_INF, l = 0.f, acc[8];
 #pragma unroll
   for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-  for (int p0 = start + grp; p0 < end; p0 += NG * DEC_UNROLL) {
+  for (int base = start; base < end; base += NG * DEC_UNROLL) {
+    const int p0 = base + grp;
     float kv[DEC_UNROLL][8], vv[DEC_UNROLL][8];
 #pragma unroll
     for (int u = 0; u < DEC_UNROLL; ++u) {  // issue all loads first
@@ -139,12 +143,15 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
     }
 #pragma unroll
     for (int u = 0; u < DEC_UNROLL; ++u) {
-      if (p0 + u * NG < end) {  // uniform within a group
-        float dot = 0.f;
+      const bool live = p0 + u * NG < end;  // uniform within a group, not within a warp
+      float dot = 0.f;
+      if (live) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) dot = fmaf(qv[j], kv[u][j], dot);
+      }
 #pragma unroll
-        for (int off = GL / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      for (int off = GL / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (live) {
         const float m_new = fmaxf(m, dot);
         const float corr = exp2f(m - m_new), p = exp2f(dot - m_new);
         l = l * corr + p;

@@ -185,6 +185,9 @@ FE_DEVICE bool epilogue_reads_aux(int epi) { return epi == EPI_RESIDUAL || epi =
 // ---------------------------------------------------------------------------------------------
 FE_DEVICE unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 
+#ifdef FE_SIM
+#include "cudasim_ptx.h"  // the CPU simulator's versions (tools/cudasim), checked as it runs them
+#else
 // 16-byte global -> shared copy that bypasses L1. src_bytes < 16 zero-fills the rest; with
 // src_bytes == 0 nothing is read (the source address must still be a valid pointer value).
 FE_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
@@ -221,6 +224,8 @@ FE_DEVICE void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // FE_SIM
 
 FE_DEVICE unsigned pack_bf16x2(float lo, float hi) {
   bf162 h = __floats2bfloat162_rn(lo, hi);
