@@ -221,8 +221,34 @@ std::string launch_problem(const Kernel* k, dim3 grid, dim3 block, unsigned shar
   return "";
 }
 
+// CUDASIM_PROFILE=1: launches, blocks and host time per kernel, printed to stderr at exit (what the simulator
+// spends its time on; says nothing of a GPU's speed).
+struct KernelTotals {
+  long long launches = 0, blocks = 0;
+  double seconds = 0;
+};
+std::map<std::string, KernelTotals>* profile() {
+  static std::map<std::string, KernelTotals>* totals = [] {
+    if (!getenv("CUDASIM_PROFILE")) return (std::map<std::string, KernelTotals>*)nullptr;
+    atexit([] {
+      for (auto& [name, t] : *profile())
+        fprintf(stderr, "cudasim profile: %-28s %8lld launches %10lld blocks %9.3f s\n", name.c_str(), t.launches,
+                t.blocks, t.seconds);
+    });
+    return new std::map<std::string, KernelTotals>;
+  }();
+  return totals;
+}
+
 CUresult run_kernel(const Kernel* k, dim3 grid, dim3 block, void** params) {
+  const auto started = std::chrono::steady_clock::now();
   const std::string why = cudasim::run_launch(k, grid, block, params);
+  if (auto* totals = profile()) {
+    KernelTotals& t = (*totals)[k->name];
+    ++t.launches;
+    t.blocks += (long long)grid.x * grid.y * grid.z;
+    t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  }
   if (why.empty()) return CUDA_SUCCESS;
   say("error: kernel %s (kernels/%s) stopped: %s", k->name, k->file, why.c_str());
   device().sticky = CUDA_ERROR_LAUNCH_FAILED;

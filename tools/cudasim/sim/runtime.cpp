@@ -15,6 +15,7 @@
 // ASan; under TSan each CUDA thread is a TSan fiber and only __syncthreads, __syncwarp, the start and end of a
 // launch order memory between threads, so TSan reports what racecheck would (shared memory) and more (global
 // memory shared by two blocks of one launch).
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -37,16 +38,14 @@ extern "C" void __tsan_read_range(void* addr, unsigned long size);
 extern "C" void __tsan_write_range(void* addr, unsigned long size);
 #endif
 
-// Context switch (x86-64 System V): pushes the callee-saved registers, MXCSR and the x87 control word, stores the
-// stack pointer in *save and resumes the context whose stack pointer is `next`. No system call (swapcontext
-// makes one to save the signal mask, about 30x slower).
+// Context switch (x86-64 System V): pushes the callee-saved registers, stores the stack pointer in *save and resumes
+// the context whose stack pointer is `next`. No system call (swapcontext makes one to save the signal mask, about
+// 30x slower); no MXCSR or x87 control word either, since no kernel changes the rounding mode.
 extern "C" void cudasim_switch(void** save, void* next);
 __asm__(
     ".text\n.globl cudasim_switch\n.hidden cudasim_switch\n.type cudasim_switch,@function\ncudasim_switch:\n"
     "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
-    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
     "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
-    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
     "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n"
     ".size cudasim_switch, .-cudasim_switch\n");
 
@@ -89,6 +88,7 @@ struct Thread {
 // every lane's `out`.
 struct Warp {
   unsigned present;  // lanes that exist in this block
+  unsigned at_barrier, exited;  // lanes waiting at __syncthreads, lanes that have exited
   unsigned arrived, mask;
   Op op;
   Site site;
@@ -124,13 +124,16 @@ struct Block {
   void* scheduler_fiber;
 #endif
 #ifdef CUDASIM_ASAN
-  const void* scheduler_stack_bottom;
-  size_t scheduler_stack_size;
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_size = 0;
+  bool scheduler_stack_known = false;
 #endif
 };
 
-thread_local Block* g_block = nullptr;
-thread_local Thread* g_thread = nullptr;
+// Initial-exec TLS: read with one instruction, where the default model for a shared library calls __tls_get_addr
+// (a tenth of the run time otherwise).
+__attribute__((tls_model("initial-exec"))) thread_local Block* g_block = nullptr;
+__attribute__((tls_model("initial-exec"))) thread_local Thread* g_thread = nullptr;
 
 #if defined(CUDASIM_ASAN) || defined(CUDASIM_TSAN)
 constexpr size_t kStackSize = 512 << 10;
@@ -153,6 +156,7 @@ std::string format(const char* fmt, ...) {
 }
 
 std::string where(Site s) { return format("%s:%d", s.file ? s.file : "?", s.line); }
+bool same_site(Site a, Site b) { return a.line == b.line && (a.file == b.file || !strcmp(a.file, b.file)); }
 
 std::string block_name() {
   const Block* b = g_block;
@@ -214,20 +218,38 @@ std::string describe_lanes(int warp, unsigned lanes) {
   __builtin_unreachable();
 }
 
-// Gives the OS thread back to the scheduler until this fiber is runnable again.
+// The next runnable lane of the running thread's warp after it, or null: a collective's lanes hand the OS thread
+// straight to each other, without a round trip through the scheduler.
+Thread* next_in_warp() {
+  Block* b = g_block;
+  const Thread* t = g_thread;
+  const int base = t->warp * 32, lanes = std::min(32, b->nthreads - base);
+  for (int i = 1; i < lanes; ++i) {
+    Thread* o = &b->threads[base + (t->lane + i) % lanes];
+    if (o->state == State::Runnable) return o;
+  }
+  return nullptr;
+}
+
+// Gives the OS thread to another runnable lane of the warp, else to the scheduler, until this fiber is resumed.
 void yield() {
   Block* b = g_block;
   Thread* t = g_thread;
+  Thread* next = next_in_warp();
 #ifdef CUDASIM_TSAN
-  __tsan_switch_to_fiber(b->scheduler_fiber, __tsan_switch_to_fiber_no_sync);
+  __tsan_switch_to_fiber(next ? next->fiber : b->scheduler_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef CUDASIM_ASAN
   void* fake_stack;
-  __sanitizer_start_switch_fiber(&fake_stack, b->scheduler_stack_bottom, b->scheduler_stack_size);
+  if (next)
+    __sanitizer_start_switch_fiber(&fake_stack, next->stack, kStackSize);
+  else
+    __sanitizer_start_switch_fiber(&fake_stack, b->scheduler_stack_bottom, b->scheduler_stack_size);
 #endif
-  cudasim_switch(&t->sp, b->scheduler_sp);
+  if (next) g_thread = next;  // a fiber starting for the first time finds itself here
+  cudasim_switch(&t->sp, next ? next->sp : b->scheduler_sp);
 #ifdef CUDASIM_ASAN
-  __sanitizer_finish_switch_fiber(fake_stack, &b->scheduler_stack_bottom, &b->scheduler_stack_size);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
   g_thread = t;
 }
@@ -241,18 +263,6 @@ void check_mask(unsigned mask, Op op, Site site) {
   if (mask & ~w.present)
     stop(format("warp %d: %s at %s has mask %08x, naming lanes the block does not have (present %08x)", t->warp,
                 op_name(op), where(site).c_str(), mask, w.present));
-}
-
-// Lanes of the mask that can never arrive: at __syncthreads or exited.
-unsigned lost_lanes(const Warp& w, int warp, unsigned mask) {
-  unsigned lost = 0;
-  for (int l = 0; l < 32; ++l) {
-    if (!((mask >> l) & 1)) continue;
-    const State s = g_block->threads[warp * 32 + l].state;
-    if (s == State::AtBarrier || s == State::Exited) lost |= 1u << l;
-  }
-  (void)w;
-  return lost;
 }
 
 [[noreturn]] void diverged(int warp, const std::string& what) {
@@ -274,14 +284,14 @@ void collective(unsigned mask, Op op, Site site, F compute) {
     w.mask = mask;
     w.op = op;
     w.site = site;
-  } else if (w.mask != mask || w.op != op || w.site.line != site.line || strcmp(w.site.file, site.file) != 0) {
+  } else if (w.mask != mask || w.op != op || !same_site(w.site, site)) {
     t->state = State::AtCollective;
     diverged(t->warp, format("lanes of one warp reach different collectives (lane %d: %s at %s, mask %08x)", t->lane,
                              op_name(op), where(site).c_str(), mask));
   }
   w.arrived |= 1u << t->lane;
   t->state = State::AtCollective;
-  if (lost_lanes(w, t->warp, mask)) diverged(t->warp, "divergent collective");
+  if (mask & (w.at_barrier | w.exited)) diverged(t->warp, "divergent collective");
 #ifdef CUDASIM_TSAN
   const unsigned generation = w.generation;
   if (op == Op::Syncwarp) __tsan_release(&w.tsan_sync[generation & 1]);
@@ -300,15 +310,17 @@ void collective(unsigned mask, Op op, Site site, F compute) {
 #endif
 }
 
-// A lane leaving for __syncthreads or exit must not be awaited by its warp-mates at a collective.
-void check_not_awaited(const char* leaving_for) {
+// A lane leaving for __syncthreads (at `site`) or exit (site.file null) must not be awaited by its warp-mates at a
+// collective.
+void check_not_awaited(Site site) {
   const Thread* t = g_thread;
   const Warp& w = g_block->warps[t->warp];
-  if (w.arrived && ((w.mask >> t->lane) & 1) && !((w.arrived >> t->lane) & 1))
-    stop(format("warp %d: lane %d %s while lanes %s wait for it at %s %s (mask %08x): a warp collective in "
-                "divergent code",
-                t->warp, t->lane, leaving_for, lane_list(w.arrived).c_str(), op_name(w.op), where(w.site).c_str(),
-                w.mask));
+  if (!w.arrived || !((w.mask >> t->lane) & 1) || ((w.arrived >> t->lane) & 1)) return;
+  const std::string leaving = site.file ? "reaches __syncthreads at " + where(site) : std::string("exits");
+  stop(format("warp %d: lane %d %s while lanes %s wait for it at %s %s (mask %08x): a warp collective in divergent "
+              "code",
+              t->warp, t->lane, leaving.c_str(), lane_list(w.arrived).c_str(), op_name(w.op), where(w.site).c_str(),
+              w.mask));
 }
 
 void release_barrier(Block* b) {
@@ -316,6 +328,7 @@ void release_barrier(Block* b) {
   ++b->barrier_generation;
   for (auto& o : b->threads)
     if (o.state == State::AtBarrier) o.state = State::Runnable;
+  for (auto& w : b->warps) w.at_barrier = 0;
 }
 
 SharedVar* find_shared(const void* p, size_t n) {
@@ -334,7 +347,15 @@ void thread_main() {
   Block* b = g_block;
   Thread* t = g_thread;
 #ifdef CUDASIM_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &b->scheduler_stack_bottom, &b->scheduler_stack_size);
+  // The launch's first fiber is started by the scheduler: its stack is what fibers switch back to.
+  const void* from_bottom;
+  size_t from_size;
+  __sanitizer_finish_switch_fiber(nullptr, &from_bottom, &from_size);
+  if (!b->scheduler_stack_known) {
+    b->scheduler_stack_bottom = from_bottom;
+    b->scheduler_stack_size = from_size;
+    b->scheduler_stack_known = true;
+  }
 #endif
 #ifdef CUDASIM_TSAN
   __tsan_acquire(&b->tsan_launch);
@@ -344,12 +365,13 @@ void thread_main() {
   if (!t->open.empty() || !t->groups.empty())
     stop(format("thread %d exits with cp.async copies it never waited for (cp.async.wait_group 0 missing)",
                 t->linear));
-  check_not_awaited("exits");
+  check_not_awaited(Site{nullptr, 0});
 #ifdef CUDASIM_TSAN
   __tsan_release(&b->tsan_end);
 #endif
   t->state = State::Exited;
   t->site = Site{"exit", 0};
+  b->warps[t->warp].exited |= 1u << t->lane;
   --b->live;
   if (b->at_barrier > 0) {
     // Divergent __syncthreads (some threads exited first) is undefined on the GPU; the barrier then counts the
@@ -388,8 +410,7 @@ void start_thread(Block& b, int i) {
   top[-1] = 0;                                    // thread_main's (never used) return address
   top[-2] = (uint64_t)(uintptr_t)&thread_main;    // popped by cudasim_switch's ret
   for (int r = 3; r <= 8; ++r) top[-r] = 0;       // rbp rbx r12 r13 r14 r15
-  top[-9] = 0x1f80ull | (0x037full << 32);        // default MXCSR, x87 control word
-  t.sp = &top[-9];
+  t.sp = &top[-8];
 #ifdef CUDASIM_TSAN
   t.fiber = __tsan_create_fiber(0);
 #endif
@@ -433,7 +454,11 @@ bool run_block(Block& b) {
   b.live = b.nthreads;
   b.at_barrier = 0;
   b.warned_exit_at_barrier = false;
-  for (auto& w : b.warps) w = Warp{};
+  for (auto& w : b.warps) {  // the operand arrays need no clearing: every lane writes its own before it arrives
+    w.present = w.at_barrier = w.exited = w.arrived = w.mask = 0;
+    w.op = Op::None;
+    w.generation = 0;
+  }
   for (int i = 0; i < b.nthreads; ++i) start_thread(b, i);
   bool ok = true;
   while (b.live > 0 && ok) {
@@ -470,7 +495,7 @@ dim3 grid_dim() { return g_block->grid; }
 void syncthreads(Site site) {
   Thread* t = g_thread;
   Block* b = g_block;
-  check_not_awaited(format("reaches __syncthreads at %s", where(site).c_str()).c_str());
+  check_not_awaited(site);
   if (b->at_barrier == 0) b->barrier_site = site;
   t->site = site;
 #ifdef CUDASIM_TSAN
@@ -481,6 +506,7 @@ void syncthreads(Site site) {
     release_barrier(b);
   } else {
     t->state = State::AtBarrier;
+    b->warps[t->warp].at_barrier |= 1u << t->lane;
     yield();
   }
 #ifdef CUDASIM_TSAN
