@@ -233,8 +233,10 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
   for (int c = 0; c < GEMV_COLS; ++c)
 #pragma unroll
     for (int m = 0; m < GEMV_ROWS; ++m) {
-      const float v = warp_sum(acc[c][m]);
-      if (lane == 0) red[warp][c * GEMV_ROWS + m] = v;
+      if (m < rows) {  // block-uniform: a decode step of one row reduces 4 sums, not 32
+        const float v = warp_sum(acc[c][m]);
+        if (lane == 0) red[warp][c * GEMV_ROWS + m] = v;
+      }
     }
   __syncthreads();
   if (threadIdx.x < GEMV_COLS * GEMV_ROWS) {

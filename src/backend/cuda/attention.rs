@@ -138,7 +138,11 @@ pub(super) struct LayoutPlan {
 
 impl LayoutPlan {
     /// The arrays of `step`; with a `shape`, its decode sequences take that fixed geometry (a recorded step's).
-    pub(super) fn new(step: &StepLayout, shape: Option<&DecodeShape>) -> LayoutPlan {
+    /// Errs when a decode sequence does not fit the `shape` (the step cannot be replayed from that recording).
+    pub(super) fn new(
+        step: &StepLayout,
+        shape: Option<&DecodeShape>,
+    ) -> Result<LayoutPlan, String> {
         let mut a = Arrays::default();
         let starts: Vec<usize> = step
             .seqs
@@ -158,8 +162,11 @@ impl LayoutPlan {
         let dec: Vec<usize> = (0..step.seqs.len())
             .filter(|&i| step.seqs[i].q_rows == 1)
             .collect();
-        let decode = (!dec.is_empty()).then(|| plan_decode(&mut a, step, &starts, &dec, shape));
-        LayoutPlan {
+        let decode = match dec.is_empty() {
+            true => None,
+            false => Some(plan_decode(&mut a, step, &starts, &dec, shape)?),
+        };
+        Ok(LayoutPlan {
             arrays: a,
             starts,
             positions,
@@ -167,7 +174,7 @@ impl LayoutPlan {
             images,
             max_slot,
             decode,
-        }
+        })
     }
 
     /// Appends the step's token ids (a recorded step's embedding reads them from the layout's buffer); returns
@@ -183,7 +190,7 @@ impl LayoutPlan {
 
 impl CudaLayout {
     pub(super) fn new(b: &CudaBackend, step: &StepLayout) -> CudaLayout {
-        let plan = LayoutPlan::new(step, None);
+        let plan = LayoutPlan::new(step, None).expect("a step without a fixed shape always fits");
         let buf = b.upload_i32(plan.arrays());
         CudaLayout::from_plan(b, step, plan, buf)
     }
@@ -273,7 +280,7 @@ fn plan_decode(
     starts: &[usize],
     seqs: &[usize],
     shape: Option<&DecodeShape>,
-) -> DecodePlan {
+) -> Result<DecodePlan, String> {
     let rows: Vec<usize> = seqs.iter().map(|&s| starts[s]).collect();
     let longest_table = seqs
         .iter()
@@ -282,15 +289,14 @@ fn plan_decode(
         .unwrap_or(0);
     let longest = seqs.iter().map(|&s| step.seqs[s].kv_len).max().unwrap_or(0);
     let (max_blocks, max_kv) = match shape {
-        Some(f) => {
-            assert!(
-                longest_table <= f.table_width && longest <= f.max_kv,
-                "a recorded decode step holds tables of {} blocks and {} positions at most",
-                f.table_width,
-                f.max_kv
-            );
-            (f.table_width, f.max_kv)
+        Some(f) if longest_table > f.table_width || longest > f.max_kv => {
+            return Err(format!(
+                "a recorded decode step holds tables of {} blocks and {} positions at most, not {longest_table} and \
+                 {longest}",
+                f.table_width, f.max_kv
+            ))
         }
+        Some(f) => (f.table_width, f.max_kv),
         None => (longest_table.max(1), longest),
     };
     let rows_at = a.push(rows.iter().copied());
@@ -300,14 +306,14 @@ fn plan_decode(
         (0..max_blocks).map(move |j| t.get(j).map_or(0, |&b| b as usize))
     });
     let block_table = a.push(table);
-    DecodePlan {
+    Ok(DecodePlan {
         rows,
         rows_at,
         kv_lens,
         block_table,
         max_blocks,
         max_kv,
-    }
+    })
 }
 
 /// The sequences `seqs` of the step as one flash varlen batch, uploaded in its own buffer.
@@ -761,7 +767,7 @@ mod tests {
             max_kv: 128,
         };
         let plan = |lens: &[usize]| {
-            let mut p = LayoutPlan::new(&decode_step(lens, 16), Some(&shape));
+            let mut p = LayoutPlan::new(&decode_step(lens, 16), Some(&shape)).unwrap();
             let ids_at = p.push_ids(&vec![7; lens.len()]);
             (p, ids_at)
         };
@@ -789,20 +795,21 @@ mod tests {
         assert_eq!((da.max_blocks, da.max_kv), (8, 128));
         assert_ne!(a.arrays(), b.arrays(), "each step's own lengths and tables");
         // Unfixed, the geometry follows the step.
-        let eager = LayoutPlan::new(&decode_step(&[1, 40], 16), None);
+        let eager = LayoutPlan::new(&decode_step(&[1, 40], 16), None).unwrap();
         let d = eager.decode.as_ref().unwrap();
         assert_eq!((d.max_blocks, d.max_kv), (3, 40));
     }
 
     #[test]
-    #[should_panic(
-        expected = "a recorded decode step holds tables of 8 blocks and 128 positions at most"
-    )]
     fn a_step_longer_than_its_shape_is_refused() {
         let shape = DecodeShape {
             table_width: 8,
             max_kv: 128,
         };
-        LayoutPlan::new(&decode_step(&[129], 16), Some(&shape));
+        let err = LayoutPlan::new(&decode_step(&[129], 16), Some(&shape)).err();
+        assert_eq!(
+            err.as_deref(),
+            Some("a recorded decode step holds tables of 8 blocks and 128 positions at most, not 9 and 129")
+        );
     }
 }

@@ -10,21 +10,37 @@ use super::{CudaBackend, CudaTensor, CudaWeight};
 use crate::backend::{Backend, Ceilings};
 use crate::io::safetensors::{DType, WeightStore};
 
-const COPY_ELEMS: usize = 512 << 20; // bf16: 1 GiB
-const GEMM_N: usize = 8192;
 const REPEATS: usize = 5;
 
-pub fn measure(b: &CudaBackend) -> Ceilings {
-    let copy = copy_bandwidth(b);
-    let (x, w) = gemm_operands(b);
-    let flops = 2.0 * (GEMM_N * GEMM_N * GEMM_N) as f64;
+/// How much work the ceilings are measured on: what saturates an H200 by default ([`CeilingSizes::CHIP`]); less
+/// where only the method is under test (a simulated device, a quick look).
+#[derive(Clone, Copy, Debug)]
+pub struct CeilingSizes {
+    /// bf16 elements copied device to device.
+    pub copy_elems: usize,
+    /// N of the N³ bf16 product.
+    pub gemm_n: usize,
+}
+
+impl CeilingSizes {
+    pub const CHIP: CeilingSizes = CeilingSizes {
+        copy_elems: 512 << 20, // 1 GiB
+        gemm_n: 8192,
+    };
+}
+
+pub fn measure(b: &CudaBackend, sizes: CeilingSizes) -> Ceilings {
+    let CeilingSizes { copy_elems, gemm_n } = sizes;
+    let copy = copy_bandwidth(b, copy_elems);
+    let (x, w) = gemm_operands(b, gemm_n);
+    let flops = 2.0 * (gemm_n * gemm_n * gemm_n) as f64;
     let ours = flops / best_seconds(b, || drop(b.linear(&x, &w, None)));
     let tflops = |f: f64| f / 1e12;
     let (matmul, how) = match b.cublas() {
         Ok(blas) => {
             let chip = flops / best_seconds(b, || drop(blas.linear(b, &x, &w)));
             let how = format!(
-                "cuBLAS bf16 GEMM {GEMM_N}^3 (f32 accumulate), best of {REPEATS}; our GEMM on the same operands \
+                "cuBLAS bf16 GEMM {gemm_n}^3 (f32 accumulate), best of {REPEATS}; our GEMM on the same operands \
                  {:.0} TFLOP/s = {:.2} of cuBLAS",
                 tflops(ours),
                 ours / chip
@@ -33,7 +49,7 @@ pub fn measure(b: &CudaBackend) -> Ceilings {
         }
         Err(why) => {
             let how = format!(
-                "our bf16 GEMM {GEMM_N}^3, best of {REPEATS} (no cuBLAS yardstick: {why}; compute fractions are \
+                "our bf16 GEMM {gemm_n}^3, best of {REPEATS} (no cuBLAS yardstick: {why}; compute fractions are \
                  relative to our kernel, not to the chip)"
             );
             (ours, how)
@@ -44,7 +60,7 @@ pub fn measure(b: &CudaBackend) -> Ceilings {
         matmul_flops_per_s: matmul,
         method: format!(
             "device-to-device copy of {} MiB, best of {REPEATS}; {how}",
-            (COPY_ELEMS * 2) >> 20
+            (copy_elems * 2) >> 20
         ),
     }
 }
@@ -62,15 +78,14 @@ fn best_seconds(b: &CudaBackend, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn copy_bandwidth(b: &CudaBackend) -> f64 {
-    let (src, dst) = (b.alloc(1, COPY_ELEMS), b.alloc(1, COPY_ELEMS));
-    let seconds = best_seconds(b, || b.dtod(dst.ptr(), src.ptr(), COPY_ELEMS));
-    (2 * 2 * COPY_ELEMS) as f64 / seconds
+fn copy_bandwidth(b: &CudaBackend, elems: usize) -> f64 {
+    let (src, dst) = (b.alloc(1, elems), b.alloc(1, elems));
+    let seconds = best_seconds(b, || b.dtod(dst.ptr(), src.ptr(), elems));
+    (2 * 2 * elems) as f64 / seconds
 }
 
 /// `x` `[N, N]` and `w` `[N, N]`, bf16, random-looking and never zero: a product of zeros runs faster than real data.
-fn gemm_operands(b: &CudaBackend) -> (CudaTensor, CudaWeight) {
-    let n = GEMM_N;
+fn gemm_operands(b: &CudaBackend, n: usize) -> (CudaTensor, CudaWeight) {
     let fill = |_: &str, _: DType, _: &[usize], out: &mut [u8]| {
         for (i, v) in out.chunks_exact_mut(2).enumerate() {
             let x = ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 * 1e-3 - 1.0;

@@ -31,6 +31,8 @@ pub(super) struct Recording {
     /// Device address of the step's token ids (int32) for the embedding.
     pub ids: u64,
     pub rows: usize,
+    /// Why this recording cannot be replayed (an op did what a graph cannot repeat), if one did.
+    pub spoiled: Option<String>,
 }
 
 /// One engine's recorded steps, by batch size and shape.
@@ -118,7 +120,8 @@ impl CudaBackend {
             step.seqs.iter().all(|s| s.q_rows == 1) && ids.len() == step.seqs.len(),
             "a recorded step decodes one row per sequence"
         );
-        let mut plan = LayoutPlan::new(step, Some(&shape));
+        let mut plan = LayoutPlan::new(step, Some(&shape))
+            .map_err(|why| Error::Device(describe(&self.ctx), why))?;
         let ids_at = plan.push_ids(ids);
         let key = (step.seqs.len(), shape);
         if let Some(g) = graphs.by_size.get(&key) {
@@ -164,6 +167,7 @@ impl CudaBackend {
                 pool,
                 ids: layout.array(ids_at),
                 rows: step.seqs.len(),
+                spoiled: None,
             },
         );
         // The warm-up fills the private pool, so the captured run takes only buffers that exist already.
@@ -179,6 +183,18 @@ impl CudaBackend {
             .ok_or_else(|| {
                 Error::Device(describe(&self.ctx), "the captured step is empty".into())
             })?;
+        let spoiled = self
+            .recording
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .and_then(|r| r.spoiled.take());
+        if let Some(why) = spoiled {
+            return Err(Error::Device(
+                describe(&self.ctx),
+                format!("recording a decode step: {why}"),
+            ));
+        }
         drop(guard);
         graph.launch().map_err(|e| err("first launch", e))?;
         Ok(StepGraph {

@@ -89,17 +89,30 @@ impl Kernels {
             .compute_capability()
             .map_err(|e| device_error(ctx, format!("compute capability: {e}")))?;
         let force_nvrtc = std::env::var("FLAMINGO_KERNELS").is_ok_and(|v| v == "nvrtc");
-        // The fatbins hold sm_90 SASS (and compute_90 PTX, which a newer GPU's driver can JIT).
+        // The fatbins hold sm_90 SASS (and compute_90 PTX, which a newer GPU's driver can JIT). If the driver
+        // refuses them, NVRTC compiles for the device instead, and the refusal is kept for the error should that
+        // fail too.
+        let mut fatbin_error = None;
         if let (Some(nvcc), false, true) = (NVCC, force_nvrtc, major >= 9) {
             let images = FATBINS.iter().map(|(f, bin)| (*f, bin.to_vec()));
-            if let Ok(functions) = load_functions(ctx, images) {
-                return Ok(Kernels {
-                    functions,
-                    origin: KernelOrigin::Nvcc(nvcc),
-                });
+            match load_functions(ctx, images) {
+                Ok(functions) => {
+                    return Ok(Kernels {
+                        functions,
+                        origin: KernelOrigin::Nvcc(nvcc),
+                    })
+                }
+                Err(e) => fatbin_error = Some(e),
             }
         }
-        let nvrtc = Nvrtc::load()?;
+        let with_fatbin_error = |e: Error| match (&fatbin_error, e) {
+            (Some(fatbin), Error::Device(dev, why)) => Error::Device(
+                dev,
+                format!("{why} (after the nvcc fatbins failed: {fatbin})"),
+            ),
+            (_, e) => e,
+        };
+        let nvrtc = Nvrtc::load().map_err(with_fatbin_error)?;
         let arch = format!("sm_{major}{minor}");
         let images = USED
             .iter()
@@ -107,8 +120,9 @@ impl Kernels {
                 let src = source(file).expect("every used kernel file is embedded");
                 Ok((*file, nvrtc.cubin(file, src, &arch)?))
             })
-            .collect::<Result<Vec<_>>>()?;
-        let functions = load_functions(ctx, images.into_iter())?;
+            .collect::<Result<Vec<_>>>()
+            .map_err(with_fatbin_error)?;
+        let functions = load_functions(ctx, images.into_iter()).map_err(with_fatbin_error)?;
         Ok(Kernels {
             functions,
             origin: KernelOrigin::Nvrtc {

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 pub use attention::CudaLayout;
+pub use ceilings::CeilingSizes;
 pub use cublas::library as cublas_library;
 pub use device::{describe, device_count, driver_present, driver_version};
 use kernels::{float, int, launch, long, ptr, stride_grid, Arg, Kernels};
@@ -102,6 +103,12 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
+    /// The ceilings measured on `sizes` of work instead of the chip-saturating default of
+    /// [`Backend::measure_ceilings`].
+    pub fn measure_ceilings_at(&self, sizes: CeilingSizes) -> Ceilings {
+        ceilings::measure(self, sizes)
+    }
+
     /// A backend on CUDA device `ordinal`: context, stream, and every kernel loaded.
     pub fn new(ordinal: usize) -> Result<Self> {
         let ctx = device::open(ordinal)?;
@@ -221,10 +228,15 @@ impl CudaBackend {
         if src.is_empty() {
             return;
         }
-        assert!(
-            self.recording.lock().expect("recording lock").is_none(),
-            "a host-to-device copy inside a recorded decode step: a graph cannot replay it with new data"
-        );
+        // A graph would replay this copy from a host buffer that is gone by then: the copy still happens (the
+        // step's own result stays right) and the recording is refused when it ends, so the engine runs such
+        // steps kernel by kernel.
+        if let Some(r) = self.recording.lock().expect("recording lock").as_mut() {
+            r.spoiled.get_or_insert_with(|| {
+                "a host-to-device copy inside the step: a graph cannot replay it with new data"
+                    .into()
+            });
+        }
         self.bind();
         // SAFETY: dst holds at least size_of_val(src) bytes; pageable sources are staged before the call returns.
         self.check("host-to-device copy", unsafe {
@@ -408,7 +420,7 @@ impl Backend for CudaBackend {
     }
 
     fn measure_ceilings(&self) -> Ceilings {
-        ceilings::measure(self)
+        ceilings::measure(self, CeilingSizes::CHIP)
     }
 
     /// Every weight is uploaded as bf16.

@@ -224,8 +224,9 @@ Thread* next_in_warp() {
   Block* b = g_block;
   const Thread* t = g_thread;
   const int base = t->warp * 32, lanes = std::min(32, b->nthreads - base);
-  for (int i = 1; i < lanes; ++i) {
-    Thread* o = &b->threads[base + (t->lane + i) % lanes];
+  for (int i = 1, l = t->lane + 1; i < lanes; ++i, ++l) {
+    if (l == lanes) l = 0;  // no modulo: a division here costs more than the rest of the search
+    Thread* o = &b->threads[base + l];
     if (o->state == State::Runnable) return o;
   }
   return nullptr;
