@@ -10,17 +10,10 @@
 //
 // silu_mul_bf16(out, gate, up, rows, cols)                       SwiGLU from two buffers
 //     gate, up, out: [rows, cols]. out = bf16( bf16(silu(gate)) * up ).  out may alias gate or up.
-// silu_mul_packed_bf16(out, gate_up, rows, cols, group)          SwiGLU from one fused buffer
-//     gate_up: [rows, 2*cols], packed in groups of `group` columns: gate columns blk*2*group + j,
-//     up columns blk*2*group + group + j, for output column blk*group + j (cols % group == 0).
-//     group = cols: "gate | up" halves (a fused [gate_proj; up_proj] weight);
-//     group = 1: element-interleaved g0 u0 g1 u1 ...   out: [rows, cols]. Vector path needs group % 8 == 0.
 // bias_act_bf16(out, x, bias, rows, cols, act)                   out = act(bf16(x + bias))
 //     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6),
 //     EPI_GELU_TANH (7).
 //     bias [cols] may be null. out may alias x.
-// gelu_bias_bf16(out, x, bias, rows, cols)   = bias_act_bf16 with act = EPI_GELU (CLIP / IDEFICS ViT MLP)
-// relu_bf16(out, x, rows, cols)              = bias_act_bf16 with act = EPI_RELU, no bias (perceiver MLP)
 // tanh_gate_residual_bf16(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
 //     h: [rows, cols] updated in place, x: [rows, cols], alpha: bf16 [alpha_len] with alpha_len = 1
 //     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
@@ -61,35 +54,6 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
   });
 }
 
-extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    silu_mul_packed_bf16(bf16* out, const bf16* __restrict__ gate_up, int rows, int cols, int group) {
-  if (group <= 0 || cols % group != 0) return;
-  // A chunk of 8 output columns maps to 8 contiguous gate (and up) columns only if group % 8 == 0.
-  const bool vec = (cols % 8 == 0) && (group % 8 == 0) && is_aligned16(out) && is_aligned16(gate_up);
-  for_each_chunk(rows, cols, [&](int r, int c) {
-    const bf16* in_row = gate_up + (long long)r * 2 * cols;
-    float g[8], u[8], o[8];
-    if (vec) {
-      const int blk = c / group, j0 = c - blk * group;
-      const bf16* gp = in_row + (long long)blk * 2 * group + j0;
-      load8(gp, 0, 8, true, g);
-      load8(gp + group, 0, 8, true, u);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int cc = c + j;
-        const int blk = cc / group, jj = cc - blk * group;
-        const long long gi = (long long)blk * 2 * group + jj;
-        g[j] = (cc < cols) ? to_f(in_row[gi]) : 0.f;
-        u[j] = (cc < cols) ? to_f(in_row[gi + group]) : 0.f;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) o[j] = rnd_bf16(silu(g[j])) * u[j];
-    store8(out + (long long)r * cols, c, cols, vec, o);
-  });
-}
-
 FE_DEVICE void bias_act(bf16* out, const bf16* x, const bf16* bias, int rows, int cols, int act) {
   const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(x) && (!bias || is_aligned16(bias));
   for_each_chunk(rows, cols, [&](int r, int c) {
@@ -108,15 +72,6 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
   // Codes that need a second operand (EPI_RESIDUAL, EPI_SILU_MUL) are GEMM-only: identity here.
   if (epilogue_reads_aux(act)) act = EPI_NONE;
   bias_act(out, x, bias, rows, cols, act);
-}
-
-extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    gelu_bias_bf16(bf16* out, const bf16* x, const bf16* __restrict__ bias, int rows, int cols) {
-  bias_act(out, x, bias, rows, cols, EPI_GELU);
-}
-
-extern "C" __global__ void __launch_bounds__(ACT_THREADS) relu_bf16(bf16* out, const bf16* x, int rows, int cols) {
-  bias_act(out, x, nullptr, rows, cols, EPI_RELU);
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)

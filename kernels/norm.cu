@@ -12,10 +12,6 @@
 //     (HF casts the normalised value to the weight dtype before multiplying: we round there too.)
 //     Also used for the per-head q/k RMSNorm of gated cross-attention: rows = tokens*heads,
 //     cols = head_dim (the [tokens, H*d] buffer viewed as [tokens*H, d]).
-// add_rms_norm_bf16(residual_out, out, residual_in, delta, weight, rows, cols, eps)
-//     h = bf16(residual_in + delta); residual_out = h; out = rms_norm(h).
-//     residual_out may alias residual_in and out may alias delta (each element is read and
-//     written by the same thread).
 // layer_norm_bf16(out, x, weight, bias, rows, cols, eps)
 //     PyTorch LayerNorm: mean and biased variance in f32 (two-pass from registers),
 //     out = bf16((x - mean) * rsqrt(var + eps) * w + b). weight and/or bias may be null
@@ -76,33 +72,6 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
   RowChunks r;
 #pragma unroll
   for (int i = 0; i < NORM_VPT; ++i) load8_rw(x + off, chunk_col(i), cols, vec, r.v[i]);  // out may alias x
-  const float inv = rms_inv(r, cols, eps, scratch);
-  rms_write(out + off, r, weight, cols, inv, vec);
-}
-
-extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-    add_rms_norm_bf16(bf16* residual_out, bf16* out, const bf16* residual_in, const bf16* delta,
-                      const bf16* __restrict__ weight, int rows, int cols, float eps) {
-  __shared__ float scratch[NORM_THREADS / 32];
-  const int row = blockIdx.x;
-  if (row >= rows) return;
-  const long long off = (long long)row * cols;
-  if (fill_nan_if_too_wide(out + off, cols)) return;
-  const bool vec = (cols % 8 == 0) && is_aligned16(residual_out) && is_aligned16(out) &&
-                   is_aligned16(residual_in) && is_aligned16(delta) && is_aligned16(weight);
-
-  RowChunks r;
-#pragma unroll
-  for (int i = 0; i < NORM_VPT; ++i) {
-    const int c = chunk_col(i);
-    float d[8];
-    load8_rw(residual_in + off, c, cols, vec, r.v[i]);
-    load8_rw(delta + off, c, cols, vec, d);
-    // PyTorch adds two bf16 tensors into a bf16 tensor: round the sum before normalising it.
-#pragma unroll
-    for (int j = 0; j < 8; ++j) r.v[i][j] = rnd_bf16(r.v[i][j] + d[j]);
-    if (c < cols) store8(residual_out + off, c, cols, vec, r.v[i]);
-  }
   const float inv = rms_inv(r, cols, eps, scratch);
   rms_write(out + off, r, weight, cols, inv, vec);
 }

@@ -1,8 +1,8 @@
 // sampling.cu - next-token selection on the device, one block per row of logits.
 //
 // logits: [rows, vocab] f32 row-major (convert a bf16 LM-head output with bf16_to_f32; exact).
-// Order of use per step: ban_tokens_f32 and penalize_tokens_f32 (optional, in place) -> argmax_f32
-// or sample_f32. src/backend/cpu/sampling.rs is the CPU reference of all four.
+// Order of use per step: ban_tokens_f32 and penalize_tokens_f32 (optional, in place) -> sample_f32
+// (greedy rows included). src/backend/cpu/sampling.rs is the CPU reference of all three.
 // Every reduction has a fixed order, so the result is a deterministic function of the row.
 //
 // ban_tokens_f32(logits, rows, vocab, ban_offsets, ban_ids)
@@ -15,13 +15,10 @@
 //   above; the ids of a row must be distinct), logits[r, id] = l > 0 ? l / penalty[r] : l * penalty[r].
 //   Ids outside [0, vocab) are ignored. Launch: grid = (rows, 1, 1), block = (128, 1, 1), smem = 0.
 //
-// argmax_f32(out_ids, logits, rows, vocab)
-//   out_ids[r] = argmax_i logits[r, i] (int32); ties -> lowest index; NaN counts as larger than
-//   any number (torch.argmax semantics); -1 when every logit is -inf (all banned) or vocab = 0. Launch: grid = (rows, 1, 1), block = (256, 1, 1), smem = 0.
-//
 // sample_f32(out_ids, logits, rows, vocab, temperature, top_k, top_p, uniform)
 //   Per row r (all parameter arrays have `rows` entries):
-//     temperature[r] <= 0 (or not finite)  -> greedy: same as argmax_f32 (NaN picked as the largest).
+//     temperature[r] <= 0 (or not finite)  -> greedy: argmax, ties -> lowest index, NaN counts as larger
+//       than any number (torch.argmax semantics).
 //     x = logits * (1 / temperature) (NaN -> -inf); p_i = softmax(x) (max-subtracted, f32, __expf)
 //     top_k[r] in (0, vocab): keep tokens with x >= the k-th largest x (ties kept, like HF TopK)
 //     top_p[r] in (0, 1): of those, keep token i iff the probability mass of the kept tokens with
@@ -35,7 +32,6 @@
 //   Launch: grid = (rows, 1, 1), block = (512, 1, 1), dynamic smem = 0.
 #include "common.cuh"
 
-#define ARGMAX_THREADS 256
 #define PENALTY_THREADS 128
 #define SAMPLE_THREADS 512
 
@@ -110,14 +106,6 @@ FE_DEVICE ArgMax block_argmax(const float* row, int vocab) {
 // The id an argmax names, or -1 when there is nothing to pick (empty row, or every logit -inf).
 FE_DEVICE int argmax_id(const ArgMax& best, int vocab) {
   return best.i < vocab && best.v != FE_NEG_INF ? best.i : -1;
-}
-
-extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
-    argmax_f32(int* __restrict__ out_ids, const float* __restrict__ logits, int rows, int vocab) {
-  const int r = blockIdx.x;
-  if (r >= rows) return;
-  const ArgMax best = block_argmax<ARGMAX_THREADS>(logits + (long long)r * vocab, vocab);
-  if (threadIdx.x == 0) out_ids[r] = argmax_id(best, vocab);
 }
 
 // ---- sampling ----

@@ -478,10 +478,13 @@ impl Paged {
 fn paged_attention_matches_cpu() {
     let p = Pair::new();
     let paged = Paged::new(&[1, 7, 40, 257, 1000, 300]);
-    // Decode rows, whole prompts and prompt chunks in one step; head dims with a decode kernel (16, 64, 128) and
-    // without one (24: flash for every row, padded to 64).
+    // Decode rows, whole prompts and prompt chunks in one step; every head dim with a decode kernel (16, 32, 64,
+    // 128) and one without (24: flash for every row, padded to 64).
     let q_rows = |s: usize| [1, 7, 1, 100, 1, 300][s];
-    for (i, &(heads, d)) in [(4, 16), (3, 24), (2, 64), (2, 128)].iter().enumerate() {
+    for (i, &(heads, d)) in [(4, 16), (3, 24), (3, 32), (2, 64), (2, 128)]
+        .iter()
+        .enumerate()
+    {
         let s = 900 + 10 * i as u64;
         let [k, v] = paged.pools(&p, s, heads * d);
         p.check(&format!("write_kv d={d}"), &k);
@@ -953,6 +956,24 @@ fn gemm_rows_are_bit_identical_across_batch_sizes() {
     }
 }
 
+/// A decode step (one query row per sequence, no image) of sequences with `lens` keys, each block of their tables
+/// taken from `next_block`.
+fn decode_step(lens: &[usize], mut next_block: impl FnMut() -> u32) -> StepLayout {
+    let seqs = lens
+        .iter()
+        .map(|&len| SeqStep {
+            q_rows: 1,
+            kv_len: len,
+            block_table: (0..len.div_ceil(BLOCK)).map(|_| next_block()).collect(),
+            image_of_row: vec![-1],
+        })
+        .collect();
+    StepLayout {
+        block_size: BLOCK,
+        seqs,
+    }
+}
+
 /// A recorded decode step in a fixed shape much longer than its sequences (several empty flash-decoding splits,
 /// padded block tables), replayed with other lengths, tables and queries, equals eager launches bit for bit.
 #[test]
@@ -973,21 +994,7 @@ fn recorded_steps_in_a_fixed_shape_equal_eager_steps() {
         .iter()
         .enumerate()
     {
-        let seqs = lens
-            .iter()
-            .map(|&len| SeqStep {
-                q_rows: 1,
-                kv_len: len,
-                block_table: (0..len.div_ceil(BLOCK))
-                    .map(|_| free.pop().unwrap())
-                    .collect(),
-                image_of_row: vec![-1],
-            })
-            .collect();
-        let step = StepLayout {
-            block_size: BLOCK,
-            seqs,
-        };
+        let step = decode_step(lens, || free.pop().unwrap());
         // New queries in the same buffer: a replay reads the recorded pointers.
         b.write_rows(
             &mut q,
@@ -1008,5 +1015,55 @@ fn recorded_steps_in_a_fixed_shape_equal_eager_steps() {
         for s in &step.seqs {
             free.extend(&s.block_table);
         }
+    }
+}
+
+/// What a graph cannot replay is refused with an error, never a panic (the engine then runs such steps kernel by
+/// kernel): a step outside the recorded shape, and a host-to-device copy made while recording. The same graphs
+/// then record and replay a proper step, equal to the eager one.
+#[test]
+fn recording_refuses_what_a_graph_cannot_replay() {
+    let b = gpu();
+    let (heads, d, blocks) = (2, 64, 8);
+    let w = heads * d;
+    let pool = |seed| b.from_host(random_values(seed, blocks * BLOCK * w), blocks * BLOCK, w);
+    let (kp, vp) = (pool(320), pool(321));
+    let q = b.from_host(random_values(322, 2 * w), 2, w);
+    let shape = DecodeShape {
+        table_width: 2,
+        max_kv: 2 * BLOCK,
+    };
+    let step = |lens: &[usize]| {
+        let mut next = 0u32..;
+        decode_step(lens, || next.next().unwrap())
+    };
+    let mut graphs = b.new_step_graphs(d).expect("head dim 64 can be recorded");
+    let attend = |layout: &CudaLayout| Ok(b.paged_attention(&q, &kp, &vp, heads, layout));
+
+    let too_long = step(&[2 * BLOCK + 1, 1]);
+    let err = b
+        .run_recorded(&mut graphs, &[0; 2], &too_long, shape, 2, &mut |l| {
+            attend(l)
+        })
+        .err()
+        .expect("a step longer than the shape is refused");
+    assert!(err.to_string().contains("positions at most"), "{err}");
+
+    let fits = step(&[5, BLOCK + 3]);
+    let err = b
+        .run_recorded(&mut graphs, &[0; 2], &fits, shape, 2, &mut |l| {
+            drop(b.from_host(vec![1.0; w], 1, w)); // a copy a replay could not repeat
+            attend(l)
+        })
+        .err()
+        .expect("a host copy while recording is refused");
+    assert!(err.to_string().contains("host-to-device copy"), "{err}");
+
+    let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&fits)));
+    for round in 0..2 {
+        let recorded = b
+            .run_recorded(&mut graphs, &[0; 2], &fits, shape, 2, &mut |l| attend(l))
+            .unwrap();
+        assert_eq!(b.to_host(&recorded), eager, "round {round}");
     }
 }

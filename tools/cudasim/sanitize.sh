@@ -17,7 +17,11 @@ case $variant in
 esac
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
-  tests=(linear_matches_cpu norms_and_elementwise_ops_match_cpu embedding_and_data_movement_match_cpu rope_matches_cpu
+  # Every kernel the backend launches (kernels/README.md has the map); the GEMMs through the bit-identity test
+  # (both tile sizes, 65-640 rows) and the GEMV through the cuBLAS comparison, which are smaller than
+  # linear_matches_cpu's 1000x3000x264.
+  tests=(gemm_rows_are_bit_identical_across_batch_sizes cublas_product_matches_our_linear
+         norms_and_elementwise_ops_match_cpu embedding_and_data_movement_match_cpu rope_matches_cpu
          vision_attention_matches_cpu cross_attention_matches_cpu resampler_attention_matches_cpu
          paged_attention_matches_cpu sampling_matches_cpu)
 fi

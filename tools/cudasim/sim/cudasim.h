@@ -142,26 +142,17 @@ inline unsigned full_mask_unless(unsigned m = 0xffffffffu) { return m; }
       #NAME, CUDASIM_SITE))
 
 // ---- scalar intrinsics -----------------------------------------------------------------------------------------
-inline float __int_as_float(int i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
+template <class To, class From>
+inline To same_bits(From v) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
+  To r;
+  memcpy(&r, &v, sizeof r);
+  return r;
 }
-inline float __uint_as_float(unsigned i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int i;
-  memcpy(&i, &f, 4);
-  return i;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned i;
-  memcpy(&i, &f, 4);
-  return i;
-}
+inline float __int_as_float(int i) { return same_bits<float>(i); }
+inline float __uint_as_float(unsigned i) { return same_bits<float>(i); }
+inline int __float_as_int(float f) { return same_bits<int>(f); }
+inline unsigned __float_as_uint(float f) { return same_bits<unsigned>(f); }
 // The hardware's fast exp is exp2 of a product: the same formula (its rounding differs by an ulp or two).
 inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }

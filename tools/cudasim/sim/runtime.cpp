@@ -29,8 +29,10 @@
 #define CUDASIM_ASAN 1
 #include <sanitizer/common_interface_defs.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
+#if defined(__SANITIZE_THREAD__) && !defined(CUDASIM_TSAN)
 #define CUDASIM_TSAN 1
+#endif
+#ifdef CUDASIM_TSAN
 #include <sanitizer/tsan_interface.h>
 extern "C" void __tsan_acquire(void* addr);
 extern "C" void __tsan_release(void* addr);
@@ -203,19 +205,24 @@ std::string describe_lanes(int warp, unsigned lanes) {
   return out;
 }
 
-// Ends the launch from inside a fiber: records why and returns to the scheduler for good.
-[[noreturn]] void stop(const std::string& why) {
+// Leaves the running fiber for good (it exited or the launch stopped) and returns to the scheduler.
+[[noreturn]] void leave_for_scheduler() {
   Block* b = g_block;
-  b->error = block_name() + ": " + why;
 #ifdef CUDASIM_TSAN
   __tsan_switch_to_fiber(b->scheduler_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef CUDASIM_ASAN
   __sanitizer_start_switch_fiber(nullptr, b->scheduler_stack_bottom, b->scheduler_stack_size);
 #endif
-  void* abandoned;
-  cudasim_switch(&abandoned, b->scheduler_sp);
+  void* left;
+  cudasim_switch(&left, b->scheduler_sp);
   __builtin_unreachable();
+}
+
+// Ends the launch from inside a fiber: records why and returns to the scheduler for good.
+[[noreturn]] void stop(const std::string& why) {
+  g_block->error = block_name() + ": " + why;
+  leave_for_scheduler();
 }
 
 // The next runnable lane of the running thread's warp after it, or null: a collective's lanes hand the OS thread
@@ -384,15 +391,7 @@ void thread_main() {
     }
     if (b->at_barrier == b->live) release_barrier(b);
   }
-#ifdef CUDASIM_TSAN
-  __tsan_switch_to_fiber(b->scheduler_fiber, __tsan_switch_to_fiber_no_sync);
-#endif
-#ifdef CUDASIM_ASAN
-  __sanitizer_start_switch_fiber(nullptr, b->scheduler_stack_bottom, b->scheduler_stack_size);
-#endif
-  void* finished;
-  cudasim_switch(&finished, b->scheduler_sp);
-  __builtin_unreachable();
+  leave_for_scheduler();
 }
 
 void start_thread(Block& b, int i) {
@@ -554,7 +553,13 @@ void* shared_var(size_t size, size_t align, const void* key, const char* name, S
   if (align < 16) align = 16;
   void* p = nullptr;
   if (posix_memalign(&p, align, size ? size : 1)) stop(format("__shared__ %s at %s: out of memory", name, where(site).c_str()));
-  memset(p, 0xff, size);  // NaN in bf16 and f32: what was never written reads as NaN
+  // NaN in bf16 and f32: what was never written reads as NaN. Byte by byte under TSan, where memset is
+  // intercepted and would count the fill as this thread's write, racing with every other thread's first one.
+#ifdef CUDASIM_TSAN
+  for (volatile char *q = (char*)p, *end = (char*)p + size; q < end; ++q) *q = (char)0xff;
+#else
+  memset(p, 0xff, size);
+#endif
   b->shared.push_back(SharedVar{key, (char*)p, size, name});
   return p;
 }
@@ -566,8 +571,12 @@ void cp_async16(void* dst, const void* src, int src_bytes, Site site) {
   PendingCopy c;
   c.dst = dst;
   memset(c.data, 0, 16);
+  if (src_bytes == 16) {
+    memcpy(c.data, src, 16);  // the global read (checked by ASan here); inlined, so TSan sees only the range below
+  } else {
+    for (int i = 0; i < src_bytes; ++i) ((volatile unsigned char*)c.data)[i] = ((const unsigned char*)src)[i];
+  }
   if (src_bytes) {
-    memcpy(c.data, src, src_bytes);  // the global read (checked by ASan here)
 #ifdef CUDASIM_TSAN
     __tsan_read_range((void*)src, src_bytes);
 #endif
