@@ -164,7 +164,7 @@ impl std::str::FromStr for Device {
 }
 
 /// Runs `cmd` on the backend `opts.device` names; `model_dir`'s weights size the CUDA weight arena (one
-/// allocation). `auto` takes CUDA device 0 when there is one, else the CPU, and says which on stderr.
+/// allocation). `auto` takes CUDA device 0 when there is one, else the CPU; either way stderr says which device.
 pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
     if let Some(n) = opts.threads {
         // Fails only if the global pool already exists, in which case it keeps its size.
@@ -185,7 +185,12 @@ pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendComman
         d => d,
     };
     match device {
-        Device::Cuda(n) => run_cuda(CudaBackend::new(n)?, model_dir, cmd),
+        Device::Cuda(n) => {
+            // Which device, as the driver names it: a simulated one (tools/cudasim) says so here.
+            let b = CudaBackend::new(n)?;
+            eprintln!("note: --device cuda:{n}: {}", b.summary());
+            run_cuda(b, model_dir, cmd)
+        }
         _ => cmd.run(CpuBackend::new()),
     }
 }

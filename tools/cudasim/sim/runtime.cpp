@@ -394,6 +394,18 @@ void thread_main() {
   leave_for_scheduler();
 }
 
+#ifdef CUDASIM_TSAN
+// The TSan fiber of thread `i` of every block of every launch, created once: TSan allocates a whole thread state
+// per fiber (creating them per block was most of the run). Thread i of one block therefore comes after thread i
+// of the block before it in TSan's eyes, the one ordering besides barriers and launch boundaries: it also keeps
+// the stack memory those two share from reading as a race, and hides races between just those two threads.
+void* tsan_fiber(int i) {
+  static std::vector<void*> fibers;
+  while ((int)fibers.size() <= i) fibers.push_back(__tsan_create_fiber(0));
+  return fibers[i];
+}
+#endif
+
 void start_thread(Block& b, int i) {
   Thread& t = b.threads[i];
   t.linear = i;
@@ -412,7 +424,7 @@ void start_thread(Block& b, int i) {
   for (int r = 3; r <= 8; ++r) top[-r] = 0;       // rbp rbx r12 r13 r14 r15
   t.sp = &top[-8];
 #ifdef CUDASIM_TSAN
-  t.fiber = __tsan_create_fiber(0);
+  t.fiber = tsan_fiber(i);
 #endif
 }
 
@@ -477,9 +489,6 @@ bool run_block(Block& b) {
       ok = false;
     }
   }
-#ifdef CUDASIM_TSAN
-  for (auto& t : b.threads) __tsan_destroy_fiber(t.fiber);
-#endif
   free_shared(b);
   return ok;
 }
