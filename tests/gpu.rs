@@ -1067,3 +1067,122 @@ fn recording_refuses_what_a_graph_cannot_replay() {
         assert_eq!(b.to_host(&recorded), eager, "round {round}");
     }
 }
+
+/// The capture rules the recorded decode steps rely on, as the driver (the GPU's or the simulated one) enforces
+/// them: an allocation inside a global-mode capture, or synchronising the capturing stream, is refused and
+/// invalidates the capture; a clean capture records its work without running it, and its graph runs it.
+#[test]
+fn stream_capture_refuses_allocation_and_synchronisation() {
+    use cudarc::driver::sys::cudaError_enum::{
+        CUDA_ERROR_STREAM_CAPTURE_INVALIDATED as INVALIDATED,
+        CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED as UNSUPPORTED,
+    };
+    use cudarc::driver::sys::CUstreamCaptureMode::{
+        CU_STREAM_CAPTURE_MODE_GLOBAL as GLOBAL, CU_STREAM_CAPTURE_MODE_RELAXED as RELAXED,
+    };
+    use cudarc::driver::{result, sys::CUgraphInstantiate_flags, CudaContext};
+    device();
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let code = |r: Result<(), cudarc::driver::DriverError>| r.err().map(|e| e.0);
+    let flags = CUgraphInstantiate_flags(0);
+
+    stream.begin_capture(GLOBAL).unwrap();
+    // SAFETY: a plain allocation (refused here); nothing is read or written.
+    let alloc = unsafe { result::malloc_sync(256) };
+    assert_eq!(alloc.err().map(|e| e.0), Some(UNSUPPORTED));
+    assert_eq!(code(stream.end_capture(flags).map(drop)), Some(INVALIDATED));
+
+    stream.begin_capture(RELAXED).unwrap();
+    assert_eq!(code(stream.synchronize()), Some(UNSUPPORTED));
+    assert_eq!(code(stream.end_capture(flags).map(drop)), Some(INVALIDATED));
+
+    // SAFETY: a 256-byte allocation, set and read within its size, freed at the end.
+    unsafe {
+        let buf = result::malloc_sync(256).unwrap();
+        result::memset_d8_async(buf, 0, 256, stream.cu_stream()).unwrap();
+        stream.synchronize().unwrap();
+        stream.begin_capture(RELAXED).unwrap();
+        result::memset_d8_async(buf, 7, 256, stream.cu_stream()).unwrap();
+        let graph = stream
+            .end_capture(flags)
+            .unwrap()
+            .expect("one node captured");
+        let mut host = [1u8; 256];
+        result::memcpy_dtoh_sync(&mut host, buf).unwrap();
+        assert!(
+            host.iter().all(|&b| b == 0),
+            "captured work does not run at capture"
+        );
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        result::memcpy_dtoh_sync(&mut host, buf).unwrap();
+        assert!(host.iter().all(|&b| b == 7), "the graph runs it");
+        drop(graph);
+        result::free_sync(buf).unwrap();
+    }
+}
+
+/// The CLI on the device as a user runs it: `generate` and `batch` with `--device cuda` give the CPU's tokens on the
+/// bundled demo model, and stderr names the device. Without a GPU the binary reaches the simulated device the way
+/// a user would point it there: `CUDA_HOME` and `LD_LIBRARY_PATH`.
+#[test]
+fn cli_generate_and_batch_on_the_device_give_the_cpu_tokens() {
+    let env: Vec<(&str, std::path::PathBuf)> = match device() {
+        "simulated" => {
+            let home = cudasim::home();
+            vec![("LD_LIBRARY_PATH", home.join("lib64")), ("CUDA_HOME", home)]
+        }
+        _ => vec![],
+    };
+    let flamingo = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flamingo"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "flamingo {args:?}: {stderr}");
+        (String::from_utf8(out.stdout).unwrap(), stderr)
+    };
+    let ids = |json: &str| -> Vec<Vec<u64>> {
+        json.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                serde_json::from_value(v["generated_ids"].clone()).unwrap()
+            })
+            .collect()
+    };
+    let generate = ["generate", "--json", "--max-new-tokens", "12", "--device"];
+    let (cpu, _) = flamingo(&[&generate[..], &["cpu"]].concat());
+    let (gpu, note) = flamingo(&[&generate[..], &["cuda"]].concat());
+    assert!(note.contains("note: --device cuda:0: cuda:0 "), "{note}");
+    assert_eq!(ids(&gpu), ids(&cpu), "generate");
+
+    let dir = tempfile::tempdir().unwrap();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/examples");
+    let requests: String = ["shapes.png", "shapes-2.png", "shapes-4.png"]
+        .iter()
+        .map(|img| {
+            let img = examples.join(img);
+            format!(
+                "{{\"prompt\": \"User:<image>Describe this image.<end_of_utterance>\\nAssistant:\", \"images\": [{:?}], \"max_new_tokens\": 10}}\n",
+                img.display().to_string()
+            )
+        })
+        .collect();
+    let input = dir.path().join("requests.jsonl");
+    std::fs::write(&input, requests).unwrap();
+    let batch = |device: &str| {
+        let out = dir.path().join(format!("{device}.jsonl"));
+        let input = input.display().to_string();
+        let output = out.display().to_string();
+        flamingo(&[
+            "batch", "--input", &input, "--output", &output, "--device", device,
+        ]);
+        ids(&std::fs::read_to_string(out).unwrap())
+    };
+    let on_cpu = batch("cpu");
+    assert_eq!(on_cpu.len(), 3);
+    assert_eq!(batch("cuda"), on_cpu, "batch");
+}
