@@ -22,6 +22,8 @@ if [ ! -d "$MANIFEST/tests/fixtures" ]; then
     mkdir -p "$(dirname "$MANIFEST")" && ln -s "$PACK/root" "$MANIFEST"
   fi
 fi
+# ... and the binary it runs (CARGO_BIN_EXE_flamingo, the CLI test) where the build left it.
+mkdir -p "$PACK/root/target/release" && ln -sf "$PACK/flamingo" "$PACK/root/target/release/flamingo"
 
 # NVRTC (for doctor, and for any kernel file without a prebuilt image) from the image's CUDA toolkit.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
