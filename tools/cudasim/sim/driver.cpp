@@ -54,7 +54,6 @@ enum : CUresult {
   CUDA_ERROR_NOT_SUPPORTED = 801,
   CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
   CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
-  CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908,
   CUDA_ERROR_UNKNOWN = 999,
 };
 
@@ -63,10 +62,9 @@ namespace {
 using cudasim::Kernel;
 
 constexpr const char* kDeviceName = "cudasim (simulated CUDA device on the CPU, sm_90)";
-constexpr int kCaptureGlobal = 0, kCaptureThreadLocal = 1, kCaptureRelaxed = 2;
+constexpr int kCaptureGlobal = 0, kCaptureRelaxed = 2;  // CUstreamCaptureMode (1: thread-local)
 
 struct Event;
-struct Stream;
 
 // One recorded operation of a graph.
 struct Node {
@@ -103,9 +101,7 @@ struct Module {
   std::vector<const Kernel*> kernels;
 };
 
-struct Context {
-  int dummy;
-};
+struct Context {};  // the primary context: only its address is handed out
 
 struct Device {
   std::recursive_mutex lock;
@@ -676,14 +672,12 @@ API CUresult cuEventRecord(void* event, void* stream) {
   n.event = e;
   return submit(stream, std::move(n));
 }
+// Every recorded event is complete: the work before it ran when it was submitted.
 API CUresult cuEventSynchronize(void* event) {
   READY;
   return device().events.count((Event*)event) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
-API CUresult cuEventQuery(void* event) {
-  READY;
-  return device().events.count((Event*)event) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
-}
+API CUresult cuEventQuery(void* event) { return cuEventSynchronize(event); }
 // Wall-clock time between the two records: on the simulator that is the host time the work between them took.
 API CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) {
   READY;
