@@ -1068,9 +1068,48 @@ fn recording_refuses_what_a_graph_cannot_replay() {
     }
 }
 
+/// Backends share a process (a server's engine beside a tool, or tests run in parallel): while one records a decode
+/// step, another made on a second thread opens, allocates, copies both ways and runs kernels, and the recording
+/// still replays the eager result.
+#[test]
+fn another_backend_works_while_one_records() {
+    let b = gpu();
+    let (heads, d, blocks) = (2, 64, 4);
+    let w = heads * d;
+    let pool = |seed| b.from_host(random_values(seed, blocks * BLOCK * w), blocks * BLOCK, w);
+    let (kp, vp) = (pool(330), pool(331));
+    let q = b.from_host(random_values(332, 2 * w), 2, w);
+    let shape = DecodeShape {
+        table_width: 2,
+        max_kv: 2 * BLOCK,
+    };
+    let mut next = 0u32..;
+    let step = decode_step(&[7, BLOCK + 1], || next.next().unwrap());
+    let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&step)));
+    let mut graphs = b.new_step_graphs(d).expect("head dim 64 can be recorded");
+    let recorded = b
+        .run_recorded(&mut graphs, &[0; 2], &step, shape, 2, &mut |l| {
+            let other = std::thread::spawn(|| {
+                let c = gpu();
+                let x = c.from_host(random_values(333, 3 * 40), 3, 40);
+                c.to_host(&c.swiglu(&x, &x))
+            });
+            let y = other.join().expect("the other backend's thread");
+            assert!(
+                y.len() == 3 * 40 && y.iter().all(|v| v.is_finite()),
+                "the other backend ran while this one recorded"
+            );
+            Ok(b.paged_attention(&q, &kp, &vp, heads, l))
+        })
+        .expect("the recording survives another backend's work");
+    assert_eq!(b.to_host(&recorded), eager);
+}
+
 /// The capture rules the recorded decode steps rely on, as the driver (the GPU's or the simulated one) enforces
-/// them: an allocation inside a global-mode capture, or synchronising the capturing stream, is refused and
-/// invalidates the capture; a clean capture records its work without running it, and its graph runs it.
+/// them: an allocation inside a thread-local capture, or synchronising the capturing stream, is refused and
+/// invalidates the capture, while another thread allocates freely (tests and backends share the process); a clean
+/// capture records its work without running it, and its graph runs it. No test uses a global-mode capture: it would
+/// refuse every other thread's allocations.
 #[test]
 fn stream_capture_refuses_allocation_and_synchronisation() {
     use cudarc::driver::sys::cudaError_enum::{
@@ -1078,16 +1117,28 @@ fn stream_capture_refuses_allocation_and_synchronisation() {
         CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED as UNSUPPORTED,
     };
     use cudarc::driver::sys::CUstreamCaptureMode::{
-        CU_STREAM_CAPTURE_MODE_GLOBAL as GLOBAL, CU_STREAM_CAPTURE_MODE_RELAXED as RELAXED,
+        CU_STREAM_CAPTURE_MODE_RELAXED as RELAXED, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL as THREAD_LOCAL,
     };
     use cudarc::driver::{result, sys::CUgraphInstantiate_flags, CudaContext};
     device();
     let ctx = CudaContext::new(0).unwrap();
+    // SAFETY: this test makes no `CudaSlice`; without tracking, making the stream does not synchronise the context
+    // (which would invalidate the graphs other tests record meanwhile).
+    unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().unwrap();
     let code = |r: Result<(), cudarc::driver::DriverError>| r.err().map(|e| e.0);
     let flags = CUgraphInstantiate_flags(0);
 
-    stream.begin_capture(GLOBAL).unwrap();
+    stream.begin_capture(THREAD_LOCAL).unwrap();
+    let elsewhere = std::thread::spawn(|| {
+        // SAFETY: a 256-byte allocation freed at once; nothing is read or written.
+        unsafe { result::malloc_sync(256).and_then(|p| result::free_sync(p)) }
+    });
+    assert_eq!(
+        code(elsewhere.join().unwrap()),
+        None,
+        "another thread allocates during a thread-local capture"
+    );
     // SAFETY: a plain allocation (refused here); nothing is read or written.
     let alloc = unsafe { result::malloc_sync(256) };
     assert_eq!(alloc.err().map(|e| e.0), Some(UNSUPPORTED));

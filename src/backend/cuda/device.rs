@@ -54,7 +54,14 @@ pub fn open(ordinal: usize) -> Result<Arc<CudaContext>> {
             format!("the driver reports {count} CUDA device(s)"),
         ));
     }
-    CudaContext::new(ordinal).map_err(|e| Error::Device(name, e.to_string()))
+    let ctx = CudaContext::new(ordinal).map_err(|e| Error::Device(name, e.to_string()))?;
+    // cudarc's event tracking orders its own `CudaSlice`s across streams, which the engine never uses (its memory is
+    // its own pool, each backend runs one stream), and it synchronises the whole context when a context makes its
+    // first stream: that synchronisation fails and invalidates any CUDA graph another backend in the process is
+    // recording at that moment.
+    // SAFETY: no `CudaSlice` is made from this context, so there is nothing for the tracking to order.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
 }
 
 /// One line per device: name, compute capability, memory.

@@ -13,9 +13,11 @@
 //   * memory: copies and sets inside live allocations, frees of live allocations only, an out-of-memory error
 //     past the simulated capacity (CUDASIM_MEMORY_MIB, default 8192);
 //   * capture: launches, copies, sets and event records on a capturing stream become graph nodes, replayed in
-//     order by cuGraphLaunch; synchronising a capturing stream or the context, and (in global and thread-local
-//     modes) allocating, freeing or a synchronous copy, fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and
-//     invalidate the capture, whose end then fails with CUDA_ERROR_STREAM_CAPTURE_INVALIDATED.
+//     order by cuGraphLaunch; synchronising a capturing stream or the context fails with
+//     CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture, whose end then fails with
+//     CUDA_ERROR_STREAM_CAPTURE_INVALIDATED. Allocating, freeing or a synchronous copy does the same where the
+//     driver forbids it: from any thread during a global-mode capture, from the capturing thread during a
+//     thread-local one, never during a relaxed one.
 // A kernel that stops in the simulator (deadlock, divergent collective, bad shared-memory address...) fails its
 // launch with CUDA_ERROR_LAUNCH_FAILED, prints why on stderr, and, as on a GPU, the context stays failed.
 #include <chrono>
@@ -27,6 +29,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runtime.h"
@@ -62,7 +65,7 @@ namespace {
 using cudasim::Kernel;
 
 constexpr const char* kDeviceName = "cudasim (simulated CUDA device on the CPU, sm_90)";
-constexpr int kCaptureGlobal = 0, kCaptureRelaxed = 2;  // CUstreamCaptureMode (1: thread-local)
+constexpr int kCaptureGlobal = 0, kCaptureThreadLocal = 1, kCaptureRelaxed = 2;  // CUstreamCaptureMode's values
 
 struct Event;
 
@@ -87,6 +90,7 @@ struct Graph {
 struct Stream {
   bool capturing = false, invalidated = false;
   int mode = kCaptureGlobal;
+  std::thread::id captured_by;  // the thread that began the capture: thread-local mode restricts only it
   std::unique_ptr<Graph> graph;
 };
 
@@ -167,13 +171,20 @@ bool device_range(CUdeviceptr p, size_t n, const char* what) {
   return false;
 }
 
-// A call that a capture forbids: invalidates every capture in global or thread-local mode (`relaxed_ok`), or in
-// any mode when the call synchronises.
-bool forbidden_in_capture(const char* call, bool relaxed_ok) {
+// Whether a capture on `s` forbids the calling thread a potentially unsafe call (allocating, freeing, a
+// synchronous copy): a global-mode capture forbids it to every thread, a thread-local one to its own thread.
+bool forbids_unsafe_calls(const Stream* s) {
+  if (s->mode == kCaptureGlobal) return true;
+  return s->mode == kCaptureThreadLocal && s->captured_by == std::this_thread::get_id();
+}
+
+// A call that a capture forbids: a potentially unsafe call (`unsafe_call`) where `forbids_unsafe_calls` says so,
+// or, in any mode, a call that synchronises the device. The captures that forbid it are invalidated.
+bool forbidden_in_capture(const char* call, bool unsafe_call) {
   Device& d = device();
   bool hit = false;
   auto check = [&](Stream* s) {
-    if (!s->capturing || (relaxed_ok && s->mode == kCaptureRelaxed)) return;
+    if (!s->capturing || (unsafe_call && !forbids_unsafe_calls(s))) return;
     say("%s during stream capture: the capture is invalidated", call);
     s->invalidated = true;
     hit = true;
@@ -766,9 +777,11 @@ API CUresult cuStreamBeginCapture_v2(void* stream, int mode) {
   if (!s) return CUDA_ERROR_INVALID_HANDLE;
   if (s == &device().null_stream) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // legacy stream cannot capture
   if (s->capturing) return CUDA_ERROR_ILLEGAL_STATE;
+  if (mode != kCaptureGlobal && mode != kCaptureThreadLocal && mode != kCaptureRelaxed) return CUDA_ERROR_INVALID_VALUE;
   s->capturing = true;
   s->invalidated = false;
   s->mode = mode;
+  s->captured_by = std::this_thread::get_id();
   s->graph.reset(new Graph);
   return CUDA_SUCCESS;
 }
