@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use flamingo::backend::Backend;
-use flamingo::cli::{bundled_model_dir, BackendCommand};
-use flamingo::model::synthetic::Preset;
+use flamingo::cli::options::{bundled_model_dir, BackendCommand};
+use flamingo::model::idefics::synthetic::Preset;
 use flamingo::perf::bench::{bench_engine, bench_pixels, bench_prompt, bench_request};
-use flamingo::runtime::generate::{ModelFiles, Pipeline};
+use flamingo::runtime::pipeline::{ModelFiles, Pipeline};
 
 fn preset() -> Preset {
     let default = if common::device() == "cpu" {

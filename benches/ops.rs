@@ -14,10 +14,10 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use flamingo::backend::{Backend, RowSampling, SeqStep, StepLayout};
-use flamingo::cli::BackendCommand;
+use flamingo::cli::options::BackendCommand;
 use flamingo::io::config::IdeficsConfig;
 use flamingo::io::safetensors::DType;
-use flamingo::model::synthetic::{random_store, Preset};
+use flamingo::model::idefics::synthetic::{random_store, Preset};
 
 /// The workloads of one device class.
 struct Shapes {

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
 use flamingo::io::prompt::EncodedPrompt;
-use flamingo::runtime::generate::{FinishReason, GenerationRequest, Pipeline};
+use flamingo::runtime::pipeline::Pipeline;
+use flamingo::runtime::request::{FinishReason, GenerationRequest};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

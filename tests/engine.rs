@@ -12,7 +12,8 @@ use flamingo::backend::Backend;
 use flamingo::model::sampling::SamplingParams;
 use flamingo::perf::profile::Profiled;
 use flamingo::runtime::engine::{Engine, EngineConfig, EngineStats, Event, RequestId};
-use flamingo::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
+use flamingo::runtime::pipeline::Pipeline;
+use flamingo::runtime::request::{GenerationOutput, GenerationRequest};
 use rand::{Rng, SeedableRng};
 
 /// Prompts with zero, one and two images, and the image files they take.

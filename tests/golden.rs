@@ -5,7 +5,7 @@ mod common;
 use common::{assert_close, greedy, Fixture, FIXTURES};
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
-use flamingo::runtime::generate::Pipeline;
+use flamingo::runtime::pipeline::Pipeline;
 
 const TOL: f64 = 1e-3;
 

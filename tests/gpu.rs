@@ -26,7 +26,7 @@ use flamingo::io::config::Activation;
 use flamingo::model::sampling::SamplingParams;
 use flamingo::perf::profile::{profile_steps, Profiled};
 use flamingo::runtime::engine::{Engine, EngineConfig, Event};
-use flamingo::runtime::generate::Pipeline;
+use flamingo::runtime::pipeline::Pipeline;
 use rand::{Rng, SeedableRng};
 
 const TOL: f64 = 1e-2;
@@ -1117,7 +1117,8 @@ fn stream_capture_refuses_allocation_and_synchronisation() {
         CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED as UNSUPPORTED,
     };
     use cudarc::driver::sys::CUstreamCaptureMode::{
-        CU_STREAM_CAPTURE_MODE_RELAXED as RELAXED, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL as THREAD_LOCAL,
+        CU_STREAM_CAPTURE_MODE_RELAXED as RELAXED,
+        CU_STREAM_CAPTURE_MODE_THREAD_LOCAL as THREAD_LOCAL,
     };
     use cudarc::driver::{result, sys::CUgraphInstantiate_flags, CudaContext};
     device();

@@ -6,7 +6,7 @@ use flamingo::backend::cuda::{kernels, nvrtc::Nvrtc};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc_for_sm_90() {
-    let nvrtc = match Nvrtc::load() {
+    let nvrtc = match Nvrtc::load(kernels::HEADERS) {
         Ok(n) => n,
         Err(e) if std::env::var("CI_REQUIRE_NVRTC").is_ok_and(|v| v == "1") => {
             panic!("CI_REQUIRE_NVRTC=1 but NVRTC cannot be loaded: {e}")

@@ -9,12 +9,12 @@ use std::process::Command;
 use common::{fixture_dir, json_of, FIXTURES};
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
-use flamingo::cli::bundled_model_dir;
+use flamingo::cli::options::bundled_model_dir;
 use flamingo::io::config::IdeficsConfig;
 use flamingo::io::prompt::encode_prompt;
 use flamingo::io::safetensors::WeightStore;
-use flamingo::model::synthetic::{tensor_specs, Preset};
-use flamingo::runtime::generate::{ModelFiles, Pipeline};
+use flamingo::model::idefics::synthetic::{tensor_specs, Preset};
+use flamingo::runtime::pipeline::{ModelFiles, Pipeline};
 
 fn flamingo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_flamingo"))

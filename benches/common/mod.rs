@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flamingo::backend::Backend;
-use flamingo::cli::{with_backend, BackendCommand, RunOptions};
+use flamingo::cli::options::{with_backend, BackendCommand, RunOptions};
 
 /// `FLAMINGO_BENCH_DEVICE` (default `cpu`; `cuda`, `cuda:N`): the `--device` value the benches run on.
 pub fn device() -> String {

@@ -19,11 +19,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::cli::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
+use crate::cli::options::{
+    bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions,
+};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
 use crate::runtime::engine::{Engine, Event, RequestId};
-use crate::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
+use crate::runtime::pipeline::Pipeline;
+use crate::runtime::request::{GenerationOutput, GenerationRequest};
 
 #[derive(clap::Args, Debug)]
 pub struct BatchArgs {

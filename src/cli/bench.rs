@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use crate::backend::Backend;
-use crate::cli::{with_backend, BackendCommand, ModelArgs, RunOptions};
+use crate::cli::options::{with_backend, BackendCommand, ModelArgs, RunOptions};
 use crate::error::{Error, Result};
 use crate::perf::bench::{BenchOptions, BenchReport, Figure};
 

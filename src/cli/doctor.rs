@@ -39,7 +39,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             println!("prebuilt: none (built without nvcc; kernels compile with NVRTC at first use)")
         }
     }
-    let nvrtc = match Nvrtc::load() {
+    let nvrtc = match Nvrtc::load(kernels::HEADERS) {
         Ok(n) => n,
         Err(e) => {
             println!("nvrtc:    {e}");

@@ -4,11 +4,12 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::backend::Backend;
-use crate::cli::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
+use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
 use crate::error::{Error, Result};
 use crate::io::tokenizer::{END_OF_UTTERANCE, IMAGE_TOKEN};
 use crate::model::sampling::SamplingParams;
-use crate::runtime::generate::{GenerationRequest, Pipeline};
+use crate::runtime::pipeline::Pipeline;
+use crate::runtime::request::GenerationRequest;
 
 /// The picture described when neither `--prompt` nor `--image` is given (the bundled model was trained on such
 /// pictures; see tools/demo_model).

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::backend::cpu::CpuBackend;
-use crate::cli::bundled_model_dir;
+use crate::cli::options::bundled_model_dir;
 use crate::error::Result;
-use crate::model::Idefics;
-use crate::runtime::generate::ModelFiles;
+use crate::model::idefics::Idefics;
+use crate::runtime::pipeline::ModelFiles;
 
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {

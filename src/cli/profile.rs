@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::backend::{Backend, Ceilings};
-use crate::cli::{with_backend, BackendCommand, ModelArgs, RunOptions};
+use crate::cli::options::{with_backend, BackendCommand, ModelArgs, RunOptions};
 use crate::error::{Error, Result};
 use crate::perf::profile::{profile_steps, OpRow, Profiled};
 

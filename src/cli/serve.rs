@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::cli::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
+use crate::cli::options::{
+    bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions,
+};
 use crate::error::{Error, Result};
-use crate::runtime::generate::Pipeline;
+use crate::runtime::pipeline::Pipeline;
 use crate::runtime::service::EngineService;
 use crate::server::images::{canonical_root, ImagePolicy};
 use crate::server::openai::ChatTemplate;

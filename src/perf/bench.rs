@@ -15,7 +15,8 @@ use crate::error::Result;
 use crate::io::prompt::{encode_prompt, EncodedPrompt};
 use crate::perf::floors::Costs;
 use crate::runtime::engine::{Engine, EngineConfig, Event};
-use crate::runtime::generate::{GenerationRequest, Pipeline};
+use crate::runtime::pipeline::Pipeline;
+use crate::runtime::request::GenerationRequest;
 
 /// What to measure; the defaults are the published-anchor workloads (`shared/docs/perf-anchors.md`).
 #[derive(Clone, Debug)]

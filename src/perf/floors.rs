@@ -189,7 +189,7 @@ fn params(cfg: &IdeficsConfig) -> Params {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::synthetic::Preset;
+    use crate::model::idefics::synthetic::Preset;
 
     fn close(actual: f64, expected: f64, tolerance: f64) {
         assert!(

@@ -20,7 +20,7 @@ use crate::io::config::Activation;
 use crate::io::safetensors::{DType, TensorRef};
 use crate::nvtx;
 use crate::perf::bench::{bench_engine, bench_pixels, bench_prompt, bench_request};
-use crate::runtime::generate::Pipeline;
+use crate::runtime::pipeline::Pipeline;
 
 /// One op as it ran.
 #[derive(Clone, Debug)]

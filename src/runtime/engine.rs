@@ -22,12 +22,13 @@
 use std::collections::VecDeque;
 
 use crate::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
+use crate::cache::kv_cache::PagedKvCache;
+use crate::cache::media_cache::MediaCache;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::model::sampling::Sampler;
-use crate::runtime::generate::{FinishReason, GenerationOutput, GenerationRequest, Pipeline};
-use crate::runtime::kv_cache::PagedKvCache;
-use crate::runtime::media_cache::MediaCache;
+use crate::runtime::pipeline::Pipeline;
+use crate::runtime::request::{FinishReason, GenerationOutput, GenerationRequest};
 use crate::runtime::stream::TextStream;
 
 /// Capacity and batching limits of an engine.

@@ -1,9 +1,9 @@
-//! Running requests: the paged KV cache, the media cache, the continuous-batching engine, and single-request
+//! Running requests: the continuous-batching engine over the caches of `crate::cache`, and single-request
 //! generation on top of it.
 
 pub mod engine;
 pub mod generate;
-pub mod kv_cache;
-pub mod media_cache;
+pub mod pipeline;
+pub mod request;
 pub mod service;
 pub mod stream;

@@ -15,7 +15,8 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event, RequestId};
-use crate::runtime::generate::{GenerationOutput, GenerationRequest, Pipeline};
+use crate::runtime::pipeline::Pipeline;
+use crate::runtime::request::{GenerationOutput, GenerationRequest};
 
 /// What a submitted request receives.
 #[derive(Debug)]

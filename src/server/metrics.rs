@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 
 use crate::backend::Backend;
 use crate::runtime::service::STEP_BUCKETS;
-use crate::server::AppState;
+use crate::server::state::AppState;
 
 pub async fn render<B: Backend + 'static>(
     State(app): State<Arc<AppState<B>>>,

@@ -6,9 +6,10 @@
 pub mod images;
 mod metrics;
 pub mod openai;
+mod state;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -25,80 +26,11 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backend::Backend;
 use crate::model::sampling::SamplingParams;
-use crate::runtime::generate::{GenerationOutput, GenerationRequest};
-use crate::runtime::service::{EngineService, StreamEvent};
-use images::ImagePolicy;
-use openai::{Api, ApiError, ChatRequest, ChatTemplate, CompletionRequest, GenerationFields};
-
-/// What the server is allowed to accept.
-#[derive(Clone, Debug)]
-pub struct ServerLimits {
-    /// Requests in flight (preparing, queued, running or streaming) beyond which new ones get 429.
-    pub max_in_flight: usize,
-    /// Largest `max_tokens` a request may ask for.
-    pub max_tokens: usize,
-    pub max_body_bytes: usize,
-}
-
-/// Everything the handlers share.
-pub struct AppState<B: Backend + 'static> {
-    pub service: EngineService<B>,
-    pub model_name: String,
-    pub template: ChatTemplate,
-    pub images: ImagePolicy,
-    pub limits: ServerLimits,
-    next_id: AtomicU64,
-    rejected: AtomicU64,
-    /// Requests admitted by the server and not yet answered (preparing, queued, running or streaming).
-    admitted: AtomicUsize,
-}
-
-/// A request's place under `max_in_flight`, taken atomically at arrival and given back when it is answered.
-struct Slot<B: Backend + 'static>(Arc<AppState<B>>);
-
-impl<B: Backend + 'static> Slot<B> {
-    fn take(app: &Arc<AppState<B>>) -> Result<Self, ApiError> {
-        let before = app.admitted.fetch_add(1, Ordering::SeqCst);
-        let slot = Slot(app.clone());
-        if before >= app.limits.max_in_flight {
-            app.rejected.fetch_add(1, Ordering::SeqCst);
-            return Err(ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: format!(
-                    "the server is at capacity ({before} requests in flight); retry later"
-                ),
-            });
-        }
-        Ok(slot)
-    }
-}
-
-impl<B: Backend + 'static> Drop for Slot<B> {
-    fn drop(&mut self) {
-        self.0.admitted.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl<B: Backend + 'static> AppState<B> {
-    pub fn new(
-        service: EngineService<B>,
-        model_name: String,
-        template: ChatTemplate,
-        images: ImagePolicy,
-        limits: ServerLimits,
-    ) -> Self {
-        AppState {
-            service,
-            model_name,
-            template,
-            images,
-            limits,
-            next_id: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            admitted: AtomicUsize::new(0),
-        }
-    }
-}
+use crate::runtime::request::{GenerationOutput, GenerationRequest};
+use crate::runtime::service::StreamEvent;
+use openai::{Api, ApiError, ChatRequest, CompletionRequest, GenerationFields};
+use state::Slot;
+pub use state::{AppState, ServerLimits};
 
 pub fn router<B: Backend + 'static>(state: Arc<AppState<B>>) -> Router {
     let body_limit = state.limits.max_body_bytes;

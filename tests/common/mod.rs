@@ -219,8 +219,8 @@ pub fn one_row_seqs(
 }
 
 /// Greedy generation of `n` tokens.
-pub fn greedy(n: usize) -> flamingo::runtime::generate::GenerationRequest {
-    flamingo::runtime::generate::GenerationRequest {
+pub fn greedy(n: usize) -> flamingo::runtime::request::GenerationRequest {
+    flamingo::runtime::request::GenerationRequest {
         max_new_tokens: n,
         ..Default::default()
     }

@@ -112,7 +112,7 @@ impl Kernels {
             ),
             (_, e) => e,
         };
-        let nvrtc = Nvrtc::load().map_err(with_fatbin_error)?;
+        let nvrtc = Nvrtc::load(HEADERS).map_err(with_fatbin_error)?;
         let arch = format!("sm_{major}{minor}");
         let images = USED
             .iter()

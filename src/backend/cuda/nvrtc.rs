@@ -10,16 +10,19 @@ use std::path::PathBuf;
 
 use cudarc::nvrtc::sys;
 
-use super::kernels::HEADERS;
 use super::libs;
 use crate::error::{Error, Result};
 
-/// A loaded NVRTC and the CUDA headers it compiles against.
+/// Headers a kernel file may include, as `(name, source)`: the compiler sees them under these names.
+pub type Headers = &'static [(&'static str, &'static str)];
+
+/// A loaded NVRTC, the CUDA headers it compiles against and the project's own headers it embeds.
 pub struct Nvrtc {
     pub version: (i32, i32),
     /// The library file opened, or a note that the dynamic loader found it.
     pub library: String,
     include_dir: Option<PathBuf>,
+    headers: Headers,
 }
 
 fn device_error(what: impl Into<String>) -> Error {
@@ -41,7 +44,8 @@ fn check(rc: sys::nvrtcResult, what: &str) -> Result<()> {
 }
 
 impl Nvrtc {
-    pub fn load() -> Result<Nvrtc> {
+    /// Opens NVRTC to compile kernel files that include `headers`.
+    pub fn load(headers: Headers) -> Result<Nvrtc> {
         let homes = libs::cuda_homes();
         let preloaded = libs::preload(&homes, &["libnvrtc-builtins.so."], "libnvrtc.so.");
         // SAFETY: only probes whether the library can be opened.
@@ -68,6 +72,7 @@ impl Nvrtc {
                 None => "found by the dynamic loader".into(),
             },
             include_dir,
+            headers,
         })
     }
 
@@ -83,7 +88,10 @@ impl Nvrtc {
     /// the disk cache, which is keyed by the source, the headers, the options and the NVRTC version.
     pub fn cubin(&self, file: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
         let opts = self.options(arch);
-        let key = cache_key(&[source, &format!("{opts:?}{:?}", self.version)]);
+        let key = cache_key(
+            &[source, &format!("{opts:?}{:?}", self.version)],
+            self.headers,
+        );
         let path = cache_dir().map(|d| {
             d.join(format!(
                 "{}-{arch}-{key}.cubin",
@@ -116,11 +124,13 @@ impl Nvrtc {
         };
         let src = cstr(source)?;
         let name = cstr(file)?;
-        let header_src = HEADERS
+        let header_src = self
+            .headers
             .iter()
             .map(|(_, s)| cstr(s))
             .collect::<Result<Vec<_>>>()?;
-        let header_names = HEADERS
+        let header_names = self
+            .headers
             .iter()
             .map(|(n, _)| cstr(n))
             .collect::<Result<Vec<_>>>()?;
@@ -199,11 +209,11 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("flamingo/kernels"))
 }
 
-/// 128-bit FNV-1a (two 64-bit lanes with different offsets) of the parts and the embedded headers, in hex: stable
-/// across builds and Rust versions, unlike `std`'s hasher.
-fn cache_key(parts: &[&str]) -> String {
+/// 128-bit FNV-1a (two 64-bit lanes with different offsets) of the parts and the headers, in hex: stable across
+/// builds and Rust versions, unlike `std`'s hasher.
+fn cache_key(parts: &[&str], headers: Headers) -> String {
     let mut lanes = [0xcbf2_9ce4_8422_2325u64, 0x6c62_272e_07bb_0142u64];
-    let headers = HEADERS.iter().flat_map(|(n, s)| [*n, *s]);
+    let headers = headers.iter().flat_map(|(n, s)| [*n, *s]);
     for part in parts.iter().copied().chain(headers) {
         for b in part.bytes().chain([0xff]) {
             for lane in &mut lanes {

@@ -4,7 +4,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::IdeficsConfig;
-use crate::model::{Linear, Mlp, RmsNorm, WeightLoader};
+use crate::model::layers::{Linear, Mlp, RmsNorm, WeightLoader};
 
 pub struct IdeficsDecoderLayer<B: Backend> {
     heads: usize,

@@ -63,10 +63,10 @@ impl Preset {
     /// The configuration, as its `config.json` ships.
     pub fn config(self) -> Result<IdeficsConfig> {
         let text = match self {
-            Preset::Tiny => include_str!("../../assets/demo-model/config.json"),
-            Preset::CpuMid => include_str!("../../assets/configs/cpu-mid.json"),
-            Preset::Idefics9b => include_str!("../../assets/configs/idefics-9b.json"),
-            Preset::Idefics80b => include_str!("../../assets/configs/idefics-80b.json"),
+            Preset::Tiny => include_str!("../../../assets/demo-model/config.json"),
+            Preset::CpuMid => include_str!("../../../assets/configs/cpu-mid.json"),
+            Preset::Idefics9b => include_str!("../../../assets/configs/idefics-9b.json"),
+            Preset::Idefics80b => include_str!("../../../assets/configs/idefics-80b.json"),
         };
         IdeficsConfig::from_json(text, Path::new(&self.description()))
     }

@@ -9,9 +9,10 @@
 //! the media cache (transformers recomputes them at every decode step).
 
 use crate::backend::Backend;
+use crate::cache::media_cache::ImageKv;
 use crate::error::Result;
 use crate::io::config::{AlphaType, IdeficsConfig};
-use crate::model::{optional, Linear, Mlp, RmsNorm, WeightLoader};
+use crate::model::layers::{optional, Linear, Mlp, RmsNorm, WeightLoader};
 
 pub struct IdeficsGatedCrossAttentionLayer<B: Backend> {
     heads: usize,
@@ -26,12 +27,6 @@ pub struct IdeficsGatedCrossAttentionLayer<B: Backend> {
     mlp: Mlp<B>,
     alpha_cross_attn: B::Weight,
     alpha_dense: B::Weight,
-}
-
-/// One cross-attention block's keys and values for a request's images, `[images * tokens_per_image, hidden]`.
-pub struct ImageKv<B: Backend> {
-    pub k: B::Tensor,
-    pub v: B::Tensor,
 }
 
 impl<B: Backend> IdeficsGatedCrossAttentionLayer<B> {

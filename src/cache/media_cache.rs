@@ -4,8 +4,13 @@
 //! slot, so the cross-attention kernels address it as `slot * tokens_per_image`.
 
 use crate::backend::Backend;
-use crate::model::cross_attention::ImageKv;
-use crate::runtime::kv_cache::SlotPool;
+use crate::cache::kv_cache::SlotPool;
+
+/// One cross-attention block's keys and values for a request's images, `[images * tokens_per_image, hidden]`.
+pub struct ImageKv<B: Backend> {
+    pub k: B::Tensor,
+    pub v: B::Tensor,
+}
 
 pub struct MediaCache<B: Backend> {
     k: Vec<B::Tensor>,

@@ -5,7 +5,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::{PerceiverConfig, VisionConfig};
-use crate::model::{optional, LayerNorm, Linear, WeightLoader};
+use crate::model::layers::{optional, LayerNorm, Linear, WeightLoader};
 
 const EPS: f32 = 1e-5;
 

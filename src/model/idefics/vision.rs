@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::VisionConfig;
-use crate::model::{LayerNorm, Linear, WeightLoader};
+use crate::model::layers::{LayerNorm, Linear, WeightLoader};
 
 struct EncoderLayer<B: Backend> {
     layer_norm1: LayerNorm<B>,

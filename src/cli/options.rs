@@ -1,0 +1,222 @@
+//! What several commands share: run and engine options, the model argument, the bundled demo model, and running a
+//! command on the backend the user chose.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::safetensors::WeightStore;
+use crate::model::idefics::synthetic::Preset;
+use crate::runtime::engine::EngineConfig;
+use crate::runtime::pipeline::{ModelFiles, Pipeline};
+
+/// Options every command that runs a model takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunOptions {
+    /// Where to run: auto (CUDA device 0 when there is one, else the CPU), cpu, or cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Limits of the continuous-batching engine (`batch`, `serve`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineOptions {
+    /// Sequences decoded together per step at most (the server's concurrency).
+    #[arg(long, alias = "max-concurrent", default_value_t = 64)]
+    pub max_seqs: usize,
+    /// Rows (prompt chunks and decode tokens) per step at most.
+    #[arg(long, default_value_t = 2048)]
+    pub max_step_tokens: usize,
+    /// Positions per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV-cache blocks in the pool (default: what --kv-memory-mib allows, at most max-seqs full contexts).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Memory for the KV pool when --kv-blocks is not given (default: --kv-memory-fraction of what is free once the
+    /// weights are loaded).
+    #[arg(long)]
+    pub kv_memory_mib: Option<usize>,
+    /// Share of the free device (or host) memory the KV pool may take when neither --kv-blocks nor --kv-memory-mib
+    /// is given.
+    #[arg(long, default_value_t = 0.5)]
+    pub kv_memory_fraction: f64,
+    /// Images whose cross-attention K/V are cached at once (default: 4 per sequence).
+    #[arg(long)]
+    pub media_slots: Option<usize>,
+    /// Launch every decode step's kernels one by one instead of replaying recorded steps (CUDA graphs).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
+}
+
+impl EngineOptions {
+    /// Engine limits from the flags, the KV pool sized from its memory budget (K and V of every layer, in the
+    /// backend's activation width), never more than `max_seqs` full contexts.
+    pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> Result<EngineConfig> {
+        let cfg = &p.model.config;
+        let block_bytes = 2
+            * cfg.num_hidden_layers
+            * self.block_size
+            * cfg.hidden_size
+            * p.backend.activation_width();
+        let kv_bytes = match self.kv_memory_mib {
+            Some(mib) => mib << 20,
+            None => {
+                if !(self.kv_memory_fraction > 0.0 && self.kv_memory_fraction <= 1.0) {
+                    return Err(Error::Invalid(format!(
+                        "--kv-memory-fraction must be in (0, 1], got {}",
+                        self.kv_memory_fraction
+                    )));
+                }
+                (p.backend.free_memory()? as f64 * self.kv_memory_fraction) as usize
+            }
+        };
+        let mut config = EngineConfig::sized(
+            self.max_seqs,
+            cfg.max_position_embeddings,
+            self.block_size,
+            block_bytes,
+            kv_bytes,
+        );
+        config.max_step_tokens = self.max_step_tokens;
+        if let Some(n) = self.kv_blocks {
+            config.kv_blocks = n;
+        }
+        if let Some(n) = self.media_slots {
+            config.media_slots = n;
+        }
+        config.decode_graphs = !self.no_cuda_graphs;
+        Ok(config)
+    }
+}
+
+/// A command's work on whichever backend `--device` selects: the command code is written once, generic over the
+/// backend, and [`with_backend`] instantiates it for the CPU or the CUDA backend.
+pub trait BackendCommand {
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()>;
+}
+
+/// What a `--device` value names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        let bad = || Error::Device(s.to_string(), "expected auto, cpu, cuda or cuda:N".into());
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Device::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+/// Runs `cmd` on the backend `opts.device` names; `model_dir`'s weights size the CUDA weight arena (one
+/// allocation). `auto` takes CUDA device 0 when there is one, else the CPU; either way stderr says which device.
+pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
+    if let Some(n) = opts.threads {
+        // Fails only if the global pool already exists, in which case it keeps its size.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global();
+    }
+    let device = match opts.device.parse()? {
+        Device::Auto if cuda::device_count() > 0 => {
+            let b = CudaBackend::new(0)?;
+            eprintln!("note: --device auto: {}", b.summary());
+            return run_cuda(b, model_dir, cmd);
+        }
+        Device::Auto => {
+            eprintln!("note: --device auto: no CUDA device, running on the CPU");
+            Device::Cpu
+        }
+        d => d,
+    };
+    match device {
+        Device::Cuda(n) => {
+            // Which device, as the driver names it: a simulated one (tools/cudasim) says so here.
+            let b = CudaBackend::new(n)?;
+            eprintln!("note: --device cuda:{n}: {}", b.summary());
+            run_cuda(b, model_dir, cmd)
+        }
+        _ => cmd.run(CpuBackend::new()),
+    }
+}
+
+fn run_cuda(backend: CudaBackend, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
+    // A directory that does not open is reported by the command itself, with its own message.
+    if let Ok(store) = WeightStore::open_dir(model_dir) {
+        backend.reserve_weights(bf16_bytes(&store));
+    }
+    cmd.run(backend)
+}
+
+/// Bytes of every tensor of `store` as bf16, each rounded up to the weight arena's 256-byte alignment.
+pub fn bf16_bytes(store: &WeightStore) -> usize {
+    store
+        .summary()
+        .iter()
+        .map(|(_, shape, _)| (shape.iter().product::<usize>() * 2).next_multiple_of(256))
+        .sum()
+}
+
+/// Which model a measuring command runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b or idefics-80b.
+    #[arg(long)]
+    pub synthetic: Option<Preset>,
+}
+
+impl ModelArgs {
+    /// The model's name in reports.
+    pub fn name(&self) -> String {
+        match (&self.synthetic, &self.model) {
+            (Some(preset), _) => format!("synthetic {}", preset.name()),
+            (None, Some(dir)) => dir.display().to_string(),
+            (None, None) => "bundled demo model".into(),
+        }
+    }
+
+    /// The directory whose weights size the CUDA weight arena (a synthetic model has none: its weights are
+    /// allocated one by one).
+    pub fn dir(&self) -> PathBuf {
+        match &self.synthetic {
+            Some(preset) => PathBuf::from(preset.description()),
+            None => self.model.clone().unwrap_or_else(bundled_model_dir),
+        }
+    }
+
+    /// Loads the model onto `backend` (synthetic ones with the bundled tokenizer).
+    pub fn load<B: Backend>(&self, backend: B) -> Result<Pipeline<B>> {
+        let files = match (&self.synthetic, &self.model) {
+            (Some(preset), _) => {
+                ModelFiles::synthetic(*preset, &bundled_model_dir().join("tokenizer.json"))?
+            }
+            (None, dir) => ModelFiles::open(&dir.clone().unwrap_or_else(bundled_model_dir))?,
+        };
+        Pipeline::from_files(files, backend, false)
+    }
+}
+
+/// The small model bundled with the repository, used when `--model` is not given.
+pub fn bundled_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model")
+}

@@ -1,0 +1,136 @@
+//! The building blocks every model family shares: the weight loader that checks shapes against the config, and
+//! the linear, normalisation and MLP layers, each a thin typed wrapper over one backend op.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::io::safetensors::WeightStore;
+
+/// `Ok(Some(load()))` when `present`, else `Ok(None)`: for parts a config option switches on.
+pub fn optional<T>(present: bool, load: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    present.then(load).transpose()
+}
+
+/// Reads named tensors, checks their shapes against the config, and hands them to the backend.
+pub struct WeightLoader<'a, B: Backend> {
+    pub store: &'a WeightStore,
+    pub backend: &'a B,
+    progress: ProgressBar,
+}
+
+impl<'a, B: Backend> WeightLoader<'a, B> {
+    pub fn new(store: &'a WeightStore, backend: &'a B, show_progress: bool) -> Self {
+        let progress = if show_progress {
+            let bar = ProgressBar::new(store.summary().len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors {msg}")
+                    .expect("static template"),
+            );
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        WeightLoader {
+            store,
+            backend,
+            progress,
+        }
+    }
+
+    pub fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Weight> {
+        let w = self.backend.load_weight(&self.store.get(name, shape)?)?;
+        self.progress.inc(1);
+        Ok(w)
+    }
+
+    pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: self.weight(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: None,
+        })
+    }
+
+    pub fn linear_bias(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: self.weight(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(self.weight(&format!("{prefix}.bias"), &[out])?),
+        })
+    }
+
+    pub fn layer_norm(&self, prefix: &str, width: usize, eps: f32) -> Result<LayerNorm<B>> {
+        Ok(LayerNorm {
+            weight: self.weight(&format!("{prefix}.weight"), &[width])?,
+            bias: self.weight(&format!("{prefix}.bias"), &[width])?,
+            eps,
+        })
+    }
+
+    pub fn rms_norm(&self, prefix: &str, width: usize, eps: f32) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm {
+            weight: self.weight(&format!("{prefix}.weight"), &[width])?,
+            eps,
+        })
+    }
+
+    /// Clears the progress bar once every weight is loaded.
+    pub fn finish(&self) {
+        self.progress.finish_and_clear();
+    }
+}
+
+pub struct Linear<B: Backend> {
+    weight: B::Weight,
+    bias: Option<B::Weight>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+pub struct LayerNorm<B: Backend> {
+    weight: B::Weight,
+    bias: B::Weight,
+    eps: f32,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+pub struct RmsNorm<B: Backend> {
+    weight: B::Weight,
+    eps: f32,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// LLaMA's SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp<B: Backend> {
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn load(l: &WeightLoader<B>, prefix: &str, d: usize, inter: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: l.linear(&format!("{prefix}.gate_proj"), inter, d)?,
+            up_proj: l.linear(&format!("{prefix}.up_proj"), inter, d)?,
+            down_proj: l.linear(&format!("{prefix}.down_proj"), d, inter)?,
+        })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        let act = b.swiglu(&self.gate_proj.forward(b, x), &self.up_proj.forward(b, x));
+        self.down_proj.forward(b, &act)
+    }
+}
