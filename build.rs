@@ -7,6 +7,11 @@
 //! fatbins are embedded too; the runtime then needs no compiler on an sm_90 device. The build never fails for lack
 //! of CUDA: without nvcc (or when it fails) only the sources are embedded, with a warning.
 //! `FLAMINGO_NO_NVCC=1` skips nvcc on purpose (to exercise the NVRTC path).
+//!
+//! Also always: the Rust side of every kernel signature (`build/launchers.rs`).
+
+#[path = "build/launchers.rs"]
+mod launchers;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build/launchers.rs");
     println!("cargo:rerun-if-changed={}", kdir.display());
     for var in ["NVCC", "CUDA_HOME", "PATH", "FLAMINGO_NO_NVCC"] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -42,6 +48,12 @@ fn main() {
         generated(&sources, &headers, fatbins.as_ref()),
     )
     .expect("write OUT_DIR/kernels.rs");
+    let cu: Vec<&Path> = sources.iter().map(PathBuf::as_path).collect();
+    std::fs::write(
+        out.join("launchers.rs"),
+        launchers::generate(&cu, &kdir.join("common.cuh")),
+    )
+    .expect("write OUT_DIR/launchers.rs");
 }
 
 /// `kernels/*.<ext>`, sorted so the generated file is stable.

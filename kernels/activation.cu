@@ -8,17 +8,17 @@
 // element-wise path with the same results. Rounding follows the unfused PyTorch graph (each
 // op reads bf16 and writes bf16), see the comments per kernel.
 //
-// silu_mul_bf16(out, gate, up, rows, cols)                       SwiGLU from two buffers
+// swiglu_bf16(out, gate, up, rows, cols)                       SwiGLU from two buffers
 //     gate, up, out: [rows, cols]. out = bf16( bf16(silu(gate)) * up ).  out may alias gate or up.
-// bias_act_bf16(out, x, bias, rows, cols, act)                   out = act(bf16(x + bias))
+// activate_bf16(out, x, bias, rows, cols, act)                   out = act(bf16(x + bias))
 //     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6),
 //     EPI_GELU_TANH (7).
 //     bias [cols] may be null. out may alias x.
-// tanh_gate_residual_bf16(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
+// add_gated_bf16(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
 //     h: [rows, cols] updated in place, x: [rows, cols], alpha: bf16 [alpha_len] with alpha_len = 1
 //     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
 //     h = bf16( h + bf16( bf16(tanh(alpha)) * x ) ).
-// add_bf16(out, a, b, rows, cols)            residual add: out = bf16(a + b) (PyTorch adds two bf16
+// add_assign_bf16(out, a, b, rows, cols)            residual add: out = bf16(a + b) (PyTorch adds two bf16
 //     tensors into a bf16 tensor). out may alias a or b.
 // bf16_to_f32(out_f32, x, n)                 widening copy, e.g. logits before sampling (exact).
 //     One element per thread per step: grid = (min(ceil(n / 256), 65535 * 8), 1, 1), block = (256, 1, 1).
@@ -41,7 +41,7 @@ FE_DEVICE void for_each_chunk(int rows, int cols, F&& f) {
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    silu_mul_bf16(bf16* out, const bf16* gate, const bf16* up, int rows, int cols) {
+    swiglu_bf16(bf16* out, const bf16* gate, const bf16* up, int rows, int cols) {
   const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(gate) && is_aligned16(up);
   for_each_chunk(rows, cols, [&](int r, int c) {
     const long long off = (long long)r * cols;
@@ -68,15 +68,14 @@ FE_DEVICE void bias_act(bf16* out, const bf16* x, const bf16* bias, int rows, in
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    bias_act_bf16(bf16* out, const bf16* x, const bf16* __restrict__ bias, int rows, int cols, int act) {
+    activate_bf16(bf16* out, const bf16* x, const bf16* __restrict__ bias, int rows, int cols, Epilogue act) {
   // Codes that need a second operand (EPI_RESIDUAL, EPI_SILU_MUL) are GEMM-only: identity here.
   if (epilogue_reads_aux(act)) act = EPI_NONE;
   bias_act(out, x, bias, rows, cols, act);
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    tanh_gate_residual_bf16(bf16* h, const bf16* x, const bf16* __restrict__ alpha, int alpha_len, int rows,
-                            int cols) {
+    add_gated_bf16(bf16* h, const bf16* x, const bf16* __restrict__ alpha, int alpha_len, int rows, int cols) {
   const bool vec = (cols % 8 == 0) && is_aligned16(h) && is_aligned16(x) && (alpha_len == 1 || is_aligned16(alpha));
   const float a0 = rnd_bf16(tanhf(to_f(alpha[0])));
   for_each_chunk(rows, cols, [&](int r, int c) {
@@ -95,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    add_bf16(bf16* out, const bf16* a, const bf16* b, int rows, int cols) {
+    add_assign_bf16(bf16* out, const bf16* a, const bf16* b, int rows, int cols) {
   const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(a) && is_aligned16(b);
   for_each_chunk(rows, cols, [&](int r, int c) {
     const long long off = (long long)r * cols;

@@ -1,5 +1,5 @@
 // flash_common.cuh - the tensor-core flash-attention tile shared by attention.cu (prefill),
-// gated_xattn.cu (IDEFICS gated cross-attention) and resampler.cu (Perceiver attention).
+// cross_attention.cu (IDEFICS gated cross-attention) and resampler_attention.cu (Perceiver attention).
 //
 // One block of 128 threads (4 warps) computes, for one head, a tile of up to 64 query rows
 // (16 per warp) against a range of keys, 64 keys per step:

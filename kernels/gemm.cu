@@ -168,13 +168,13 @@ FE_DEVICE void gemm_body(bf16* y, const bf16* __restrict__ x, const bf16* __rest
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_bf16(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-              const bf16* aux, int M, int N, int K, int ldy, int epi) {
+              const bf16* aux, int M, int N, int K, int ldy, Epilogue epi) {
   gemm_body<128, 128, 2, 4, 3>(y, x, w, bias, aux, M, N, K, ldy, epi);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 4)
     gemm_small_bf16(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-                    const bf16* aux, int M, int N, int K, int ldy, int epi) {
+                    const bf16* aux, int M, int N, int K, int ldy, Epilogue epi) {
   gemm_body<64, 64, 2, 2, 3>(y, x, w, bias, aux, M, N, K, ldy, epi);
 }
 
@@ -188,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
     gemv_bf16(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-              const bf16* aux, int M, int N, int K, int ldy, int epi) {
+              const bf16* aux, int M, int N, int K, int ldy, Epilogue epi) {
   __shared__ float red[GEMV_WARPS][GEMV_COLS * GEMV_ROWS];
   const int n0 = blockIdx.x * GEMV_COLS;
   const int mb = blockIdx.y * GEMV_ROWS;

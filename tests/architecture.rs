@@ -101,7 +101,9 @@ fn without_test_modules(code: &str) -> String {
         let after = &rest[attr_end..];
         let head = after.split(['{', ';']).next().unwrap_or("");
         let words: Vec<&str> = head.split_whitespace().collect();
-        let is_test_module = attr.split(|c: char| !is_ident_char(c as u8)).any(|w| w == "test")
+        let is_test_module = attr
+            .split(|c: char| !is_ident_char(c as u8))
+            .any(|w| w == "test")
             && matches!(words.as_slice(), ["mod", _] | ["pub", "mod", _])
             && after[head.len()..].starts_with('{');
         if !is_test_module {
@@ -155,13 +157,22 @@ fn paths_from(code: &str, roots: &BTreeSet<String>) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let starts_word = (i == 0 || !is_ident_char(b[i - 1]) && b[i - 1] != b':') && is_ident_char(b[i]);
+        let starts_word =
+            (i == 0 || !is_ident_char(b[i - 1]) && b[i - 1] != b':') && is_ident_char(b[i]);
         if !starts_word {
             i += 1;
             continue;
         }
         let word_end = i + b[i..].iter().take_while(|&&c| is_ident_char(c)).count();
-        if roots.contains(&code[i..word_end]) && code[word_end..].starts_with("::") {
+        // `pub(in crate::a)` names a visibility, not a dependency.
+        let in_visibility = code[..i]
+            .trim_end()
+            .strip_suffix("in")
+            .is_some_and(|p| p.trim_end().ends_with('('));
+        if roots.contains(&code[i..word_end])
+            && code[word_end..].starts_with("::")
+            && !in_visibility
+        {
             let (paths, end) = parse_path(code, i);
             out.extend(paths);
             i = end;
@@ -324,11 +335,18 @@ fn file_of(files: &[SourceFile], m: &Module) -> String {
 fn every_file_uses_only_its_layer_and_those_below() {
     let files = source_files();
     let layers = stated_layers();
-    let rank = |m: &Module| layers.iter().position(|l| m.first().is_some_and(|top| l.contains(top)));
+    let rank = |m: &Module| {
+        layers
+            .iter()
+            .position(|l| m.first().is_some_and(|top| l.contains(top)))
+    };
     let mut problems = Vec::new();
     for f in files.iter().filter(|f| !f.module.is_empty()) {
         if rank(&f.module).is_none() {
-            problems.push(format!("{} is in none of src/lib.rs's layers", file_of(&files, &f.module)));
+            problems.push(format!(
+                "{} is in none of src/lib.rs's layers",
+                file_of(&files, &f.module)
+            ));
         }
     }
     for (from, deps) in dependencies(&files) {
@@ -345,7 +363,11 @@ fn every_file_uses_only_its_layer_and_those_below() {
             }
         }
     }
-    assert!(problems.is_empty(), "layering broken:\n  {}", problems.join("\n  "));
+    assert!(
+        problems.is_empty(),
+        "layering broken:\n  {}",
+        problems.join("\n  ")
+    );
 }
 
 #[test]
@@ -369,7 +391,11 @@ fn no_files_depend_on_each_other_in_a_cycle() {
             edges.join(", ")
         })
         .collect();
-    assert!(cycles.is_empty(), "dependency cycles:\n  {}", described.join("\n  "));
+    assert!(
+        cycles.is_empty(),
+        "dependency cycles:\n  {}",
+        described.join("\n  ")
+    );
 }
 
 /// The checks see what they should: a parent's child path, a `super` path and a `use` group are dependencies;
@@ -379,14 +405,29 @@ fn the_parser_finds_paths_and_ignores_comments_and_tests() {
     let code = without_test_modules(&without_comments(
         "mod child;\nuse crate::a::{b::C, d as e, self};\n// use crate::commented::X;\nfn f() { super::g(); \
          child::h(); let s = \"crate::in_string\"; }\n#[cfg(test)]\nmod tests {\n    use crate::tested::Y;\n}\n\
-         #[cfg(all(test, unix))]\nmod more_tests { use crate::tested::Z; }\n#[cfg(unix)]\nuse crate::kept::W;\n",
+         #[cfg(all(test, unix))]\nmod more_tests { use crate::tested::Z; }\n#[cfg(unix)]\nuse crate::kept::W;\npub(in crate::visibility) fn v() {}\n",
     ));
     let roots: BTreeSet<String> = ["crate", "super", "self", "child"].map(String::from).into();
-    let joined: BTreeSet<String> = paths_from(&code, &roots).iter().map(|p| p.join("::")).collect();
-    for want in ["crate::a::b::C", "crate::a::d", "crate::a", "super::g", "child::h", "crate::kept::W"] {
+    let joined: BTreeSet<String> = paths_from(&code, &roots)
+        .iter()
+        .map(|p| p.join("::"))
+        .collect();
+    for want in [
+        "crate::a::b::C",
+        "crate::a::d",
+        "crate::a",
+        "super::g",
+        "child::h",
+        "crate::kept::W",
+    ] {
         assert!(joined.contains(want), "{want} not found in {joined:?}");
     }
-    assert!(!joined.iter().any(|p| p.contains("commented") || p.contains("tested")), "{joined:?}");
+    assert!(
+        !joined
+            .iter()
+            .any(|p| p.contains("commented") || p.contains("tested")),
+        "{joined:?}"
+    );
     let module: Module = vec!["x".into(), "y".into()];
     let children = declared_children(&code);
     assert_eq!(

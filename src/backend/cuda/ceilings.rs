@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{CudaBackend, CudaTensor, CudaWeight};
+use super::context::{CudaBackend, CudaTensor, CudaWeight};
 use crate::backend::{Backend, Ceilings};
 use crate::io::safetensors::{DType, WeightStore};
 

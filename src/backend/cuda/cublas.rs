@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use cudarc::cublas::{result, sys};
 
-use super::{CudaBackend, CudaTensor, CudaWeight};
+use super::context::{CudaBackend, CudaTensor, CudaWeight};
 
 /// The cuBLAS library this process uses, or why there is none (looked for once).
 pub fn library() -> Result<String, String> {

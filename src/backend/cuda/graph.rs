@@ -18,22 +18,13 @@ use std::sync::{Arc, PoisonError};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
 use cudarc::driver::{result, CudaGraph, CudaStream};
 
-use super::attention::{LayoutPlan, DECODE_DIMS};
+use super::context::{CudaBackend, CudaTensor, Recording};
+use super::device::describe;
+use super::launchers::PagedAttentionBf16;
+use super::layout::{CudaLayout, LayoutPlan};
 use super::memory::Pool;
-use super::{describe, CudaBackend, CudaLayout, CudaTensor};
 use crate::backend::{Backend, DecodeShape, StepLayout};
 use crate::error::{Error, Result};
-
-/// What the backend's ops consult while a step is being recorded.
-pub(super) struct Recording {
-    /// Where every buffer of the step comes from.
-    pub pool: Arc<Pool>,
-    /// Device address of the step's token ids (int32) for the embedding.
-    pub ids: u64,
-    pub rows: usize,
-    /// Why this recording cannot be replayed (an op did what a graph cannot repeat), if one did.
-    pub spoiled: Option<String>,
-}
 
 /// One engine's recorded steps, by batch size and shape.
 pub struct StepGraphs {
@@ -61,12 +52,14 @@ struct StepGraph {
 unsafe impl Send for StepGraph {}
 
 impl StepGraphs {
-    /// Recording needs the `decode_attn` kernel for the head dim (the flash fallback uploads per step).
+    /// Recording needs the `paged_attention_d*` kernel for the head dim (the flash fallback uploads per step).
     pub(super) fn new(head_dim: usize, stream: Arc<CudaStream>) -> Option<StepGraphs> {
-        DECODE_DIMS.contains(&head_dim).then(|| StepGraphs {
-            by_size: HashMap::new(),
-            stream,
-        })
+        PagedAttentionBf16::D
+            .contains(&head_dim)
+            .then(|| StepGraphs {
+                by_size: HashMap::new(),
+                stream,
+            })
     }
 }
 
@@ -105,103 +98,99 @@ impl Drop for RecordingGuard<'_> {
     }
 }
 
-impl CudaBackend {
-    /// See [`Backend::run_recorded`](crate::backend::Backend::run_recorded).
-    pub(super) fn replay_or_record(
-        &self,
-        graphs: &mut StepGraphs,
-        ids: &[u32],
-        step: &StepLayout,
-        shape: DecodeShape,
-        rows: usize,
-        run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
-    ) -> Result<CudaTensor> {
-        assert!(
-            step.seqs.iter().all(|s| s.q_rows == 1) && ids.len() == step.seqs.len(),
-            "a recorded step decodes one row per sequence"
+/// See [`Backend::run_recorded`](crate::backend::Backend::run_recorded).
+pub(super) fn run_recorded(
+    b: &CudaBackend,
+    graphs: &mut StepGraphs,
+    ids: &[u32],
+    step: &StepLayout,
+    shape: DecodeShape,
+    rows: usize,
+    run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
+) -> Result<CudaTensor> {
+    assert!(
+        step.seqs.iter().all(|s| s.q_rows == 1) && ids.len() == step.seqs.len(),
+        "a recorded step decodes one row per sequence"
+    );
+    let mut plan =
+        LayoutPlan::new(step, Some(&shape)).map_err(|why| Error::Device(describe(&b.ctx), why))?;
+    let ids_at = plan.push_ids(ids);
+    let key = (step.seqs.len(), shape);
+    if let Some(g) = graphs.by_size.get(&key) {
+        assert_eq!(
+            plan.arrays().len(),
+            g.inputs_len,
+            "same size and shape, same arrays"
         );
-        let mut plan = LayoutPlan::new(step, Some(&shape))
-            .map_err(|why| Error::Device(describe(&self.ctx), why))?;
-        let ids_at = plan.push_ids(ids);
-        let key = (step.seqs.len(), shape);
-        if let Some(g) = graphs.by_size.get(&key) {
-            assert_eq!(
-                plan.arrays().len(),
-                g.inputs_len,
-                "same size and shape, same arrays"
-            );
-            self.htod(g.layout.array(0), plan.arrays());
-            self.check("graph launch", g.graph.launch());
-            // A copy: the graph's output buffer is rewritten by its next replay.
-            return Ok(self.slice_rows(&g.output, 0, rows));
-        }
-        let g = self.record(step, plan, ids_at, run)?;
-        let out = self.slice_rows(&g.output, 0, rows);
-        graphs.by_size.insert(key, g);
-        Ok(out)
+        b.htod(g.layout.array(0), plan.arrays());
+        b.check("graph launch", g.graph.launch());
+        // A copy: the graph's output buffer is rewritten by its next replay.
+        return Ok(b.slice_rows(&g.output, 0, rows));
     }
+    let g = record(b, step, plan, ids_at, run)?;
+    let out = b.slice_rows(&g.output, 0, rows);
+    graphs.by_size.insert(key, g);
+    Ok(out)
+}
 
-    /// Records `run` on `step` (laid out by `plan`, its ids at `ids_at`) and launches the graph once, which
-    /// computes this step (the capture itself runs nothing).
-    fn record(
-        &self,
-        step: &StepLayout,
-        plan: LayoutPlan,
-        ids_at: usize,
-        run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
-    ) -> Result<StepGraph> {
-        let err = |what: &str, e: cudarc::driver::DriverError| {
-            Error::Device(
-                describe(&self.ctx),
-                format!("recording a decode step: {what}: {e}"),
-            )
-        };
-        let pool = self.pool.sibling();
-        let inputs_len = plan.arrays().len();
-        let inputs = pool.take(inputs_len * 4);
-        self.htod(inputs.ptr, plan.arrays());
-        let layout = CudaLayout::from_plan(self, step, plan, inputs);
-        let guard = RecordingGuard::start(
-            self,
-            Recording {
-                pool,
-                ids: layout.array(ids_at),
-                rows: step.seqs.len(),
-                spoiled: None,
-            },
-        );
-        // The warm-up fills the private pool, so the captured run takes only buffers that exist already.
-        drop(run(&layout)?);
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(|e| err("beginning the capture", e))?;
-        let output = run(&layout)?;
-        let graph = self
-            .stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(|e| err("ending the capture", e))?
-            .ok_or_else(|| {
-                Error::Device(describe(&self.ctx), "the captured step is empty".into())
-            })?;
-        let spoiled = self
-            .recording
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-            .and_then(|r| r.spoiled.take());
-        if let Some(why) = spoiled {
-            return Err(Error::Device(
-                describe(&self.ctx),
-                format!("recording a decode step: {why}"),
-            ));
-        }
-        drop(guard);
-        graph.launch().map_err(|e| err("first launch", e))?;
-        Ok(StepGraph {
-            graph,
-            layout,
-            inputs_len,
-            output,
-        })
+/// Records `run` on `step` (laid out by `plan`, its ids at `ids_at`) and launches the graph once, which
+/// computes this step (the capture itself runs nothing).
+fn record(
+    b: &CudaBackend,
+    step: &StepLayout,
+    plan: LayoutPlan,
+    ids_at: usize,
+    run: &mut dyn FnMut(&CudaLayout) -> Result<CudaTensor>,
+) -> Result<StepGraph> {
+    let err = |what: &str, e: cudarc::driver::DriverError| {
+        Error::Device(
+            describe(&b.ctx),
+            format!("recording a decode step: {what}: {e}"),
+        )
+    };
+    let pool = b.pool.sibling();
+    let inputs_len = plan.arrays().len();
+    let inputs = pool.take(inputs_len * 4);
+    b.htod(inputs.ptr, plan.arrays());
+    let layout = CudaLayout::from_plan(b, step, plan, inputs);
+    let guard = RecordingGuard::start(
+        b,
+        Recording {
+            pool,
+            ids: layout.array(ids_at),
+            rows: step.seqs.len(),
+            spoiled: None,
+        },
+    );
+    // The warm-up fills the private pool, so the captured run takes only buffers that exist already.
+    drop(run(&layout)?);
+    b.stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(|e| err("beginning the capture", e))?;
+    let output = run(&layout)?;
+    let graph = b
+        .stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .map_err(|e| err("ending the capture", e))?
+        .ok_or_else(|| Error::Device(describe(&b.ctx), "the captured step is empty".into()))?;
+    let spoiled = b
+        .recording
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_mut()
+        .and_then(|r| r.spoiled.take());
+    if let Some(why) = spoiled {
+        return Err(Error::Device(
+            describe(&b.ctx),
+            format!("recording a decode step: {why}"),
+        ));
     }
+    drop(guard);
+    graph.launch().map_err(|e| err("first launch", e))?;
+    Ok(StepGraph {
+        graph,
+        layout,
+        inputs_len,
+        output,
+    })
 }

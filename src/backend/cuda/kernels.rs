@@ -8,59 +8,11 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
+use super::launchers::{Arg, Kernel, KERNELS};
 use super::nvrtc::Nvrtc;
 use crate::error::{Error, Result};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
-
-/// The kernels the backend launches, by file. Each file's header comment gives shapes and launch geometry.
-const USED: &[(&str, &[&str])] = &[
-    (
-        "activation.cu",
-        &[
-            "add_bf16",
-            "bf16_to_f32",
-            "bias_act_bf16",
-            "silu_mul_bf16",
-            "tanh_gate_residual_bf16",
-        ],
-    ),
-    (
-        "attention.cu",
-        &[
-            "flash_attn_d64_bf16",
-            "flash_attn_d80_bf16",
-            "flash_attn_d96_bf16",
-            "flash_attn_d128_bf16",
-            "decode_attn_d16_bf16",
-            "decode_attn_d32_bf16",
-            "decode_attn_d64_bf16",
-            "decode_attn_d128_bf16",
-            "decode_attn_combine_bf16",
-        ],
-    ),
-    ("copy.cu", &["copy_rows_bf16"]),
-    ("embed.cu", &["embed_bf16"]),
-    (
-        "gated_xattn.cu",
-        &["gated_xattn_d64_bf16", "gated_xattn_d128_bf16"],
-    ),
-    ("gemm.cu", &["gemm_bf16", "gemm_small_bf16", "gemv_bf16"]),
-    ("norm.cu", &["rms_norm_bf16", "layer_norm_bf16"]),
-    (
-        "resampler.cu",
-        &[
-            "resampler_attn_d64_bf16",
-            "resampler_attn_d96_bf16",
-            "resampler_attn_d128_bf16",
-        ],
-    ),
-    ("rope.cu", &["rope_bf16"]),
-    (
-        "sampling.cu",
-        &["ban_tokens_f32", "penalize_tokens_f32", "sample_f32"],
-    ),
-];
 
 /// The embedded source of a kernel file.
 pub fn source(file: &str) -> Option<&'static str> {
@@ -114,7 +66,7 @@ impl Kernels {
         };
         let nvrtc = Nvrtc::load(HEADERS).map_err(with_fatbin_error)?;
         let arch = format!("sm_{major}{minor}");
-        let images = USED
+        let images = KERNELS
             .iter()
             .map(|(file, _)| {
                 let src = source(file).expect("every used kernel file is embedded");
@@ -146,7 +98,7 @@ fn load_functions(
 ) -> Result<HashMap<&'static str, CudaFunction>> {
     let mut functions = HashMap::new();
     for (file, image) in images {
-        let Some((_, names)) = USED.iter().find(|(f, _)| *f == file) else {
+        let Some((_, names)) = KERNELS.iter().find(|(f, _)| *f == file) else {
             continue;
         };
         // The driver reads the image through its header: a fresh Vec is 16-byte aligned by the system allocator.
@@ -160,7 +112,7 @@ fn load_functions(
             functions.insert(*name, f);
         }
     }
-    match USED
+    match KERNELS
         .iter()
         .flat_map(|(_, n)| n.iter())
         .find(|n| !functions.contains_key(*n))
@@ -173,51 +125,23 @@ fn load_functions(
     }
 }
 
-/// One kernel argument, by value, exactly as the kernel's C signature types it.
-#[derive(Clone, Copy)]
-pub enum Arg {
-    /// A device pointer (0 = null).
-    Ptr(u64),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-}
-
-pub fn ptr(p: u64) -> Arg {
-    Arg::Ptr(p)
-}
-
-/// A size or index as the kernels' `int`: every tensor dimension fits (checked, never silently truncated).
-pub fn int(v: usize) -> Arg {
-    Arg::I32(
-        i32::try_from(v).unwrap_or_else(|_| panic!("{v} does not fit a kernel's int argument")),
-    )
-}
-
-pub fn long(v: usize) -> Arg {
-    Arg::I64(v as i64)
-}
-
-pub fn float(v: f32) -> Arg {
-    Arg::F32(v)
-}
-
-/// Launches `name` on `stream`. A failed launch is a device fault the op cannot report through the Backend trait
-/// (its ops return tensors, not results), so it panics naming the kernel and the driver error.
+/// Launches kernel `k` on `stream`. A failed launch is a device fault the op cannot report through the Backend
+/// trait (its ops return tensors, not results), so it panics naming the kernel and the driver error.
 pub fn launch(
     kernels: &Kernels,
     stream: &CudaStream,
-    name: &str,
+    k: &dyn Kernel,
     grid: (u32, u32, u32),
     block: u32,
-    args: &[Arg],
 ) {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return; // nothing to compute; a zero grid is an invalid launch
     }
+    let name = k.name();
+    let args = k.args();
     let f = kernels.get(name);
     let mut b = stream.launch_builder(f);
-    for a in args {
+    for a in &args {
         match a {
             Arg::Ptr(p) => b.arg(p),
             Arg::I32(v) => b.arg(v),
@@ -230,8 +154,8 @@ pub fn launch(
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument kinds and order follow the kernel's signature in its file header; sizes were checked by the
-    // caller against the buffers it passes.
+    // SAFETY: the arguments are the kernel's parameters in order and type (generated from its signature); the
+    // caller checked the buffers it passes against the shapes.
     unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA kernel {name} failed to launch: {e}"));
 }
 

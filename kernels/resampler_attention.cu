@@ -1,6 +1,6 @@
-// resampler.cu - Perceiver-resampler attention (IDEFICS perceiver.py, OpenFlamingo helpers.py).
+// resampler_attention.cu - Perceiver-resampler attention (IDEFICS perceiver.py, OpenFlamingo helpers.py).
 //
-// resampler_attn_d{64,96,128}_bf16(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads,
+// resampler_attention_d{64,96,128}_bf16(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads,
 //                                  ldq, ldk, ldv, ldo, q_ln_w, q_ln_b, k_ln_w, k_ln_b, eps, scale)
 //   Per image b and head h: latent queries attend, without mask, to the keys of the
 //   concatenation [context rows ; latent rows], given as two separate buffers so the
@@ -49,7 +49,7 @@ FE_DEVICE void resampler_attn(bf16* o, const bf16* q, const bf16* k_ctx, const b
 }
 
 #define RESAMPLER_ATTN(D)                                                                                         \
-  extern "C" __global__ void FLASH_LAUNCH_BOUNDS resampler_attn_d##D##_bf16(                         \
+  extern "C" __global__ void FLASH_LAUNCH_BOUNDS resampler_attention_d##D##_bf16(                         \
       bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k_ctx, const bf16* __restrict__ v_ctx,        \
       const bf16* __restrict__ k_lat, const bf16* __restrict__ v_lat, int n_images, int n_ctx, int n_lat,         \
       int n_heads, int ldq, int ldk, int ldv, int ldo, const bf16* __restrict__ q_ln_w,                           \

@@ -1,6 +1,6 @@
-// gated_xattn.cu - IDEFICS gated cross-attention core (text queries -> one request's image K/V).
+// cross_attention.cu - IDEFICS gated cross-attention core (text queries -> one request's image K/V).
 //
-// gated_xattn_d{64,128}_bf16(o, q, k, v, img_idx, n_tokens, n_images, img_len, n_heads,
+// cross_attention_d{64,128}_bf16(o, q, k, v, img_idx, n_tokens, n_images, img_len, n_heads,
 //                            ldq, ldkv, ldo, q_norm_w, eps, scale)
 //   q:   [n_tokens, ldq]  text queries (q_proj output), head h at columns h*D .. (h+1)*D.
 //   k,v: [n_images * img_len, ldkv]  the request's cached image keys / values (k_proj, v_proj of
@@ -14,7 +14,7 @@
 //        null = no q norm. eps = rms_norm_eps.
 //   o:   [n_tokens, ldo] = softmax(q k_img^T * scale) v_img per head; rows of tokens without an
 //        image are exactly 0 (the HF cross_attention_gate), so o_proj (no bias) maps them to 0
-//        and the tanh(alpha) residual (tanh_gate_residual_bf16) leaves h unchanged there.
+//        and the tanh(alpha) residual (add_gated_bf16) leaves h unchanged there.
 //   Launch: grid = (ceil(n_tokens / 64), n_heads, 1), block = (128, 1, 1), dynamic smem = 0
 //   (static 16 KiB for D=64, 32 KiB for D=128). A 64-token tile visits only the key range of the
 //   images its tokens reference (usually one image: 1 key tile for S = 64).
@@ -22,7 +22,7 @@
 #include "flash_common.cuh"
 
 template <int D>
-FE_DEVICE void gated_xattn(bf16* o, const bf16* q, const bf16* k, const bf16* v, const int* img_idx, int n_tokens,
+FE_DEVICE void cross_attention(bf16* o, const bf16* q, const bf16* k, const bf16* v, const int* img_idx, int n_tokens,
                            int n_images, int img_len, int n_heads, int ldq, int ldkv, int ldo, const bf16* q_norm_w,
                            float eps, float scale) {
   const int h = blockIdx.y, q0 = blockIdx.x * FLASH_BQ;
@@ -48,11 +48,11 @@ FE_DEVICE void gated_xattn(bf16* o, const bf16* q, const bf16* k, const bf16* v,
 }
 
 #define GATED_XATTN(D)                                                                                          \
-  extern "C" __global__ void FLASH_LAUNCH_BOUNDS gated_xattn_d##D##_bf16(                          \
+  extern "C" __global__ void FLASH_LAUNCH_BOUNDS cross_attention_d##D##_bf16(                          \
       bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,              \
       const int* __restrict__ img_idx, int n_tokens, int n_images, int img_len, int n_heads, int ldq, int ldkv, \
       int ldo, const bf16* __restrict__ q_norm_w, float eps, float scale) {                                    \
-    gated_xattn<D>(o, q, k, v, img_idx, n_tokens, n_images, img_len, n_heads, ldq, ldkv, ldo, q_norm_w, eps,   \
+    cross_attention<D>(o, q, k, v, img_idx, n_tokens, n_images, img_len, n_heads, ldq, ldkv, ldo, q_norm_w, eps,   \
                    scale);                                                                                      \
   }
 GATED_XATTN(64)

@@ -1,4 +1,4 @@
-//! Sampling on the device (`kernels/sampling.cu`): the logits stay on the GPU; each row's rule goes up as a few
+//! `sample` on the device (kernels/sampling.cu): the logits stay on the GPU; each row's rule goes up as a few
 //! small arrays, and only one id per row comes back.
 //!
 //! Per step: `bf16_to_f32` widens the logits (exact), `ban_tokens_f32` and `penalize_tokens_f32` apply the banned
@@ -7,9 +7,9 @@
 
 use cudarc::driver::result;
 
-use super::kernels::{int, long, ptr, stride_grid};
-use super::CudaBackend;
-use super::CudaTensor;
+use super::activation::widen;
+use crate::backend::cuda::context::{CudaBackend, CudaTensor};
+use crate::backend::cuda::launchers::{BanTokensF32, PenalizeTokensF32, SampleF32};
 use crate::backend::{nothing_to_sample, RowSampling};
 use crate::error::Result;
 
@@ -89,84 +89,70 @@ impl RuleArrays {
     }
 }
 
-impl CudaBackend {
-    pub(super) fn sample_rows(
-        &self,
-        logits: &CudaTensor,
-        rows: &[RowSampling],
-    ) -> Result<Vec<u32>> {
-        assert_eq!(
-            logits.rows,
-            rows.len(),
-            "one sampling rule per row of logits"
-        );
-        let (n, vocab) = (rows.len(), logits.cols);
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let a = RuleArrays::new(rows);
-        let ints = self.upload_i32(&a.ints);
-        let floats = self.pool().take(a.floats.len() * 4);
-        self.htod(floats.ptr, &a.floats);
-        let i = |offset: usize| ptr(ints.ptr + 4 * offset as u64);
-        let f = |which: usize| ptr(floats.ptr + (4 * which * n) as u64);
-        let x = self.scratch_f32(n * vocab);
-        self.run(
-            "bf16_to_f32",
-            stride_grid(n * vocab),
-            256,
-            &[ptr(x.ptr), ptr(logits.ptr()), long(n * vocab)],
-        );
-        let x_rows = [ptr(x.ptr), int(n), int(vocab)];
-        self.run(
-            "ban_tokens_f32",
-            (n as u32, 1, 1),
-            32,
-            &[&x_rows[..], &[i(a.ban_offsets), i(a.ban_ids)]].concat(),
-        );
-        if a.penalized {
-            self.run(
-                "penalize_tokens_f32",
-                (n as u32, 1, 1),
-                128,
-                &[
-                    &x_rows[..],
-                    &[i(a.penalty_offsets), i(a.penalty_ids), f(PENALTY)],
-                ]
-                .concat(),
-            );
-        }
-        self.run(
-            "sample_f32",
-            (n as u32, 1, 1),
-            512,
-            &[
-                i(a.out),
-                ptr(x.ptr),
-                int(n),
-                int(vocab),
-                f(TEMPERATURE),
-                i(a.top_k),
-                f(TOP_P),
-                f(UNIFORM),
-            ],
-        );
-        let mut ids = vec![0i32; n];
-        self.bind();
-        // SAFETY: the buffer holds `n` int32 ids at `out`; the stream is synchronised before `ids` is read.
-        self.check("device-to-host copy", unsafe {
-            result::memcpy_dtoh_async(
-                &mut ids,
-                ints.ptr + 4 * a.out as u64,
-                self.stream.cu_stream(),
-            )
-        });
-        self.synchronize();
-        ids.iter()
-            .enumerate()
-            .map(|(r, &t)| u32::try_from(t).map_err(|_| nothing_to_sample(r)))
-            .collect()
+/// The next token of each row of `logits` by that row's rule; only the ids leave the device.
+pub(in crate::backend::cuda) fn sample(
+    b: &CudaBackend,
+    logits: &CudaTensor,
+    rows: &[RowSampling],
+) -> Result<Vec<u32>> {
+    assert_eq!(
+        logits.rows,
+        rows.len(),
+        "one sampling rule per row of logits"
+    );
+    let (n, vocab) = (rows.len(), logits.cols);
+    if n == 0 {
+        return Ok(Vec::new());
     }
+    let a = RuleArrays::new(rows);
+    let ints = b.upload_i32(&a.ints);
+    let floats = b.pool().take(a.floats.len() * 4);
+    b.htod(floats.ptr, &a.floats);
+    let i = |offset: usize| ints.ptr + 4 * offset as u64;
+    let f = |which: usize| floats.ptr + (4 * which * n) as u64;
+    let x = b.scratch_f32(n * vocab);
+    widen(b, x.ptr, logits);
+    let ban = BanTokensF32 {
+        logits: x.ptr,
+        rows: n,
+        vocab,
+        ban_offsets: i(a.ban_offsets),
+        ban_ids: i(a.ban_ids),
+    };
+    b.run(&ban, (n as u32, 1, 1), 32);
+    if a.penalized {
+        let penalize = PenalizeTokensF32 {
+            logits: x.ptr,
+            rows: n,
+            vocab,
+            offsets: i(a.penalty_offsets),
+            ids: i(a.penalty_ids),
+            penalty: f(PENALTY),
+        };
+        b.run(&penalize, (n as u32, 1, 1), 128);
+    }
+    let choose = SampleF32 {
+        out_ids: i(a.out),
+        logits: x.ptr,
+        rows: n,
+        vocab,
+        temperature: f(TEMPERATURE),
+        top_k: i(a.top_k),
+        top_p: f(TOP_P),
+        uniform: f(UNIFORM),
+    };
+    b.run(&choose, (n as u32, 1, 1), 512);
+    let mut ids = vec![0i32; n];
+    b.bind();
+    // SAFETY: the buffer holds `n` int32 ids at `out`; the stream is synchronised before `ids` is read.
+    b.check("device-to-host copy", unsafe {
+        result::memcpy_dtoh_async(&mut ids, i(a.out), b.stream.cu_stream())
+    });
+    b.synchronize();
+    ids.iter()
+        .enumerate()
+        .map(|(r, &t)| u32::try_from(t).map_err(|_| nothing_to_sample(r)))
+        .collect()
 }
 
 #[cfg(test)]

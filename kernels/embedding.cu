@@ -1,6 +1,6 @@
-// embed.cu - token embedding lookup.
+// embedding.cu - token embedding lookup.
 //
-// embed_bf16(out, ids, n_tokens, table_a, vocab_a, table_b, vocab_b, dim, err)
+// embedding_bf16(out, ids, n_tokens, table_a, vocab_a, table_b, vocab_b, dim, err)
 //   IDEFICS decoupled embedding. ids: [n_tokens] int32; table_a: [vocab_a, dim]; table_b:
 //   [vocab_b, dim] (may be null when vocab_b = 0); out: [n_tokens, dim] bf16.
 //     id <  vocab_a            -> table_a[id]
@@ -15,7 +15,7 @@
 #define EMB_THREADS 128
 
 extern "C" __global__ void __launch_bounds__(EMB_THREADS)
-    embed_bf16(bf16* __restrict__ out, const int* __restrict__ ids, int n_tokens, const bf16* __restrict__ table_a,
+    embedding_bf16(bf16* __restrict__ out, const int* __restrict__ ids, int n_tokens, const bf16* __restrict__ table_a,
                int vocab_a, const bf16* __restrict__ table_b, int vocab_b, int dim, int* err) {
   const int t = blockIdx.x;
   if (t >= n_tokens) return;

@@ -1,0 +1,353 @@
+//! `attention` and `paged_attention` (kernels/attention.cu), and what the attention ops share: choosing a kernel's
+//! head dim, and staging rows that are not in place.
+//!
+//! Paged self-attention splits a step's sequences by their own shape (see `layout.rs`): decode sequences go through
+//! `paged_attention_d*` (flash-decoding straight from the pools, fixed split size) then
+//! `paged_attention_combine_bf16`; prefill sequences have their pages gathered into contiguous K/V scratch and run
+//! through `attention_d*` in one varlen launch (causal, queries at the end of their keys).
+//!
+//! Head dims a kernel lacks run zero-padded to the next one it has (padding q/k columns adds zero to every dot
+//! product, padding v columns yields columns that are dropped), with the softmax scale of the real head dim;
+//! decode sequences with a head dim `paged_attention_d*` lacks go through `attention_d*` as one-row sequences.
+
+use super::copy::{copy_rows, regroup};
+use crate::backend::cuda::context::{CudaBackend, CudaTensor};
+use crate::backend::cuda::launchers::{
+    AttentionBf16, CopyRowsBf16, PagedAttentionBf16, PagedAttentionCombineBf16,
+};
+use crate::backend::cuda::layout::{flash_group, CudaLayout, DecodeGroup, FlashGroup, RowSet};
+
+/// Keys per flash-decoding split: fixed, so a row's reduction order depends on its own length only.
+const DECODE_SPLIT: usize = 256;
+/// Query rows per flash tile (`FLASH_BQ` in kernels/flash_common.cuh).
+pub(in crate::backend::cuda) const FLASH_BQ: usize = 64;
+
+/// The smallest head dim in `dims` (a kernel family's instantiations) that holds `d`.
+pub(in crate::backend::cuda) fn kernel_dim(d: usize, dims: &[usize], what: &str) -> usize {
+    *dims.iter().find(|&&k| k >= d).unwrap_or_else(|| {
+        panic!(
+            "{what}: head_dim {d} is over the kernels' largest, {}",
+            dims[dims.len() - 1]
+        )
+    })
+}
+
+/// The softmax scale of head dim `d`.
+pub(in crate::backend::cuda) fn scale(d: usize) -> f32 {
+    (d as f32).powf(-0.5)
+}
+
+/// `t` widened to head dim `dk` when that differs from its `d`; `None` when it already is.
+pub(in crate::backend::cuda) fn padded(
+    b: &CudaBackend,
+    t: &CudaTensor,
+    heads: usize,
+    d: usize,
+    dk: usize,
+) -> Option<CudaTensor> {
+    (dk != d).then(|| regroup(b, t, heads, d, dk))
+}
+
+/// `o` (head dim `dk`) narrowed back to head dim `d`.
+pub(in crate::backend::cuda) fn unpadded(
+    b: &CudaBackend,
+    o: CudaTensor,
+    heads: usize,
+    d: usize,
+    dk: usize,
+) -> CudaTensor {
+    if d == dk {
+        o
+    } else {
+        regroup(b, &o, heads, dk, d)
+    }
+}
+
+/// Full (non-causal) attention of `q` over all rows of `k`, `v` (vision encoder): one flash varlen sequence.
+pub(in crate::backend::cuda) fn attention(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    heads: usize,
+) -> CudaTensor {
+    assert!(
+        heads > 0
+            && q.cols % heads == 0
+            && k.cols == q.cols
+            && v.cols == q.cols
+            && k.rows == v.rows,
+        "attention: shapes"
+    );
+    let d = q.cols / heads;
+    let dk = kernel_dim(d, AttentionBf16::D, "attention");
+    let (qp, kp, vp) = (
+        padded(b, q, heads, d, dk),
+        padded(b, k, heads, d, dk),
+        padded(b, v, heads, d, dk),
+    );
+    let o = b.alloc(q.rows, heads * dk);
+    let cu = b.upload_i32(&[0, q.rows as i32, 0, k.rows as i32]);
+    let ld = heads * dk;
+    let kernel = AttentionBf16 {
+        d: dk,
+        o: o.ptr(),
+        q: qp.as_ref().unwrap_or(q).ptr(),
+        k: kp.as_ref().unwrap_or(k).ptr(),
+        v: vp.as_ref().unwrap_or(v).ptr(),
+        cu_q: cu.ptr,
+        cu_k: cu.ptr + 8,
+        n_seqs: 1,
+        n_heads: heads,
+        n_kv_heads: heads,
+        ldq: ld,
+        ldk: ld,
+        ldv: ld,
+        ldo: ld,
+        causal: 0,
+        scale: scale(d),
+    };
+    b.run(
+        &kernel,
+        (q.rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
+        128,
+    );
+    unpadded(b, o, heads, d, dk)
+}
+
+/// Causal self-attention of the step's rows over their sequences' keys in the paged pools.
+pub(in crate::backend::cuda) fn paged_attention(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    k_pool: &CudaTensor,
+    v_pool: &CudaTensor,
+    heads: usize,
+    layout: &CudaLayout,
+) -> CudaTensor {
+    assert_eq!(q.rows, layout.rows(), "query rows do not match the step");
+    assert!(
+        heads > 0 && q.cols % heads == 0 && k_pool.cols == q.cols && v_pool.cols == q.cols,
+        "paged attention: widths"
+    );
+    let out = b.alloc(q.rows, q.cols);
+    let d = q.cols / heads;
+    if let Some(g) = &layout.prefill {
+        gathered_attention(b, q, [k_pool, v_pool], heads, g, &out);
+    }
+    if let Some(g) = &layout.decode {
+        if PagedAttentionBf16::D.contains(&d) {
+            paged_decode(
+                b,
+                q,
+                [k_pool, v_pool],
+                heads,
+                g,
+                layout.step.block_size,
+                &out,
+            );
+        } else {
+            let fg = layout.decode_flash.get_or_init(|| {
+                let seqs: Vec<usize> = (0..layout.step.seqs.len())
+                    .filter(|&s| layout.step.seqs[s].q_rows == 1)
+                    .collect();
+                flash_group(b, &layout.step, &layout.starts, &seqs)
+            });
+            gathered_attention(b, q, [k_pool, v_pool], heads, fg, &out);
+        }
+    }
+    out
+}
+
+/// Causal flash attention of a group's rows over its sequences' keys, gathered from the pools.
+fn gathered_attention(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    [k_pool, v_pool]: [&CudaTensor; 2],
+    heads: usize,
+    g: &FlashGroup,
+    out: &CudaTensor,
+) {
+    let d = q.cols / heads;
+    let dk = kernel_dim(d, AttentionBf16::D, "flash attention");
+    let gather = |pool: &CudaTensor| {
+        let t = b.alloc(g.keys, heads * dk);
+        copy_rows(
+            b,
+            CopyRowsBf16 {
+                dst: t.ptr(),
+                src: pool.ptr(),
+                dst_idx: 0,
+                src_idx: g.key_slots,
+                rows: g.keys,
+                groups: heads,
+                d_dst: dk,
+                d_src: d,
+                ld_dst: heads * dk,
+                ld_src: pool.cols,
+            },
+        );
+        t
+    };
+    let (k, v) = (gather(k_pool), gather(v_pool));
+    let s = stage(b, q, out, &g.rows, heads, d, dk);
+    let ld = if s.o_copy.is_some() {
+        heads * dk
+    } else {
+        q.cols
+    };
+    let kernel = AttentionBf16 {
+        d: dk,
+        o: s.o,
+        q: s.q,
+        k: k.ptr(),
+        v: v.ptr(),
+        cu_q: g.cu_q,
+        cu_k: g.cu_k,
+        n_seqs: g.seqs,
+        n_heads: heads,
+        n_kv_heads: heads,
+        ldq: ld,
+        ldk: heads * dk,
+        ldv: heads * dk,
+        ldo: ld,
+        causal: 1,
+        scale: scale(d),
+    };
+    let grid = (
+        g.max_q.div_ceil(FLASH_BQ) as u32,
+        heads as u32,
+        g.seqs as u32,
+    );
+    b.run(&kernel, grid, 128);
+    unstage(b, s, out, &g.rows, heads, d, dk);
+}
+
+/// Flash-decoding of one row per sequence straight from the paged pools.
+fn paged_decode(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    [k_pool, v_pool]: [&CudaTensor; 2],
+    heads: usize,
+    g: &DecodeGroup,
+    block_size: usize,
+    out: &CudaTensor,
+) {
+    let d = q.cols / heads;
+    let n = g.rows.n;
+    let splits = g.max_kv.div_ceil(DECODE_SPLIT).max(1);
+    let o_part = b.scratch_f32(n * heads * splits * d);
+    let ml_part = b.scratch_f32(n * heads * splits * 2);
+    let s = stage(b, q, out, &g.rows, heads, d, d);
+    let kernel = PagedAttentionBf16 {
+        d,
+        o_part: o_part.ptr,
+        ml_part: ml_part.ptr,
+        q: s.q,
+        k_cache: k_pool.ptr(),
+        v_cache: v_pool.ptr(),
+        kv_lens: g.kv_lens,
+        block_table: g.block_table,
+        max_blocks: g.max_blocks,
+        block_size,
+        seq_stride: 0,
+        n_heads: heads,
+        n_kv_heads: heads,
+        ldq: q.cols,
+        ldkv: q.cols,
+        split_size: DECODE_SPLIT,
+        scale: scale(d),
+    };
+    b.run(&kernel, (heads as u32, n as u32, splits as u32), 128);
+    // Staged or in place, the output rows are q.cols wide (no padding on this path).
+    let combine = PagedAttentionCombineBf16 {
+        o: s.o,
+        o_part: o_part.ptr,
+        ml_part: ml_part.ptr,
+        n_heads: heads,
+        n_splits: splits,
+        head_dim: d,
+        ldo: q.cols,
+    };
+    b.run(&combine, (heads as u32, n as u32, 1), 128);
+    unstage(b, s, out, &g.rows, heads, d, d);
+}
+
+/// Where a kernel reads a group's query rows and writes its output rows: the step's tensors in place when the rows
+/// are consecutive and need no padding, else gathered (padded) copies that are scattered back afterwards.
+struct Staged {
+    q: u64,
+    o: u64,
+    _q_copy: Option<CudaTensor>,
+    o_copy: Option<CudaTensor>,
+}
+
+fn stage(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    out: &CudaTensor,
+    rows: &RowSet,
+    heads: usize,
+    d: usize,
+    dk: usize,
+) -> Staged {
+    if let (Some(first), true) = (rows.first, d == dk) {
+        return Staged {
+            q: q.row(first),
+            o: out.row(first),
+            _q_copy: None,
+            o_copy: None,
+        };
+    }
+    let qc = b.alloc(rows.n, heads * dk);
+    copy_rows(
+        b,
+        CopyRowsBf16 {
+            dst: qc.ptr(),
+            src: q.ptr(),
+            dst_idx: 0,
+            src_idx: rows.idx,
+            rows: rows.n,
+            groups: heads,
+            d_dst: dk,
+            d_src: d,
+            ld_dst: heads * dk,
+            ld_src: q.cols,
+        },
+    );
+    let oc = b.alloc(rows.n, heads * dk);
+    Staged {
+        q: qc.ptr(),
+        o: oc.ptr(),
+        _q_copy: Some(qc),
+        o_copy: Some(oc),
+    }
+}
+
+/// Scatters a staged output back into `out` (dropping padding); nothing to do when it was written in place.
+fn unstage(
+    b: &CudaBackend,
+    s: Staged,
+    out: &CudaTensor,
+    rows: &RowSet,
+    heads: usize,
+    d: usize,
+    dk: usize,
+) {
+    if let Some(oc) = &s.o_copy {
+        copy_rows(
+            b,
+            CopyRowsBf16 {
+                dst: out.ptr(),
+                src: oc.ptr(),
+                dst_idx: rows.idx,
+                src_idx: 0,
+                rows: rows.n,
+                groups: heads,
+                d_dst: d,
+                d_src: dk,
+                ld_dst: out.cols,
+                ld_src: heads * dk,
+            },
+        );
+    }
+}

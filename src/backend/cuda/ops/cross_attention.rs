@@ -1,0 +1,63 @@
+//! `cross_attention` (kernels/cross_attention.cu): IDEFICS's gated cross-attention core, each text row over the
+//! keys of its image's media slot (rows without an image give zeros). The gate itself (`tanh(alpha)` residual) is
+//! `add_gated` (ops/activation.rs).
+
+use super::attention::{kernel_dim, padded, scale, unpadded, FLASH_BQ};
+use crate::backend::cuda::context::{CudaBackend, CudaTensor};
+use crate::backend::cuda::launchers::CrossAttentionBf16;
+use crate::backend::cuda::layout::CudaLayout;
+
+/// Each row of `q` over the `per_image` keys of its media slot in `k`, `v`; -1 rows zero.
+pub(in crate::backend::cuda) fn cross_attention(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    heads: usize,
+    layout: &CudaLayout,
+    per_image: usize,
+) -> CudaTensor {
+    assert_eq!(q.rows, layout.rows(), "query rows do not match the step");
+    assert!(
+        heads > 0 && q.cols % heads == 0 && k.cols == q.cols && v.cols == q.cols,
+        "cross-attention: widths"
+    );
+    assert!(
+        per_image > 0 && k.rows % per_image == 0,
+        "media pool of {} rows for {per_image} per image",
+        k.rows
+    );
+    let d = q.cols / heads;
+    let dk = kernel_dim(d, CrossAttentionBf16::D, "cross-attention");
+    let (qp, kp, vp) = (
+        padded(b, q, heads, d, dk),
+        padded(b, k, heads, d, dk),
+        padded(b, v, heads, d, dk),
+    );
+    let o = b.alloc(q.rows, heads * dk);
+    let ld = heads * dk;
+    let kernel = CrossAttentionBf16 {
+        d: dk,
+        o: o.ptr(),
+        q: qp.as_ref().unwrap_or(q).ptr(),
+        k: kp.as_ref().unwrap_or(k).ptr(),
+        v: vp.as_ref().unwrap_or(v).ptr(),
+        img_idx: layout.images(),
+        n_tokens: q.rows,
+        n_images: k.rows / per_image,
+        img_len: per_image,
+        n_heads: heads,
+        ldq: ld,
+        ldkv: ld,
+        ldo: ld,
+        q_norm_w: 0,
+        eps: 0.0,
+        scale: scale(d),
+    };
+    b.run(
+        &kernel,
+        (q.rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
+        128,
+    );
+    unpadded(b, o, heads, d, dk)
+}

@@ -1,0 +1,62 @@
+//! `resampler_attention` (kernels/resampler_attention.cu): the Perceiver resampler's attention of one image's
+//! latent queries over `[context ; latents]`, without materialising the concatenation.
+
+use super::attention::{kernel_dim, padded, scale, unpadded, FLASH_BQ};
+use crate::backend::cuda::context::{CudaBackend, CudaTensor};
+use crate::backend::cuda::launchers::ResamplerAttentionBf16;
+
+/// Latent queries `q` over the keys `[k_ctx ; k_lat]` and values `[v_ctx ; v_lat]`, no mask.
+pub(in crate::backend::cuda) fn resampler_attention(
+    b: &CudaBackend,
+    q: &CudaTensor,
+    [k_ctx, v_ctx, k_lat, v_lat]: [&CudaTensor; 4],
+    heads: usize,
+) -> CudaTensor {
+    let kv = [k_ctx, v_ctx, k_lat, v_lat];
+    assert!(
+        heads > 0 && q.cols % heads == 0 && kv.iter().all(|t| t.cols == q.cols),
+        "resampler attention: widths"
+    );
+    assert!(
+        k_ctx.rows == v_ctx.rows && k_lat.rows == q.rows && v_lat.rows == q.rows,
+        "resampler attention: rows"
+    );
+    let d = q.cols / heads;
+    let dk = kernel_dim(d, ResamplerAttentionBf16::D, "resampler attention");
+    let wide: Vec<Option<CudaTensor>> = std::iter::once(q)
+        .chain(kv)
+        .map(|t| padded(b, t, heads, d, dk))
+        .collect();
+    let p = |i: usize, t: &CudaTensor| wide[i].as_ref().unwrap_or(t).ptr();
+    let o = b.alloc(q.rows, heads * dk);
+    let ld = heads * dk;
+    let kernel = ResamplerAttentionBf16 {
+        d: dk,
+        o: o.ptr(),
+        q: p(0, q),
+        k_ctx: p(1, k_ctx),
+        v_ctx: p(2, v_ctx),
+        k_lat: p(3, k_lat),
+        v_lat: p(4, v_lat),
+        n_images: 1,
+        n_ctx: k_ctx.rows,
+        n_lat: q.rows,
+        n_heads: heads,
+        ldq: ld,
+        ldk: ld,
+        ldv: ld,
+        ldo: ld,
+        q_ln_w: 0,
+        q_ln_b: 0,
+        k_ln_w: 0,
+        k_ln_b: 0,
+        eps: 0.0,
+        scale: scale(d),
+    };
+    b.run(
+        &kernel,
+        (q.rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
+        128,
+    );
+    unpadded(b, o, heads, d, dk)
+}
