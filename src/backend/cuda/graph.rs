@@ -8,7 +8,7 @@
 //!   so results are bit-identical to an eager step's;
 //! - the step's int32 arrays and token ids live in one buffer the graph owns; a replay writes the new ones into it
 //!   (in stream order) before launching;
-//! - every buffer the step takes comes from a private pool (a sibling of the backend's, [`Pool::sibling`]): an
+//! - every buffer the step takes comes from a private pool (a sibling of the backend's, [`Pool::sibling`](super::memory::Pool::sibling)): an
 //!   eager warm-up run fills it, the captured run reuses exactly those buffers, and no other op ever gets them;
 //! - weights, KV and media pools stay where they are for the engine's life, and the graphs die with the engine.
 
@@ -22,7 +22,6 @@ use super::context::{CudaBackend, CudaTensor, Recording};
 use super::device::describe;
 use super::launchers::PagedAttentionBf16;
 use super::layout::{CudaLayout, LayoutPlan};
-use super::memory::Pool;
 use crate::backend::{Backend, DecodeShape, StepLayout};
 use crate::error::{Error, Result};
 

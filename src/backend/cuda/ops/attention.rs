@@ -12,6 +12,7 @@
 
 use super::copy::{copy_rows, regroup};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
+use crate::backend::cuda::launchers::Kernel;
 use crate::backend::cuda::launchers::{
     AttentionBf16, CopyRowsBf16, PagedAttentionBf16, PagedAttentionCombineBf16,
 };
@@ -20,7 +21,7 @@ use crate::backend::cuda::layout::{flash_group, CudaLayout, DecodeGroup, FlashGr
 /// Keys per flash-decoding split: fixed, so a row's reduction order depends on its own length only.
 const DECODE_SPLIT: usize = 256;
 /// Query rows per flash tile (`FLASH_BQ` in kernels/flash_common.cuh).
-pub(in crate::backend::cuda) const FLASH_BQ: usize = 64;
+const FLASH_BQ: usize = 64;
 
 /// The smallest head dim in `dims` (a kernel family's instantiations) that holds `d`.
 pub(in crate::backend::cuda) fn kernel_dim(d: usize, dims: &[usize], what: &str) -> usize {
@@ -37,15 +38,34 @@ pub(in crate::backend::cuda) fn scale(d: usize) -> f32 {
     (d as f32).powf(-0.5)
 }
 
-/// `t` widened to head dim `dk` when that differs from its `d`; `None` when it already is.
-pub(in crate::backend::cuda) fn padded(
+/// The device addresses of `ts` at head dim `dk`: each tensor itself when `dk` is its head dim `d`, else a
+/// zero-padded copy, returned beside the addresses so it lives as long as the launch reading it.
+pub(in crate::backend::cuda) fn padded<const N: usize>(
     b: &CudaBackend,
-    t: &CudaTensor,
+    ts: [&CudaTensor; N],
     heads: usize,
     d: usize,
     dk: usize,
-) -> Option<CudaTensor> {
-    (dk != d).then(|| regroup(b, t, heads, d, dk))
+) -> ([u64; N], Vec<CudaTensor>) {
+    if d == dk {
+        return (ts.map(|t| t.ptr()), Vec::new());
+    }
+    let copies: Vec<CudaTensor> = ts.iter().map(|t| regroup(b, t, heads, d, dk)).collect();
+    (std::array::from_fn(|i| copies[i].ptr()), copies)
+}
+
+/// Launches a flash kernel over `rows` query rows of `heads` heads: one 128-thread block per 64-row tile per head.
+pub(in crate::backend::cuda) fn run_query_tiles(
+    b: &CudaBackend,
+    kernel: &dyn Kernel,
+    rows: usize,
+    heads: usize,
+) {
+    b.run(
+        kernel,
+        (rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
+        128,
+    );
 }
 
 /// `o` (head dim `dk`) narrowed back to head dim `d`.
@@ -81,20 +101,16 @@ pub(in crate::backend::cuda) fn attention(
     );
     let d = q.cols / heads;
     let dk = kernel_dim(d, AttentionBf16::D, "attention");
-    let (qp, kp, vp) = (
-        padded(b, q, heads, d, dk),
-        padded(b, k, heads, d, dk),
-        padded(b, v, heads, d, dk),
-    );
+    let ([qp, kp, vp], _copies) = padded(b, [q, k, v], heads, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let cu = b.upload_i32(&[0, q.rows as i32, 0, k.rows as i32]);
     let ld = heads * dk;
     let kernel = AttentionBf16 {
         d: dk,
         o: o.ptr(),
-        q: qp.as_ref().unwrap_or(q).ptr(),
-        k: kp.as_ref().unwrap_or(k).ptr(),
-        v: vp.as_ref().unwrap_or(v).ptr(),
+        q: qp,
+        k: kp,
+        v: vp,
         cu_q: cu.ptr,
         cu_k: cu.ptr + 8,
         n_seqs: 1,
@@ -107,11 +123,7 @@ pub(in crate::backend::cuda) fn attention(
         causal: 0,
         scale: scale(d),
     };
-    b.run(
-        &kernel,
-        (q.rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
-        128,
-    );
+    run_query_tiles(b, &kernel, q.rows, heads);
     unpadded(b, o, heads, d, dk)
 }
 

@@ -2,7 +2,7 @@
 //! keys of its image's media slot (rows without an image give zeros). The gate itself (`tanh(alpha)` residual) is
 //! `add_gated` (ops/activation.rs).
 
-use super::attention::{kernel_dim, padded, scale, unpadded, FLASH_BQ};
+use super::attention::{kernel_dim, padded, run_query_tiles, scale, unpadded};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
 use crate::backend::cuda::launchers::CrossAttentionBf16;
 use crate::backend::cuda::layout::CudaLayout;
@@ -29,19 +29,15 @@ pub(in crate::backend::cuda) fn cross_attention(
     );
     let d = q.cols / heads;
     let dk = kernel_dim(d, CrossAttentionBf16::D, "cross-attention");
-    let (qp, kp, vp) = (
-        padded(b, q, heads, d, dk),
-        padded(b, k, heads, d, dk),
-        padded(b, v, heads, d, dk),
-    );
+    let ([qp, kp, vp], _copies) = padded(b, [q, k, v], heads, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let ld = heads * dk;
     let kernel = CrossAttentionBf16 {
         d: dk,
         o: o.ptr(),
-        q: qp.as_ref().unwrap_or(q).ptr(),
-        k: kp.as_ref().unwrap_or(k).ptr(),
-        v: vp.as_ref().unwrap_or(v).ptr(),
+        q: qp,
+        k: kp,
+        v: vp,
         img_idx: layout.images(),
         n_tokens: q.rows,
         n_images: k.rows / per_image,
@@ -54,10 +50,6 @@ pub(in crate::backend::cuda) fn cross_attention(
         eps: 0.0,
         scale: scale(d),
     };
-    b.run(
-        &kernel,
-        (q.rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
-        128,
-    );
+    run_query_tiles(b, &kernel, q.rows, heads);
     unpadded(b, o, heads, d, dk)
 }

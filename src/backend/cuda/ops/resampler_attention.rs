@@ -1,7 +1,7 @@
 //! `resampler_attention` (kernels/resampler_attention.cu): the Perceiver resampler's attention of one image's
 //! latent queries over `[context ; latents]`, without materialising the concatenation.
 
-use super::attention::{kernel_dim, padded, scale, unpadded, FLASH_BQ};
+use super::attention::{kernel_dim, padded, run_query_tiles, scale, unpadded};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
 use crate::backend::cuda::launchers::ResamplerAttentionBf16;
 
@@ -23,21 +23,18 @@ pub(in crate::backend::cuda) fn resampler_attention(
     );
     let d = q.cols / heads;
     let dk = kernel_dim(d, ResamplerAttentionBf16::D, "resampler attention");
-    let wide: Vec<Option<CudaTensor>> = std::iter::once(q)
-        .chain(kv)
-        .map(|t| padded(b, t, heads, d, dk))
-        .collect();
-    let p = |i: usize, t: &CudaTensor| wide[i].as_ref().unwrap_or(t).ptr();
+    let ([qp, k_ctx_p, v_ctx_p, k_lat_p, v_lat_p], _copies) =
+        padded(b, [q, k_ctx, v_ctx, k_lat, v_lat], heads, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let ld = heads * dk;
     let kernel = ResamplerAttentionBf16 {
         d: dk,
         o: o.ptr(),
-        q: p(0, q),
-        k_ctx: p(1, k_ctx),
-        v_ctx: p(2, v_ctx),
-        k_lat: p(3, k_lat),
-        v_lat: p(4, v_lat),
+        q: qp,
+        k_ctx: k_ctx_p,
+        v_ctx: v_ctx_p,
+        k_lat: k_lat_p,
+        v_lat: v_lat_p,
         n_images: 1,
         n_ctx: k_ctx.rows,
         n_lat: q.rows,
@@ -53,10 +50,6 @@ pub(in crate::backend::cuda) fn resampler_attention(
         eps: 0.0,
         scale: scale(d),
     };
-    b.run(
-        &kernel,
-        (q.rows.div_ceil(FLASH_BQ) as u32, heads as u32, 1),
-        128,
-    );
+    run_query_tiles(b, &kernel, q.rows, heads);
     unpadded(b, o, heads, d, dk)
 }
