@@ -11,9 +11,10 @@ use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
 use flamingo::model::sampling::SamplingParams;
 use flamingo::perf::profile::Profiled;
-use flamingo::runtime::engine::{Engine, EngineConfig, EngineStats, Event, RequestId};
+use flamingo::runtime::engine::{Engine, EngineConfig, EngineStats, Event};
 use flamingo::runtime::pipeline::Pipeline;
 use flamingo::runtime::request::{GenerationOutput, GenerationRequest};
+use flamingo::runtime::scheduler::RequestId;
 use rand::{Rng, SeedableRng};
 
 /// Prompts with zero, one and two images, and the image files they take.

@@ -1,10 +1,10 @@
 //! The media cache: for every image of every live request, each gated cross-attention block's K and V, computed
 //! once at admission and read by every decode step until the request ends (other engines recompute them per step).
 //! Per cross-attention block one K pool and one V pool `[slots * tokens_per_image, hidden]`; an image owns one
-//! slot, so the cross-attention kernels address it as `slot * tokens_per_image`.
+//! slot (handed out by the scheduler's [`SlotPool`](crate::cache::pool::SlotPool)), so the cross-attention kernels
+//! address it as `slot * tokens_per_image`.
 
 use crate::backend::Backend;
-use crate::cache::kv_cache::SlotPool;
 
 /// One cross-attention block's keys and values for a request's images, `[images * tokens_per_image, hidden]`.
 pub struct ImageKv<B: Backend> {
@@ -16,7 +16,7 @@ pub struct MediaCache<B: Backend> {
     k: Vec<B::Tensor>,
     v: Vec<B::Tensor>,
     tokens_per_image: usize,
-    slots: SlotPool,
+    slots: usize,
 }
 
 impl<B: Backend> MediaCache<B> {
@@ -26,7 +26,7 @@ impl<B: Backend> MediaCache<B> {
             k: (0..blocks).map(|_| pool()).collect(),
             v: (0..blocks).map(|_| pool()).collect(),
             tokens_per_image,
-            slots: SlotPool::new(slots),
+            slots,
         }
     }
 
@@ -35,35 +35,29 @@ impl<B: Backend> MediaCache<B> {
     }
 
     pub fn total_slots(&self) -> usize {
-        self.slots.total()
+        self.slots
     }
 
-    pub fn free_slots(&self) -> usize {
-        self.slots.available()
-    }
-
-    /// Stores `images` images' K/V (per block `[images * tokens_per_image, hidden]`, as `cross_kv` computes them)
-    /// and returns their slots, or `None` when too few slots are free.
-    pub fn insert(&mut self, b: &B, per_block: &[ImageKv<B>], images: usize) -> Option<Vec<u32>> {
+    /// Stores images' K/V (per block `[images * tokens_per_image, hidden]`, as `cross_kv` computes them) at
+    /// `slots`, one slot per image in order.
+    pub fn write(&mut self, b: &B, per_block: &[ImageKv<B>], slots: &[u32]) {
         assert_eq!(
             per_block.len(),
             self.k.len(),
             "one K/V pair per cross-attention block"
         );
-        let slots = self.slots.allocate(images)?;
         let n = self.tokens_per_image;
         for ((kv, k_pool), v_pool) in per_block.iter().zip(&mut self.k).zip(&mut self.v) {
             for (i, &slot) in slots.iter().enumerate() {
+                assert!(
+                    (slot as usize) < self.slots,
+                    "media slot {slot} out of range"
+                );
                 let at = slot as usize * n;
                 b.write_rows(k_pool, at, &b.slice_rows(&kv.k, i * n, n));
                 b.write_rows(v_pool, at, &b.slice_rows(&kv.v, i * n, n));
             }
         }
-        Some(slots)
-    }
-
-    pub fn release(&mut self, slots: &mut Vec<u32>) {
-        self.slots.release(slots.drain(..));
     }
 
     /// K and V pools of cross-attention block `i`.

@@ -24,9 +24,10 @@ use crate::cli::options::{
 };
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
-use crate::runtime::engine::{Engine, Event, RequestId};
+use crate::runtime::engine::{Engine, Event};
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
+use crate::runtime::scheduler::RequestId;
 
 #[derive(clap::Args, Debug)]
 pub struct BatchArgs {

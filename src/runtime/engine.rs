@@ -1,16 +1,13 @@
-//! The continuous-batching engine: many requests share every decoder step.
+//! The continuous-batching engine: many requests share every decoder step. It executes the plans of the
+//! scheduler (`runtime::scheduler`: admission, chunked prefill, preemption, block and slot allocation), which
+//! holds no tensor; the engine holds the model's caches and each request's pixels, sampler and text stream.
 //!
-//! Each call to [`Engine::step`]:
-//! 1. admits waiting requests first come, first served, while the KV pool can hold their tokens, the media cache
-//!    their images, and the batch has room; the images of all requests admitted together go through the vision
-//!    encoder and resampler, and every cross-attention block's K/V is computed once for all of them into the
-//!    media cache, where it stays for the request's life;
-//! 2. plans the step under a token budget: every running sequence that is decoding contributes its one new token,
-//!    then prompts contribute chunks (chunked prefill) in arrival order;
-//! 3. grows block tables; when the pool runs dry the newest running sequence is preempted: its blocks are freed and
-//!    it goes back to the queue, to be recomputed from its prompt and the tokens it has generated (overload slows
-//!    requests down and never fails or loses one);
-//! 4. runs one forward pass over all planned rows and samples every finished row on the backend in one call, each
+//! Each call to [`Engine::step`] takes the scheduler's plan and:
+//! 1. reports the requests that asked for no new tokens as finished;
+//! 2. encodes the images of the requests admitted for the first time, all together: vision encoder and
+//!    resampler, then every cross-attention block's K/V once for all of them into the media cache, where it stays
+//!    for the request's life;
+//! 3. runs one forward pass over all planned rows and samples every finished row on the backend in one call, each
 //!    with its request's own rule and generator (so a seeded request gives the same tokens whatever else shares
 //!    the batch), and reports text and completions. A step of decodes only (one row per sequence, at most
 //!    [`MAX_RECORDED_SEQS`]) runs through the backend's recorded steps where it has them (CUDA graphs): padded to
@@ -19,16 +16,18 @@
 //! A request's output does not depend on what it is batched with: every op computes a row the same way whatever
 //! rows share its launch (tested in `tests/batch_invariance.rs`).
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 
 use crate::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::MediaCache;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
+use crate::io::tokenizer::IdeficsTokenizer;
 use crate::model::sampling::Sampler;
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::request::{FinishReason, GenerationOutput, GenerationRequest};
+use crate::runtime::scheduler::{Limits, MediaJob, RequestId, Scheduler, SeqState, StepPlan};
 use crate::runtime::stream::TextStream;
 
 /// Capacity and batching limits of an engine.
@@ -76,7 +75,17 @@ impl EngineConfig {
     }
 }
 
-pub type RequestId = u64;
+impl EngineConfig {
+    fn limits(&self) -> Limits {
+        Limits {
+            block_size: self.block_size,
+            kv_blocks: self.kv_blocks,
+            media_slots: self.media_slots,
+            max_seqs: self.max_seqs,
+            max_step_tokens: self.max_step_tokens,
+        }
+    }
+}
 
 /// A snapshot of an engine's occupancy (for metrics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,43 +112,13 @@ pub enum Event {
     },
 }
 
-/// A request the engine is working on.
-struct Sequence {
-    id: RequestId,
-    prompt_len: usize,
-    /// Prompt and generated tokens; all but the last generated one are fed to the model.
-    tokens: Vec<u32>,
-    /// Per token: the request's image it attends to (-1: none).
-    image_of_token: Vec<i32>,
-    /// Positions whose K/V are in the cache.
-    computed: usize,
-    block_table: Vec<u32>,
-    /// Media-cache slot of each of the request's images, taken at first admission and kept until the end.
-    media_slots: Vec<u32>,
-    num_images: usize,
+/// What the engine keeps of a request beside the scheduler's state.
+struct Request {
     /// Preprocessed images, until they are encoded.
     pixels: Vec<Vec<f32>>,
-    max_new_tokens: usize,
-    /// Positions the sequence may use: prompt + new tokens, within the model's context.
-    capacity: usize,
     sampler: Sampler,
     stream: TextStream,
     stop_ids: Vec<u32>,
-}
-
-impl Sequence {
-    fn generated(&self) -> &[u32] {
-        &self.tokens[self.prompt_len..]
-    }
-
-    /// Tokens still to run through the model before the next one can be sampled.
-    fn pending(&self) -> usize {
-        self.tokens.len() - self.computed
-    }
-
-    fn has_media(&self) -> bool {
-        self.pixels.is_empty()
-    }
 }
 
 /// One step's rows as the model takes them.
@@ -149,22 +128,38 @@ struct StepInputs {
     seqs: Vec<SeqStep>,
     /// Rows whose logits are sampled (each sequence's last row once its pending tokens are all computed).
     sample_rows: Vec<usize>,
-    /// The index into `running` of each sampled row's sequence.
-    sampled: Vec<usize>,
+    /// The request of each sampled row.
+    sampled: Vec<RequestId>,
+}
+
+impl StepInputs {
+    fn of(plan: &StepPlan) -> Self {
+        let mut inputs = StepInputs {
+            ids: Vec::new(),
+            seqs: Vec::with_capacity(plan.seqs.len()),
+            sample_rows: Vec::new(),
+            sampled: Vec::new(),
+        };
+        for seq in &plan.seqs {
+            inputs.ids.extend_from_slice(&seq.ids);
+            inputs.seqs.push(seq.step.clone());
+            if seq.sampled {
+                inputs.sample_rows.push(inputs.ids.len() - 1);
+                inputs.sampled.push(seq.id);
+            }
+        }
+        inputs
+    }
 }
 
 /// The engine over one loaded model; see the module doc for what a step does.
 pub struct Engine<'p, B: Backend> {
     pipeline: &'p Pipeline<B>,
     config: EngineConfig,
+    scheduler: Scheduler,
     kv: PagedKvCache<B>,
     media: MediaCache<B>,
-    /// Requests not running, in arrival order (preempted ones go back in their arrival place).
-    waiting: VecDeque<Sequence>,
-    /// Running requests, in arrival order.
-    running: Vec<Sequence>,
-    next_id: RequestId,
-    preemptions: usize,
+    requests: HashMap<RequestId, Request>,
     /// The backend's recorded decode steps, when it has them and the config asks for them.
     graphs: Option<B::StepGraphs>,
     recorded_steps: usize,
@@ -172,15 +167,7 @@ pub struct Engine<'p, B: Backend> {
 
 impl<'p, B: Backend> Engine<'p, B> {
     pub fn new(pipeline: &'p Pipeline<B>, config: EngineConfig) -> Result<Self> {
-        if config.block_size == 0
-            || config.kv_blocks == 0
-            || config.max_seqs == 0
-            || config.max_step_tokens == 0
-        {
-            return Err(Error::Invalid(format!(
-                "engine limits must be positive: {config:?}"
-            )));
-        }
+        let scheduler = Scheduler::new(config.limits())?;
         let b = &pipeline.backend;
         let graphs = config
             .decode_graphs
@@ -189,16 +176,14 @@ impl<'p, B: Backend> Engine<'p, B> {
         Ok(Engine {
             graphs,
             recorded_steps: 0,
+            scheduler,
             kv: pipeline
                 .model
                 .new_kv_cache(b, config.kv_blocks, config.block_size),
             media: pipeline.model.new_media_cache(b, config.media_slots),
+            requests: HashMap::new(),
             pipeline,
             config,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            next_id: 0,
-            preemptions: 0,
         })
     }
 
@@ -208,31 +193,32 @@ impl<'p, B: Backend> Engine<'p, B> {
 
     /// Requests accepted and not finished.
     pub fn pending_requests(&self) -> usize {
-        self.waiting.len() + self.running.len()
+        self.requests.len()
     }
 
     pub fn running_requests(&self) -> usize {
-        self.running.len()
+        self.scheduler.running()
     }
 
     pub fn free_kv_blocks(&self) -> usize {
-        self.kv.free_blocks()
+        self.scheduler.blocks().free_blocks()
     }
 
     /// Times a sequence was preempted to make room.
     pub fn preemptions(&self) -> usize {
-        self.preemptions
+        self.scheduler.preemptions()
     }
 
     /// Queue, batch and cache occupancy now.
     pub fn stats(&self) -> EngineStats {
+        let (s, blocks) = (&self.scheduler, self.scheduler.blocks());
         EngineStats {
-            waiting: self.waiting.len(),
-            running: self.running.len(),
-            kv_blocks_total: self.kv.total_blocks(),
-            kv_blocks_used: self.kv.total_blocks() - self.kv.free_blocks(),
-            media_slots_used: self.media.total_slots() - self.media.free_slots(),
-            preemptions: self.preemptions,
+            waiting: s.waiting(),
+            running: s.running(),
+            kv_blocks_total: blocks.total_blocks(),
+            kv_blocks_used: blocks.total_blocks() - blocks.free_blocks(),
+            media_slots_used: s.media_slots_used(),
+            preemptions: s.preemptions(),
             recorded_steps: self.recorded_steps,
         }
     }
@@ -240,21 +226,8 @@ impl<'p, B: Backend> Engine<'p, B> {
     /// Drops a request wherever it is (queued or running) and frees what it holds; false if it is unknown or
     /// already finished. No event is reported for it afterwards.
     pub fn cancel(&mut self, id: RequestId) -> bool {
-        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
-        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i).expect("index in range")
-        } else {
-            return false;
-        };
-        self.release(seq);
-        true
-    }
-
-    fn release(&mut self, mut seq: Sequence) -> Sequence {
-        self.kv.release(&mut seq.block_table);
-        self.media.release(&mut seq.media_slots);
-        seq
+        self.requests.remove(&id);
+        self.scheduler.cancel(id).is_some()
     }
 
     /// Queues a request; refuses one the engine could never run (prompt over the context, more images than the
@@ -278,64 +251,50 @@ impl<'p, B: Backend> Engine<'p, B> {
                 pixels.len()
             )));
         }
-        if pixels.len() > self.media.total_slots() {
-            return Err(Error::Invalid(format!(
-                "{} images, more than the media cache holds ({})",
-                pixels.len(),
-                self.media.total_slots()
-            )));
-        }
-        let capacity =
-            (prompt.ids.len() + request.max_new_tokens).min(p.model.config.max_position_embeddings);
-        if self.kv.blocks_for(capacity) > self.kv.total_blocks() {
-            return Err(Error::Invalid(format!(
-                "a request of {capacity} positions needs {} KV blocks, more than the pool's {}",
-                self.kv.blocks_for(capacity),
-                self.kv.total_blocks()
-            )));
-        }
         let tok = &p.tokenizer;
         let sampler = Sampler::new(
             request.sampling.clone(),
             vec![tok.image_id, tok.fake_image_id],
             &prompt.ids,
         );
-        let id = self.next_id;
-        self.next_id += 1;
-        self.waiting.push_back(Sequence {
-            id,
-            prompt_len: prompt.ids.len(),
-            tokens: prompt.ids,
-            image_of_token: prompt.image_of_token,
-            computed: 0,
-            block_table: Vec::new(),
-            media_slots: Vec::new(),
-            num_images: pixels.len(),
-            pixels,
-            max_new_tokens: request.max_new_tokens,
+        let capacity = p.positions_for(&prompt, request.max_new_tokens);
+        let id = self.scheduler.add(
+            prompt.ids,
+            prompt.image_of_token,
+            pixels.len(),
+            request.max_new_tokens,
             capacity,
-            sampler,
-            stream: TextStream::new(request.stop.clone()),
-            stop_ids: match request.ignore_eos {
-                true => Vec::new(),
-                false => std::iter::once(tok.eos_id)
-                    .chain(tok.end_of_utterance_id)
-                    .collect(),
+        )?;
+        let stop_ids = match request.ignore_eos {
+            true => Vec::new(),
+            false => std::iter::once(tok.eos_id)
+                .chain(tok.end_of_utterance_id)
+                .collect(),
+        };
+        let stream = TextStream::new(request.stop.clone());
+        self.requests.insert(
+            id,
+            Request {
+                pixels,
+                sampler,
+                stream,
+                stop_ids,
             },
-        });
+        );
         Ok(id)
     }
 
     /// Runs one step (see the module doc) and returns what happened; does nothing when no request is pending.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        self.finish_empty_requests(&mut events)?;
-        self.admit()?;
-        let plan = self.plan();
-        if plan.is_empty() {
-            return Ok(events);
+        let plan = self.scheduler.schedule();
+        for seq in &plan.finished {
+            self.report_finished(seq, FinishReason::Length, &mut events)?;
         }
-        self.run(plan, &mut events)?;
+        self.encode_media(&plan.encode);
+        if !plan.seqs.is_empty() {
+            self.run(&plan, &mut events)?;
+        }
         Ok(events)
     }
 
@@ -349,180 +308,55 @@ impl<'p, B: Backend> Engine<'p, B> {
         Ok(())
     }
 
-    /// Requests asking for no new tokens finish without touching the model.
-    fn finish_empty_requests(&mut self, events: &mut Vec<Event>) -> Result<()> {
-        let mut i = 0;
-        while i < self.waiting.len() {
-            if self.waiting[i].max_new_tokens == 0 {
-                let seq = self.waiting.remove(i).expect("index in range");
-                self.finish(seq, FinishReason::Length, events)?;
-            } else {
-                i += 1;
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves waiting requests to running, first come first served, while there is room for all their tokens;
-    /// encodes the images of those admitted for the first time, all together.
-    fn admit(&mut self) -> Result<()> {
-        let mut fresh = Vec::new();
-        let mut media_taken = 0;
-        while self.running.len() < self.config.max_seqs {
-            let Some(seq) = self.waiting.front_mut() else {
-                break;
-            };
-            let media_needed = if seq.has_media() { 0 } else { seq.num_images };
-            let media_short = self.media.free_slots() < media_taken + media_needed;
-            if media_short || !self.kv.grow(&mut seq.block_table, seq.tokens.len()) {
-                break;
-            }
-            media_taken += media_needed;
-            let seq = self.waiting.pop_front().expect("front exists");
-            if !seq.has_media() {
-                fresh.push(self.running.len());
-            }
-            self.running.push(seq);
-        }
-        if !fresh.is_empty() {
-            self.encode_media(&fresh);
-        }
-        Ok(())
-    }
-
-    /// Vision encoder, resampler and cross-attention K/V of the images of `running[i]` for each `i` given: one
-    /// K/V projection per block for all of them, into freshly taken media slots.
-    fn encode_media(&mut self, indices: &[usize]) {
+    /// Vision encoder, resampler and cross-attention K/V of the images of the requests given: one K/V projection
+    /// per block for all of them, into the media slots the scheduler gave them.
+    fn encode_media(&mut self, jobs: &[MediaJob]) {
         let (p, b) = (self.pipeline, &self.pipeline.backend);
         let mut images = Vec::new();
-        for &i in indices {
-            images.append(&mut self.running[i].pixels);
+        let mut slots = Vec::new();
+        for job in jobs {
+            let request = self
+                .requests
+                .get_mut(&job.id)
+                .expect("scheduled requests are known");
+            images.append(&mut request.pixels);
+            slots.extend_from_slice(&job.slots);
         }
         if images.is_empty() {
             return;
         }
         let states = p.model.encode_images(b, &images);
         let kv = p.model.cross_kv(b, &states);
-        let mut slots = self
-            .media
-            .insert(b, &kv, images.len())
-            .expect("admission checked the free media slots")
-            .into_iter();
-        for &i in indices {
-            let seq = &mut self.running[i];
-            seq.media_slots = slots.by_ref().take(seq.num_images).collect();
-        }
-    }
-
-    /// Chooses each running sequence's rows for this step: decodes first (one row each), then prompt chunks in
-    /// arrival order, within the token budget; grows block tables, preempting the newest sequences when the
-    /// pool is dry. Returns `(index into running, rows)` in running order.
-    fn plan(&mut self) -> Vec<(usize, usize)> {
-        let mut budget = self.config.max_step_tokens;
-        let mut rows = vec![0usize; self.running.len()];
-        for (i, seq) in self.running.iter().enumerate() {
-            if seq.pending() == 1 && budget > 0 {
-                rows[i] = 1;
-                budget -= 1;
-            }
-        }
-        for (i, seq) in self.running.iter().enumerate() {
-            if seq.pending() > 1 && budget > 0 {
-                rows[i] = seq.pending().min(budget);
-                budget -= rows[i];
-            }
-        }
-        let mut i = 0;
-        while i < self.running.len() {
-            if rows[i] > 0 {
-                let needed = self.running[i].computed + rows[i];
-                while !self.kv.grow(&mut self.running[i].block_table, needed) {
-                    let victim = self.running.len() - 1;
-                    self.preempt(victim);
-                    rows.truncate(victim);
-                    if victim == i {
-                        break;
-                    }
-                }
-            }
-            i += 1;
-        }
-        rows.into_iter()
-            .enumerate()
-            .filter(|&(_, r)| r > 0)
-            .collect()
-    }
-
-    /// Frees `running[i]`'s blocks and queues it again in its arrival place, to be recomputed.
-    fn preempt(&mut self, i: usize) {
-        let mut seq = self.running.remove(i);
-        self.kv.release(&mut seq.block_table);
-        seq.computed = 0;
-        let at = self
-            .waiting
-            .iter()
-            .position(|w| w.id > seq.id)
-            .unwrap_or(self.waiting.len());
-        self.waiting.insert(at, seq);
-        self.preemptions += 1;
+        self.media.write(b, &kv, &slots);
     }
 
     /// Runs the planned rows through the model and samples the sequences whose pending tokens are all computed.
-    fn run(&mut self, plan: Vec<(usize, usize)>, events: &mut Vec<Event>) -> Result<()> {
-        let p = self.pipeline;
-        let inputs = self.step_inputs(&plan);
+    fn run(&mut self, plan: &StepPlan, events: &mut Vec<Event>) -> Result<()> {
+        let inputs = StepInputs::of(plan);
         let logits = self.step_logits(&inputs)?;
-        for &(i, rows) in &plan {
-            self.running[i].computed += rows;
-        }
+        self.scheduler.commit(plan);
         let Some(logits) = logits else {
             return Ok(());
         };
         let next = self.sample(&logits, &inputs.sampled)?;
         let mut done = Vec::new();
-        for (&i, &token) in inputs.sampled.iter().zip(&next) {
-            if let Some(reason) = Self::accept(p, &mut self.running[i], token, events)? {
-                done.push((i, reason));
+        for (&id, &token) in inputs.sampled.iter().zip(&next) {
+            let request = self
+                .requests
+                .get_mut(&id)
+                .expect("scheduled requests are known");
+            request.sampler.observe(token);
+            let seq = self.scheduler.append(id, token);
+            if let Some(reason) = accept(&self.pipeline.tokenizer, seq, request, token, events)? {
+                done.push((id, reason));
             }
         }
-        for &(i, reason) in done.iter().rev() {
-            let seq = self.running.remove(i);
-            self.finish(seq, reason, events)?;
+        // Newest first, as the batch's completions have always been reported.
+        for &(id, reason) in done.iter().rev() {
+            let seq = self.scheduler.finish(id);
+            self.report_finished(&seq, reason, events)?;
         }
         Ok(())
-    }
-
-    /// The planned rows as the model takes them.
-    fn step_inputs(&self, plan: &[(usize, usize)]) -> StepInputs {
-        let mut inputs = StepInputs {
-            ids: Vec::new(),
-            seqs: Vec::with_capacity(plan.len()),
-            sample_rows: Vec::new(),
-            sampled: Vec::new(),
-        };
-        for &(i, rows) in plan {
-            let seq = &self.running[i];
-            let range = seq.computed..seq.computed + rows;
-            inputs.ids.extend_from_slice(&seq.tokens[range.clone()]);
-            let slot_of = |img: i32| match usize::try_from(img) {
-                Ok(j) => seq.media_slots[j] as i32,
-                Err(_) => -1,
-            };
-            inputs.seqs.push(SeqStep {
-                q_rows: rows,
-                kv_len: range.end,
-                block_table: seq.block_table.clone(),
-                image_of_row: seq.image_of_token[range.clone()]
-                    .iter()
-                    .map(|&img| slot_of(img))
-                    .collect(),
-            });
-            if range.end == seq.tokens.len() {
-                inputs.sample_rows.push(inputs.ids.len() - 1);
-                inputs.sampled.push(i);
-            }
-        }
-        inputs
     }
 
     /// The logits of the step's sampled rows (none when it only prefills): from the recording for its batch size
@@ -553,13 +387,28 @@ impl<'p, B: Backend> Engine<'p, B> {
     /// failure to record or replay turns recordings off and the step runs op by op, never failing a request.
     fn recorded_logits(&mut self, inputs: &StepInputs) -> Option<B::Tensor> {
         let graphs = self.graphs.as_mut()?;
+        let blocks = self.scheduler.blocks();
         let padded = padded(
             inputs.ids.clone(),
             inputs.seqs.clone(),
             self.config.block_size,
-            self.kv.padding_block(),
+            blocks.padding_block(),
         );
-        match recorded_logits(self.pipeline, graphs, padded, &mut self.kv, &self.media) {
+        // No sequence outgrows the model's context or the whole pool.
+        let max_kv = (self.pipeline.model.config.max_position_embeddings)
+            .min(blocks.total_blocks() * blocks.block_size());
+        let shape = DecodeShape {
+            table_width: blocks.blocks_for(max_kv),
+            max_kv,
+        };
+        match recorded_logits(
+            self.pipeline,
+            graphs,
+            padded,
+            shape,
+            &mut self.kv,
+            &self.media,
+        ) {
             Ok(logits) => Some(logits),
             Err(e) => {
                 eprintln!("warning: {e}; decode steps run kernel by kernel from now on");
@@ -569,61 +418,34 @@ impl<'p, B: Backend> Engine<'p, B> {
         }
     }
 
-    /// The next token of each of `running[i]` for `i` in `sampled`, from its row of `logits`, all in one backend
-    /// call.
-    fn sample(&mut self, logits: &B::Tensor, sampled: &[usize]) -> Result<Vec<u32>> {
+    /// The next token of each request in `sampled`, from its row of `logits`, all in one backend call.
+    fn sample(&mut self, logits: &B::Tensor, sampled: &[RequestId]) -> Result<Vec<u32>> {
         let uniforms: Vec<f32> = sampled
             .iter()
-            .map(|&i| self.running[i].sampler.draw())
+            .map(|id| self.requests.get_mut(id).expect("known").sampler.draw())
             .collect();
         let rules: Vec<RowSampling> = sampled
             .iter()
             .zip(uniforms)
-            .map(|(&i, u)| self.running[i].sampler.rule(u))
+            .map(|(id, u)| self.requests[id].sampler.rule(u))
             .collect();
         self.pipeline.backend.sample(logits, &rules)
     }
 
-    /// Appends `next` to `seq`, streams its text, and says whether it is finished.
-    fn accept(
-        p: &Pipeline<B>,
-        seq: &mut Sequence,
-        next: u32,
-        events: &mut Vec<Event>,
-    ) -> Result<Option<FinishReason>> {
-        let image = *seq.image_of_token.last().expect("prompts are not empty");
-        seq.tokens.push(next);
-        seq.image_of_token.push(image);
-        seq.sampler.observe(next);
-        if seq.stop_ids.contains(&next) {
-            return Ok(Some(FinishReason::Stop));
-        }
-        let text = p.tokenizer.decode(seq.generated(), true)?;
-        let id = seq.id;
-        let mut emit = |delta: &str| {
-            events.push(Event::Text {
-                id,
-                delta: delta.to_string(),
-            })
-        };
-        if seq.stream.update(&text, &mut emit) {
-            return Ok(Some(FinishReason::Stop));
-        }
-        let full = seq.generated().len() >= seq.max_new_tokens || seq.tokens.len() > seq.capacity;
-        Ok(full.then_some(FinishReason::Length))
-    }
-
-    /// Frees a sequence's blocks and media slots and reports its output.
-    fn finish(
+    /// Reports a finished request's output (its blocks and media slots are already free).
+    fn report_finished(
         &mut self,
-        seq: Sequence,
+        seq: &SeqState,
         reason: FinishReason,
         events: &mut Vec<Event>,
     ) -> Result<()> {
-        let mut seq = self.release(seq);
+        let mut request = self
+            .requests
+            .remove(&seq.id)
+            .expect("finished requests are known");
         let text = self.pipeline.tokenizer.decode(seq.generated(), true)?;
         let id = seq.id;
-        let text = seq.stream.finish(&text, &mut |delta: &str| {
+        let text = request.stream.finish(&text, &mut |delta: &str| {
             events.push(Event::Text {
                 id,
                 delta: delta.to_string(),
@@ -640,6 +462,31 @@ impl<'p, B: Backend> Engine<'p, B> {
         });
         Ok(())
     }
+}
+
+/// Streams the text of `seq`, which has just sampled `next`, and says whether it is finished.
+fn accept(
+    tokenizer: &IdeficsTokenizer,
+    seq: &SeqState,
+    request: &mut Request,
+    next: u32,
+    events: &mut Vec<Event>,
+) -> Result<Option<FinishReason>> {
+    if request.stop_ids.contains(&next) {
+        return Ok(Some(FinishReason::Stop));
+    }
+    let text = tokenizer.decode(seq.generated(), true)?;
+    let id = seq.id;
+    let mut emit = |delta: &str| {
+        events.push(Event::Text {
+            id,
+            delta: delta.to_string(),
+        })
+    };
+    if request.stream.update(&text, &mut emit) {
+        return Ok(Some(FinishReason::Stop));
+    }
+    Ok(seq.is_full().then_some(FinishReason::Length))
 }
 
 /// A decode step of these rows padded to the next power of two with one-row sequences on the padding block `pad`,
@@ -664,25 +511,16 @@ fn padded(
 }
 
 /// The logits of every real row of a padded decode step, through the backend's recording for its batch size (made
-/// on the first such step). Block tables and attention splits take the shape of the longest sequence possible.
+/// on the first such step); block tables and attention splits take `shape`, that of the longest sequence possible.
 fn recorded_logits<B: Backend>(
     p: &Pipeline<B>,
     graphs: &mut B::StepGraphs,
     (ids, step, real): (Vec<u32>, StepLayout, usize),
+    shape: DecodeShape,
     kv: &mut PagedKvCache<B>,
     media: &MediaCache<B>,
 ) -> Result<B::Tensor> {
     let b = &p.backend;
-    // No sequence outgrows the model's context or the whole pool.
-    let max_kv = p
-        .model
-        .config
-        .max_position_embeddings
-        .min(kv.total_blocks() * kv.block_size());
-    let shape = DecodeShape {
-        table_width: kv.blocks_for(max_kv),
-        max_kv,
-    };
     b.run_recorded(graphs, &ids, &step, shape, real, &mut |layout| {
         let h = p.model.forward(b, &ids, layout, kv, media, None)?;
         Ok(p.model.logits(b, &h))

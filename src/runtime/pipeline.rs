@@ -188,13 +188,12 @@ impl<B: Backend> Pipeline<B> {
         let (b, model) = (&self.backend, &self.model);
         let n = prompt.ids.len();
         let block_size = n.max(1);
+        // One block holds the whole prompt, one slot each image: nothing else shares these caches.
         let mut kv = model.new_kv_cache(b, 1, block_size);
-        let mut block_table = Vec::new();
-        kv.grow(&mut block_table, n);
+        let block_table = vec![0];
         let mut media = model.new_media_cache(b, prompt.num_images);
-        let slots = media
-            .insert(b, &model.cross_kv(b, image_states), prompt.num_images)
-            .expect("the media cache was sized for the prompt's images");
+        let slots: Vec<u32> = (0..prompt.num_images as u32).collect();
+        media.write(b, &model.cross_kv(b, image_states), &slots);
         let step = StepLayout {
             block_size,
             seqs: vec![SeqStep {

@@ -14,9 +14,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
-use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event, RequestId};
+use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event};
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
+use crate::runtime::scheduler::RequestId;
 
 /// What a submitted request receives.
 #[derive(Debug)]

@@ -1,0 +1,550 @@
+//! The scheduler: which requests run, which of their rows each step computes, and which KV blocks and media slots
+//! they hold. It is host-only (token ids, counts and block numbers; no tensor, no model), so every policy below is
+//! unit-tested without a model; the engine (`runtime::engine`) executes the plans it returns.
+//!
+//! Each [`Scheduler::schedule`]:
+//! 1. finishes requests asking for no new tokens, without running them;
+//! 2. admits waiting requests first come, first served, while the KV pool can hold their tokens, the media cache
+//!    their images, and the batch has room; a request admitted for the first time takes its media slots, and the
+//!    plan asks for its images to be encoded into them (they stay for the request's life, preemption included);
+//! 3. chooses the step's rows under a token budget: every running sequence that is decoding contributes its one
+//!    new token, then prompts contribute chunks (chunked prefill) in arrival order;
+//! 4. grows block tables; when the pool runs dry the newest running sequence is preempted: its blocks are freed
+//!    and it goes back to the queue in its arrival place, to be recomputed from its prompt and the tokens it has
+//!    generated (overload slows requests down and never fails or loses one).
+
+use std::collections::VecDeque;
+
+use crate::backend::SeqStep;
+use crate::cache::pool::{BlockPool, SlotPool};
+use crate::error::{Error, Result};
+
+pub type RequestId = u64;
+
+/// What the scheduler may hand out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Positions per KV-cache block.
+    pub block_size: usize,
+    /// Blocks in the KV pool (shared by all sequences).
+    pub kv_blocks: usize,
+    /// Images the media cache holds at once.
+    pub media_slots: usize,
+    /// Sequences per step at most.
+    pub max_seqs: usize,
+    /// Rows (prompt and decode tokens together) per step at most.
+    pub max_step_tokens: usize,
+}
+
+/// A request as the scheduler sees it: its tokens, how many are computed, and what it holds.
+#[derive(Debug)]
+pub struct SeqState {
+    pub id: RequestId,
+    pub prompt_len: usize,
+    /// Prompt and generated tokens; all but the last generated one are fed to the model.
+    pub tokens: Vec<u32>,
+    /// Per token: the request's image it attends to (-1: none).
+    pub image_of_token: Vec<i32>,
+    /// Positions whose K/V are in the cache.
+    pub computed: usize,
+    pub block_table: Vec<u32>,
+    /// Media-cache slot of each of the request's images, taken at first admission and kept until the end.
+    pub media_slots: Vec<u32>,
+    pub num_images: usize,
+    pub max_new_tokens: usize,
+    /// Positions the sequence may use: prompt + new tokens, within the model's context.
+    pub capacity: usize,
+}
+
+impl SeqState {
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Whether it has all the tokens it may have.
+    pub fn is_full(&self) -> bool {
+        self.generated().len() >= self.max_new_tokens || self.tokens.len() > self.capacity
+    }
+
+    /// Tokens still to run through the model before the next one can be sampled.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    fn has_media_slots(&self) -> bool {
+        self.media_slots.len() == self.num_images
+    }
+
+    /// The media slot its image `img` is in (-1: no image).
+    fn slot_of(&self, img: i32) -> i32 {
+        usize::try_from(img).map_or(-1, |j| self.media_slots[j] as i32)
+    }
+}
+
+/// A request admitted for the first time: its images are to be encoded into these slots, one per image in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaJob {
+    pub id: RequestId,
+    pub slots: Vec<u32>,
+}
+
+/// One sequence's rows in a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: RequestId,
+    /// The token ids of its rows.
+    pub ids: Vec<u32>,
+    /// Its rows as the backend lays them out (images as media slots).
+    pub step: SeqStep,
+    /// Whether its last row's logits give its next token (all its pending tokens are computed by this step).
+    pub sampled: bool,
+}
+
+/// What one step does, in order.
+#[derive(Debug, Default)]
+pub struct StepPlan {
+    /// Requests that asked for no new tokens, finished without running; their blocks and slots are free.
+    pub finished: Vec<SeqState>,
+    /// Images to encode before the rows run.
+    pub encode: Vec<MediaJob>,
+    /// The step's rows, sequence after sequence in arrival order.
+    pub seqs: Vec<ScheduledSeq>,
+}
+
+pub struct Scheduler {
+    limits: Limits,
+    blocks: BlockPool,
+    media: SlotPool,
+    /// Requests not running, in arrival order (preempted ones go back in their arrival place).
+    waiting: VecDeque<SeqState>,
+    /// Running requests, in arrival order.
+    running: Vec<SeqState>,
+    next_id: RequestId,
+    preemptions: usize,
+}
+
+impl Scheduler {
+    pub fn new(limits: Limits) -> Result<Self> {
+        let l = &limits;
+        if l.block_size == 0 || l.kv_blocks == 0 || l.max_seqs == 0 || l.max_step_tokens == 0 {
+            return Err(Error::Invalid(format!(
+                "engine limits must be positive: {limits:?}"
+            )));
+        }
+        Ok(Scheduler {
+            blocks: BlockPool::new(l.kv_blocks, l.block_size),
+            media: SlotPool::new(l.media_slots),
+            limits,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            preemptions: 0,
+        })
+    }
+
+    pub fn blocks(&self) -> &BlockPool {
+        &self.blocks
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn media_slots_used(&self) -> usize {
+        self.media.total() - self.media.available()
+    }
+
+    /// Times a sequence was preempted to make room.
+    pub fn preemptions(&self) -> usize {
+        self.preemptions
+    }
+
+    /// Queues a request of `prompt` tokens (each attending to the image `image_of_token` gives, -1 for none)
+    /// that may use `capacity` positions; refuses one it could never run: more images than the media cache holds,
+    /// more positions than the whole KV pool.
+    pub fn add(
+        &mut self,
+        prompt: Vec<u32>,
+        image_of_token: Vec<i32>,
+        num_images: usize,
+        max_new_tokens: usize,
+        capacity: usize,
+    ) -> Result<RequestId> {
+        if num_images > self.media.total() {
+            return Err(Error::Invalid(format!(
+                "{num_images} images, more than the media cache holds ({})",
+                self.media.total()
+            )));
+        }
+        let blocks = self.blocks.blocks_for(capacity);
+        if blocks > self.blocks.total_blocks() {
+            return Err(Error::Invalid(format!(
+                "a request of {capacity} positions needs {blocks} KV blocks, more than the pool's {}",
+                self.blocks.total_blocks()
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(SeqState {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            image_of_token,
+            computed: 0,
+            block_table: Vec::new(),
+            media_slots: Vec::new(),
+            num_images,
+            max_new_tokens,
+            capacity,
+        });
+        Ok(id)
+    }
+
+    /// Plans the next step (see the module doc); its `seqs` are empty when nothing can run.
+    pub fn schedule(&mut self) -> StepPlan {
+        let finished = self.take_empty_requests();
+        let encode = self.admit();
+        let rows = self.choose_rows();
+        let seqs = self.scheduled(&rows);
+        StepPlan {
+            finished,
+            encode,
+            seqs,
+        }
+    }
+
+    /// Records that `plan`'s rows ran: their K/V are in the cache.
+    pub fn commit(&mut self, plan: &StepPlan) {
+        for s in &plan.seqs {
+            self.running_mut(s.id).computed += s.step.q_rows;
+        }
+    }
+
+    /// Appends a sampled token to a running sequence (it attends to the image its last token did).
+    pub fn append(&mut self, id: RequestId, token: u32) -> &SeqState {
+        let seq = self.running_mut(id);
+        let image = *seq.image_of_token.last().expect("prompts are not empty");
+        seq.tokens.push(token);
+        seq.image_of_token.push(image);
+        seq
+    }
+
+    /// Removes a running sequence and frees its blocks and media slots.
+    pub fn finish(&mut self, id: RequestId) -> SeqState {
+        let i = self.running_index(id);
+        let seq = self.running.remove(i);
+        self.release(seq)
+    }
+
+    /// Drops a request wherever it is (queued or running) and frees what it holds; `None` if it is unknown or
+    /// already finished.
+    pub fn cancel(&mut self, id: RequestId) -> Option<SeqState> {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i).expect("index in range")
+        };
+        Some(self.release(seq))
+    }
+
+    fn running_index(&self, id: RequestId) -> usize {
+        self.running
+            .iter()
+            .position(|s| s.id == id)
+            .unwrap_or_else(|| panic!("request {id} is not running"))
+    }
+
+    fn running_mut(&mut self, id: RequestId) -> &mut SeqState {
+        let i = self.running_index(id);
+        &mut self.running[i]
+    }
+
+    fn release(&mut self, mut seq: SeqState) -> SeqState {
+        self.blocks.release(&mut seq.block_table);
+        self.media.release(&mut seq.media_slots);
+        seq
+    }
+
+    fn take_empty_requests(&mut self) -> Vec<SeqState> {
+        let (empty, rest): (Vec<_>, Vec<_>) =
+            self.waiting.drain(..).partition(|s| s.max_new_tokens == 0);
+        self.waiting = rest.into();
+        empty.into_iter().map(|s| self.release(s)).collect()
+    }
+
+    /// Moves waiting requests to running, first come first served, while there is room for all their tokens and
+    /// images; returns the media jobs of those admitted for the first time.
+    fn admit(&mut self) -> Vec<MediaJob> {
+        let mut jobs = Vec::new();
+        while self.running.len() < self.limits.max_seqs {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let media_needed = if seq.has_media_slots() {
+                0
+            } else {
+                seq.num_images
+            };
+            if self.media.available() < media_needed
+                || !self.blocks.grow(&mut seq.block_table, seq.tokens.len())
+            {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            if !seq.has_media_slots() {
+                seq.media_slots = self.media.allocate(media_needed).expect("checked free");
+                jobs.push(MediaJob {
+                    id: seq.id,
+                    slots: seq.media_slots.clone(),
+                });
+            }
+            self.running.push(seq);
+        }
+        jobs
+    }
+
+    /// Each running sequence's rows for this step: decodes first (one row each), then prompt chunks in arrival
+    /// order, within the token budget; grows block tables, preempting the newest sequences when the pool is dry.
+    /// Returns the rows of every running sequence (some 0) in running order.
+    fn choose_rows(&mut self) -> Vec<usize> {
+        let mut budget = self.limits.max_step_tokens;
+        let mut rows = vec![0usize; self.running.len()];
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.pending() == 1 && budget > 0 {
+                rows[i] = 1;
+                budget -= 1;
+            }
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.pending() > 1 && budget > 0 {
+                rows[i] = seq.pending().min(budget);
+                budget -= rows[i];
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if rows[i] > 0 {
+                let needed = self.running[i].computed + rows[i];
+                while !self.blocks.grow(&mut self.running[i].block_table, needed) {
+                    let victim = self.running.len() - 1;
+                    self.preempt(victim);
+                    rows.truncate(victim);
+                    if victim == i {
+                        break;
+                    }
+                }
+            }
+            i += 1;
+        }
+        rows
+    }
+
+    /// Frees `running[i]`'s blocks and queues it again in its arrival place, to be recomputed.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        self.blocks.release(&mut seq.block_table);
+        seq.computed = 0;
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.id > seq.id)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+        self.preemptions += 1;
+    }
+
+    fn scheduled(&self, rows: &[usize]) -> Vec<ScheduledSeq> {
+        let planned = self.running.iter().zip(rows).filter(|&(_, &r)| r > 0);
+        planned
+            .map(|(seq, &rows)| {
+                let range = seq.computed..seq.computed + rows;
+                ScheduledSeq {
+                    id: seq.id,
+                    ids: seq.tokens[range.clone()].to_vec(),
+                    step: SeqStep {
+                        q_rows: rows,
+                        kv_len: range.end,
+                        block_table: seq.block_table.clone(),
+                        image_of_row: seq.image_of_token[range.clone()]
+                            .iter()
+                            .map(|&img| seq.slot_of(img))
+                            .collect(),
+                    },
+                    sampled: range.end == seq.tokens.len(),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(kv_blocks: usize, max_step_tokens: usize) -> Limits {
+        Limits {
+            block_size: 4,
+            kv_blocks,
+            media_slots: 3,
+            max_seqs: 4,
+            max_step_tokens,
+        }
+    }
+
+    /// A request of `n` prompt tokens, its image (if any) seen from the second token on.
+    fn add(s: &mut Scheduler, n: usize, images: usize, new_tokens: usize) -> RequestId {
+        let image_of = (0..n as i32).map(|t| if images > 0 && t > 0 { 0 } else { -1 });
+        s.add(
+            vec![7; n],
+            image_of.collect(),
+            images,
+            new_tokens,
+            n + new_tokens,
+        )
+        .unwrap()
+    }
+
+    /// Runs a plan: commits its rows and appends a token to every sampled sequence.
+    fn run(s: &mut Scheduler, plan: &StepPlan) {
+        s.commit(plan);
+        for seq in plan.seqs.iter().filter(|q| q.sampled) {
+            s.append(seq.id, 1);
+        }
+    }
+
+    fn rows(plan: &StepPlan) -> Vec<(RequestId, usize)> {
+        plan.seqs.iter().map(|s| (s.id, s.step.q_rows)).collect()
+    }
+
+    #[test]
+    fn decodes_go_first_then_prompt_chunks_in_arrival_order_within_the_budget() {
+        let mut s = Scheduler::new(limits(100, 8)).unwrap();
+        let a = add(&mut s, 3, 0, 5);
+        let plan = s.schedule();
+        assert_eq!(rows(&plan), vec![(a, 3)]);
+        assert!(plan.seqs[0].sampled);
+        run(&mut s, &plan);
+        let b = add(&mut s, 10, 0, 5);
+        let c = add(&mut s, 6, 0, 5);
+        let plan = s.schedule();
+        assert_eq!(
+            rows(&plan),
+            vec![(a, 1), (b, 7)],
+            "a decodes, b takes the rest of the budget"
+        );
+        assert_eq!(plan.seqs[1].ids.len(), 7);
+        assert!(!plan.seqs[1].sampled, "b's prompt is not all computed");
+        run(&mut s, &plan);
+        let plan = s.schedule();
+        assert_eq!(rows(&plan), vec![(a, 1), (b, 3), (c, 4)]);
+        assert_eq!(plan.seqs[1].step.kv_len, 10);
+        assert!(plan.seqs[1].sampled && !plan.seqs[2].sampled);
+    }
+
+    #[test]
+    fn admission_waits_for_blocks_and_media_slots_first_come_first_served() {
+        let mut s = Scheduler::new(limits(3, 64)).unwrap();
+        let a = add(&mut s, 8, 2, 4);
+        let b = add(&mut s, 2, 2, 1);
+        let c = add(&mut s, 1, 0, 1);
+        let plan = s.schedule();
+        assert_eq!(
+            plan.encode,
+            vec![MediaJob {
+                id: a,
+                slots: vec![1, 0]
+            }]
+        );
+        assert_eq!(
+            rows(&plan),
+            vec![(a, 8)],
+            "b needs 2 slots, 1 is free; c waits behind b"
+        );
+        assert_eq!(
+            plan.seqs[0].step.image_of_row[..3],
+            [-1, 1, 1],
+            "image 0 is in slot 1"
+        );
+        assert_eq!(s.waiting(), 2);
+        run(&mut s, &plan);
+        s.finish(a);
+        assert_eq!(s.blocks().free_blocks(), 3);
+        assert_eq!(s.media_slots_used(), 0);
+        let plan = s.schedule();
+        assert_eq!(plan.encode.len(), 1);
+        assert_eq!(plan.encode[0].id, b);
+        assert_eq!(rows(&plan), vec![(b, 2), (c, 1)]);
+    }
+
+    #[test]
+    fn a_dry_pool_preempts_the_newest_which_keeps_its_slots_and_arrival_place() {
+        let mut s = Scheduler::new(limits(3, 64)).unwrap();
+        let a = add(&mut s, 4, 0, 8);
+        let b = add(&mut s, 4, 1, 8);
+        let plan = s.schedule();
+        assert_eq!(rows(&plan), vec![(a, 4), (b, 4)]);
+        run(&mut s, &plan);
+        // a's fifth position needs a second block, b's too: one block is free.
+        let plan = s.schedule();
+        assert_eq!(rows(&plan), vec![(a, 1)]);
+        assert_eq!(s.preemptions(), 1);
+        assert_eq!((s.running(), s.waiting()), (1, 1));
+        assert_eq!(
+            s.media_slots_used(),
+            1,
+            "a preempted request keeps its images"
+        );
+        run(&mut s, &plan);
+        let c = add(&mut s, 1, 0, 1);
+        s.finish(a);
+        let plan = s.schedule();
+        assert!(plan.encode.is_empty(), "b's images are already encoded");
+        assert_eq!(
+            rows(&plan),
+            vec![(b, 5), (c, 1)],
+            "b recomputes its prompt and token, before c"
+        );
+    }
+
+    #[test]
+    fn requests_that_can_never_run_are_refused_and_empty_ones_finish_at_once() {
+        let mut s = Scheduler::new(limits(3, 64)).unwrap();
+        let err = s.add(vec![1; 4], vec![-1; 4], 4, 1, 5).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than the media cache holds (3)"),
+            "{err}"
+        );
+        let err = s.add(vec![1; 4], vec![-1; 4], 0, 9, 13).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("needs 4 KV blocks, more than the pool's 3"),
+            "{err}"
+        );
+        let empty = add(&mut s, 2, 1, 0);
+        let plan = s.schedule();
+        assert_eq!(plan.finished.len(), 1);
+        assert_eq!(plan.finished[0].id, empty);
+        assert!(plan.seqs.is_empty() && plan.encode.is_empty());
+        assert!(Scheduler::new(limits(0, 64)).is_err());
+    }
+
+    #[test]
+    fn cancel_frees_a_request_wherever_it_is() {
+        let mut s = Scheduler::new(limits(2, 64)).unwrap();
+        let a = add(&mut s, 7, 1, 1);
+        let b = add(&mut s, 2, 1, 1);
+        let plan = s.schedule();
+        assert_eq!(rows(&plan), vec![(a, 7)]);
+        assert!(s.cancel(b).is_some(), "b was waiting");
+        assert!(s.cancel(a).is_some(), "a was running");
+        assert!(s.cancel(a).is_none());
+        assert_eq!(s.blocks().free_blocks(), 2);
+        assert_eq!(s.media_slots_used(), 0);
+    }
+}
