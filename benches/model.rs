@@ -79,7 +79,7 @@ fn decode_steps<B: Backend>(
     batch: usize,
     iters: u64,
 ) -> Duration {
-    let room = (p.model.config.max_position_embeddings - prompt.ids.len() - 2) as u64;
+    let room = (p.idefics.config.max_position_embeddings - prompt.ids.len() - 2) as u64;
     let mut total = Duration::ZERO;
     let mut left = iters;
     while left > 0 {

@@ -69,7 +69,7 @@ fn divergence(
     let h = p.prefill(&prefix, pixels).unwrap();
     let b = &p.backend;
     let last = b.slice_rows(&h, b.dims(&h).0 - 1, 1);
-    let logits = b.to_host(&p.model.logits(b, &last));
+    let logits = b.to_host(&p.logits(&last));
     let tok = &p.tokenizer;
     let show = |id: Option<&u32>| match id {
         Some(&id) => format!(
@@ -169,7 +169,7 @@ fn heldout_captions_equal_transformers_and_are_right() {
 #[test]
 fn bundled_model_has_the_idefics_parts() {
     let (_, _, p) = load();
-    let cfg = &p.model.config;
+    let cfg = &p.idefics.config;
     let tok = &p.tokenizer;
     assert!(cfg.use_resampler);
     assert!(cfg.num_cross_layers() >= 1);

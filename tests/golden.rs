@@ -61,9 +61,9 @@ fn every_stage_matches_transformers_from_golden_pixels() {
         let pixels = fx.golden_pixels();
         let vision = fx.get("vision_last_hidden_state");
         let per_vision = vision.shape[1] * vision.shape[2];
-        let mut states = b.zeros(0, p.model.config.vision_config.embed_dim);
+        let mut states = b.zeros(0, p.idefics.config.vision_config.embed_dim);
         for (i, px) in pixels.iter().enumerate() {
-            let v = p.model.vision_states(b, px);
+            let v = p.idefics.vision_states(b, px);
             let want = &vision.data[i * per_vision..(i + 1) * per_vision];
             assert_close(
                 &format!("{name} vision image {i}"),
@@ -71,7 +71,7 @@ fn every_stage_matches_transformers_from_golden_pixels() {
                 want,
                 TOL,
             );
-            let s = p.model.image_states_from_vision(b, &v);
+            let s = p.idefics.image_states_from_vision(b, &v);
             if let Some(g) = fx.tensors.get("image_hidden_states") {
                 let per = g.shape[1] * g.shape[2];
                 assert_close(
@@ -97,8 +97,8 @@ fn every_stage_matches_transformers_from_golden_pixels() {
                 TOL,
             );
         }
-        assert_eq!(hidden.len(), p.model.config.num_hidden_layers + 1);
-        let logits = p.model.logits(b, &h);
+        assert_eq!(hidden.len(), p.idefics.config.num_hidden_layers + 1);
+        let logits = p.logits(&h);
         let rel = assert_close(
             &format!("{name} logits"),
             &b.to_host(&logits),
@@ -160,7 +160,7 @@ fn the_image_changes_the_logits_of_tokens_that_see_it() {
     let (_, other_pixels) = p.prepare(&fx.meta.cli_prompt, &[other]).unwrap();
     let logits = |px: &[Vec<f32>]| {
         let h = p.prefill(&prompt, px).unwrap();
-        b.to_host(&p.model.logits(b, &h))
+        b.to_host(&p.logits(&h))
     };
     let (a, c) = (logits(&pixels), logits(&other_pixels));
     let vocab = a.len() / prompt.ids.len();
@@ -215,7 +215,7 @@ fn f16_weights_are_widened_inside_the_ops() {
     let p = Pipeline::load(tmp.path(), CpuBackend::new(), false).unwrap();
     let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
     let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
-    let logits = p.backend.to_host(&p.model.logits(&p.backend, &h));
+    let logits = p.backend.to_host(&p.logits(&h));
     // f16 weights carry ~5e-4 relative rounding each; through 4 layers that stays well under 2e-2.
     assert_close("f16 logits", &logits, &fx.get("logits").data, 2e-2);
     let want = fx.ids("generated_ids");

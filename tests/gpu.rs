@@ -588,7 +588,7 @@ fn fixtures_match_golden_logits_and_greedy_ids() {
         let p = Pipeline::load(&fx.dir, gpu(), false).unwrap();
         let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
         let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
-        let logits = p.backend.to_host(&p.model.logits(&p.backend, &h));
+        let logits = p.backend.to_host(&p.logits(&h));
         let rel = assert_close(
             &format!("{name} logits"),
             &logits,

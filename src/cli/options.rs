@@ -58,7 +58,7 @@ impl EngineOptions {
     /// Engine limits from the flags, the KV pool sized from its memory budget (K and V of every layer, in the
     /// backend's activation width), never more than `max_seqs` full contexts.
     pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> Result<EngineConfig> {
-        let cfg = &p.model.config;
+        let cfg = &p.idefics.config;
         let block_bytes = 2
             * cfg.num_hidden_layers
             * self.block_size

@@ -2,8 +2,58 @@
 //! instruct models). `layers` holds what families share (weight loading, linear, norm and MLP layers), `sampling`
 //! the token-choice rules the runtime applies to every family's logits.
 //!
-//! Everything is computed through the [`Backend`](crate::backend::Backend) trait; a model never names a backend.
+//! Everything is computed through the [`Backend`] trait; a model never names a backend. The runtime drives every
+//! family through one interface, [`Model`].
 
 pub mod idefics;
 pub mod layers;
 pub mod sampling;
+
+use crate::backend::Backend;
+use crate::cache::kv_cache::PagedKvCache;
+use crate::cache::media_cache::{ImageKv, MediaCache};
+use crate::error::Result;
+
+/// What the runtime drives of a model family: encoding a request's media once (the cross-attention K/V of its
+/// images, kept in the media cache), and decoder steps over a batch's rows (prefill chunks and decode tokens alike,
+/// as the step's layout says), then the LM head on the rows it samples.
+pub trait Model<B: Backend> {
+    /// Positions a sequence may use: the model's context.
+    fn context_len(&self) -> usize;
+
+    /// Rows of the token embedding: token ids at or past it are refused.
+    fn vocab_rows(&self) -> usize;
+
+    /// Self-attention head dimension (it selects the kernels a recorded decode step uses).
+    fn head_dim(&self) -> usize;
+
+    /// A paged KV cache of `blocks` blocks of `block_size` positions.
+    fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B>;
+
+    /// A media cache with room for `slots` images.
+    fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B>;
+
+    /// What the cross-attention sees of images (each preprocessed as the family's preprocessor does):
+    /// `[images * tokens_per_image, D_vision]`.
+    fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> B::Tensor;
+
+    /// Every cross-attention block's K/V of image states (one matrix product per block for all of them, whichever
+    /// requests they belong to), as [`MediaCache::write`] stores them.
+    fn cross_kv(&self, b: &B, states: &B::Tensor) -> Vec<ImageKv<B>>;
+
+    /// One decoder step: `ids` are the rows of the step's sequences in layout order; their K/V go into `kv` at the
+    /// slots the layout gives, and they see their images through `media`. Returns the final-normed hidden states
+    /// `[T, D]`; with `hidden_states`, also every layer's as transformers reports them.
+    fn forward(
+        &self,
+        b: &B,
+        ids: &[u32],
+        layout: &B::Layout,
+        kv: &mut PagedKvCache<B>,
+        media: &MediaCache<B>,
+        hidden_states: Option<&mut Vec<B::Tensor>>,
+    ) -> Result<B::Tensor>;
+
+    /// The LM head: logits of every row of `h`.
+    fn logits(&self, b: &B, h: &B::Tensor) -> B::Tensor;
+}

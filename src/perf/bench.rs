@@ -129,7 +129,7 @@ pub fn bench_prompt<B: Backend>(
     let mut prompt = encode_prompt(&p.tokenizer, "<image>", 1)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let specials = [p.tokenizer.image_id, p.tokenizer.fake_image_id];
-    let vocab = p.model.config.vocab_size as u32;
+    let vocab = p.idefics.config.vocab_size as u32;
     let image = *prompt
         .image_of_token
         .last()
@@ -166,7 +166,7 @@ pub fn run<B: Backend>(
     let ceilings = b.measure_ceilings();
     let weight_bytes = p.store.bytes_as(|d| b.weight_width(d)) as f64;
     let costs = Costs::new(
-        &p.model.config,
+        &p.idefics.config,
         weight_bytes / p.store.params() as f64,
         b.activation_width() as f64,
     );
@@ -181,7 +181,7 @@ pub fn run<B: Backend>(
     })?;
     let vision_s = time(b, || {
         for _ in 0..opts.vision_images {
-            p.model.vision_states(b, &pixels);
+            p.idefics.vision_states(b, &pixels);
         }
     }) / opts.vision_images.max(1) as f64;
 
@@ -234,7 +234,7 @@ pub fn run<B: Backend>(
             "images/s",
         ),
         throughput,
-        decode_graphs: opts.decode_graphs && b.new_step_graphs(p.model.config.head_dim()).is_some(),
+        decode_graphs: opts.decode_graphs && b.new_step_graphs(p.model().head_dim()).is_some(),
     })
 }
 

@@ -171,16 +171,16 @@ impl<'p, B: Backend> Engine<'p, B> {
         let b = &pipeline.backend;
         let graphs = config
             .decode_graphs
-            .then(|| b.new_step_graphs(pipeline.model.config.head_dim()))
+            .then(|| b.new_step_graphs(pipeline.model().head_dim()))
             .flatten();
         Ok(Engine {
             graphs,
             recorded_steps: 0,
             scheduler,
             kv: pipeline
-                .model
+                .model()
                 .new_kv_cache(b, config.kv_blocks, config.block_size),
-            media: pipeline.model.new_media_cache(b, config.media_slots),
+            media: pipeline.model().new_media_cache(b, config.media_slots),
             requests: HashMap::new(),
             pipeline,
             config,
@@ -325,8 +325,8 @@ impl<'p, B: Backend> Engine<'p, B> {
         if images.is_empty() {
             return;
         }
-        let states = p.model.encode_images(b, &images);
-        let kv = p.model.cross_kv(b, &states);
+        let states = p.model().encode_images(b, &images);
+        let kv = p.model().cross_kv(b, &states);
         self.media.write(b, &kv, &slots);
     }
 
@@ -377,10 +377,10 @@ impl<'p, B: Backend> Engine<'p, B> {
         };
         let layout = b.layout(&step);
         let h = p
-            .model
+            .model()
             .forward(b, &inputs.ids, &layout, &mut self.kv, &self.media, None)?;
         Ok((!inputs.sample_rows.is_empty())
-            .then(|| p.model.logits(b, &b.gather_rows(&h, &inputs.sample_rows))))
+            .then(|| p.model().logits(b, &b.gather_rows(&h, &inputs.sample_rows))))
     }
 
     /// A decode step through the backend's recordings, `None` where it has none. Recording is an optimisation: a
@@ -395,7 +395,10 @@ impl<'p, B: Backend> Engine<'p, B> {
             blocks.padding_block(),
         );
         // No sequence outgrows the model's context or the whole pool.
-        let max_kv = (self.pipeline.model.config.max_position_embeddings)
+        let max_kv = self
+            .pipeline
+            .model()
+            .context_len()
             .min(blocks.total_blocks() * blocks.block_size());
         let shape = DecodeShape {
             table_width: blocks.blocks_for(max_kv),
@@ -522,7 +525,7 @@ fn recorded_logits<B: Backend>(
 ) -> Result<B::Tensor> {
     let b = &p.backend;
     b.run_recorded(graphs, &ids, &step, shape, real, &mut |layout| {
-        let h = p.model.forward(b, &ids, layout, kv, media, None)?;
-        Ok(p.model.logits(b, &h))
+        let h = p.model().forward(b, &ids, layout, kv, media, None)?;
+        Ok(p.model().logits(b, &h))
     })
 }

@@ -27,7 +27,7 @@ impl<B: Backend> Pipeline<B> {
                 .max(1),
             media_slots: pixels.len(),
             max_seqs: 1,
-            max_step_tokens: self.model.config.max_position_embeddings.max(1),
+            max_step_tokens: self.model().context_len().max(1),
             decode_graphs: true,
         };
         let mut engine = Engine::new(self, config)?;

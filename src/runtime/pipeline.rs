@@ -15,11 +15,14 @@ use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::IdeficsTokenizer;
 use crate::model::idefics::synthetic::Preset;
 use crate::model::idefics::Idefics;
+use crate::model::Model;
 
 /// A model directory loaded onto a backend, with its tokenizer and image preprocessing.
 pub struct Pipeline<B: Backend> {
     pub backend: B,
-    pub model: Idefics<B>,
+    /// The model as its family's code has it (family-specific tools: goldens, benchmarks' cost model); the
+    /// runtime drives it through [`Pipeline::model`].
+    pub idefics: Idefics<B>,
     pub tokenizer: IdeficsTokenizer,
     pub preprocessor: PreprocessorConfig,
     pub store: WeightStore,
@@ -96,13 +99,23 @@ impl<B: Backend> Pipeline<B> {
         let model = Idefics::load(&backend, &files.store, &files.config, show_progress)?;
         Ok(Pipeline {
             backend,
-            model,
+            idefics: model,
             tokenizer: files.tokenizer,
             preprocessor: files.preprocessor,
             store: files.store,
             dir: files.dir,
             max_image_pixels: DEFAULT_MAX_PIXELS,
         })
+    }
+
+    /// The model as the runtime drives it.
+    pub fn model(&self) -> &dyn Model<B> {
+        &self.idefics
+    }
+
+    /// The LM head's logits of hidden states `h`.
+    pub fn logits(&self, h: &B::Tensor) -> B::Tensor {
+        self.model().logits(&self.backend, h)
     }
 
     /// Builds the prompt (user text with one `<image>` per image) and preprocesses the images.
@@ -142,15 +155,15 @@ impl<B: Backend> Pipeline<B> {
 
     /// Rejects prompts the model cannot take: too long, or with tokens beyond the embedding rows.
     pub fn check_prompt(&self, prompt: &EncodedPrompt) -> Result<()> {
-        let max = self.model.config.max_position_embeddings;
+        let max = self.model().context_len();
         if prompt.ids.len() > max {
             return Err(Error::Prompt(format!(
                 "the prompt is {} tokens, over the model's context of {max} (max_position_embeddings in {})",
                 prompt.ids.len(),
-                self.model.config.path.display()
+                self.idefics.config.path.display()
             )));
         }
-        let rows = self.model.config.total_vocab();
+        let rows = self.model().vocab_rows();
         if let Some(&id) = prompt.ids.iter().find(|&&id| id as usize >= rows) {
             return Err(Error::TokenOutOfRange {
                 id,
@@ -163,12 +176,12 @@ impl<B: Backend> Pipeline<B> {
 
     /// Positions a request may use: its prompt and new tokens, within the model's context.
     pub fn positions_for(&self, prompt: &EncodedPrompt, max_new_tokens: usize) -> usize {
-        (prompt.ids.len() + max_new_tokens).min(self.model.config.max_position_embeddings)
+        (prompt.ids.len() + max_new_tokens).min(self.model().context_len())
     }
 
     /// What the cross-attention sees of the images: vision encoder then resampler.
     pub fn encode_images(&self, pixels: &[Vec<f32>]) -> B::Tensor {
-        self.model.encode_images(&self.backend, pixels)
+        self.model().encode_images(&self.backend, pixels)
     }
 
     /// Runs a prompt through the decoder as one step and returns its final-normed hidden states (and, with
@@ -185,7 +198,7 @@ impl<B: Backend> Pipeline<B> {
         hidden_states: Option<&mut Vec<B::Tensor>>,
     ) -> Result<B::Tensor> {
         self.check_prompt(prompt)?;
-        let (b, model) = (&self.backend, &self.model);
+        let (b, model) = (&self.backend, self.model());
         let n = prompt.ids.len();
         let block_size = n.max(1);
         // One block holds the whole prompt, one slot each image: nothing else shares these caches.

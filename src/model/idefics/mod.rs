@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::io::config::IdeficsConfig;
 use crate::io::safetensors::WeightStore;
 use crate::model::layers::{optional, RmsNorm, WeightLoader};
+use crate::model::Model;
 use cross_attention::IdeficsGatedCrossAttentionLayer;
 use decoder::IdeficsDecoderLayer;
 use resampler::IdeficsPerceiverResampler;
@@ -89,10 +90,24 @@ impl<B: Backend> Idefics<B> {
             None => b.slice_rows(vision_states, 0, b.dims(vision_states).0),
         }
     }
+}
+
+impl<B: Backend> Model<B> for Idefics<B> {
+    fn context_len(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn vocab_rows(&self) -> usize {
+        self.config.total_vocab()
+    }
+
+    fn head_dim(&self) -> usize {
+        self.config.head_dim()
+    }
 
     /// What the cross-attention sees of a request's images (each `[3, S, S]`):
     /// `[images * tokens_per_image, D_vision]`.
-    pub fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> B::Tensor {
+    fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> B::Tensor {
         let _range = crate::nvtx::range("vision");
         let width = self.config.vision_config.embed_dim;
         let mut states = b.zeros(0, width);
@@ -105,7 +120,7 @@ impl<B: Backend> Idefics<B> {
 
     /// Every cross-attention block's K/V of image states `[images * tokens_per_image, D_vision]` (one matrix
     /// product per block for all the images given, whichever requests they belong to).
-    pub fn cross_kv(&self, b: &B, states: &B::Tensor) -> Vec<ImageKv<B>> {
+    fn cross_kv(&self, b: &B, states: &B::Tensor) -> Vec<ImageKv<B>> {
         self.cross_layers
             .iter()
             .map(|x| x.image_kv(b, states))
@@ -113,7 +128,7 @@ impl<B: Backend> Idefics<B> {
     }
 
     /// A media cache with room for `slots` images.
-    pub fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B> {
+    fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B> {
         MediaCache::new(
             b,
             self.cross_layers.len(),
@@ -124,7 +139,7 @@ impl<B: Backend> Idefics<B> {
     }
 
     /// A paged KV cache of `blocks` blocks of `block_size` positions.
-    pub fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B> {
+    fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B> {
         PagedKvCache::new(
             b,
             self.config.num_hidden_layers,
@@ -139,7 +154,7 @@ impl<B: Backend> Idefics<B> {
     /// states `[T, D]`. With `hidden_states`, also collects what transformers reports as `hidden_states`: the
     /// input of the first decoder layer (after the first cross-attention block), the output of every other layer
     /// but the last, and the final-normed output.
-    pub fn forward(
+    fn forward(
         &self,
         b: &B,
         ids: &[u32],
@@ -186,7 +201,7 @@ impl<B: Backend> Idefics<B> {
     }
 
     /// Decoupled LM head: `[h W^T , h W_additional^T]`, `vocab_size + additional_vocab_size` logits per row.
-    pub fn logits(&self, b: &B, h: &B::Tensor) -> B::Tensor {
+    fn logits(&self, b: &B, h: &B::Tensor) -> B::Tensor {
         let base = b.linear(h, &self.lm_head, None);
         match &self.additional_fc {
             Some(extra) => b.concat_cols(&base, &b.linear(h, extra, None)),
