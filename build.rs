@@ -8,10 +8,13 @@
 //! of CUDA: without nvcc (or when it fails) only the sources are embedded, with a warning.
 //! `FLAMINGO_NO_NVCC=1` skips nvcc on purpose (to exercise the NVRTC path).
 //!
-//! Also always: the Rust side of every kernel signature (`build/launchers.rs`).
+//! Also always: the Rust side of every kernel signature (`build/launchers.rs`), and the profiler's decorator from
+//! the `Backend` trait (`build/profiled.rs`).
 
 #[path = "build/launchers.rs"]
 mod launchers;
+#[path = "build/profiled.rs"]
+mod profiled;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,8 @@ fn main() {
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=build/launchers.rs");
+    println!("cargo:rerun-if-changed=build/profiled.rs");
+    println!("cargo:rerun-if-changed=src/backend/mod.rs");
     println!("cargo:rerun-if-changed={}", kdir.display());
     for var in ["NVCC", "CUDA_HOME", "PATH", "FLAMINGO_NO_NVCC"] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -54,6 +59,11 @@ fn main() {
         launchers::generate(&cu, &kdir.join("common.cuh")),
     )
     .expect("write OUT_DIR/launchers.rs");
+    let backend_trait = root.join("src/backend/mod.rs");
+    let source = std::fs::read_to_string(&backend_trait)
+        .unwrap_or_else(|e| panic!("{}: {e}", backend_trait.display()));
+    std::fs::write(out.join("profiled.rs"), profiled::generate(&source))
+        .expect("write OUT_DIR/profiled.rs");
 }
 
 /// `kernels/*.<ext>`, sorted so the generated file is stable.
