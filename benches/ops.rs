@@ -1,6 +1,6 @@
 //! Every op family through the `Backend` trait at IDEFICS layer shapes: linear layers (each layer shape at several
-//! row counts), causal prefill attention, paged decode attention, gated cross-attention, resampler and vision
-//! attention, norms, batch sampling of the LM head's logits. Compute-bound ops report FLOP/s as criterion's
+//! row counts), causal prefill attention, paged decode attention, cross-attention, resampler and vision attention,
+//! norms, RoPE, batch sampling of the LM head's logits. Compute-bound ops report FLOP/s as criterion's
 //! `elem/s`; memory-bound ones bytes/s.
 //!
 //! On the CPU the shapes are those of `cpu-mid` (hidden 1024) and the largest sizes are left out, so
@@ -167,7 +167,7 @@ fn cross_attention<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &I
     let per_image = cfg.image_tokens_per_image();
     let kv = activation(b, per_image, width, 6);
     let gate = weight(b, "x.alpha_cross_attn", DType::F32, &[1]);
-    let mut g = group(c, &format!("gated_cross_attention/{}", preset.name()));
+    let mut g = group(c, &format!("cross_attention/{}", preset.name()));
     for (name, seqs, rows) in [("decode", 32, 1), ("prefill", 1, 64)] {
         let q = activation(b, seqs * rows, width, 7);
         let l = layout(b, seqs, rows, rows);
@@ -249,6 +249,27 @@ fn norms<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: 
     g.finish();
 }
 
+/// RoPE of a decoder step's queries and keys (one launch for both), at the norms' row counts.
+fn rope<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &IdeficsConfig) {
+    let (d, head_dim) = (cfg.hidden_size, cfg.head_dim());
+    let mut g = group(c, &format!("rope/{}", preset.name()));
+    for &rows in s.norm_rows {
+        let (mut q, mut k) = (activation(b, rows, d, 16), activation(b, rows, d, 17));
+        let l = layout(b, 1, rows, rows);
+        g.throughput(Throughput::BytesDecimal(
+            (4 * rows * d * b.activation_width()) as u64,
+        ));
+        g.bench_function(format!("q_and_k/{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| {
+                common::timed(b, iters, || {
+                    b.rope(&mut q, &mut k, head_dim, &l, cfg.rope_theta())
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
 /// One step's sampling over `[rows, vocab]` logits (the vocabulary plus IDEFICS' additional tokens): greedy, and
 /// temperature with top-k, top-p and a repetition penalty over 512 seen ids. Includes bringing the ids back.
 fn sampling<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsConfig) {
@@ -293,6 +314,7 @@ impl BackendCommand for Ops<'_> {
             cross_attention(c, &b, preset, &cfg);
             image_attention(c, &b, preset, &cfg);
             norms(c, &b, &s, preset, &cfg);
+            rope(c, &b, &s, preset, &cfg);
             sampling(c, &b, preset, &cfg);
         }
         Ok(())

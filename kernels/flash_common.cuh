@@ -18,10 +18,8 @@
 //     keys (causal, kv offset, image slice, ...). The block visits only the 64-key tiles that meet
 //     the union of the intervals, tiles aligned to multiples of 64 keys, so a row's result does not
 //     depend on the other rows of its block. A row with an empty interval (or only masked keys)
-//     outputs exactly 0;
-//   * optional per-head normalisation of q and/or k over head_dim (RMSNorm or LayerNorm),
-//     applied to the bf16 tile in shared memory right after it lands (rounded to bf16, as the
-//     unfused reference produces a bf16 tensor).
+//     outputs exactly 0.
+// Per-head q/k norms (IDEFICS qk_layer_norms) are separate norm.cu launches before these kernels.
 // Requirements: D in {64, 80, 96, 128}; every row stride (ldq, ldk, ldv, ldo) % 8 == 0 and every
 // base pointer 16-byte aligned (16-byte cp.async and stores; a violation faults loudly).
 // Shared memory: 2 x 64 x D bf16 (+ padding for D = 80, 96), at most 32 KiB, static.
@@ -36,7 +34,6 @@
 // trading a few spills for a third block (seen with D = 96 at 168 registers).
 #define FLASH_LAUNCH_BOUNDS __launch_bounds__(FLASH_THREADS, 2)
 
-enum HeadNorm : int { NORM_NONE = 0, NORM_RMS = 1, NORM_LAYER = 2 };
 
 struct FlashArgs {
   bf16* o;            // row 0 of this tile, column of this head
@@ -48,12 +45,6 @@ struct FlashArgs {
   int ldq, ldk, ldv, ldo;
   int n_a;            // keys [0, n_a) come from source a
   int q_rows;         // valid query rows in this tile (1..64)
-  int q_norm, k_norm; // HeadNorm
-  const bf16* q_nw;   // q norm weight [D] (null = 1), bias [D] (LayerNorm only, null = 0)
-  const bf16* q_nb;
-  const bf16* k_nw;
-  const bf16* k_nb;
-  float eps;
   float scale_log2;   // softmax scale * log2(e)
 };
 
@@ -85,51 +76,6 @@ FE_DEVICE void flash_load_rows(bf16* s, RowPtr rowptr, const bf16* any_valid) {
     const int r = i / L::CH, c = i - r * L::CH;
     const bf16* p = rowptr(r);
     cp_async16(s + L::off(r, c), p ? p + c * 8 : any_valid, p ? 16 : 0);
-  }
-}
-
-// Normalises rows [0, nrows) of a tile in place over D (one warp per row, lanes stride the row).
-//   NORM_RMS:   y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))       (IdeficsRMSNorm)
-//   NORM_LAYER: y = bf16((x - mean) * rsqrt(var + eps) * w + b)       (nn.LayerNorm, biased var)
-template <int D>
-FE_DEVICE void flash_norm_rows(bf16* s, int nrows, int kind, const bf16* w, const bf16* b, float eps) {
-  using L = FlashSmem<D>;
-  constexpr int EPL = (D + 31) / 32;  // elements per lane
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll 1
-  for (int r = warp; r < nrows; r += FLASH_THREADS / 32) {
-    float v[EPL];
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = lane + 32 * i;
-      v[i] = e < D ? to_f(s[L::elem(r, e)]) : 0.f;
-      sum += (kind == NORM_LAYER) ? v[i] : v[i] * v[i];
-    }
-    sum = warp_sum(sum);
-    float mean = 0.f, inv;
-    if (kind == NORM_LAYER) {
-      mean = sum / D;
-      float ss = 0.f;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) {
-        const float dv = (lane + 32 * i < D) ? v[i] - mean : 0.f;
-        ss += dv * dv;
-      }
-      inv = rsqrtf(warp_sum(ss) / D + eps);
-    } else {
-      inv = rsqrtf(sum / D + eps);
-    }
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = lane + 32 * i;
-      if (e < D) {
-        const float wv = w ? to_f(w[e]) : 1.f;
-        const float y = (kind == NORM_LAYER) ? (v[i] - mean) * inv * wv + (b ? to_f(b[e]) : 0.f)
-                                             : wv * rnd_bf16(v[i] * inv);
-        s[L::elem(r, e)] = to_bf(y);
-      }
-    }
   }
 }
 
@@ -181,17 +127,13 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
     }
   }
 
-  // ---- Q tile: staged through sK, optionally normalised, then held as mma A fragments ----
+  // ---- Q tile: staged through sK, then held as mma A fragments ----
   flash_load_rows<D>(sK, [&](int r) -> const bf16* { return r < a.q_rows ? a.q + (long long)r * a.ldq : nullptr; },
                      a.q);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
   const int kv_lo = s_range[0], kv_hi = s_range[1];
-  if (a.q_norm != NORM_NONE) {
-    flash_norm_rows<D>(sK, a.q_rows, a.q_norm, a.q_nw, a.q_nb, a.eps);
-    __syncthreads();
-  }
   unsigned qf[KSTEPS][4];
 #pragma unroll
   for (int ks = 0; ks < KSTEPS; ++ks)
@@ -230,10 +172,6 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
     const int k0 = kv_lo + j * FLASH_BKV;
     cp_async_wait<1>();  // K(j) landed (V(j) may still be in flight)
     __syncthreads();
-    if (a.k_norm != NORM_NONE) {
-      flash_norm_rows<D>(sK, min(FLASH_BKV, kv_hi - k0), a.k_norm, a.k_nw, a.k_nb, a.eps);
-      __syncthreads();
-    }
 
     // S = Q K^T for this warp's 16 rows x 64 keys.
     float s[ST][4];
@@ -351,9 +289,6 @@ FE_DEVICE FlashArgs flash_args_default() {
   a.ldq = a.ldk = a.ldv = a.ldo = 0;
   a.n_a = 0;
   a.q_rows = 0;
-  a.q_norm = a.k_norm = NORM_NONE;
-  a.q_nw = a.q_nb = a.k_nw = a.k_nb = nullptr;
-  a.eps = 0.f;
   a.scale_log2 = 0.f;
   return a;
 }

@@ -1,7 +1,7 @@
 // resampler_attention.cu - Perceiver-resampler attention (IDEFICS perceiver.py, OpenFlamingo helpers.py).
 //
 // resampler_attention_d{64,96,128}_bf16(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads,
-//                                  ldq, ldk, ldv, ldo, q_ln_w, q_ln_b, k_ln_w, k_ln_b, eps, scale)
+//                                  ldq, ldk, ldv, ldo, scale)
 //   Per image b and head h: latent queries attend, without mask, to the keys of the
 //   concatenation [context rows ; latent rows], given as two separate buffers so the
 //   concatenation is never materialised:
@@ -9,9 +9,7 @@
 //     k_ctx, v_ctx: [n_images * n_ctx, ldk / ldv]  k_proj / v_proj of LN_context(image features)
 //     k_lat, v_lat: [n_images * n_lat, ldk / ldv]  k_proj / v_proj of LN_latents(latents)
 //     key j of image b:  j < n_ctx -> k_ctx row b*n_ctx + j, else k_lat row b*n_lat + (j - n_ctx)
-//   qk_layer_norms_perceiver: if q_ln_w or q_ln_b is non-null, q is LayerNorm-ed over head_dim
-//   (weight [D] / bias [D], null = 1 / 0) in the kernel; likewise k with k_ln_w / k_ln_b.
-//   eps = 1e-5 for IDEFICS. The normalised values are rounded to bf16 like the reference.
+//   qk_layer_norms_perceiver: q and k come already LayerNorm-ed over head_dim (layer_norm_bf16).
 //   o: [n_images * n_lat, ldo] = softmax(q k^T * scale) v per head (merge_heads layout),
 //   then output_proj is a GEMM. f32 softmax and accumulation.
 //   Launch: grid = (ceil(n_lat / 64), n_heads, n_images), block = (128, 1, 1), dynamic smem = 0
@@ -21,10 +19,9 @@
 #include "flash_common.cuh"
 
 template <int D>
-FE_DEVICE void resampler_attn(bf16* o, const bf16* q, const bf16* k_ctx, const bf16* v_ctx, const bf16* k_lat,
-                              const bf16* v_lat, int n_images, int n_ctx, int n_lat, int n_heads, int ldq, int ldk,
-                              int ldv, int ldo, const bf16* q_ln_w, const bf16* q_ln_b, const bf16* k_ln_w,
-                              const bf16* k_ln_b, float eps, float scale) {
+FE_DEVICE void resampler_attention(bf16* o, const bf16* q, const bf16* k_ctx, const bf16* v_ctx, const bf16* k_lat,
+                                   const bf16* v_lat, int n_images, int n_ctx, int n_lat, int n_heads, int ldq, int ldk,
+                                   int ldv, int ldo, float scale) {
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FLASH_BQ;
   if (b >= n_images || h >= n_heads || q0 >= n_lat) return;
   const long long lat0 = (long long)b * n_lat, ctx0 = (long long)b * n_ctx;
@@ -38,26 +35,19 @@ FE_DEVICE void resampler_attn(bf16* o, const bf16* q, const bf16* k_ctx, const b
   a.ldq = ldq, a.ldk = ldk, a.ldv = ldv, a.ldo = ldo;
   a.n_a = n_ctx;
   a.q_rows = min(FLASH_BQ, n_lat - q0);
-  a.q_norm = (q_ln_w || q_ln_b) ? NORM_LAYER : NORM_NONE;
-  a.q_nw = q_ln_w, a.q_nb = q_ln_b;
-  a.k_norm = (k_ln_w || k_ln_b) ? NORM_LAYER : NORM_NONE;
-  a.k_nw = k_ln_w, a.k_nb = k_ln_b;
-  a.eps = eps;
   a.scale_log2 = scale * FE_LOG2E;
   const int n_keys = n_ctx + n_lat;
   flash_attention_tile<D>(a, [&](int) { return KeyRange{0, n_keys}; });
 }
 
-#define RESAMPLER_ATTN(D)                                                                                         \
-  extern "C" __global__ void FLASH_LAUNCH_BOUNDS resampler_attention_d##D##_bf16(                         \
+#define RESAMPLER_ATTENTION(D)                                                                                    \
+  extern "C" __global__ void FLASH_LAUNCH_BOUNDS resampler_attention_d##D##_bf16(                                 \
       bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k_ctx, const bf16* __restrict__ v_ctx,        \
       const bf16* __restrict__ k_lat, const bf16* __restrict__ v_lat, int n_images, int n_ctx, int n_lat,         \
-      int n_heads, int ldq, int ldk, int ldv, int ldo, const bf16* __restrict__ q_ln_w,                           \
-      const bf16* __restrict__ q_ln_b, const bf16* __restrict__ k_ln_w, const bf16* __restrict__ k_ln_b,          \
-      float eps, float scale) {                                                                                   \
-    resampler_attn<D>(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads, ldq, ldk, ldv, ldo,      \
-                      q_ln_w, q_ln_b, k_ln_w, k_ln_b, eps, scale);                                                \
+      int n_heads, int ldq, int ldk, int ldv, int ldo, float scale) {                                             \
+    resampler_attention<D>(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads, ldq, ldk, ldv, ldo, \
+                           scale);                                                                                \
   }
-RESAMPLER_ATTN(64)
-RESAMPLER_ATTN(96)
-RESAMPLER_ATTN(128)
+RESAMPLER_ATTENTION(64)
+RESAMPLER_ATTENTION(96)
+RESAMPLER_ATTENTION(128)

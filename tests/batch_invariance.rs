@@ -136,9 +136,9 @@ fn norms_activations_gates_embedding_and_rope_do_not_depend_on_the_batch() {
     });
     check_rows("rope", |s, n| {
         let layout = b.layout(&one_row_seqs(s..s + n, |r| 3 * r + 1, |_| -1));
-        let mut t = rows(&x, s, n);
-        b.rope(&mut t, 40, &layout, 10000.0);
-        t
+        let (mut q, mut k) = (rows(&x, s, n), rows(&x, s, n));
+        b.rope(&mut q, &mut k, 40, &layout, 10000.0);
+        b.concat_cols(&q, &k)
     });
 }
 

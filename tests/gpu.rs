@@ -314,13 +314,16 @@ fn embedding_and_data_movement_match_cpu() {
 #[test]
 fn rope_matches_cpu() {
     let p = Pair::new();
-    for (i, &(heads, d)) in [(4, 16), (3, 64), (2, 128)].iter().enumerate() {
+    // Query heads, key heads (fewer: GQA), head dim.
+    for (i, &(heads, kv_heads, d)) in [(4, 2, 16), (3, 3, 64), (2, 1, 128)].iter().enumerate() {
         let step = one_row_seqs(0..257, |r| (r * 37) % 1000, |_| -1);
         let l = p.layout(&step);
-        let mut x = p.tensor(500 + i as u64, 257, heads * d);
-        p.cpu.rope(&mut x.0, d, &l.0, 10000.0);
-        p.gpu.rope(&mut x.1, d, &l.1, 10000.0);
-        p.check(&format!("rope d={d}"), &x);
+        let mut q = p.tensor(500 + i as u64, 257, heads * d);
+        let mut k = p.tensor(510 + i as u64, 257, kv_heads * d);
+        p.cpu.rope(&mut q.0, &mut k.0, d, &l.0, 10000.0);
+        p.gpu.rope(&mut q.1, &mut k.1, d, &l.1, 10000.0);
+        p.check(&format!("rope q d={d}"), &q);
+        p.check(&format!("rope k d={d}"), &k);
     }
 }
 
@@ -546,14 +549,10 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
     let q = rand(1002, 64, heads * d);
     let qr = |r: std::ops::Range<usize>| b.slice_rows(&q, r.start, r.len());
     check_rows(&b, "rope", |r| {
-        let mut t = qr(r.clone());
-        b.rope(
-            &mut t,
-            d,
-            &b.layout(&one_row_seqs(r.clone(), |i| 3 * i + 1, |_| -1)),
-            10000.0,
-        );
-        t
+        let (mut t, mut k) = (qr(r.clone()), qr(r.clone()));
+        let layout = b.layout(&one_row_seqs(r.clone(), |i| 3 * i + 1, |_| -1));
+        b.rope(&mut t, &mut k, d, &layout, 10000.0);
+        b.concat_cols(&t, &k)
     });
     let (km, vm) = (rand(1003, 3 * 7, heads * d), rand(1004, 3 * 7, heads * d));
     check_rows(&b, "cross_attention", |r| {

@@ -224,8 +224,16 @@ pub trait Backend: Send + Sync {
     fn activate(&self, x: &mut Self::Tensor, act: Activation);
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
-    /// Rotary embedding (rotate-half layout) of every head of `x`, each row at its position in the layout.
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, layout: &Self::Layout, theta: f64);
+    /// Rotary embedding (rotate-half layout) of every head of a step's queries `q` and keys `k` (in one pass: the
+    /// angles are shared), each row at its position in the layout; `k` may have fewer heads than `q` (GQA).
+    fn rope(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        head_dim: usize,
+        layout: &Self::Layout,
+        theta: f64,
+    );
 
     // ---- attention ----
     /// Full (non-causal) softmax attention of `q` `[Tq, H*d]` over all rows of `k`, `v`, scale `d^-1/2`

@@ -332,33 +332,16 @@ impl Backend for CpuBackend {
         tensor(data, gate.rows, gate.cols)
     }
 
-    fn rope(&self, x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, theta: f64) {
-        assert_eq!(layout.rows.len(), x.rows, "RoPE rows do not match the step");
-        assert_eq!(x.cols % head_dim, 0);
-        let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
-            .collect();
-        let cols = x.cols;
-        x.data
-            .par_chunks_mut(cols)
-            .zip(&layout.rows)
-            .for_each(|(row, &(_, pos))| {
-                let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
-                    .iter()
-                    .map(|f| {
-                        let (s, c) = (pos as f64 * f).sin_cos();
-                        (s as f32, c as f32)
-                    })
-                    .unzip();
-                for head in row.chunks_mut(head_dim) {
-                    for i in 0..half {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos[i] - b * sin[i];
-                        head[i + half] = b * cos[i] + a * sin[i];
-                    }
-                }
-            });
+    fn rope(
+        &self,
+        q: &mut CpuTensor,
+        k: &mut CpuTensor,
+        head_dim: usize,
+        layout: &CpuLayout,
+        theta: f64,
+    ) {
+        rope_rotate(q, head_dim, layout, theta);
+        rope_rotate(k, head_dim, layout, theta);
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, heads: usize) -> CpuTensor {
@@ -510,4 +493,34 @@ impl Backend for CpuBackend {
         });
         tensor(out, q.rows, q.cols)
     }
+}
+
+/// Rotary embedding (rotate-half) of every head of `x`, each row at its position in the layout; sin and cos in f64.
+fn rope_rotate(x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, theta: f64) {
+    assert_eq!(layout.rows.len(), x.rows, "RoPE rows do not match the step");
+    assert_eq!(x.cols % head_dim, 0);
+    let half = head_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+        .collect();
+    let cols = x.cols;
+    x.data
+        .par_chunks_mut(cols)
+        .zip(&layout.rows)
+        .for_each(|(row, &(_, pos))| {
+            let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|f| {
+                    let (s, c) = (pos as f64 * f).sin_cos();
+                    (s as f32, c as f32)
+                })
+                .unzip();
+            for head in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
 }

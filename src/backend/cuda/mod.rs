@@ -203,8 +203,15 @@ impl Backend for CudaBackend {
         activation::swiglu(self, gate, up)
     }
 
-    fn rope(&self, x: &mut CudaTensor, head_dim: usize, layout: &CudaLayout, theta: f64) {
-        rope::rope(self, x, head_dim, layout, theta)
+    fn rope(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        head_dim: usize,
+        layout: &CudaLayout,
+        theta: f64,
+    ) {
+        rope::rope(self, q, k, head_dim, layout, theta)
     }
 
     fn attention(

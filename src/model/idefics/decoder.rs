@@ -55,8 +55,7 @@ impl<B: Backend> IdeficsDecoderLayer<B> {
         let mut q = self.q_proj.forward(b, &x);
         let mut k = self.k_proj.forward(b, &x);
         let v = self.v_proj.forward(b, &x);
-        b.rope(&mut q, self.head_dim, layout, self.rope_theta);
-        b.rope(&mut k, self.head_dim, layout, self.rope_theta);
+        b.rope(&mut q, &mut k, self.head_dim, layout, self.rope_theta);
         b.write_kv(k_pool, layout, &k);
         b.write_kv(v_pool, layout, &v);
         let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);

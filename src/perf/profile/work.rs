@@ -142,8 +142,15 @@ pub fn swiglu<B: Backend>(b: &B, gate: &B::Tensor, _up: &B::Tensor) -> Cost {
     Cost::moves(3.0 * act(b, numel(b, gate)))
 }
 
-pub fn rope<B: Backend>(b: &B, x: &B::Tensor, _head_dim: usize, _: &Layout<B>, _: f64) -> Cost {
-    Cost::moves(2.0 * act(b, numel(b, x)))
+pub fn rope<B: Backend>(
+    b: &B,
+    q: &B::Tensor,
+    k: &B::Tensor,
+    _head_dim: usize,
+    _: &Layout<B>,
+    _: f64,
+) -> Cost {
+    Cost::moves(2.0 * act(b, numel(b, q) + numel(b, k)))
 }
 
 pub fn attention<B: Backend>(

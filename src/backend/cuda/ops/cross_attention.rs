@@ -46,8 +46,6 @@ pub(in crate::backend::cuda) fn cross_attention(
         ldq: ld,
         ldkv: ld,
         ldo: ld,
-        q_norm_w: 0,
-        eps: 0.0,
         scale: scale(d),
     };
     run_query_tiles(b, &kernel, q.rows, heads);

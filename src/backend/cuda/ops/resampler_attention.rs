@@ -43,11 +43,6 @@ pub(in crate::backend::cuda) fn resampler_attention(
         ldk: ld,
         ldv: ld,
         ldo: ld,
-        q_ln_w: 0,
-        q_ln_b: 0,
-        k_ln_w: 0,
-        k_ln_b: 0,
-        eps: 0.0,
         scale: scale(d),
     };
     run_query_tiles(b, &kernel, q.rows, heads);

@@ -1,4 +1,5 @@
-//! `rope` (kernels/rope.cu): rotary position embeddings in place, each row at its position in the step layout.
+//! `rope` (kernels/rope.cu): rotary position embeddings of a step's queries and keys in place, in one launch, each
+//! row at its position in the step layout.
 
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
 use crate::backend::cuda::launchers::RopeBf16;
@@ -6,28 +7,31 @@ use crate::backend::cuda::layout::CudaLayout;
 
 pub(in crate::backend::cuda) fn rope(
     b: &CudaBackend,
-    x: &mut CudaTensor,
+    q: &mut CudaTensor,
+    k: &mut CudaTensor,
     head_dim: usize,
     layout: &CudaLayout,
     theta: f64,
 ) {
-    assert_eq!(x.rows, layout.rows(), "RoPE rows do not match the step");
-    assert!(
-        head_dim % 2 == 0 && head_dim <= 512 && x.cols % head_dim == 0,
-        "RoPE head_dim {head_dim} for width {}",
-        x.cols
-    );
+    for x in [&*q, &*k] {
+        assert_eq!(x.rows, layout.rows(), "RoPE rows do not match the step");
+        assert!(
+            head_dim % 2 == 0 && head_dim <= 512 && x.cols % head_dim == 0,
+            "RoPE head_dim {head_dim} for width {}",
+            x.cols
+        );
+    }
     let kernel = RopeBf16 {
-        q: x.ptr(),
-        k: 0,
+        q: q.ptr(),
+        k: k.ptr(),
         positions: layout.positions(),
-        tokens: x.rows,
-        n_heads_q: x.cols / head_dim,
-        n_heads_k: 0,
+        tokens: q.rows,
+        n_heads_q: q.cols / head_dim,
+        n_heads_k: k.cols / head_dim,
         head_dim,
-        ldq: x.cols,
-        ldk: 0,
+        ldq: q.cols,
+        ldk: k.cols,
         theta: theta as f32,
     };
-    b.run(&kernel, (x.rows as u32, 1, 1), 128);
+    b.run(&kernel, (q.rows as u32, 1, 1), 128);
 }
