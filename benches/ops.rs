@@ -1,7 +1,8 @@
 //! Every op family through the `Backend` trait at IDEFICS layer shapes: linear layers (each layer shape at several
 //! row counts), causal prefill attention, paged decode attention, cross-attention, resampler and vision attention,
-//! norms, RoPE, batch sampling of the LM head's logits. Compute-bound ops report FLOP/s as criterion's
-//! `elem/s`; memory-bound ones bytes/s.
+//! norms, RoPE, elementwise ops, data movement (embedding, gather, KV writes), batch sampling of the LM head's
+//! logits. Compute-bound ops report FLOP/s as criterion's `elem/s`; memory-bound ones bytes/s. Each kernel file's
+//! header names the functions here that measure it.
 //!
 //! On the CPU the shapes are those of `cpu-mid` (hidden 1024) and the largest sizes are left out, so
 //! `cargo bench --bench ops` takes minutes; on a GPU (`FLAMINGO_BENCH_DEVICE=cuda`, once the CUDA backend is in
@@ -15,7 +16,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use flamingo::backend::{Backend, RowSampling, SeqStep, StepLayout};
 use flamingo::cli::options::BackendCommand;
-use flamingo::io::config::IdeficsConfig;
+use flamingo::io::config::{Activation, IdeficsConfig};
 use flamingo::io::safetensors::DType;
 use flamingo::model::idefics::synthetic::{random_store, Preset};
 
@@ -249,6 +250,97 @@ fn norms<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: 
     g.finish();
 }
 
+/// The decoder's elementwise ops at the norms' row counts: SwiGLU, an activation in place, the residual add and
+/// the tanh-gated residual add of cross-attention.
+fn elementwise<B: Backend>(
+    c: &mut Criterion,
+    b: &B,
+    s: &Shapes,
+    preset: Preset,
+    cfg: &IdeficsConfig,
+) {
+    let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let alpha = weight(b, "alpha", DType::F32, &[1]);
+    let mut g = group(c, &format!("elementwise/{}", preset.name()));
+    let bytes = |b: &B, elements: usize| (elements * b.activation_width()) as u64;
+    for &rows in s.norm_rows {
+        let (gate, up) = (activation(b, rows, i, 18), activation(b, rows, i, 19));
+        g.throughput(Throughput::BytesDecimal(bytes(b, 3 * rows * i)));
+        g.bench_function(format!("swiglu/{rows}x{i}"), |bench| {
+            bench.iter_custom(|iters| common::timed(b, iters, || b.swiglu(&gate, &up)))
+        });
+        let mut x = activation(b, rows, i, 20);
+        g.throughput(Throughput::BytesDecimal(bytes(b, 2 * rows * i)));
+        g.bench_function(format!("activate_gelu/{rows}x{i}"), |bench| {
+            bench.iter_custom(|iters| {
+                common::timed(b, iters, || b.activate(&mut x, Activation::Gelu))
+            })
+        });
+        let (mut acc, y) = (activation(b, rows, d, 21), activation(b, rows, d, 22));
+        g.throughput(Throughput::BytesDecimal(bytes(b, 3 * rows * d)));
+        g.bench_function(format!("add_assign/{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| common::timed(b, iters, || b.add_assign(&mut acc, &y)))
+        });
+        g.bench_function(format!("add_gated/{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| common::timed(b, iters, || b.add_gated(&mut acc, &y, &alpha)))
+        });
+    }
+    g.finish();
+}
+
+/// Data movement of a step: the token embedding (IDEFICS' decoupled table), the row gather before the LM head,
+/// a KV-cache write, and the concatenation of image states.
+fn data_movement<B: Backend>(
+    c: &mut Criterion,
+    b: &B,
+    s: &Shapes,
+    preset: Preset,
+    cfg: &IdeficsConfig,
+) {
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+    let table = weight(b, "embed.weight", DType::BF16, &[v, d]);
+    let extra = weight(
+        b,
+        "extra.weight",
+        DType::BF16,
+        &[cfg.additional_vocab_size.max(1), d],
+    );
+    let mut g = group(c, &format!("data_movement/{}", preset.name()));
+    let row_bytes = (d * b.activation_width()) as u64;
+    for &rows in s.norm_rows {
+        let ids: Vec<u32> = (0..rows as u32).map(|r| r * 7919 % v as u32).collect();
+        g.throughput(Throughput::BytesDecimal(2 * rows as u64 * row_bytes));
+        g.bench_function(format!("embedding/{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| {
+                common::timed(b, iters, || {
+                    b.embedding(&ids, &table, Some(&extra)).unwrap()
+                })
+            })
+        });
+        let x = activation(b, rows, d, 23);
+        let picked: Vec<usize> = (0..rows).rev().step_by(2).collect();
+        g.throughput(Throughput::BytesDecimal(
+            2 * picked.len() as u64 * row_bytes,
+        ));
+        g.bench_function(
+            format!("gather_rows/{}of{rows}x{d}", picked.len()),
+            |bench| {
+                bench.iter_custom(|iters| common::timed(b, iters, || b.gather_rows(&x, &picked)))
+            },
+        );
+        let l = layout(b, 1, rows, rows);
+        let mut pool = activation(b, (rows.div_ceil(16) + 1) * 16, d, 24);
+        g.throughput(Throughput::BytesDecimal(2 * rows as u64 * row_bytes));
+        g.bench_function(format!("write_kv/{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| common::timed(b, iters, || b.write_kv(&mut pool, &l, &x)))
+        });
+        g.bench_function(format!("concat_rows/2x{rows}x{d}"), |bench| {
+            bench.iter_custom(|iters| common::timed(b, iters, || b.concat_rows(&x, &x)))
+        });
+    }
+    g.finish();
+}
+
 /// RoPE of a decoder step's queries and keys (one launch for both), at the norms' row counts.
 fn rope<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &IdeficsConfig) {
     let (d, head_dim) = (cfg.hidden_size, cfg.head_dim());
@@ -314,6 +406,8 @@ impl BackendCommand for Ops<'_> {
             cross_attention(c, &b, preset, &cfg);
             image_attention(c, &b, preset, &cfg);
             norms(c, &b, &s, preset, &cfg);
+            elementwise(c, &b, &s, preset, &cfg);
+            data_movement(c, &b, &s, preset, &cfg);
             rope(c, &b, &s, preset, &cfg);
             sampling(c, &b, preset, &cfg);
         }

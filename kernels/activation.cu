@@ -22,6 +22,12 @@
 //     tensors into a bf16 tensor). out may alias a or b.
 // bf16_to_f32(out_f32, x, n)                 widening copy, e.g. logits before sampling (exact).
 //     One element per thread per step: grid = (min(ceil(n / 256), 65535 * 8), 1, 1), block = (256, 1, 1).
+//
+// CPU reference: src/backend/cpu/mod.rs::swiglu, src/backend/cpu/mod.rs::activate,
+//   src/backend/cpu/mod.rs::add_gated, src/backend/cpu/mod.rs::add_assign
+// Test: tests/gpu.rs::norms_and_elementwise_ops_match_cpu
+// Bench: benches/ops.rs::elementwise
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 #define ACT_THREADS 256

@@ -40,6 +40,11 @@
 //   o[b, h*D + d] = sum_s 2^(m_s - M) o_s[d] / sum_s 2^(m_s - M) l_s, M = max_s m_s (0 if no key).
 //   Splits are folded in index order (deterministic). o: [n_seqs, ldo] bf16.
 //   Launch: grid = (n_heads, n_seqs, 1), block = (128, 1, 1), dynamic smem = 0.
+//
+// CPU reference: src/backend/cpu/mod.rs::attention, src/backend/cpu/mod.rs::paged_attention
+// Test: tests/gpu.rs::vision_attention_matches_cpu, tests/gpu.rs::paged_attention_matches_cpu
+// Bench: benches/ops.rs::attention, benches/ops.rs::image_attention
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "flash_common.cuh"
 
 // ------------------------------------------------------------------------------------------

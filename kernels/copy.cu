@@ -15,6 +15,13 @@
 //   dst and src must not overlap. Exact copies: no rounding.
 //   Launch: grid = (min(ceil(rows*groups*d_dst / 256), 65535*8), 1, 1), block = (256, 1, 1), smem = 0
 //   (grid-stride, any grid size is correct).
+//
+// CPU reference: src/backend/cpu/mod.rs::slice_rows, src/backend/cpu/mod.rs::concat_rows,
+//   src/backend/cpu/mod.rs::concat_cols, src/backend/cpu/mod.rs::write_rows, src/backend/cpu/mod.rs::gather_rows,
+//   src/backend/cpu/mod.rs::write_kv
+// Test: tests/gpu.rs::embedding_and_data_movement_match_cpu
+// Bench: benches/ops.rs::data_movement
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 #define COPY_THREADS 256

@@ -17,6 +17,11 @@
 //   (static 16 KiB for D=64, 32 KiB for D=128). A 64-token tile visits only the key range of the
 //   images its tokens reference (usually one image: 1 key tile for S = 64).
 //   Alignment: ldq, ldkv, ldo % 8 == 0; base pointers 16-byte aligned.
+//
+// CPU reference: src/backend/cpu/mod.rs::cross_attention
+// Test: tests/gpu.rs::cross_attention_matches_cpu
+// Bench: benches/ops.rs::cross_attention
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "flash_common.cuh"
 
 template <int D>

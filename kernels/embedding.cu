@@ -10,6 +10,11 @@
 //   null). So bad input never reads out of bounds and is never silent.
 //   Launch: grid = (n_tokens, 1, 1), block = (128, 1, 1), smem = 0. 16-byte path when dim % 8 == 0
 //   and the tables/out are 16-byte aligned.
+//
+// CPU reference: src/backend/cpu/mod.rs::embedding
+// Test: tests/gpu.rs::embedding_and_data_movement_match_cpu
+// Bench: benches/ops.rs::data_movement
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 #define EMB_THREADS 128

@@ -34,6 +34,11 @@
 //   Its order differs from gemm_bf16's, so for bit-identical decode at every batch size use
 //   gemv_bf16 for all decode rows (row groups of 8 along grid.y; each group re-reads W).
 //   Launch: grid = (ceil(N/4), ceil(M/8), 1), block = (256, 1, 1), dynamic smem = 0.
+//
+// CPU reference: src/backend/cpu/mod.rs::linear
+// Test: tests/gpu.rs::linear_matches_cpu, tests/gpu.rs::gemm_rows_are_bit_identical_across_batch_sizes
+// Bench: benches/ops.rs::linear
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 // ------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@
 //     PyTorch LayerNorm: mean and biased variance in f32 (two-pass from registers),
 //     out = bf16((x - mean) * rsqrt(var + eps) * w + b). weight and/or bias may be null
 //     (treated as 1 / 0) for bias-free or affine-free norms. out may alias x.
+//
+// CPU reference: src/backend/cpu/mod.rs::rms_norm, src/backend/cpu/mod.rs::layer_norm
+// Test: tests/gpu.rs::norms_and_elementwise_ops_match_cpu
+// Bench: benches/ops.rs::norms
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 #define NORM_THREADS 256

@@ -16,6 +16,11 @@
 //   (static 16 / 26 / 32 KiB for D = 64 / 96 / 128).
 //   D: 96 (IDEFICS 16 x 96), 64 (OpenFlamingo 8 x 64), 128.
 //   Alignment: ld* % 8 == 0; base pointers 16-byte aligned.
+//
+// CPU reference: src/backend/cpu/mod.rs::resampler_attention
+// Test: tests/gpu.rs::resampler_attention_matches_cpu
+// Bench: benches/ops.rs::image_attention
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "flash_common.cuh"
 
 template <int D>

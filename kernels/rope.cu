@@ -3,7 +3,7 @@
 // rope_bf16(q, k, positions, tokens, n_heads_q, n_heads_k, head_dim, ldq, ldk, theta)
 //   q: [tokens, ldq] bf16, head h at columns h*head_dim .. (h+1)*head_dim (ldq >= n_heads_q*head_dim,
 //      normally ldq = n_heads_q*head_dim; a larger ld lets q/k live inside a fused QKV buffer)
-//   k: [tokens, ldk] bf16, likewise with n_heads_k heads. k may be null (n_heads_k ignored).
+//   k: [tokens, ldk] bf16, likewise with n_heads_k heads (fewer than q's with grouped-query attention).
 //   positions: [tokens] int32, absolute position of each token.
 //   For every head and i < half = head_dim/2, with x1 = x[i], x2 = x[i + half]:
 //       inv_freq = 1 / theta^(2i/head_dim)          (f32, as HF computes it)
@@ -14,6 +14,11 @@
 //   dtype and evaluates q*cos + rotate_half(q)*sin in bf16.
 // Launch: grid = (tokens, 1, 1), block = (128, 1, 1), dynamic smem = 0.
 // Limits: head_dim even, 2 <= head_dim <= 512 (ROPE_MAX_HALF = 256). Any alignment.
+//
+// CPU reference: src/backend/cpu/mod.rs::rope_rotate
+// Test: tests/gpu.rs::rope_matches_cpu
+// Bench: benches/ops.rs::rope
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 #define ROPE_THREADS 128
@@ -58,5 +63,5 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
   __syncthreads();
 
   rope_rotate(q + (long long)t * ldq, n_heads_q, head_dim, cs, sn);
-  if (k) rope_rotate(k + (long long)t * ldk, n_heads_k, head_dim, cs, sn);
+  rope_rotate(k + (long long)t * ldk, n_heads_k, head_dim, cs, sn);
 }

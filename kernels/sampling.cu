@@ -30,6 +30,11 @@
 //   The thresholds are found by bisection on the 32-bit order-preserving key of x (32 exact
 //   passes each for top-k and top-p, skipped when disabled): no sort, no workspace.
 //   Launch: grid = (rows, 1, 1), block = (512, 1, 1), dynamic smem = 0.
+//
+// CPU reference: src/backend/cpu/sampling.rs::sample_row
+// Test: tests/gpu.rs::sampling_matches_cpu
+// Bench: benches/ops.rs::sampling
+// The tests run on the simulated device (tools/cudasim) in CI and on a GPU where there is one.
 #include "common.cuh"
 
 #define PENALTY_THREADS 128
