@@ -10,10 +10,9 @@
 //
 // swiglu_bf16(out, gate, up, rows, cols)                       SwiGLU from two buffers
 //     gate, up, out: [rows, cols]. out = bf16( bf16(silu(gate)) * up ).  out may alias gate or up.
-// activate_bf16(out, x, bias, rows, cols, act)                   out = act(bf16(x + bias))
+// activate_bf16(x, rows, cols, act)                   x = act(x) in place
 //     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6),
-//     EPI_GELU_TANH (7).
-//     bias [cols] may be null. out may alias x.
+//     EPI_GELU_TANH (7). (A Linear's bias and activation fuse into its GEMM epilogue instead.)
 // add_gated_bf16(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
 //     h: [rows, cols] updated in place, x: [rows, cols], alpha: bf16 [alpha_len] with alpha_len = 1
 //     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
@@ -60,24 +59,19 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
   });
 }
 
-FE_DEVICE void bias_act(bf16* out, const bf16* x, const bf16* bias, int rows, int cols, int act) {
-  const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(x) && (!bias || is_aligned16(bias));
-  for_each_chunk(rows, cols, [&](int r, int c) {
-    const long long off = (long long)r * cols;
-    float v[8], b[8];
-    load8_rw(x + off, c, cols, vec, v);
-    if (bias) load8(bias, c, cols, vec, b);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = apply_epilogue(act, v[j], bias ? b[j] : 0.f, 0.f);
-    store8(out + off, c, cols, vec, v);
-  });
-}
-
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    activate_bf16(bf16* out, const bf16* x, const bf16* __restrict__ bias, int rows, int cols, Epilogue act) {
+    activate_bf16(bf16* x, int rows, int cols, Epilogue act) {
   // Codes that need a second operand (EPI_RESIDUAL, EPI_SILU_MUL) are GEMM-only: identity here.
   if (epilogue_reads_aux(act)) act = EPI_NONE;
-  bias_act(out, x, bias, rows, cols, act);
+  const bool vec = (cols % 8 == 0) && is_aligned16(x);
+  for_each_chunk(rows, cols, [&](int r, int c) {
+    const long long off = (long long)r * cols;
+    float v[8];
+    load8_rw(x + off, c, cols, vec, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = apply_epilogue(act, v[j], 0.f, 0.f);
+    store8(x + off, c, cols, vec, v);
+  });
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)

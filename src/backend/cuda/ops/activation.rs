@@ -70,9 +70,7 @@ pub(in crate::backend::cuda) fn add_gated(
 
 pub(in crate::backend::cuda) fn activate(b: &CudaBackend, x: &mut CudaTensor, act: Activation) {
     let kernel = ActivateBf16 {
-        out: x.ptr(),
         x: x.ptr(),
-        bias: 0,
         rows: x.rows,
         cols: x.cols,
         act: epilogue_of(act),

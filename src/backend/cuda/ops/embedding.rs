@@ -43,7 +43,6 @@ pub(in crate::backend::cuda) fn embedding(
         table_b: extra.map_or(0, |e| e.ptr),
         vocab_b,
         dim: table.cols,
-        err: 0,
     };
     b.run(&kernel, (ids.len() as u32, 1, 1), 128);
     Ok(out)
