@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use crate::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
+use crate::backend::{Backend, RowSampling, SeqStep, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::MediaCache;
 use crate::error::{Error, Result};
@@ -26,6 +26,7 @@ use crate::io::prompt::EncodedPrompt;
 use crate::io::tokenizer::IdeficsTokenizer;
 use crate::model::sampling::Sampler;
 use crate::runtime::pipeline::Pipeline;
+use crate::runtime::recorded::{decode_shape, padded, recorded_logits, MAX_RECORDED_SEQS};
 use crate::runtime::request::{FinishReason, GenerationOutput, GenerationRequest};
 use crate::runtime::scheduler::{Limits, MediaJob, RequestId, Scheduler, SeqState, StepPlan};
 use crate::runtime::stream::TextStream;
@@ -46,12 +47,6 @@ pub struct EngineConfig {
     /// Whether decode steps are recorded once per batch size and replayed (CUDA graphs), where the backend can.
     pub decode_graphs: bool,
 }
-
-/// Decode steps of up to this many sequences are recorded. Padding to the next power of two never crosses the CUDA
-/// backend's regime boundary ([`GEMV_MAX_ROWS`](crate::backend::cuda::GEMV_MAX_ROWS) = 64: GEMV up to it, GEMM
-/// above, and both GEMM kernels give bit-identical rows), so a padded step computes each real row exactly as an
-/// eager step of its own size does.
-pub const MAX_RECORDED_SEQS: usize = 256;
 
 impl EngineConfig {
     /// Limits for `max_seqs` concurrent sequences whose KV pool takes at most `kv_bytes` (each block costs
@@ -394,16 +389,7 @@ impl<'p, B: Backend> Engine<'p, B> {
             self.config.block_size,
             blocks.padding_block(),
         );
-        // No sequence outgrows the model's context or the whole pool.
-        let max_kv = self
-            .pipeline
-            .model()
-            .context_len()
-            .min(blocks.total_blocks() * blocks.block_size());
-        let shape = DecodeShape {
-            table_width: blocks.blocks_for(max_kv),
-            max_kv,
-        };
+        let shape = decode_shape(self.pipeline.model().context_len(), blocks);
         match recorded_logits(
             self.pipeline,
             graphs,
@@ -490,42 +476,4 @@ fn accept(
         return Ok(Some(FinishReason::Stop));
     }
     Ok(seq.is_full().then_some(FinishReason::Length))
-}
-
-/// A decode step of these rows padded to the next power of two with one-row sequences on the padding block `pad`,
-/// so that every step of a batch size replays one recording. Returns the ids, the step and how many rows are real.
-fn padded(
-    mut ids: Vec<u32>,
-    mut seqs: Vec<SeqStep>,
-    block_size: usize,
-    pad: u32,
-) -> (Vec<u32>, StepLayout, usize) {
-    let real = seqs.len();
-    for _ in seqs.len()..seqs.len().next_power_of_two() {
-        ids.push(0);
-        seqs.push(SeqStep {
-            q_rows: 1,
-            kv_len: 1,
-            block_table: vec![pad],
-            image_of_row: vec![-1],
-        });
-    }
-    (ids, StepLayout { block_size, seqs }, real)
-}
-
-/// The logits of every real row of a padded decode step, through the backend's recording for its batch size (made
-/// on the first such step); block tables and attention splits take `shape`, that of the longest sequence possible.
-fn recorded_logits<B: Backend>(
-    p: &Pipeline<B>,
-    graphs: &mut B::StepGraphs,
-    (ids, step, real): (Vec<u32>, StepLayout, usize),
-    shape: DecodeShape,
-    kv: &mut PagedKvCache<B>,
-    media: &MediaCache<B>,
-) -> Result<B::Tensor> {
-    let b = &p.backend;
-    b.run_recorded(graphs, &ids, &step, shape, real, &mut |layout| {
-        let h = p.model().forward(b, &ids, layout, kv, media, None)?;
-        Ok(p.model().logits(b, &h))
-    })
 }

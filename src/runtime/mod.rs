@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod generate;
 pub mod pipeline;
+pub mod recorded;
 pub mod request;
 pub mod scheduler;
 pub mod service;

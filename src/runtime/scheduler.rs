@@ -12,6 +12,8 @@
 //! 4. grows block tables; when the pool runs dry the newest running sequence is preempted: its blocks are freed
 //!    and it goes back to the queue in its arrival place, to be recomputed from its prompt and the tokens it has
 //!    generated (overload slows requests down and never fails or loses one).
+//!
+//! One cohesive thing over 500 lines: the policy (half the file) and its unit tests (the other half).
 
 use std::collections::VecDeque;
 

@@ -1,5 +1,6 @@
 //! The CPU backend: f32 compute, multi-threaded with rayon, weights left memory-mapped in their stored dtype.
-//! It is the reference every other backend is tested against, and a working fallback.
+//! It is the reference every other backend is tested against, and a working fallback. This file is one cohesive
+//! thing: the `Backend` implementation, op by op (the heavy kernels live in `attention`, `matmul`, `dot`).
 
 mod attention;
 mod ceilings;
