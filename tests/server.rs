@@ -284,6 +284,14 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
         base64::engine::general_purpose::STANDARD.encode(b"this is not an image at all")
     );
     let long_prompt = "word ".repeat(400);
+    let gif_frame_bomb = {
+        let mut g = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff".to_vec();
+        g.extend(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02\x4c\x01\x00\x3b");
+        format!(
+            "data:image/gif;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(g)
+        )
+    };
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
             "malformed JSON",
@@ -327,6 +335,12 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
             user(json!([image_part(&garbage)])).to_string(),
             400,
             "image 0",
+        ),
+        (
+            "GIF frame larger than its 1x1 screen (35 bytes claiming 17 GB)",
+            user(json!([image_part(&gif_frame_bomb)])).to_string(),
+            400,
+            "more memory",
         ),
         (
             "oversized image",

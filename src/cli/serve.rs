@@ -8,6 +8,7 @@ use crate::cli::options::{
     bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions,
 };
 use crate::error::{Error, Result};
+use crate::io::image::{decode_bytes, DecodeBudget};
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::service::EngineService;
 use crate::server::images::{canonical_root, ImagePolicy};
@@ -49,9 +50,13 @@ pub struct ServeArgs {
     /// Encoded size of one image at most.
     #[arg(long, default_value_t = 20 << 20)]
     max_image_bytes: usize,
-    /// Decoded size of one image at most.
+    /// Decoded size of one image at most, in pixels (of every frame of it).
     #[arg(long, default_value_t = crate::io::image::DEFAULT_MAX_PIXELS)]
     max_image_pixels: u64,
+    /// Memory that the image decodes of all requests being prepared may hold at once, MiB (a decode waits for
+    /// room). Each image needs up to 7 bytes a pixel.
+    #[arg(long, default_value_t = 1024)]
+    max_decode_memory_mib: u64,
     /// Request bodies at most (base64 images included).
     #[arg(long, default_value_t = 64 << 20)]
     max_body_bytes: usize,
@@ -84,6 +89,7 @@ fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Re
         Some(path) => ChatTemplate::from_file(path)?,
         None => ChatTemplate::default(),
     };
+    let decode_budget = decode_budget(args.max_decode_memory_mib, args.max_image_pixels)?;
     let images = ImagePolicy {
         local_root: args
             .allow_local_images
@@ -94,6 +100,7 @@ fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Re
         max_bytes: args.max_image_bytes,
         max_pixels: args.max_image_pixels,
         max_images: args.max_images,
+        decode_budget: Arc::new(decode_budget),
     };
     let limits = ServerLimits {
         max_in_flight: config.max_seqs + args.max_queue,
@@ -143,4 +150,16 @@ async fn shutdown_signal() {
         _ = interrupt => {},
         _ = terminate => {},
     }
+}
+
+/// The decode memory budget, which must hold at least one image of the largest size allowed.
+fn decode_budget(mib: u64, max_pixels: u64) -> Result<DecodeBudget> {
+    let one = decode_bytes(max_pixels);
+    let bytes = mib.checked_mul(1 << 20).filter(|&b| b >= one).ok_or_else(|| {
+        Error::Invalid(format!(
+            "--max-decode-memory-mib {mib} must hold one image of --max-image-pixels {max_pixels}: at least {} MiB",
+            one.div_ceil(1 << 20)
+        ))
+    })?;
+    Ok(DecodeBudget::new(bytes))
 }

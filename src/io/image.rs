@@ -7,15 +7,22 @@
 //! quantised to 22 fractional bits and each pass rounded and clipped to 8 bits. Matching those integer steps is what
 //! keeps us within one level in 255 of transformers on every pixel.
 
+use std::io::Read;
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 
 use image::{DynamicImage, ImageReader};
 
 use crate::error::{Error, Result};
 use crate::io::config::PreprocessorConfig;
 
-/// Pillow's decompression-bomb threshold (`Image.MAX_IMAGE_PIXELS * 2`, where it raises instead of warning).
-pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+/// Pixels of one image at most, by default: 50 Mpx (an 8192 x 6144 photograph). Decoding one that size takes at
+/// most [`decode_bytes`] = 350 MB at its peak (the decoder's RGBA buffer and our RGB copy); the model sees it at
+/// 224 x 224 whatever its size.
+pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
+
+/// Bytes of metadata (ICC profiles, text, EXIF) a decoder may hold beside the pixels.
+const METADATA_BYTES: u64 = 16 << 20;
 
 /// An 8-bit RGB image, pixels interleaved row-major.
 #[derive(Clone, Debug)]
@@ -25,16 +32,120 @@ pub struct Rgb8 {
     pub data: Vec<u8>,
 }
 
-/// Decodes PNG, JPEG, WebP or GIF (first frame) and converts it to RGB. Refuses zero-size images and images with
-/// more than `max_pixels` pixels before decoding them.
-pub fn load_rgb(path: &Path, max_pixels: u64) -> Result<Rgb8> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_rgb(&bytes, path, max_pixels)
+/// Peak bytes that decoding a `pixels`-pixel image to RGB takes: the decoder's RGBA buffer, our RGB copy, and the
+/// metadata the decoder may hold.
+pub fn decode_bytes(pixels: u64) -> u64 {
+    pixels.saturating_mul(4 + 3).saturating_add(METADATA_BYTES)
 }
 
-/// Decodes an encoded image (PNG, JPEG, WebP, GIF; format from its bytes) to RGB, refusing empty images and ones
-/// over `max_pixels` before decoding them. `source` names it in errors (a file, or e.g. a request's image part).
-pub fn decode_rgb(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<Rgb8> {
+/// Memory that image decodes may hold at once, shared by every request being prepared: a decode waits until its
+/// peak ([`decode_bytes`]) fits, so many large images in flight queue instead of exhausting memory.
+#[derive(Debug)]
+pub struct DecodeBudget {
+    total: u64,
+    free: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl DecodeBudget {
+    pub fn new(total: u64) -> Self {
+        DecodeBudget {
+            total,
+            free: Mutex::new(total),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Holds `bytes` of the budget until the guard drops; waits while other decodes hold too much.
+    fn reserve(&self, bytes: u64) -> Reservation<'_> {
+        let bytes = bytes.min(self.total);
+        let mut free = self.free.lock().expect("decode budget lock");
+        while *free < bytes {
+            free = self.freed.wait(free).expect("decode budget lock");
+        }
+        *free -= bytes;
+        Reservation {
+            budget: self,
+            bytes,
+        }
+    }
+}
+
+struct Reservation<'a> {
+    budget: &'a DecodeBudget,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        *self.budget.free.lock().expect("decode budget lock") += self.bytes;
+        self.budget.freed.notify_all();
+    }
+}
+
+/// What one image may cost to decode.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits<'a> {
+    /// Pixels of the image, and of any frame in it (a GIF frame may be larger than its logical screen).
+    pub max_pixels: u64,
+    /// Memory shared with other decodes, if any.
+    pub budget: Option<&'a DecodeBudget>,
+}
+
+impl DecodeLimits<'_> {
+    pub fn pixels(max_pixels: u64) -> DecodeLimits<'static> {
+        DecodeLimits {
+            max_pixels,
+            budget: None,
+        }
+    }
+}
+
+/// Reads an image file: only a regular file, and only up to `max_bytes` (`/dev/zero` or a FIFO is refused, not
+/// read until memory runs out or forever).
+pub fn read_image_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let err = |message: String| Error::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() > max_bytes {
+        return Err(err(format!(
+            "{} bytes, over the limit of {max_bytes} bytes for an image file",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes))
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(err(format!(
+            "grew past the limit of {max_bytes} bytes while read"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Image files larger than this are not read (PNG at its worst stores 4 bytes a pixel, plus metadata).
+pub fn max_file_bytes(limits: &DecodeLimits) -> u64 {
+    decode_bytes(limits.max_pixels)
+}
+
+/// Decodes PNG, JPEG, WebP or GIF (first frame) and converts it to RGB, within `limits`.
+pub fn load_rgb(path: &Path, limits: &DecodeLimits) -> Result<Rgb8> {
+    let bytes = read_image_file(path, max_file_bytes(limits))?;
+    decode_rgb(&bytes, path, limits)
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP, GIF; format from its bytes) to RGB. Refuses empty images and ones
+/// over `limits.max_pixels` from their header, then decodes with the decoder's own allocation limit set to what
+/// such an image needs, so a frame larger than its header says, or metadata chunks that inflate, are refused
+/// while decoding instead of allocated. `source` names it in errors (a file, or e.g. a request's image part).
+pub fn decode_rgb(bytes: &[u8], source: &Path, limits: &DecodeLimits) -> Result<Rgb8> {
     let err = |message: String| Error::Image {
         path: source.to_path_buf(),
         message,
@@ -42,12 +153,18 @@ pub fn decode_rgb(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<Rgb8> 
     if bytes.is_empty() {
         return Err(err("the image is empty (0 bytes)".into()));
     }
-    let reader = || {
-        ImageReader::new(std::io::Cursor::new(bytes))
+    // Each pass with the decoder's own allocation limit: metadata only for the header, then what an image of
+    // this size needs. (A PNG's oversized ICC profile is cut off at the limit and dropped, never inflated whole.)
+    let reader = |max_alloc: u64| {
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(max_alloc);
+        let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(|e| Error::io(source, e))
+            .map_err(|e| Error::io(source, e))?;
+        reader.limits(limits);
+        Ok::<_, Error>(reader)
     };
-    let (w, h) = reader()?
+    let (w, h) = reader(METADATA_BYTES)?
         .into_dimensions()
         .map_err(|e| err(format!("cannot read the image header: {e}")))?;
     if w == 0 || h == 0 {
@@ -56,16 +173,22 @@ pub fn decode_rgb(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<Rgb8> 
         )));
     }
     let pixels = w as u64 * h as u64;
-    if pixels > max_pixels {
+    let max = limits.max_pixels;
+    if pixels > max {
         return Err(err(format!(
-            "the image is {w}x{h} = {pixels} pixels, over the limit of {max_pixels}"
+            "the image is {w}x{h} = {pixels} pixels, over the limit of {max} (--max-image-pixels)"
         )));
     }
-    let mut reader = reader()?;
-    reader.no_limits();
-    let decoded = reader
-        .decode()
-        .map_err(|e| err(format!("cannot decode: {e}")))?;
+    let _held = limits.budget.map(|b| b.reserve(decode_bytes(pixels)));
+    // The decoder's buffers: an RGBA frame of this image's size (a frame larger than the header's screen is
+    // refused), and metadata.
+    let decoded = reader(pixels * 4 + METADATA_BYTES)?.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => err(format!(
+            "decoding needs more memory than a {w}x{h} image may take (--max-image-pixels {max}): a frame \
+             larger than the header says, or oversized metadata ({e})"
+        )),
+        e => err(format!("cannot decode: {e}")),
+    })?;
     Ok(to_rgb(decoded))
 }
 
@@ -231,8 +354,12 @@ pub fn preprocess(img: &Rgb8, cfg: &PreprocessorConfig) -> Vec<f32> {
 }
 
 /// Loads and preprocesses one image file.
-pub fn load_pixels(path: &Path, cfg: &PreprocessorConfig, max_pixels: u64) -> Result<Vec<f32>> {
-    Ok(preprocess(&load_rgb(path, max_pixels)?, cfg))
+pub fn load_pixels(
+    path: &Path,
+    cfg: &PreprocessorConfig,
+    limits: &DecodeLimits,
+) -> Result<Vec<f32>> {
+    Ok(preprocess(&load_rgb(path, limits)?, cfg))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::{Backend, SeqStep, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::{IdeficsConfig, PreprocessorConfig};
-use crate::io::image::{load_pixels, preprocess, Rgb8, DEFAULT_MAX_PIXELS};
+use crate::io::image::{load_pixels, DecodeLimits, DEFAULT_MAX_PIXELS};
 use crate::io::prompt::{encode_prompt, EncodedPrompt};
 use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::IdeficsTokenizer;
@@ -124,30 +124,17 @@ impl<B: Backend> Pipeline<B> {
         user_text: &str,
         images: &[PathBuf],
     ) -> Result<(EncodedPrompt, Vec<Vec<f32>>)> {
-        let prompt = self.encode(user_text, images.len())?;
+        let prompt = self.prompt_for(user_text, images.len())?;
+        let limits = DecodeLimits::pixels(self.max_image_pixels);
         let pixels = images
             .iter()
-            .map(|p| load_pixels(p, &self.preprocessor, self.max_image_pixels))
+            .map(|p| load_pixels(p, &self.preprocessor, &limits))
             .collect::<Result<Vec<_>>>()?;
         Ok((prompt, pixels))
     }
 
-    /// `prepare` for images already decoded (e.g. from a request body).
-    pub fn prepare_decoded(
-        &self,
-        user_text: &str,
-        images: &[Rgb8],
-    ) -> Result<(EncodedPrompt, Vec<Vec<f32>>)> {
-        let prompt = self.encode(user_text, images.len())?;
-        let pixels = images
-            .iter()
-            .map(|img| preprocess(img, &self.preprocessor))
-            .collect();
-        Ok((prompt, pixels))
-    }
-
     /// The prompt for `user_text` with `num_images` images, checked before any image is decoded.
-    fn encode(&self, user_text: &str, num_images: usize) -> Result<EncodedPrompt> {
+    pub fn prompt_for(&self, user_text: &str, num_images: usize) -> Result<EncodedPrompt> {
         let prompt = encode_prompt(&self.tokenizer, user_text, num_images)?;
         self.check_prompt(&prompt)?;
         Ok(prompt)

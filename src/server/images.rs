@@ -1,13 +1,15 @@
 //! Images named in requests: `data:` URLs (base64 PNG, JPEG, WebP, GIF) always; local files only under the folder
 //! `--allow-local-images` names; remote `http://` URLs only with `--allow-remote-images`. Every image is size-checked
-//! before decoding.
+//! before decoding, decoded within the pixel limit (frames and metadata included) and a memory budget shared by all
+//! requests being prepared, and turned into the model's pixels before the next one is decoded.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine as _;
 
-use crate::io::image::{decode_rgb, Rgb8};
+use crate::io::image::{decode_rgb, DecodeBudget, DecodeLimits, Rgb8};
 use crate::server::openai::ApiError;
 
 /// Where images may come from, and how big they may be.
@@ -18,11 +20,18 @@ pub struct ImagePolicy {
     pub max_bytes: usize,
     pub max_pixels: u64,
     pub max_images: usize,
+    /// Memory every request's image decodes share.
+    pub decode_budget: Arc<DecodeBudget>,
 }
 
 impl ImagePolicy {
-    /// Fetches and decodes every image of a request, in order.
-    pub fn load_all(&self, urls: &[String]) -> Result<Vec<Rgb8>, ApiError> {
+    /// Fetches and decodes every image of a request, in order, each handed to `prepare` (and dropped) before the
+    /// next is decoded.
+    pub fn load_all<T>(
+        &self,
+        urls: &[String],
+        prepare: impl Fn(&Rgb8) -> T,
+    ) -> Result<Vec<T>, ApiError> {
         if urls.len() > self.max_images {
             return Err(ApiError::bad(format!(
                 "{} images in one request; the limit is {}",
@@ -32,7 +41,7 @@ impl ImagePolicy {
         }
         urls.iter()
             .enumerate()
-            .map(|(i, url)| self.load(i, url))
+            .map(|(i, url)| self.load(i, url).map(|image| prepare(&image)))
             .collect()
     }
 
@@ -45,7 +54,11 @@ impl ImagePolicy {
         } else {
             self.local(index, url.strip_prefix("file://").unwrap_or(url))?
         };
-        decode_rgb(&bytes, &name, self.max_pixels).map_err(ApiError::from_engine)
+        let limits = DecodeLimits {
+            max_pixels: self.max_pixels,
+            budget: Some(&self.decode_budget),
+        };
+        decode_rgb(&bytes, &name, &limits).map_err(ApiError::from_engine)
     }
 
     fn data_url(&self, index: usize, rest: &str) -> Result<Vec<u8>, ApiError> {

@@ -25,6 +25,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backend::Backend;
+use crate::io::image::preprocess;
 use crate::model::sampling::SamplingParams;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::service::StreamEvent;
@@ -101,12 +102,15 @@ async fn serve_request<B: Backend + 'static>(
     let (request, stream, include_usage) = generation_request(&fields, app.limits.max_tokens)?;
     let prepare_app = app.clone();
     let (encoded, pixels) = tokio::task::spawn_blocking(move || {
-        let images = prepare_app.images.load_all(&image_urls)?;
-        prepare_app
-            .service
-            .pipeline()
-            .prepare_decoded(&prompt, &images)
-            .map_err(ApiError::from_engine)
+        let pipeline = prepare_app.service.pipeline();
+        // The prompt is checked before any image is fetched or decoded.
+        let encoded = pipeline
+            .prompt_for(&prompt, image_urls.len())
+            .map_err(ApiError::from_engine)?;
+        let pixels = (prepare_app.images).load_all(&image_urls, |image| {
+            preprocess(image, &pipeline.preprocessor)
+        })?;
+        Ok::<_, ApiError>((encoded, pixels))
     })
     .await
     .map_err(|e| ApiError {
