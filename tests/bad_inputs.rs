@@ -295,3 +295,116 @@ fn invalid_sampling_parameters() {
     let err = generate_fails(&dir, PROMPT, &[image()], &["--top-p", "1.5"]);
     assert_mentions(&err, &["top_p", "1.5"]);
 }
+
+/// Runs `flamingo batch` over one good line with `flags` and returns stderr, asserting a clean failure.
+fn batch_fails(flags: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"User: hi\\nAssistant:\", \"max_new_tokens\": 2}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["batch", "--device", "cpu", "--model"])
+        .arg(fixture_dir("tiny-idefics-a"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(tmp.path().join("out.jsonl"))
+        .args(flags)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn engine_flags_out_of_range_are_refused_by_name() {
+    for (flags, expected) in [
+        (&["--block-size", "0"][..], "--block-size 0 is out of range"),
+        (
+            &["--block-size", "18446744073709551615"],
+            "--block-size 18446744073709551615 is out of range",
+        ),
+        (
+            &["--max-seqs", "4611686018427387904"],
+            "--max-seqs 4611686018427387904 is out of range",
+        ),
+        (
+            &["--max-step-tokens", "0"],
+            "--max-step-tokens 0 is out of range",
+        ),
+        (
+            &["--kv-memory-mib", "1125899906842624"],
+            "--kv-memory-mib 1125899906842624",
+        ),
+        (&["--kv-blocks", "200000000"], "more than the"),
+        (
+            &["--media-slots", "1048577"],
+            "--media-slots 1048577 is out of range",
+        ),
+        (&["--threads", "100000"], "--threads 100000 is out of range"),
+    ] {
+        let err = batch_fails(flags);
+        assert!(err.contains(expected), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn a_max_new_tokens_near_the_integer_limit_stops_at_the_context() {
+    for n in ["18446744073709551597", "18446744073709551615"] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
+        cmd.args([
+            "generate",
+            "--device",
+            "cpu",
+            "--json",
+            "--max-new-tokens",
+            n,
+        ])
+        .arg("--model")
+        .arg(fixture_dir("tiny-idefics-a"))
+        .args(["--prompt", PROMPT, "--image"])
+        .arg(image());
+        // The bug this guards against spun forever: a run past a minute is a failure, not a hang.
+        let out = output_within(cmd, std::time::Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{n}: {stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let context = 256; // tiny-idefics-a's max_position_embeddings
+        let generated = v["generated_ids"].as_array().unwrap().len();
+        let total = v["prompt_ids"].as_array().unwrap().len() + generated;
+        assert!(
+            generated >= 1 && total <= context + 1,
+            "{n}: {total} positions"
+        );
+        if v["finish_reason"] == "length" {
+            assert!(
+                total >= context,
+                "{n}: stopped for length after {generated} tokens"
+            );
+        }
+    }
+}
+
+/// Runs `cmd` to completion, killing it (and failing) if it takes longer than `limit`.
+fn output_within(mut cmd: Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("still running after {limit:?}: {cmd:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}

@@ -58,6 +58,7 @@ impl EngineOptions {
     /// Engine limits from the flags, the KV pool sized from its memory budget (K and V of every layer, in the
     /// backend's activation width), never more than `max_seqs` full contexts.
     pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> Result<EngineConfig> {
+        self.check_ranges()?;
         let cfg = &p.idefics.config;
         let block_bytes = 2
             * cfg.num_hidden_layers
@@ -65,7 +66,9 @@ impl EngineOptions {
             * cfg.hidden_size
             * p.backend.activation_width();
         let kv_bytes = match self.kv_memory_mib {
-            Some(mib) => mib << 20,
+            Some(mib) => mib.checked_mul(1 << 20).ok_or_else(|| {
+                Error::Invalid(format!("--kv-memory-mib {mib} is beyond any memory"))
+            })?,
             None => {
                 if !(self.kv_memory_fraction > 0.0 && self.kv_memory_fraction <= 1.0) {
                     return Err(Error::Invalid(format!(
@@ -91,8 +94,71 @@ impl EngineOptions {
             config.media_slots = n;
         }
         config.decode_graphs = !self.no_cuda_graphs;
+        let slot_bytes = 2
+            * cfg.num_cross_layers()
+            * cfg.image_tokens_per_image()
+            * cfg.hidden_size
+            * p.backend.activation_width();
+        check_caches_fit(p, &config, block_bytes, slot_bytes)?;
         Ok(config)
     }
+
+    /// Every limit within what an engine can run, so a bad flag is an error naming it, never a panic, an overflow
+    /// or a pool that refuses every request.
+    fn check_ranges(&self) -> Result<()> {
+        let ranges = [
+            ("--max-seqs", self.max_seqs, MAX_SEQS),
+            ("--max-step-tokens", self.max_step_tokens, MAX_STEP_TOKENS),
+            ("--block-size", self.block_size, MAX_BLOCK_SIZE),
+            ("--kv-blocks", self.kv_blocks.unwrap_or(1), MAX_KV_BLOCKS),
+            (
+                "--media-slots",
+                self.media_slots.unwrap_or(1),
+                MAX_MEDIA_SLOTS,
+            ),
+        ];
+        for (flag, value, max) in ranges {
+            if !(1..=max).contains(&value) {
+                return Err(Error::Invalid(format!(
+                    "{flag} {value} is out of range: it must be 1 to {max}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Engine limits no flag may pass: far beyond what one device serves, low enough that no size computed from them
+/// overflows.
+const MAX_SEQS: usize = 65_536;
+const MAX_STEP_TOKENS: usize = 1 << 20;
+const MAX_BLOCK_SIZE: usize = 4096;
+const MAX_KV_BLOCKS: usize = 1 << 28;
+const MAX_MEDIA_SLOTS: usize = 1 << 20;
+
+/// The KV pool and the media cache must fit in the memory free once the weights are loaded.
+fn check_caches_fit<B: Backend>(
+    p: &Pipeline<B>,
+    config: &EngineConfig,
+    block_bytes: usize,
+    slot_bytes: usize,
+) -> Result<()> {
+    let kv = config.kv_blocks.saturating_mul(block_bytes);
+    let media = config.media_slots.saturating_mul(slot_bytes);
+    let free = p.backend.free_memory()?;
+    if kv.saturating_add(media) > free {
+        return Err(Error::Invalid(format!(
+            "a KV pool of {} blocks ({} MiB) and a media cache of {} images ({} MiB) need more than the {} MiB \
+             free on {} (lower --kv-blocks, --kv-memory-mib or --media-slots)",
+            config.kv_blocks,
+            kv >> 20,
+            config.media_slots,
+            media >> 20,
+            free >> 20,
+            p.backend.device_name()
+        )));
+    }
+    Ok(())
 }
 
 /// A command's work on whichever backend `--device` selects: the command code is written once, generic over the
@@ -129,9 +195,16 @@ impl std::str::FromStr for Device {
 /// allocation). `auto` takes CUDA device 0 when there is one, else the CPU; either way stderr says which device.
 pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
     if let Some(n) = opts.threads {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let max = 8 * cores;
+        if !(1..=max).contains(&n) {
+            return Err(Error::Invalid(format!(
+                "--threads {n} is out of range: this machine has {cores} cores, and at most {max} threads help"
+            )));
+        }
         // Fails only if the global pool already exists, in which case it keeps its size.
         let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
+            .num_threads(n)
             .build_global();
     }
     let device = match opts.device.parse()? {

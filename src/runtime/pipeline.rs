@@ -163,7 +163,8 @@ impl<B: Backend> Pipeline<B> {
 
     /// Positions a request may use: its prompt and new tokens, within the model's context.
     pub fn positions_for(&self, prompt: &EncodedPrompt, max_new_tokens: usize) -> usize {
-        (prompt.ids.len() + max_new_tokens).min(self.model().context_len())
+        // Saturating: a huge max_new_tokens means "up to the context", never a wrapped small number.
+        (prompt.ids.len().saturating_add(max_new_tokens)).min(self.model().context_len())
     }
 
     /// What the cross-attention sees of the images: vision encoder then resampler.
