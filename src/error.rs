@@ -67,6 +67,10 @@ pub enum Error {
 
     #[error("{0}")]
     Invalid(String),
+
+    /// The engine failed a request it had accepted (not the request's fault).
+    #[error("engine error: {0}")]
+    Engine(String),
 }
 
 impl Error {

@@ -408,3 +408,163 @@ fn output_within(mut cmd: Command, limit: std::time::Duration) -> std::process::
     }
     child.wait_with_output().unwrap()
 }
+
+/// Sets `pointer` (a JSON pointer) in `file` of a fresh model copy to `value`, and returns generate's stderr.
+fn with_field(file: &str, pointer: &str, value: serde_json::Value) -> String {
+    let (_t, dir) = model_copy();
+    let path = dir.join(file);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    *json
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{file} has {pointer}")) = value;
+    std::fs::write(&path, json.to_string()).unwrap();
+    generate_fails(&dir, PROMPT, &[image()], &[])
+}
+
+#[test]
+fn numbers_outside_their_domain_are_refused_at_load() {
+    for (file, pointer, value, field) in [
+        (
+            "config.json",
+            "/rms_norm_eps",
+            json_num(0.0),
+            "rms_norm_eps",
+        ),
+        (
+            "config.json",
+            "/rms_norm_eps",
+            json_num(-1e-6),
+            "rms_norm_eps",
+        ),
+        (
+            "config.json",
+            "/vision_config/layer_norm_eps",
+            json_num(0.0),
+            "layer_norm_eps",
+        ),
+        (
+            "config.json",
+            "/rope_parameters/rope_theta",
+            json_num(0.0),
+            "rope_theta",
+        ),
+        (
+            "config.json",
+            "/rope_parameters/rope_theta",
+            json_num(-10.0),
+            "rope_theta",
+        ),
+        (
+            "preprocessor_config.json",
+            "/image_std",
+            serde_json::json!([1e-45, 0.5, 0.5]),
+            "image_std",
+        ),
+        (
+            "preprocessor_config.json",
+            "/image_std",
+            serde_json::json!([0.5, -0.5, 0.5]),
+            "image_std",
+        ),
+    ] {
+        let err = with_field(file, pointer, value);
+        assert_mentions(&err, &[file, field]);
+    }
+    let (_t, dir) = model_copy();
+    let path = dir.join("preprocessor_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["rescale_factor"] = json_num(0.0);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+    assert_mentions(&err, &["preprocessor_config.json", "rescale_factor"]);
+}
+
+fn json_num(x: f64) -> serde_json::Value {
+    serde_json::Value::from(x)
+}
+
+#[test]
+fn a_temperature_below_the_floor_is_greedy() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--json",
+                "--max-new-tokens",
+                "6",
+            ])
+            .arg("--model")
+            .arg(fixture_dir("tiny-idefics-a"))
+            .args(["--prompt", PROMPT, "--image"])
+            .arg(image())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["generated_ids"].clone()
+    };
+    assert_eq!(run(&["--temperature", "1e-45", "--seed", "3"]), run(&[]));
+}
+
+#[test]
+fn a_request_whose_logits_leave_nothing_to_sample_fails_alone() {
+    // NaN cross-attention keys: every row that sees an image gets NaN logits (nothing to sample at a temperature);
+    // rows of a text-only request never read them. Both requests share each step, so the engine must fail the
+    // first without failing the second.
+    let (t, dir) = model_copy();
+    rewrite_weights(&dir, |w| {
+        let (_, _, data) = w
+            .get_mut("model.gated_cross_attn_layers.0.cross_attn.k_proj.weight")
+            .unwrap();
+        for v in data.chunks_mut(4) {
+            v.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    });
+    std::fs::copy(image(), t.path().join("chelsea.png")).unwrap();
+    let input = t.path().join("in.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": PROMPT, "images": ["chelsea.png"], "max_new_tokens": 3,
+                           "temperature": 0.7}),
+        serde_json::json!({"prompt": "User: hello\nAssistant:", "max_new_tokens": 3}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&input, text.join("\n")).unwrap();
+    let output = t.path().join("out.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["batch", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let results: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("line 1") && error.contains("nothing to sample"),
+        "{}",
+        results[0]
+    );
+    assert_eq!(
+        results[1]["generated_ids"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        results[1]
+    );
+}

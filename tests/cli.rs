@@ -388,3 +388,57 @@ fn batch_reports_bad_requests_in_place_and_runs_the_rest() {
         assert!(msg.contains(want), "expected {want:?} in {msg:?}");
     }
 }
+
+#[test]
+fn batch_answers_blank_and_non_utf8_lines_in_place_so_outputs_line_up() {
+    let fx = Fixture::load("tiny-idefics-a");
+    let dir = tempfile::tempdir().unwrap();
+    let good = br#"{"prompt": "User: hi\nAssistant:", "max_new_tokens": 3}"#;
+    let mut input = Vec::new();
+    for line in [
+        &good[..],
+        b"",
+        b"   ",
+        b"{\"prompt\": \"\xff\xfe\"}",
+        &good[..],
+    ] {
+        input.extend_from_slice(line);
+        input.push(b'\n');
+    }
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let out = flamingo()
+        .args(["batch", "--model"])
+        .arg(&fx.dir)
+        .arg("--input")
+        .arg(dir.path().join("in.jsonl"))
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        results.len(),
+        5,
+        "one output line per input line: {results:?}"
+    );
+    assert!(results[0]["generated_ids"].is_array() && results[4]["generated_ids"].is_array());
+    assert_eq!(results[0]["generated_ids"], results[4]["generated_ids"]);
+    for (i, want) in [
+        (1, "line 2: blank line"),
+        (2, "line 3: blank line"),
+        (3, "line 4: not UTF-8"),
+    ] {
+        let error = results[i]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(want), "line {}: {}", i + 1, results[i]);
+    }
+}

@@ -114,6 +114,7 @@ fn run_engine<B: Backend>(
                 "request {id} finished twice"
             );
         }
+        Event::Failed { id, message } => panic!("request {id} failed: {message}"),
     };
     match rng {
         None => {

@@ -7,10 +7,11 @@
 //! out: {"generated_ids": [...], "text": "...", "prompt_tokens": 18, "finish_reason": "stop"|"length"}
 //!      or {"error": "line 3: ..."} for a request that cannot run (the others go on)
 //! ```
-//! Relative image paths are resolved against the input file's folder. Blank lines are skipped.
+//! Relative image paths are resolved against the input file's folder. Every input line gets its output line: a
+//! blank line, one that is not UTF-8 or not a valid request is answered `{"error": ...}` in place.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -110,19 +111,32 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     let queue_depth = 2 * engine.config().max_seqs;
     while next < lines.len() || engine.pending_requests() > 0 {
         while next < lines.len() && engine.pending_requests() < queue_depth {
-            let (number, text) = &lines[next];
-            match admit(&mut engine, &pipeline, text, &base, args.max_new_tokens) {
+            let admitted = lines[next]
+                .as_ref()
+                .map_err(String::clone)
+                .and_then(|text| {
+                    admit(&mut engine, &pipeline, text, &base, args.max_new_tokens)
+                        .map_err(|e| format!("line {}: {e}", next + 1))
+                });
+            match admitted {
                 Ok(id) => {
                     line_of.insert(id, next);
                 }
-                Err(e) => job.fail(next, format!("line {number}: {e}"))?,
+                Err(message) => job.fail(next, message)?,
             }
             next += 1;
         }
         for event in engine.step()? {
-            if let Event::Finished { id, output } = event {
-                let line = line_of.remove(&id).expect("every request has a line");
-                job.succeed(line, &output)?;
+            match event {
+                Event::Finished { id, output } => {
+                    let line = line_of.remove(&id).expect("every request has a line");
+                    job.succeed(line, &output)?;
+                }
+                Event::Failed { id, message } => {
+                    let line = line_of.remove(&id).expect("every request has a line");
+                    job.fail(line, format!("line {}: {message}", line + 1))?;
+                }
+                Event::Text { .. } => {}
             }
         }
     }
@@ -132,17 +146,23 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     Ok(())
 }
 
-/// Non-blank lines of the input with their 1-based line numbers.
-fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| Error::io(path, e))?;
-        if !line.trim().is_empty() {
-            lines.push((i + 1, line));
-        }
+/// Every line of the input: its text, or why it is no request (blank, not UTF-8), answered in place so that output
+/// line N always answers input line N.
+fn read_lines(path: &Path) -> Result<Vec<std::result::Result<String, String>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    if body.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(lines)
+    let lines = body.split(|&b| b == b'\n').enumerate().map(|(i, raw)| {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        match std::str::from_utf8(raw) {
+            Ok(text) if text.trim().is_empty() => Err(format!("line {}: blank line", i + 1)),
+            Ok(text) => Ok(text.to_string()),
+            Err(e) => Err(format!("line {}: not UTF-8 ({e})", i + 1)),
+        }
+    });
+    Ok(lines.collect())
 }
 
 /// Parses one request line, preprocesses its images and queues it.

@@ -331,6 +331,20 @@ impl IdeficsConfig {
                 ),
             );
         }
+        // Numbers that reach a square root, a power or a division: in their domain, or every output is NaN.
+        let in_domain = [
+            ("rms_norm_eps", self.rms_norm_eps),
+            (
+                "vision_config.layer_norm_eps",
+                self.vision_config.layer_norm_eps,
+            ),
+            ("rope_theta", self.rope_theta()),
+        ];
+        for (field, value) in in_domain {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(field, format!("must be a finite number > 0, found {value}"));
+            }
+        }
         if self.tie_word_embeddings {
             return bad(
                 "tie_word_embeddings",
@@ -378,6 +392,9 @@ pub struct PreprocessorConfig {
     pub image_std: [f32; 3],
     pub rescale_factor: f32,
 }
+
+/// The smallest `image_std` accepted.
+const MIN_IMAGE_STD: f32 = 1e-3;
 
 #[derive(Deserialize, Default)]
 struct RawPreprocessor {
@@ -452,17 +469,35 @@ impl PreprocessorConfig {
             }
         };
         let image_std = triple("image_std", raw.image_std, CLIP_STD)?;
-        if image_std.iter().any(|&s| s <= 0.0) {
+        // Pixels are divided by the std: one below this makes them overflow (1e-45 does), and no real std is.
+        if image_std
+            .iter()
+            .any(|&s| !(s.is_finite() && s >= MIN_IMAGE_STD))
+        {
             return bad(
                 "image_std",
-                format!("must be positive, found {image_std:?}"),
+                format!("must be finite and at least {MIN_IMAGE_STD}, found {image_std:?}"),
+            );
+        }
+        let rescale_factor = raw.rescale_factor.unwrap_or(1.0 / 255.0);
+        if !(rescale_factor.is_finite() && rescale_factor > 0.0) {
+            return bad(
+                "rescale_factor",
+                format!("must be a finite number > 0, found {rescale_factor}"),
+            );
+        }
+        let image_mean = triple("image_mean", raw.image_mean, CLIP_MEAN)?;
+        if image_mean.iter().any(|m| !m.is_finite()) {
+            return bad(
+                "image_mean",
+                format!("must be finite, found {image_mean:?}"),
             );
         }
         Ok(PreprocessorConfig {
             image_size,
-            image_mean: triple("image_mean", raw.image_mean, CLIP_MEAN)?,
+            image_mean,
             image_std,
-            rescale_factor: raw.rescale_factor.unwrap_or(1.0 / 255.0),
+            rescale_factor,
         })
     }
 }

@@ -7,9 +7,13 @@ use rand::{Rng, SeedableRng};
 
 use crate::backend::RowSampling;
 
+/// Temperatures below this are greedy: dividing logits by a smaller one can overflow to infinity (1/1e-45 does),
+/// and the distribution it gives is greedy's to within rounding anyway.
+pub const MIN_TEMPERATURE: f32 = 1e-3;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 means greedy, and so does anything below [`MIN_TEMPERATURE`].
     pub temperature: f32,
     /// 0 means no top-k cut.
     pub top_k: usize,
@@ -100,8 +104,9 @@ impl Sampler {
 
     /// The rule for the next token, with `uniform` from [`Sampler::draw`].
     pub fn rule(&self, uniform: f32) -> RowSampling<'_> {
+        let t = self.params.temperature;
         RowSampling {
-            temperature: self.params.temperature,
+            temperature: if t < MIN_TEMPERATURE { 0.0 } else { t },
             top_k: self.params.top_k,
             top_p: self.params.top_p,
             repetition_penalty: self.params.repetition_penalty,
@@ -115,6 +120,21 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temperatures_below_the_floor_are_greedy() {
+        for (t, rule_t) in [(1e-45, 0.0), (5e-4, 0.0), (1e-3, 1e-3), (0.7, 0.7)] {
+            let params = SamplingParams {
+                temperature: t,
+                ..SamplingParams::default()
+            };
+            assert_eq!(
+                Sampler::new(params, vec![], &[]).rule(0.5).temperature,
+                rule_t,
+                "{t}"
+            );
+        }
+    }
 
     #[test]
     fn seeded_draws_repeat_and_greedy_draws_nothing() {

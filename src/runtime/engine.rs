@@ -105,6 +105,8 @@ pub enum Event {
         id: RequestId,
         output: GenerationOutput,
     },
+    /// A request failed on its own (e.g. its logits left nothing to sample) and is dropped; the others go on.
+    Failed { id: RequestId, message: String },
 }
 
 /// What the engine keeps of a request beside the scheduler's state.
@@ -333,9 +335,16 @@ impl<'p, B: Backend> Engine<'p, B> {
         let Some(logits) = logits else {
             return Ok(());
         };
-        let next = self.sample(&logits, &inputs.sampled)?;
+        let next = self.sample(&logits, &inputs.sampled);
         let mut done = Vec::new();
-        for (&id, &token) in inputs.sampled.iter().zip(&next) {
+        for (&id, token) in inputs.sampled.iter().zip(next) {
+            let token = match token {
+                Ok(token) => token,
+                Err(e) => {
+                    self.fail(id, e.to_string(), events);
+                    continue;
+                }
+            };
             let request = self
                 .requests
                 .get_mut(&id)
@@ -407,8 +416,10 @@ impl<'p, B: Backend> Engine<'p, B> {
         }
     }
 
-    /// The next token of each request in `sampled`, from its row of `logits`, all in one backend call.
-    fn sample(&mut self, logits: &B::Tensor, sampled: &[RequestId]) -> Result<Vec<u32>> {
+    /// The next token of each request in `sampled`, from its row of `logits`, all in one backend call. When that
+    /// call fails (a row with nothing to sample), each row is sampled alone with the same draw, so only the rows at
+    /// fault fail.
+    fn sample(&mut self, logits: &B::Tensor, sampled: &[RequestId]) -> Vec<Result<u32>> {
         let uniforms: Vec<f32> = sampled
             .iter()
             .map(|id| self.requests.get_mut(id).expect("known").sampler.draw())
@@ -418,7 +429,23 @@ impl<'p, B: Backend> Engine<'p, B> {
             .zip(uniforms)
             .map(|(id, u)| self.requests[id].sampler.rule(u))
             .collect();
-        self.pipeline.backend.sample(logits, &rules)
+        let b = &self.pipeline.backend;
+        match b.sample(logits, &rules) {
+            Ok(tokens) => tokens.into_iter().map(Ok).collect(),
+            Err(_) => (0..rules.len())
+                .map(|i| {
+                    let row = b.gather_rows(logits, &[i]);
+                    b.sample(&row, &rules[i..=i]).map(|t| t[0])
+                })
+                .collect(),
+        }
+    }
+
+    /// Drops a request that failed on its own, freeing what it holds, and reports it.
+    fn fail(&mut self, id: RequestId, message: String, events: &mut Vec<Event>) {
+        self.scheduler.finish(id);
+        self.requests.remove(&id);
+        events.push(Event::Failed { id, message });
     }
 
     /// Reports a finished request's output (its blocks and media slots are already free).

@@ -2,7 +2,7 @@
 //! feeds one token; new tokens see the image the last prompt token saw (transformers' rule).
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::runtime::engine::{Engine, EngineConfig, Event};
 use crate::runtime::pipeline::Pipeline;
@@ -35,8 +35,9 @@ impl<B: Backend> Pipeline<B> {
         let mut output = None;
         engine.run_to_completion(|event| match event {
             Event::Text { delta, .. } => on_text(&delta),
-            Event::Finished { output: o, .. } => output = Some(o),
+            Event::Finished { output: o, .. } => output = Some(Ok(o)),
+            Event::Failed { message, .. } => output = Some(Err(Error::Engine(message))),
         })?;
-        Ok(output.expect("the engine finishes every request it accepts"))
+        output.expect("the engine finishes or fails every request it accepts")
     }
 }

@@ -24,8 +24,10 @@ use crate::runtime::scheduler::RequestId;
 pub enum StreamEvent {
     Text(String),
     Done(GenerationOutput),
-    /// The engine refused or failed the request.
-    Error(String),
+    /// The engine refused the request (a client fault: it could never run).
+    Refused(String),
+    /// The engine failed the request (an engine fault).
+    Failed(String),
 }
 
 /// Upper bounds (seconds) of the step-latency histogram's buckets.
@@ -197,7 +199,7 @@ fn accept<B: Backend>(
             listeners.insert(id, s.events);
         }
         Err(e) => {
-            let _ = s.events.send(StreamEvent::Error(e.to_string()));
+            let _ = s.events.send(StreamEvent::Refused(e.to_string()));
             metrics.requests_failed.fetch_add(1, Ordering::SeqCst);
             metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
@@ -245,6 +247,13 @@ fn route(
                     let _ = tx.send(StreamEvent::Done(output));
                 }
             }
+            Event::Failed { id, message } => {
+                metrics.requests_failed.fetch_add(1, Ordering::SeqCst);
+                metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if let Some(tx) = listeners.remove(&id) {
+                    let _ = tx.send(StreamEvent::Failed(Error::Engine(message).to_string()));
+                }
+            }
         }
     }
 }
@@ -258,7 +267,9 @@ fn fail_all<B: Backend>(
 ) {
     for (id, tx) in listeners.drain() {
         engine.cancel(id);
-        let _ = tx.send(StreamEvent::Error(format!("engine error: {message}")));
+        let _ = tx.send(StreamEvent::Failed(
+            Error::Engine(message.to_string()).to_string(),
+        ));
         metrics.requests_failed.fetch_add(1, Ordering::SeqCst);
         metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
     }

@@ -178,12 +178,18 @@ fn generation_request(
     Ok((request, f.stream, include_usage))
 }
 
+/// An error as the last event of a stream, in OpenAI's error shape.
+fn stream_error(message: &str, kind: &str) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+}
+
 async fn collect(mut events: UnboundedReceiver<StreamEvent>) -> Result<GenerationOutput, ApiError> {
     while let Some(e) = events.recv().await {
         match e {
             StreamEvent::Text(_) => {}
             StreamEvent::Done(out) => return Ok(out),
-            StreamEvent::Error(message) => return Err(ApiError::bad(message)),
+            StreamEvent::Refused(message) => return Err(ApiError::bad(message)),
+            StreamEvent::Failed(message) => return Err(ApiError::internal(message)),
         }
     }
     Err(ApiError {
@@ -231,10 +237,12 @@ fn stream_response<B: Backend + 'static>(
                             .is_ok();
                     return;
                 }
-                StreamEvent::Error(message) => {
-                    let body = json!({"error": {"message": message, "type": "invalid_request_error",
-                                                "param": null, "code": null}});
-                    let _ = send(body).await;
+                StreamEvent::Refused(message) => {
+                    let _ = send(stream_error(&message, "invalid_request_error")).await;
+                    return;
+                }
+                StreamEvent::Failed(message) => {
+                    let _ = send(stream_error(&message, "server_error")).await;
                     return;
                 }
             };

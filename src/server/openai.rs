@@ -30,6 +30,14 @@ impl ApiError {
 
     /// The engine's own error: the client's fault when it is about the request (its prompt, images, parameters),
     /// the server's otherwise.
+    /// The engine's fault (500).
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+        }
+    }
+
     pub fn from_engine(e: Error) -> Self {
         let status = match e {
             Error::Prompt(_)
