@@ -508,3 +508,61 @@ fn sigterm_finishes_the_request_in_flight_then_exits() {
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "exit {exit:?}");
 }
+
+/// A loopback HTTP server that answers every connection with `respond` (given the stream), one thread each.
+fn hostile_http(respond: fn(std::net::TcpStream)) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || respond(stream));
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn remote_images_that_stall_trickle_or_redirect_off_http_fail_alone_and_in_time() {
+    use std::io::Write;
+    let silent = hostile_http(|s| {
+        std::thread::sleep(Duration::from_secs(30));
+        drop(s);
+    });
+    let trickle = hostile_http(|mut s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(500));
+            if s.write_all(b"x").is_err() {
+                return;
+            }
+        }
+    });
+    let to_file = hostile_http(|mut s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n",
+        );
+    });
+    let server = Server::start(&["--allow-remote-images", "--image-fetch-timeout-secs", "2"]);
+    let ask = |url: String| {
+        let part = json!({"type": "image_url", "image_url": {"url": url}});
+        let body = json!({"messages": [{"role": "user", "content": [part]}], "max_tokens": 2});
+        let start = Instant::now();
+        let (status, text) = server.post("/v1/chat/completions", &body.to_string());
+        (status, text, start.elapsed())
+    };
+    for (url, expected) in [
+        (format!("{silent}/cat.png"), "took longer than 2 s"),
+        (format!("{trickle}/cat.png"), "took longer than 2 s"),
+        (format!("{to_file}/cat.png"), "not an http(s) URL"),
+    ] {
+        let (status, text, took) = ask(url.clone());
+        assert_eq!(status, 400, "{url}: {text}");
+        assert!(text.contains(expected), "{url}: {text}");
+        assert!(
+            took < Duration::from_secs(10),
+            "{url}: answered after {took:?}"
+        );
+    }
+    let ok = server.post_json("/v1/chat/completions", &chat_body(2, false));
+    assert!(ok["choices"][0]["message"]["content"].is_string());
+}

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Let requests name http:// image URLs for the server to fetch.
     #[arg(long)]
     allow_remote_images: bool,
+    /// Seconds a remote image fetch may take in all (connecting, redirects and the body included); a server that
+    /// never answers, or trickles its bytes, fails the request with a 400 when they run out.
+    #[arg(long, default_value_t = 30)]
+    image_fetch_timeout_secs: u64,
     /// Images per request at most.
     #[arg(long, default_value_t = 8)]
     max_images: usize,
@@ -97,6 +101,7 @@ fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Re
             .map(canonical_root)
             .transpose()?,
         allow_remote: args.allow_remote_images,
+        fetch_timeout: std::time::Duration::from_secs(args.image_fetch_timeout_secs.clamp(1, 3600)),
         max_bytes: args.max_image_bytes,
         max_pixels: args.max_image_pixels,
         max_images: args.max_images,

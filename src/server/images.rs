@@ -6,6 +6,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
@@ -17,6 +18,8 @@ use crate::server::openai::ApiError;
 pub struct ImagePolicy {
     pub local_root: Option<PathBuf>,
     pub allow_remote: bool,
+    /// The whole of one remote fetch at most.
+    pub fetch_timeout: Duration,
     pub max_bytes: usize,
     pub max_pixels: u64,
     pub max_images: usize,
@@ -87,19 +90,83 @@ impl ImagePolicy {
                  send the image as a base64 data URL"
             )));
         }
-        let response = ureq::get(url)
-            .call()
-            .map_err(|e| ApiError::bad(format!("image {index}: cannot fetch {url}: {e}")))?;
+        let deadline = Instant::now() + self.fetch_timeout;
+        let response = self.follow_redirects(index, url, deadline)?;
         let mut bytes = Vec::new();
-        response
-            .into_reader()
-            .take(self.max_bytes as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| ApiError::bad(format!("image {index}: reading {url}: {e}")))?;
+        let mut reader = response.into_reader().take(self.max_bytes as u64 + 1);
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            if past(deadline) {
+                return Err(self.timed_out(index, url));
+            }
+            let n = reader.read(&mut chunk).map_err(|e| match past(deadline) {
+                true => self.timed_out(index, url),
+                false => ApiError::bad(format!("image {index}: reading {url}: {e}")),
+            })?;
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&chunk[..n]);
+        }
         if bytes.len() > self.max_bytes {
             return Err(self.too_big(index, bytes.len()));
         }
         Ok(bytes)
+    }
+
+    /// GETs `url`, following at most [`MAX_REDIRECTS`] redirects, each to an http(s) URL (a redirect elsewhere,
+    /// e.g. to `file://`, is refused), every step within the time left before `deadline`.
+    fn follow_redirects(
+        &self,
+        index: usize,
+        url: &str,
+        deadline: Instant,
+    ) -> Result<ureq::Response, ApiError> {
+        let mut url = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timed_out(index, &url));
+            }
+            let agent = ureq::AgentBuilder::new()
+                .redirects(0)
+                .timeout_connect(left)
+                .timeout(left)
+                .build();
+            let response = match agent.get(&url).call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(code, _)) => {
+                    return Err(ApiError::bad(format!(
+                        "image {index}: fetching {url} gave HTTP {code}"
+                    )))
+                }
+                Err(_) if past(deadline) => return Err(self.timed_out(index, &url)),
+                Err(e) => {
+                    return Err(ApiError::bad(format!(
+                        "image {index}: cannot fetch {url}: {e}"
+                    )))
+                }
+            };
+            if !(300..400).contains(&response.status()) {
+                return Ok(response);
+            }
+            url = redirect_target(&url, response.header("location")).ok_or_else(|| {
+                ApiError::bad(format!(
+                    "image {index}: {url} redirects to {:?}, which is not an http(s) URL",
+                    response.header("location").unwrap_or_default()
+                ))
+            })?;
+        }
+        Err(ApiError::bad(format!(
+            "image {index}: more than {MAX_REDIRECTS} redirects fetching {url}"
+        )))
+    }
+
+    fn timed_out(&self, index: usize, url: &str) -> ApiError {
+        ApiError::bad(format!(
+            "image {index}: fetching {url} took longer than {} s (--image-fetch-timeout-secs)",
+            self.fetch_timeout.as_secs()
+        ))
     }
 
     fn local(&self, index: usize, path: &str) -> Result<Vec<u8>, ApiError> {
@@ -138,4 +205,56 @@ impl ImagePolicy {
 pub fn canonical_root(dir: &Path) -> crate::error::Result<PathBuf> {
     dir.canonicalize()
         .map_err(|e| crate::error::Error::io(dir, e))
+}
+
+/// Whether `deadline` has come (within the slack of a socket timeout set to end at it).
+fn past(deadline: Instant) -> bool {
+    Instant::now() + Duration::from_millis(100) >= deadline
+}
+
+/// Redirects one remote fetch may follow.
+const MAX_REDIRECTS: usize = 5;
+
+/// Where a redirect from `from` to `location` leads, if it is an http(s) URL (a relative location is resolved
+/// against `from`).
+fn redirect_target(from: &str, location: Option<&str>) -> Option<String> {
+    let location = location?.trim();
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Some(location.to_string());
+    }
+    if location.contains("://") || location.starts_with("//") {
+        return None;
+    }
+    let scheme_end = from.find("://")? + 3;
+    let host_end = from[scheme_end..]
+        .find('/')
+        .map_or(from.len(), |i| scheme_end + i);
+    let (origin, path) = from.split_at(host_end);
+    if location.starts_with('/') {
+        return Some(format!("{origin}{location}"));
+    }
+    let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
+    Some(format!("{origin}{dir}{location}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_target;
+
+    #[test]
+    fn redirects_resolve_to_http_urls_only() {
+        let from = "http://host:8/a/b.png";
+        let to = |l: &str| redirect_target(from, Some(l));
+        assert_eq!(to("https://x/y.png").as_deref(), Some("https://x/y.png"));
+        assert_eq!(to("/c.png").as_deref(), Some("http://host:8/c.png"));
+        assert_eq!(to("c.png").as_deref(), Some("http://host:8/a/c.png"));
+        assert_eq!(
+            redirect_target("http://host", Some("c.png")).as_deref(),
+            Some("http://host/c.png")
+        );
+        for bad in ["file:///etc/passwd", "ftp://x/y", "//evil/x", "gopher://x"] {
+            assert_eq!(to(bad), None, "{bad}");
+        }
+        assert_eq!(redirect_target(from, None), None);
+    }
 }
