@@ -566,3 +566,100 @@ fn remote_images_that_stall_trickle_or_redirect_off_http_fail_alone_and_in_time(
     let ok = server.post_json("/v1/chat/completions", &chat_body(2, false));
     assert!(ok["choices"][0]["message"]["content"].is_string());
 }
+
+/// Opens a raw connection to the server and sends `bytes`.
+fn raw_connection(server: &Server, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = server.base.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s
+}
+
+/// Whether the server closes `s` within `limit` (reads reach end of stream or fail).
+fn closed_within(mut s: std::net::TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return start.elapsed() < limit,
+        }
+    }
+}
+
+#[test]
+fn slow_idle_and_oversized_clients_cannot_hold_the_server() {
+    let server = Server::start(&[
+        "--header-timeout-secs",
+        "1",
+        "--body-timeout-secs",
+        "1",
+        "--max-connections",
+        "4",
+        "--shutdown-grace-secs",
+        "2",
+    ]);
+    // A Content-Length of 1 TB is answered 413 at once, without waiting for the body.
+    let mut huge = raw_connection(
+        &server,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n",
+    );
+    huge.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = [0u8; 64];
+    let n = huge.read(&mut answer).unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 413"),
+        "{:?}",
+        &answer[..n]
+    );
+    // Headers that never finish, and a body that never comes, are cut off.
+    let partial_head = raw_connection(
+        &server,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+    );
+    assert!(
+        closed_within(partial_head, Duration::from_secs(5)),
+        "partial headers held the connection"
+    );
+    let partial_body = raw_connection(
+        &server,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+    );
+    let mut partial_body = partial_body;
+    partial_body
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = partial_body.read(&mut answer).unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        &answer[..n]
+    );
+    // More idle connections than the cap: the extra ones are closed, the idle ones time out, and a good request
+    // gets through afterwards.
+    let idle: Vec<_> = (0..8).map(|_| raw_connection(&server, b"")).collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let ok = server.post_json("/v1/chat/completions", &chat_body(2, false));
+    assert!(ok["choices"][0]["message"]["content"].is_string());
+    // SIGTERM completes within the grace although a client holds a partial request.
+    let _holder = raw_connection(&server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n");
+    drop(idle);
+    let mut server = server;
+    let term = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            term.elapsed() < Duration::from_secs(10),
+            "shutdown did not finish in time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::cli::options::{
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::image::{decode_bytes, DecodeBudget};
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::service::EngineService;
+use crate::server::connections::{default_max_connections, ConnectionLimits};
 use crate::server::images::{canonical_root, ImagePolicy};
 use crate::server::openai::ChatTemplate;
 use crate::server::{serve, AppState, ServerLimits};
@@ -61,9 +63,21 @@ pub struct ServeArgs {
     /// room). Each image needs up to 7 bytes a pixel.
     #[arg(long, default_value_t = 1024)]
     max_decode_memory_mib: u64,
-    /// Request bodies at most (base64 images included).
+    /// Request bodies at most (base64 images included); a larger Content-Length gets 413 before any is read.
     #[arg(long, default_value_t = 64 << 20)]
     max_body_bytes: usize,
+    /// Open connections at most (default: what the file-descriptor limit leaves room for); more are closed at once.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a client may take to send a request's headers; an idle keep-alive connection is closed after it.
+    #[arg(long, default_value_t = 30)]
+    header_timeout_secs: u64,
+    /// Seconds a client may take to send a request's body (408 after).
+    #[arg(long, default_value_t = 60)]
+    body_timeout_secs: u64,
+    /// Seconds shutdown (SIGTERM, Ctrl-C) waits for the requests in flight before dropping them.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_secs: u64,
     #[command(flatten)]
     engine: EngineOptions,
     #[command(flatten)]
@@ -122,13 +136,24 @@ fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Re
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Error::Invalid(format!("cannot start the async runtime: {e}")))?;
     let address = format!("{}:{}", args.host, args.port);
+    let secs = |s: u64| Duration::from_secs(s.clamp(1, 86_400));
+    let connections = ConnectionLimits {
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(default_max_connections)
+            .max(1),
+        header_timeout: secs(args.header_timeout_secs),
+        body_timeout: secs(args.body_timeout_secs),
+        max_body_bytes: args.max_body_bytes,
+        shutdown_grace: secs(args.shutdown_grace_secs),
+    };
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&address)
             .await
             .map_err(|e| Error::io(&address, e))?;
         let bound = listener.local_addr().map_err(|e| Error::io(&address, e))?;
         eprintln!("flamingo: listening on http://{bound}");
-        serve(listener, state.clone(), shutdown_signal())
+        serve(listener, state.clone(), connections, shutdown_signal())
             .await
             .map_err(|e| Error::io(&address, e))
     })?;

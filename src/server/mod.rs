@@ -3,6 +3,7 @@
 //! threads, then share the continuous-batching engine through [`EngineService`]. A response stream dropped by its
 //! client cancels the request in the engine.
 
+pub mod connections;
 pub mod images;
 mod metrics;
 pub mod openai;
@@ -29,6 +30,7 @@ use crate::io::image::preprocess;
 use crate::model::sampling::SamplingParams;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::service::StreamEvent;
+use connections::{serve_connections, ConnectionLimits};
 use openai::{Api, ApiError, ChatRequest, CompletionRequest, GenerationFields};
 use state::Slot;
 pub use state::{AppState, ServerLimits};
@@ -258,9 +260,8 @@ fn stream_response<B: Backend + 'static>(
 pub async fn serve<B: Backend + 'static>(
     listener: tokio::net::TcpListener,
     state: Arc<AppState<B>>,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_connections(listener, router(state), limits, shutdown).await
 }
