@@ -540,6 +540,7 @@ fn a_request_whose_logits_leave_nothing_to_sample_fails_alone() {
     std::fs::write(&input, text.join("\n")).unwrap();
     let output = t.path().join("out.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .env("FLAMINGO_SKIP_WEIGHT_CHECK", "1")
         .args(["batch", "--device", "cpu", "--model"])
         .arg(&dir)
         .arg("--input")
@@ -567,4 +568,25 @@ fn a_request_whose_logits_leave_nothing_to_sample_fails_alone() {
         "{}",
         results[1]
     );
+}
+
+#[test]
+fn non_finite_weights_are_refused_at_load_naming_the_tensor() {
+    for (value, what) in [
+        (f32::NAN, "NaN"),
+        (f32::INFINITY, "inf"),
+        (f32::NEG_INFINITY, "-inf"),
+    ] {
+        let (_t, dir) = model_copy();
+        rewrite_weights(&dir, |w| {
+            let (_, _, data) = w.get_mut(Q_PROJ).unwrap();
+            data[40..44].copy_from_slice(&value.to_le_bytes());
+        });
+        let err = generate_fails(&dir, PROMPT, &[image()], &[]);
+        assert_mentions(
+            &err,
+            &["model.safetensors", Q_PROJ, "element 10", "NaN or infinite"],
+        );
+        let _ = what;
+    }
 }

@@ -77,6 +77,28 @@ pub struct TensorRef {
 }
 
 impl TensorRef {
+    /// The index of its first NaN or infinite value, if it has one (a checkpoint that would poison every output
+    /// silently). Scanned in parallel, exponent bits only.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        use rayon::prelude::*;
+        let bytes = self.bytes();
+        let (size, is_bad): (usize, fn(&[u8]) -> bool) = match self.dtype {
+            DType::F32 => (4, |b| {
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }),
+            DType::BF16 => (2, |b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+            DType::F16 => (2, |b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        };
+        const CHUNK: usize = 1 << 20;
+        bytes
+            .par_chunks(CHUNK)
+            .enumerate()
+            .find_map_first(|(c, chunk)| {
+                let at = chunk.chunks_exact(size).position(is_bad)?;
+                Some(c * CHUNK / size + at)
+            })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.data {
             Data::Mapped { mmap, start, len } => &mmap[*start..*start + *len],

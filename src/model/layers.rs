@@ -4,7 +4,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::safetensors::WeightStore;
 
 /// `Ok(Some(load()))` when `present`, else `Ok(None)`: for parts a config option switches on.
@@ -17,6 +17,8 @@ pub struct WeightLoader<'a, B: Backend> {
     pub store: &'a WeightStore,
     pub backend: &'a B,
     progress: ProgressBar,
+    /// Whether weights are scanned for NaN and infinity as they load.
+    check_finite: bool,
 }
 
 impl<'a, B: Backend> WeightLoader<'a, B> {
@@ -31,15 +33,31 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         } else {
             ProgressBar::hidden()
         };
+        let skip = std::env::var_os("FLAMINGO_SKIP_WEIGHT_CHECK").is_some_and(|v| v == "1");
         WeightLoader {
+            check_finite: !store.is_generated() && !skip,
             store,
             backend,
             progress,
         }
     }
 
+    /// Loads a weight, refusing one with a NaN or infinite value (unless `FLAMINGO_SKIP_WEIGHT_CHECK=1`; generated
+    /// weights are finite by construction).
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Weight> {
-        let w = self.backend.load_weight(&self.store.get(name, shape)?)?;
+        let t = self.store.get(name, shape)?;
+        if self.check_finite {
+            if let Some(i) = t.first_non_finite() {
+                return Err(Error::Safetensors {
+                    path: t.path.to_path_buf(),
+                    message: format!(
+                        "tensor {name} holds a NaN or infinite value (element {i}); the checkpoint is corrupt \
+                         (FLAMINGO_SKIP_WEIGHT_CHECK=1 loads it anyway)"
+                    ),
+                });
+            }
+        }
+        let w = self.backend.load_weight(&t)?;
         self.progress.inc(1);
         Ok(w)
     }
