@@ -590,3 +590,22 @@ fn non_finite_weights_are_refused_at_load_naming_the_tensor() {
         let _ = what;
     }
 }
+
+#[test]
+fn model_files_that_are_not_regular_files_are_refused_not_waited_on() {
+    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let (_t, dir) = model_copy();
+        let path = dir.join(name);
+        std::fs::remove_file(&path).unwrap();
+        assert!(Command::new("mkfifo").arg(&path).status().unwrap().success());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
+        cmd.args(["generate", "--device", "cpu", "--max-new-tokens", "2", "--model"])
+            .arg(&dir)
+            .args(["--prompt", PROMPT, "--image"])
+            .arg(image());
+        let out = output_within(cmd, std::time::Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert_mentions(&stderr, &[name, "not a regular file"]);
+    }
+}

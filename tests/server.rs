@@ -284,6 +284,8 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
         base64::engine::general_purpose::STANDARD.encode(b"this is not an image at all")
     );
     let long_prompt = "word ".repeat(400);
+    let fifo = dir.path().join("pipe.png");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let gif_frame_bomb = {
         let mut g = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff".to_vec();
         g.extend(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02\x4c\x01\x00\x3b");
@@ -335,6 +337,12 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
             user(json!([image_part(&garbage)])).to_string(),
             400,
             "image 0",
+        ),
+        (
+            "a FIFO inside the allowed folder",
+            user(json!([image_part("pipe.png")])).to_string(),
+            400,
+            "not a regular file",
         ),
         (
             "GIF frame larger than its 1x1 screen (35 bytes claiming 17 GB)",

@@ -178,6 +178,7 @@ impl Default for IdeficsConfig {
 }
 
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    crate::io::files::regular_file(path, crate::io::files::MAX_JSON_BYTES)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),

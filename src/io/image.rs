@@ -104,20 +104,16 @@ impl DecodeLimits<'_> {
 /// Reads an image file: only a regular file, and only up to `max_bytes` (`/dev/zero` or a FIFO is refused, not
 /// read until memory runs out or forever).
 pub fn read_image_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let err = |message: String| Error::Image {
         path: path.to_path_buf(),
         message,
     };
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    if meta.len() > max_bytes {
-        return Err(err(format!(
-            "{} bytes, over the limit of {max_bytes} bytes for an image file",
-            meta.len()
-        )));
-    }
+    crate::io::files::regular_file(path, max_bytes).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput => {
+            err(source.to_string())
+        }
+        e => e,
+    })?;
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(max_bytes + 1).read_to_end(&mut bytes))

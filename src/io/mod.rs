@@ -1,6 +1,7 @@
 //! Everything read from disk: model directories (config, safetensors, tokenizer) and images, plus prompt building.
 
 pub mod config;
+pub mod files;
 pub mod image;
 pub mod prompt;
 pub mod safetensors;

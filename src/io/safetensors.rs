@@ -363,6 +363,7 @@ impl WeightStore {
 /// Maps one file and parses (and validates) its header: returns the mapping, the offset where tensor data
 /// starts, and the header.
 fn map_file(path: &Path) -> Result<(Mmap, usize, safetensors::tensor::Metadata)> {
+    crate::io::files::regular_file(path, u64::MAX)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if file_len < 8 {

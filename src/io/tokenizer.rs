@@ -29,6 +29,7 @@ impl IdeficsTokenizer {
                 message: "file not found (the model directory needs the tokenizer.json it was trained with)".into(),
             });
         }
+        crate::io::files::regular_file(path, crate::io::files::MAX_TOKENIZER_BYTES)?;
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use crate::io::image::{decode_rgb, DecodeBudget, DecodeLimits, Rgb8};
+use crate::io::image::{decode_rgb, read_image_file, DecodeBudget, DecodeLimits, Rgb8};
 use crate::server::openai::ApiError;
 
 /// Where images may come from, and how big they may be.
@@ -190,7 +190,9 @@ impl ImagePolicy {
         if size > self.max_bytes {
             return Err(self.too_big(index, size));
         }
-        std::fs::read(&full).map_err(|_| outside())
+        // Regular files only: a FIFO inside the folder would block the request forever.
+        read_image_file(&full, self.max_bytes as u64)
+            .map_err(|e| ApiError::bad(format!("image {index}: {e}")))
     }
 
     fn too_big(&self, index: usize, bytes: usize) -> ApiError {
