@@ -356,19 +356,7 @@ fn engine_flags_out_of_range_are_refused_by_name() {
 #[test]
 fn a_max_new_tokens_near_the_integer_limit_stops_at_the_context() {
     for n in ["18446744073709551597", "18446744073709551615"] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
-        cmd.args([
-            "generate",
-            "--device",
-            "cpu",
-            "--json",
-            "--max-new-tokens",
-            n,
-        ])
-        .arg("--model")
-        .arg(fixture_dir("tiny-idefics-a"))
-        .args(["--prompt", PROMPT, "--image"])
-        .arg(image());
+        let cmd = generate_json(n);
         // The bug this guards against spun forever: a run past a minute is a failure, not a hang.
         let out = output_within(cmd, std::time::Duration::from_secs(60));
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -488,22 +476,7 @@ fn json_num(x: f64) -> serde_json::Value {
 #[test]
 fn a_temperature_below_the_floor_is_greedy() {
     let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
-            .args([
-                "generate",
-                "--device",
-                "cpu",
-                "--json",
-                "--max-new-tokens",
-                "6",
-            ])
-            .arg("--model")
-            .arg(fixture_dir("tiny-idefics-a"))
-            .args(["--prompt", PROMPT, "--image"])
-            .arg(image())
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = generate_json("6").args(extra).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -597,15 +570,44 @@ fn model_files_that_are_not_regular_files_are_refused_not_waited_on() {
         let (_t, dir) = model_copy();
         let path = dir.join(name);
         std::fs::remove_file(&path).unwrap();
-        assert!(Command::new("mkfifo").arg(&path).status().unwrap().success());
+        assert!(Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
-        cmd.args(["generate", "--device", "cpu", "--max-new-tokens", "2", "--model"])
-            .arg(&dir)
-            .args(["--prompt", PROMPT, "--image"])
-            .arg(image());
+        cmd.args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(&dir)
+        .args(["--prompt", PROMPT, "--image"])
+        .arg(image());
         let out = output_within(cmd, std::time::Duration::from_secs(30));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
         assert_mentions(&stderr, &[name, "not a regular file"]);
     }
+}
+
+/// `flamingo generate --json` on the CPU over the tiny fixture, its picture and the test prompt.
+fn generate_json(max_new_tokens: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
+    cmd.args([
+        "generate",
+        "--device",
+        "cpu",
+        "--json",
+        "--max-new-tokens",
+        max_new_tokens,
+    ])
+    .arg("--model")
+    .arg(fixture_dir("tiny-idefics-a"))
+    .args(["--prompt", PROMPT, "--image"])
+    .arg(image());
+    cmd
 }

@@ -285,7 +285,11 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
     );
     let long_prompt = "word ".repeat(400);
     let fifo = dir.path().join("pipe.png");
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let gif_frame_bomb = {
         let mut g = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff".to_vec();
         g.extend(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02\x4c\x01\x00\x3b");
