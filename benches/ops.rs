@@ -16,7 +16,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use flamingo::backend::{Backend, RowSampling, SeqStep, StepLayout};
 use flamingo::cli::options::BackendCommand;
-use flamingo::io::config::{Activation, IdeficsConfig};
+use flamingo::io::config::{Activation, IdeficsConfig, RopeFrequencies};
 use flamingo::io::safetensors::DType;
 use flamingo::model::idefics::synthetic::{random_store, Preset};
 
@@ -354,7 +354,7 @@ fn rope<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &
         g.bench_function(format!("q_and_k/{rows}x{d}"), |bench| {
             bench.iter_custom(|iters| {
                 common::timed(b, iters, || {
-                    b.rope(&mut q, &mut k, head_dim, &l, cfg.rope_theta())
+                    b.rope(&mut q, &mut k, head_dim, &l, &RopeFrequencies::plain(cfg.rope_theta()))
                 })
             })
         });

@@ -1,12 +1,17 @@
 // rope.cu - rotary position embedding, NeoX / HF "rotate_half" layout, applied in place.
 //
-// rope_bf16(q, k, positions, tokens, n_heads_q, n_heads_k, head_dim, ldq, ldk, theta)
+// rope_bf16(q, k, positions, tokens, n_heads_q, n_heads_k, head_dim, ldq, ldk, theta,
+//           factor, low_freq_factor, high_freq_factor, original_max_positions)
 //   q: [tokens, ldq] bf16, head h at columns h*head_dim .. (h+1)*head_dim (ldq >= n_heads_q*head_dim,
 //      normally ldq = n_heads_q*head_dim; a larger ld lets q/k live inside a fused QKV buffer)
 //   k: [tokens, ldk] bf16, likewise with n_heads_k heads (fewer than q's with grouped-query attention).
 //   positions: [tokens] int32, absolute position of each token.
 //   For every head and i < half = head_dim/2, with x1 = x[i], x2 = x[i + half]:
 //       inv_freq = 1 / theta^(2i/head_dim)          (f32, as HF computes it)
+//       factor > 0: llama3 scaling (HF _compute_llama3_parameters), wl = 2 pi / inv_freq:
+//         wl > original/low_freq_factor: inv_freq / factor; wl < original/high_freq_factor: kept;
+//         else s = (original/wl - low)/(high - low), inv_freq = (1-s) inv_freq/factor + s inv_freq.
+//       factor = 0: no scaling.
 //       f = pos * inv_freq;  c = bf16(cos f);  s = bf16(sin f)
 //       x[i]        = bf16( bf16(x1*c) + bf16(-x2*s) )
 //       x[i + half] = bf16( bf16(x2*c) + bf16( x1*s) )
@@ -40,7 +45,8 @@ FE_DEVICE void rope_rotate(bf16* base, int n_heads, int head_dim, const float* c
 
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_bf16(bf16* q, bf16* k, const int* __restrict__ positions, int tokens, int n_heads_q, int n_heads_k,
-              int head_dim, int ldq, int ldk, float theta) {
+              int head_dim, int ldq, int ldk, float theta, float factor, float low_freq_factor,
+              float high_freq_factor, float original_max_positions) {
   __shared__ float cs[ROPE_MAX_HALF], sn[ROPE_MAX_HALF];
   const int t = blockIdx.x;
   const int half = head_dim >> 1;
@@ -49,7 +55,16 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
   // cos/sin once per token, shared by all heads of q and k.
   const float pos = (float)positions[t];
   for (int i = threadIdx.x; i < half; i += ROPE_THREADS) {
-    const float inv_freq = 1.f / powf(theta, (float)(2 * i) / (float)head_dim);
+    float inv_freq = 1.f / powf(theta, (float)(2 * i) / (float)head_dim);
+    if (factor > 0.f) {
+      const float wavelen = 6.28318530717958648f / inv_freq;
+      if (wavelen > original_max_positions / low_freq_factor) {
+        inv_freq = inv_freq / factor;
+      } else if (wavelen >= original_max_positions / high_freq_factor) {
+        const float smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+        inv_freq = (1.f - smooth) * inv_freq / factor + smooth * inv_freq;
+      }
+    }
     const float f = pos * inv_freq;  // the f32 angle HF computes
     // f reaches ~max_position radians. sincosf's large-argument path needs a local-memory
     // table, so reduce exactly in double instead: f/pi mod 2, then sincospif (no reduction).

@@ -9,7 +9,7 @@ mod common;
 use common::{one_row_seqs, random_values, RandomWeights};
 use flamingo::backend::cpu::{CpuBackend, CpuTensor};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
-use flamingo::io::config::Activation;
+use flamingo::io::config::{Activation, RopeFrequencies};
 
 const ROWS: usize = 300;
 
@@ -137,7 +137,7 @@ fn norms_activations_gates_embedding_and_rope_do_not_depend_on_the_batch() {
     check_rows("rope", |s, n| {
         let layout = b.layout(&one_row_seqs(s..s + n, |r| 3 * r + 1, |_| -1));
         let (mut q, mut k) = (rows(&x, s, n), rows(&x, s, n));
-        b.rope(&mut q, &mut k, 40, &layout, 10000.0);
+        b.rope(&mut q, &mut k, 40, &layout, &RopeFrequencies::plain(10000.0));
         b.concat_cols(&q, &k)
     });
 }

@@ -22,7 +22,7 @@ use flamingo::backend::cuda::{
     cublas_library, device_count, CeilingSizes, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
 };
 use flamingo::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
-use flamingo::io::config::Activation;
+use flamingo::io::config::{Activation, Llama3Scaling, RopeFrequencies};
 use flamingo::model::sampling::SamplingParams;
 use flamingo::perf::profile::{profile_steps, Profiled};
 use flamingo::runtime::engine::{Engine, EngineConfig, Event};
@@ -314,16 +314,33 @@ fn embedding_and_data_movement_match_cpu() {
 #[test]
 fn rope_matches_cpu() {
     let p = Pair::new();
-    // Query heads, key heads (fewer: GQA), head dim.
-    for (i, &(heads, kv_heads, d)) in [(4, 2, 16), (3, 3, 64), (2, 1, 128)].iter().enumerate() {
+    // Llama 3.2's scaling with a short original context, so that positions up to 1000 meet all three regimes.
+    let llama3 = RopeFrequencies {
+        theta: 500000.0,
+        llama3: Some(Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        }),
+    };
+    // Query heads, key heads (fewer: GQA), head dim, frequencies.
+    let cases = [
+        (4, 2, 16, RopeFrequencies::plain(10000.0)),
+        (3, 3, 64, RopeFrequencies::plain(10000.0)),
+        (2, 1, 128, RopeFrequencies::plain(10000.0)),
+        (4, 1, 16, llama3),
+        (8, 2, 128, llama3),
+    ];
+    for (i, &(heads, kv_heads, d, freqs)) in cases.iter().enumerate() {
         let step = one_row_seqs(0..257, |r| (r * 37) % 1000, |_| -1);
         let l = p.layout(&step);
         let mut q = p.tensor(500 + i as u64, 257, heads * d);
         let mut k = p.tensor(510 + i as u64, 257, kv_heads * d);
-        p.cpu.rope(&mut q.0, &mut k.0, d, &l.0, 10000.0);
-        p.gpu.rope(&mut q.1, &mut k.1, d, &l.1, 10000.0);
-        p.check(&format!("rope q d={d}"), &q);
-        p.check(&format!("rope k d={d}"), &k);
+        p.cpu.rope(&mut q.0, &mut k.0, d, &l.0, &freqs);
+        p.gpu.rope(&mut q.1, &mut k.1, d, &l.1, &freqs);
+        p.check(&format!("rope q d={d} {freqs:?}"), &q);
+        p.check(&format!("rope k d={d} {freqs:?}"), &k);
     }
 }
 
@@ -551,7 +568,7 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
     check_rows(&b, "rope", |r| {
         let (mut t, mut k) = (qr(r.clone()), qr(r.clone()));
         let layout = b.layout(&one_row_seqs(r.clone(), |i| 3 * i + 1, |_| -1));
-        b.rope(&mut t, &mut k, d, &layout, 10000.0);
+        b.rope(&mut t, &mut k, d, &layout, &RopeFrequencies::plain(10000.0));
         b.concat_cols(&t, &k)
     });
     let (km, vm) = (rand(1003, 3 * 7, heads * d), rand(1004, 3 * 7, heads * d));

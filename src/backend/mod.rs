@@ -13,7 +13,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
-use crate::io::config::Activation;
+use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 
 /// One sequence's share of a batched decoder step: its new rows are contiguous in the step's activations, in
@@ -226,13 +226,14 @@ pub trait Backend: Send + Sync {
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
     /// Rotary embedding (rotate-half layout) of every head of a step's queries `q` and keys `k` (in one pass: the
     /// angles are shared), each row at its position in the layout; `k` may have fewer heads than `q` (GQA).
+    /// `freqs` gives each pair's inverse frequency (theta, and llama3 scaling where the model has it).
     fn rope(
         &self,
         q: &mut Self::Tensor,
         k: &mut Self::Tensor,
         head_dim: usize,
         layout: &Self::Layout,
-        theta: f64,
+        freqs: &RopeFrequencies,
     );
 
     // ---- attention ----

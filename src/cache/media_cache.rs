@@ -12,11 +12,21 @@ pub struct ImageKv<B: Backend> {
     pub v: B::Tensor,
 }
 
+/// What the cross-attention of a row whose latest image is in a slot reads: that slot's first `rows` key rows
+/// (an image may fill only part of its slot: Llama 3.2 Vision's unused tiles), after those of the slot `after`
+/// when the two images are seen together (consecutive `<|image|>` tokens), and so on back along the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotView {
+    pub rows: usize,
+    pub after: Option<u32>,
+}
+
 pub struct MediaCache<B: Backend> {
     k: Vec<B::Tensor>,
     v: Vec<B::Tensor>,
     tokens_per_image: usize,
     slots: usize,
+    views: Vec<SlotView>,
 }
 
 impl<B: Backend> MediaCache<B> {
@@ -27,7 +37,38 @@ impl<B: Backend> MediaCache<B> {
             v: (0..blocks).map(|_| pool()).collect(),
             tokens_per_image,
             slots,
+            views: vec![
+                SlotView {
+                    rows: tokens_per_image,
+                    after: None,
+                };
+                slots
+            ],
         }
+    }
+
+    /// Sets what a row seeing `slot` attends to (by default: all of its rows, and no other slot).
+    pub fn set_view(&mut self, slot: u32, view: SlotView) {
+        assert!(view.rows <= self.tokens_per_image, "a slot holds {} rows", self.tokens_per_image);
+        self.views[slot as usize] = view;
+    }
+
+    /// Pool rows a row whose latest image sits in `slot` attends to, earliest image first.
+    pub fn visible_rows(&self, slot: u32) -> Vec<usize> {
+        let mut chain = vec![slot];
+        while let Some(prev) = self.views[*chain.last().expect("non-empty") as usize].after {
+            assert!(chain.len() <= self.slots, "media slot views form a cycle");
+            chain.push(prev);
+        }
+        let n = self.tokens_per_image;
+        chain
+            .iter()
+            .rev()
+            .flat_map(|&s| {
+                let start = s as usize * n;
+                start..start + self.views[s as usize].rows
+            })
+            .collect()
     }
 
     pub fn tokens_per_image(&self) -> usize {

@@ -110,6 +110,47 @@ pub struct RopeParameters {
     pub rope_type: Option<String>,
 }
 
+/// llama3 RoPE frequency scaling (`rope_scaling` / `rope_parameters` with `rope_type: "llama3"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// How RoPE turns a position into angles: `inv_freq(i)` for pair `i` of a `head_dim`-wide head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeFrequencies {
+    pub theta: f64,
+    pub llama3: Option<Llama3Scaling>,
+}
+
+impl RopeFrequencies {
+    pub fn plain(theta: f64) -> Self {
+        RopeFrequencies { theta, llama3: None }
+    }
+
+    /// transformers' `_compute_llama3_parameters` (modeling_rope_utils.py): long wavelengths divided by `factor`,
+    /// short ones kept, a smooth blend between.
+    pub fn inv_freq(&self, i: usize, head_dim: usize) -> f64 {
+        let inv = 1.0 / self.theta.powf(2.0 * i as f64 / head_dim as f64);
+        let Some(s) = self.llama3 else { return inv };
+        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+        let wavelen = 2.0 * std::f64::consts::PI / inv;
+        if wavelen > low_wavelen {
+            inv / s.factor
+        } else if wavelen < high_wavelen {
+            inv
+        } else {
+            let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                / (s.high_freq_factor - s.low_freq_factor);
+            (1.0 - smooth) * inv / s.factor + smooth * inv
+        }
+    }
+}
+
 /// The cross-attention gates' shape: one scalar per gate, or one value per hidden unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlphaType {

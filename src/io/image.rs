@@ -227,6 +227,29 @@ fn composite_over_white([r, g, b, a]: [u8; 4]) -> [u8; 3] {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// Pillow's resampling filters: support (in input pixels at scale 1) and kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Bilinear,
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bilinear => (1.0 - x.abs()).max(0.0),
+            Filter::Bicubic => bicubic(x),
+        }
+    }
+}
+
 fn bicubic(x: f64) -> f64 {
     const A: f64 = -0.5;
     let x = x.abs();
@@ -247,11 +270,10 @@ struct Coeffs {
 }
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for resizing `in_size` samples to `out_size`.
-fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
-    const SUPPORT: f64 = 2.0;
+fn precompute_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
@@ -264,7 +286,7 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(xmax) {
-            *kx = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
             ww += *kx;
         }
         for x in 0..xmax {
@@ -290,11 +312,11 @@ fn clip8(acc: i64) -> u8 {
 }
 
 /// One separable pass over an interleaved 3-channel image: along x when `horizontal`, else along y.
-fn resample_pass(src: &Rgb8, out_w: usize, out_h: usize, horizontal: bool) -> Rgb8 {
+fn resample_pass(src: &Rgb8, out_w: usize, out_h: usize, horizontal: bool, filter: Filter) -> Rgb8 {
     let coeffs = if horizontal {
-        precompute_coeffs(src.width, out_w)
+        precompute_coeffs(src.width, out_w, filter)
     } else {
-        precompute_coeffs(src.height, out_h)
+        precompute_coeffs(src.height, out_h, filter)
     };
     let mut data = vec![0u8; out_w * out_h * 3];
     for y in 0..out_h {
@@ -323,14 +345,14 @@ fn resample_pass(src: &Rgb8, out_w: usize, out_h: usize, horizontal: bool) -> Rg
     }
 }
 
-/// Pillow's `Image.resize((w, h), BICUBIC)`: horizontal pass first, each pass only where the size changes.
-pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
+/// Pillow's `Image.resize((w, h), filter)`: horizontal pass first, each pass only where the size changes.
+pub fn resize(img: &Rgb8, out_w: usize, out_h: usize, filter: Filter) -> Rgb8 {
     let mut cur = img.clone();
     if out_w != cur.width {
-        cur = resample_pass(&cur, out_w, cur.height, true);
+        cur = resample_pass(&cur, out_w, cur.height, true, filter);
     }
     if out_h != cur.height {
-        cur = resample_pass(&cur, out_w, out_h, false);
+        cur = resample_pass(&cur, out_w, out_h, false, filter);
     }
     cur
 }
@@ -338,7 +360,7 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
 /// Resized, rescaled and normalised pixels, [3, size, size] channel-major: what the vision encoder reads.
 pub fn preprocess(img: &Rgb8, cfg: &PreprocessorConfig) -> Vec<f32> {
     let n = cfg.image_size;
-    let resized = resize_bicubic(img, n, n);
+    let resized = resize(img, n, n, Filter::Bicubic);
     let mut out = vec![0f32; 3 * n * n];
     for c in 0..3 {
         for i in 0..n * n {
@@ -365,7 +387,7 @@ mod tests {
     #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
         for (i, o) in [(451, 32), (32, 32), (10, 42), (300, 224)] {
-            let c = precompute_coeffs(i, o);
+            let c = precompute_coeffs(i, o, Filter::Bicubic);
             for x in 0..o {
                 let s: i64 = c.weights[x * c.ksize..(x + 1) * c.ksize]
                     .iter()
@@ -386,7 +408,7 @@ mod tests {
             height: 23,
             data: vec![200; 37 * 23 * 3],
         };
-        let out = resize_bicubic(&img, 16, 16);
+        let out = resize(&img, 16, 16, Filter::Bicubic);
         assert!(out.data.iter().all(|&v| v == 200));
     }
 

@@ -3,6 +3,8 @@
 pub mod config;
 pub mod files;
 pub mod image;
+pub mod mllama_config;
+pub mod mllama_image;
 pub mod prompt;
 pub mod safetensors;
 pub mod tokenizer;

@@ -79,6 +79,29 @@ pub fn image_attention(ids: &[u32], image_id: u32, eos_id: u32) -> Vec<i32> {
         .collect()
 }
 
+/// Llama 3.2 Vision's cross-attention mask (`get_cross_attention_token_mask` in transformers'
+/// `processing_mllama.py`) as, per token, the latest image at or before it (-1 before the first), and per image
+/// whether its `<|image|>` token directly follows the previous image's: consecutive images are seen together from
+/// the last one's token on, so a token sees its latest image and the run of images joined before it.
+pub fn mllama_image_attention(ids: &[u32], image_id: u32) -> (Vec<i32>, Vec<bool>) {
+    let mut latest = -1i32;
+    let mut joins_previous = Vec::new();
+    let mut previous_was_image = false;
+    let image_of_token = ids
+        .iter()
+        .map(|&id| {
+            let is_image = id == image_id;
+            if is_image {
+                latest += 1;
+                joins_previous.push(previous_was_image);
+            }
+            previous_was_image = is_image;
+            latest
+        })
+        .collect();
+    (image_of_token, joins_previous)
+}
+
 /// A tokenized prompt ready for prefill.
 #[derive(Clone, Debug)]
 pub struct EncodedPrompt {
@@ -150,6 +173,15 @@ mod tests {
             build_prompt_text(&items, "<s>", true),
             "<s>a<end_of_utterance>b<fake_token_around_image><image><fake_token_around_image>"
         );
+    }
+
+    #[test]
+    fn mllama_consecutive_images_are_joined() {
+        // x <img> y <img><img> z
+        let ids = [5, 9, 6, 9, 9, 7];
+        let (of_token, joined) = mllama_image_attention(&ids, 9);
+        assert_eq!(of_token, vec![-1, 0, 0, 1, 2, 2]);
+        assert_eq!(joined, vec![false, false, true]);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod idefics;
 pub mod layers;
+pub mod mllama;
 pub mod sampling;
 
 use crate::backend::Backend;

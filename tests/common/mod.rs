@@ -17,7 +17,13 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 
 #[derive(Deserialize)]
 pub struct GoldenMeta {
+    /// IDEFICS fixtures: the `--prompt` text.
+    #[serde(default)]
     pub cli_prompt: String,
+    /// Llama 3.2 Vision fixtures: the rendered chat text the processor received.
+    #[serde(default)]
+    pub prompt_text: String,
+    #[serde(default)]
     pub image_files: Vec<String>,
 }
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::{nothing_to_sample, Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::{Error, Result};
-use crate::io::config::Activation;
+use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 
 /// A row-major `[rows, cols]` f32 tensor.
@@ -63,14 +63,17 @@ fn map_groups(x: &CpuTensor, width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync
 }
 
 /// Head `h` (width `d`) of row `row` of K and of V.
+/// Key and value of query head `h` at `row`: with grouped-query attention (`k` has fewer heads than the queries'
+/// `heads`) query head `h` reads kv head `h / (heads / kv_heads)`, transformers' `repeat_kv`.
 fn head_of_row<'a>(
     k: &'a CpuTensor,
     v: &'a CpuTensor,
     row: usize,
-    h: usize,
+    (h, heads): (usize, usize),
     d: usize,
 ) -> (&'a [f32], &'a [f32]) {
-    let o = row * k.cols + h * d;
+    let kv_heads = k.cols / d;
+    let o = row * k.cols + h / (heads / kv_heads) * d;
     (&k.data[o..o + d], &v.data[o..o + d])
 }
 
@@ -339,29 +342,29 @@ impl Backend for CpuBackend {
         k: &mut CpuTensor,
         head_dim: usize,
         layout: &CpuLayout,
-        theta: f64,
+        freqs: &RopeFrequencies,
     ) {
-        rope_rotate(q, head_dim, layout, theta);
-        rope_rotate(k, head_dim, layout, theta);
+        rope_rotate(q, head_dim, layout, freqs);
+        rope_rotate(k, head_dim, layout, freqs);
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, heads: usize) -> CpuTensor {
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
-        let blocked = attention::full(
+        let blocked = (k.cols == q.cols).then(|| attention::full(
             &q.data,
             q.rows,
             k.rows,
             |j| (k.row(j), v.row(j)),
             heads,
             scale,
-        );
+        )).flatten();
         let out = blocked.unwrap_or_else(|| {
             attention::per_row_head(&q.data, q.rows, heads, d, |_, h, qh, out, scores| {
                 attention::attend(
                     qh,
                     k.rows,
-                    |j| head_of_row(k, v, j, h, d),
+                    |j| head_of_row(k, v, j, (h, heads), d),
                     scale,
                     scores,
                     out,
@@ -388,7 +391,7 @@ impl Backend for CpuBackend {
         let scale = (d as f32).powf(-0.5);
         let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
             let (seq, pos) = layout.rows[i];
-            let key = |j: usize| head_of_row(k_pool, v_pool, layout.step.slot(seq, j), h, d);
+            let key = |j: usize| head_of_row(k_pool, v_pool, layout.step.slot(seq, j), (h, heads), d);
             attention::attend(qh, pos + 1, key, scale, scores, out);
         });
         tensor(out, q.rows, q.cols)
@@ -415,7 +418,7 @@ impl Backend for CpuBackend {
                 out.fill(0.0);
                 return;
             };
-            let key = |j: usize| head_of_row(k, v, image * per_image + j, h, d);
+            let key = |j: usize| head_of_row(k, v, image * per_image + j, (h, heads), d);
             attention::attend(qh, per_image, key, scale, scores, out);
         });
         tensor(out, q.rows, q.cols)
@@ -497,12 +500,12 @@ impl Backend for CpuBackend {
 }
 
 /// Rotary embedding (rotate-half) of every head of `x`, each row at its position in the layout; sin and cos in f64.
-fn rope_rotate(x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, theta: f64) {
+fn rope_rotate(x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, freqs: &RopeFrequencies) {
     assert_eq!(layout.rows.len(), x.rows, "RoPE rows do not match the step");
     assert_eq!(x.cols % head_dim, 0);
     let half = head_dim / 2;
     let inv_freq: Vec<f64> = (0..half)
-        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+        .map(|i| freqs.inv_freq(i, head_dim))
         .collect();
     let cols = x.cols;
     x.data

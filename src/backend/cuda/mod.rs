@@ -53,7 +53,7 @@ use ops::{
 
 use super::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::{Error, Result};
-use crate::io::config::Activation;
+use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 
 impl CudaBackend {
@@ -209,9 +209,9 @@ impl Backend for CudaBackend {
         k: &mut CudaTensor,
         head_dim: usize,
         layout: &CudaLayout,
-        theta: f64,
+        freqs: &RopeFrequencies,
     ) {
-        rope::rope(self, q, k, head_dim, layout, theta)
+        rope::rope(self, q, k, head_dim, layout, freqs)
     }
 
     fn attention(

@@ -3,13 +3,13 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::io::config::IdeficsConfig;
+use crate::io::config::{IdeficsConfig, RopeFrequencies};
 use crate::model::layers::{Linear, Mlp, RmsNorm, WeightLoader};
 
 pub struct IdeficsDecoderLayer<B: Backend> {
     heads: usize,
     head_dim: usize,
-    rope_theta: f64,
+    rope: RopeFrequencies,
     input_layernorm: RmsNorm<B>,
     q_proj: Linear<B>,
     k_proj: Linear<B>,
@@ -26,7 +26,7 @@ impl<B: Backend> IdeficsDecoderLayer<B> {
         Ok(IdeficsDecoderLayer {
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
-            rope_theta: cfg.rope_theta(),
+            rope: RopeFrequencies::plain(cfg.rope_theta()),
             input_layernorm: l.rms_norm(&format!("{prefix}.input_layernorm"), d, eps)?,
             q_proj: l.linear(&format!("{prefix}.self_attn.q_proj"), d, d)?,
             k_proj: l.linear(&format!("{prefix}.self_attn.k_proj"), d, d)?,
@@ -55,7 +55,7 @@ impl<B: Backend> IdeficsDecoderLayer<B> {
         let mut q = self.q_proj.forward(b, &x);
         let mut k = self.k_proj.forward(b, &x);
         let v = self.v_proj.forward(b, &x);
-        b.rope(&mut q, &mut k, self.head_dim, layout, self.rope_theta);
+        b.rope(&mut q, &mut k, self.head_dim, layout, &self.rope);
         b.write_kv(k_pool, layout, &k);
         b.write_kv(v_pool, layout, &v);
         let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);

@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::config::VisionConfig;
-use crate::model::layers::{LayerNorm, Linear, WeightLoader};
+use crate::model::layers::{im2col, LayerNorm, Linear, WeightLoader};
 
 struct EncoderLayer<B: Backend> {
     layer_norm1: LayerNorm<B>,
@@ -95,23 +95,4 @@ impl<B: Backend> IdeficsVisionTransformer<B> {
         b.add_assign(&mut h, &layer.fc2.forward(b, &m));
         h
     }
-}
-
-/// Non-overlapping `patch`² windows of a `[3, size, size]` image as rows `[c, ky, kx]`, patches row-major: the
-/// stride-`patch` convolution becomes one matrix product with the conv weight viewed as `[D, 3*patch*patch]`.
-/// Like the convolution, pixels past `grid * patch` (when `size` is not a multiple of `patch`) are ignored.
-pub fn im2col(pixels: &[f32], size: usize, patch: usize) -> Vec<f32> {
-    let grid = size / patch;
-    let mut out = Vec::with_capacity(grid * grid * 3 * patch * patch);
-    for py in 0..grid {
-        for px in 0..grid {
-            for c in 0..3 {
-                for ky in 0..patch {
-                    let row = c * size * size + (py * patch + ky) * size + px * patch;
-                    out.extend_from_slice(&pixels[row..row + patch]);
-                }
-            }
-        }
-    }
-    out
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
 use crate::error::Result;
-use crate::io::config::Activation;
+use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 use crate::perf::profile::report::{self, OpRow, Record, Span};
 use crate::perf::profile::work::{self, Cost, ProfiledLayout, ProfiledWeight};

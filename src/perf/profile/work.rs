@@ -3,7 +3,7 @@
 //! `work::<op>` before timing the op of the same name; every timed `Backend` op has one here, or the build fails.
 
 use crate::backend::{Backend, RowSampling};
-use crate::io::config::Activation;
+use crate::io::config::{Activation, RopeFrequencies};
 
 /// A weight with what the cost model needs to know of it.
 pub struct ProfiledWeight<W> {
@@ -148,7 +148,7 @@ pub fn rope<B: Backend>(
     k: &B::Tensor,
     _head_dim: usize,
     _: &Layout<B>,
-    _: f64,
+    _: &RopeFrequencies,
 ) -> Cost {
     Cost::moves(2.0 * act(b, numel(b, q) + numel(b, k)))
 }

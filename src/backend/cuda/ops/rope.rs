@@ -4,6 +4,7 @@
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
 use crate::backend::cuda::launchers::RopeBf16;
 use crate::backend::cuda::layout::CudaLayout;
+use crate::io::config::RopeFrequencies;
 
 pub(in crate::backend::cuda) fn rope(
     b: &CudaBackend,
@@ -11,7 +12,7 @@ pub(in crate::backend::cuda) fn rope(
     k: &mut CudaTensor,
     head_dim: usize,
     layout: &CudaLayout,
-    theta: f64,
+    freqs: &RopeFrequencies,
 ) {
     for x in [&*q, &*k] {
         assert_eq!(x.rows, layout.rows(), "RoPE rows do not match the step");
@@ -31,7 +32,13 @@ pub(in crate::backend::cuda) fn rope(
         head_dim,
         ldq: q.cols,
         ldk: k.cols,
-        theta: theta as f32,
+        theta: freqs.theta as f32,
+        factor: freqs.llama3.map_or(0.0, |s| s.factor as f32),
+        low_freq_factor: freqs.llama3.map_or(1.0, |s| s.low_freq_factor as f32),
+        high_freq_factor: freqs.llama3.map_or(2.0, |s| s.high_freq_factor as f32),
+        original_max_positions: freqs
+            .llama3
+            .map_or(1.0, |s| s.original_max_position_embeddings as f32),
     };
     b.run(&kernel, (q.rows as u32, 1, 1), 128);
 }
