@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use flamingo::io::image::PreparedImage;
 use flamingo::backend::Backend;
 use flamingo::cli::options::{bundled_model_dir, BackendCommand};
 use flamingo::model::idefics::synthetic::Preset;
@@ -47,7 +48,7 @@ fn model(c: &mut Criterion) {
 
 fn end_to_end<B: Backend>(c: &mut Criterion, preset: Preset, p: &Pipeline<B>) {
     let prompt = bench_prompt(p, 64, 0).unwrap();
-    let pixels = vec![bench_pixels(p)];
+    let pixels = vec![bench_pixels(p).unwrap()];
     let b = &p.backend;
     let mut g = c.benchmark_group(format!("model/{}", preset.name()));
     g.sample_size(10).measurement_time(Duration::from_secs(3));
@@ -75,11 +76,11 @@ fn end_to_end<B: Backend>(c: &mut Criterion, preset: Preset, p: &Pipeline<B>) {
 fn decode_steps<B: Backend>(
     p: &Pipeline<B>,
     prompt: &flamingo::io::prompt::EncodedPrompt,
-    pixels: &[Vec<f32>],
+    pixels: &[PreparedImage],
     batch: usize,
     iters: u64,
 ) -> Duration {
-    let room = (p.idefics.config.max_position_embeddings - prompt.ids.len() - 2) as u64;
+    let room = (p.idefics().unwrap().config.max_position_embeddings - prompt.ids.len() - 2) as u64;
     let mut total = Duration::ZERO;
     let mut left = iters;
     while left > 0 {

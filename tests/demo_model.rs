@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use flamingo::io::image::PreparedImage;
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
 use flamingo::io::prompt::EncodedPrompt;
@@ -50,7 +51,7 @@ fn load() -> (Expected, PathBuf, Pipeline<CpuBackend>) {
 fn divergence(
     p: &Pipeline<CpuBackend>,
     prompt: &EncodedPrompt,
-    pixels: &[Vec<f32>],
+    pixels: &[PreparedImage],
     ours: &[u32],
     theirs: &[u32],
 ) -> String {
@@ -65,8 +66,9 @@ fn divergence(
         ids,
         image_of_token,
         num_images: prompt.num_images,
+        joins_previous: prompt.joins_previous.clone(),
     };
-    let h = p.prefill(&prefix, pixels).unwrap();
+    let h = p.prefill(&prefix, pixels, None).unwrap();
     let b = &p.backend;
     let last = b.slice_rows(&h, b.dims(&h).0 - 1, 1);
     let logits = b.to_host(&p.logits(&last));
@@ -169,14 +171,15 @@ fn heldout_captions_equal_transformers_and_are_right() {
 #[test]
 fn bundled_model_has_the_idefics_parts() {
     let (_, _, p) = load();
-    let cfg = &p.idefics.config;
+    let cfg = &p.idefics().unwrap().config;
     let tok = &p.tokenizer;
     assert!(cfg.use_resampler);
     assert!(cfg.num_cross_layers() >= 1);
     let eou = tok
         .end_of_utterance_id
         .expect("<end_of_utterance> in the tokenizer");
-    for id in [tok.fake_image_id, tok.image_id, eou] {
+    let fake = tok.fake_image_id.expect("<fake_token_around_image> in the tokenizer");
+    for id in [fake, tok.image_id, eou] {
         assert!(
             (cfg.vocab_size..cfg.total_vocab()).contains(&(id as usize)),
             "{} ({id}) is not in the additional vocabulary",

@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::fixture_dir;
+use flamingo::io::image::PreparedImage;
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
 use flamingo::model::sampling::SamplingParams;
@@ -36,7 +37,7 @@ fn requests() -> Vec<(&'static str, Vec<&'static str>)> {
 
 struct Case {
     prompt: flamingo::io::prompt::EncodedPrompt,
-    pixels: Vec<Vec<f32>>,
+    pixels: Vec<PreparedImage>,
     request: GenerationRequest,
 }
 
@@ -301,6 +302,6 @@ fn requests_the_engine_could_never_run_are_refused_up_front() {
         .add_request(case.prompt.clone(), vec![], &case.request)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("2 <image> markers but 0 images"), "{err}");
+    assert!(err.contains("2 image tokens but 0 images"), "{err}");
     assert_eq!(engine.pending_requests(), 0);
 }

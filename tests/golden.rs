@@ -5,7 +5,8 @@ mod common;
 use common::{assert_close, greedy, Fixture, FIXTURES};
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
-use flamingo::runtime::pipeline::Pipeline;
+use flamingo::io::image::PreparedImage;
+use flamingo::runtime::pipeline::{Pipeline, Preprocessor};
 
 const TOL: f64 = 1e-3;
 
@@ -38,11 +39,13 @@ fn pixel_values_within_one_level_of_255() {
         let p = pipeline(&fx);
         let (_, pixels) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
         let golden = fx.golden_pixels();
-        let pp = &p.preprocessor;
+        let Preprocessor::Idefics(pp) = &p.preprocessor else {
+            panic!("{name} is an IDEFICS fixture")
+        };
         let plane = pp.image_size * pp.image_size;
         for (i, (ours, theirs)) in pixels.iter().zip(&golden).enumerate() {
             let mut worst = 0f32;
-            for (j, (&a, &b)) in ours.iter().zip(theirs).enumerate() {
+            for (j, (&a, &b)) in ours.pixels.iter().zip(&theirs.pixels).enumerate() {
                 let c = j / plane;
                 let level = |v: f32| (v * pp.image_std[c] + pp.image_mean[c]) * 255.0;
                 worst = worst.max((level(a) - level(b)).abs());
@@ -61,9 +64,9 @@ fn every_stage_matches_transformers_from_golden_pixels() {
         let pixels = fx.golden_pixels();
         let vision = fx.get("vision_last_hidden_state");
         let per_vision = vision.shape[1] * vision.shape[2];
-        let mut states = b.zeros(0, p.idefics.config.vision_config.embed_dim);
+        let mut states = b.zeros(0, p.idefics().unwrap().config.vision_config.embed_dim);
         for (i, px) in pixels.iter().enumerate() {
-            let v = p.idefics.vision_states(b, px);
+            let v = p.idefics().unwrap().vision_states(b, &px.pixels);
             let want = &vision.data[i * per_vision..(i + 1) * per_vision];
             assert_close(
                 &format!("{name} vision image {i}"),
@@ -71,7 +74,7 @@ fn every_stage_matches_transformers_from_golden_pixels() {
                 want,
                 TOL,
             );
-            let s = p.idefics.image_states_from_vision(b, &v);
+            let s = p.idefics().unwrap().image_states_from_vision(b, &v);
             if let Some(g) = fx.tensors.get("image_hidden_states") {
                 let per = g.shape[1] * g.shape[2];
                 assert_close(
@@ -97,7 +100,7 @@ fn every_stage_matches_transformers_from_golden_pixels() {
                 TOL,
             );
         }
-        assert_eq!(hidden.len(), p.idefics.config.num_hidden_layers + 1);
+        assert_eq!(hidden.len(), p.idefics().unwrap().config.num_hidden_layers + 1);
         let logits = p.logits(&h);
         let rel = assert_close(
             &format!("{name} logits"),
@@ -158,8 +161,8 @@ fn the_image_changes_the_logits_of_tokens_that_see_it() {
     let (prompt, pixels) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
     let other = fx.dir.join("../images/rocket.jpg");
     let (_, other_pixels) = p.prepare(&fx.meta.cli_prompt, &[other]).unwrap();
-    let logits = |px: &[Vec<f32>]| {
-        let h = p.prefill(&prompt, px).unwrap();
+    let logits = |px: &[PreparedImage]| {
+        let h = p.prefill(&prompt, px, None).unwrap();
         b.to_host(&p.logits(&h))
     };
     let (a, c) = (logits(&pixels), logits(&other_pixels));
@@ -214,7 +217,7 @@ fn f16_weights_are_widened_inside_the_ops() {
 
     let p = Pipeline::load(tmp.path(), CpuBackend::new(), false).unwrap();
     let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
-    let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
+    let h = p.prefill(&prompt, &fx.golden_pixels(), None).unwrap();
     let logits = p.backend.to_host(&p.logits(&h));
     // f16 weights carry ~5e-4 relative rounding each; through 4 layers that stays well under 2e-2.
     assert_close("f16 logits", &logits, &fx.get("logits").data, 2e-2);

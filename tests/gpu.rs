@@ -603,7 +603,7 @@ fn fixtures_match_golden_logits_and_greedy_ids() {
         let fx = Fixture::load(name);
         let p = Pipeline::load(&fx.dir, gpu(), false).unwrap();
         let (prompt, _) = p.prepare(&fx.meta.cli_prompt, &fx.image_paths()).unwrap();
-        let h = p.prefill(&prompt, &fx.golden_pixels()).unwrap();
+        let h = p.prefill(&prompt, &fx.golden_pixels(), None).unwrap();
         let logits = p.backend.to_host(&p.logits(&h));
         let rel = assert_close(
             &format!("{name} logits"),

@@ -11,10 +11,12 @@ use flamingo::cache::kv_cache::PagedKvCache;
 use flamingo::cache::media_cache::MediaCache;
 use flamingo::io::image::DecodeLimits;
 use flamingo::io::mllama_config::{MllamaConfig, MllamaPreprocessorConfig};
-use flamingo::io::mllama_image::{load_tiled, TiledImage};
+use flamingo::io::image::PreparedImage;
+use flamingo::io::mllama_image::load_tiled;
 use flamingo::io::prompt::mllama_image_attention;
 use flamingo::io::safetensors::WeightStore;
 use flamingo::model::mllama::Mllama;
+use flamingo::model::{store_images, Model};
 
 const FIXTURES: [&str; 3] = ["tiny-mllama-a", "tiny-mllama-b", "tiny-mllama-c"];
 const TOL: f64 = 1e-3;
@@ -42,7 +44,7 @@ fn load(name: &str) -> Loaded {
 }
 
 /// The images as the engine tiles them from their files.
-fn tiled_from_files(l: &Loaded) -> Vec<TiledImage> {
+fn tiled_from_files(l: &Loaded) -> Vec<PreparedImage> {
     l.fx.image_paths()
         .iter()
         .map(|p| load_tiled(p, &l.preprocessor, &DecodeLimits::pixels(1 << 24)).unwrap())
@@ -50,7 +52,7 @@ fn tiled_from_files(l: &Loaded) -> Vec<TiledImage> {
 }
 
 /// The golden pixel values with our tiling's grids.
-fn tiled_from_golden(l: &Loaded) -> Vec<TiledImage> {
+fn tiled_from_golden(l: &Loaded) -> Vec<PreparedImage> {
     let Some(g) = l.fx.tensors.get("pixel_values") else {
         return Vec::new();
     };
@@ -59,7 +61,7 @@ fn tiled_from_golden(l: &Loaded) -> Vec<TiledImage> {
     g.data
         .chunks(per)
         .zip(ours)
-        .map(|(px, t)| TiledImage {
+        .map(|(px, t)| PreparedImage {
             pixels: px.iter().map(|&v| v as f32).collect(),
             tiles: t.tiles,
         })
@@ -83,14 +85,14 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Prefill then `new_tokens` greedy decode steps through the paged KV cache and the media cache.
-fn run(l: &Loaded, ids: &[u32], images: &[TiledImage], new_tokens: usize) -> Run {
+fn run(l: &Loaded, ids: &[u32], images: &[PreparedImage], new_tokens: usize) -> Run {
     let (b, m) = (CpuBackend::new(), &l.model);
     let (image_of_token, joins) = mllama_image_attention(ids, m.config.image_token_index);
     let total = ids.len() + new_tokens;
     let mut kv: PagedKvCache<CpuBackend> = m.new_kv_cache(&b, total.div_ceil(BLOCK), BLOCK);
     let mut media: MediaCache<CpuBackend> = m.new_media_cache(&b, images.len().max(1));
     let slots: Vec<u32> = (0..images.len() as u32).collect();
-    m.write_media(&b, &mut media, images, &joins, &slots).unwrap();
+    store_images(m, &b, &mut media, images, &joins, &slots);
     let block_table: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).collect();
     let step = |q_rows: usize, kv_len: usize, image_of_row: Vec<i32>| StepLayout {
         block_size: BLOCK,
@@ -217,5 +219,31 @@ fn decoder_matches_from_golden_pixels_and_from_files() {
         let n = l.fx.ids("generated_ids").len();
         check_run(name, &l, &run(&l, &ids, &tiled_from_golden(&l), n), "golden pixels");
         check_run(name, &l, &run(&l, &ids, &tiled_from_files(&l), n), "image files");
+    }
+}
+
+/// The whole product path: `flamingo generate --json` from the fixture's files, prompt given as the processor's
+/// text, on the CPU.
+#[test]
+fn cli_generate_gives_the_golden_ids() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let want = fx.ids("generated_ids");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flamingo"));
+        cmd.args(["generate", "--device", "cpu", "--json", "--model"])
+            .arg(&fx.dir)
+            .args(["--prompt", &fx.meta.prompt_text])
+            .args(["--max-new-tokens", &want.len().to_string()]);
+        for image in fx.image_paths() {
+            cmd.arg("--image").arg(image);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let json = common::json_of(&out);
+        let ids = |key: &str| -> Vec<u32> {
+            json[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        };
+        assert_eq!(ids("prompt_ids"), fx.ids("input_ids"), "{name}: prompt ids");
+        assert_eq!(ids("generated_ids"), want, "{name}: generated ids");
     }
 }

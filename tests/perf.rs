@@ -72,12 +72,12 @@ fn synthetic_tiny_runs_with_bounded_activations() {
 
     let p = Pipeline::from_files(files, CpuBackend::new(), false).unwrap();
     let prompt = encode_prompt(&p.tokenizer, "<image>A picture of", 1).unwrap();
-    let s = p.preprocessor.image_size;
+    let s = p.idefics().unwrap().config.vision_config.image_size;
     let pixels: Vec<f32> = (0..3 * s * s)
         .map(|i| (i % 13) as f32 * 0.3 - 1.8)
         .collect();
     let mut hidden = Vec::new();
-    let states = p.encode_images(&[pixels]);
+    let states = p.encode_images(&[flamingo::io::image::PreparedImage::whole(pixels)]);
     p.prefill_states(&prompt, &states, Some(&mut hidden))
         .unwrap();
     for (layer, h) in hidden.iter().enumerate() {

@@ -8,7 +8,10 @@ use crate::backend::cpu::CpuBackend;
 use crate::cli::options::bundled_model_dir;
 use crate::error::Result;
 use crate::model::idefics::Idefics;
-use crate::runtime::pipeline::ModelFiles;
+use crate::io::config::IdeficsConfig;
+use crate::io::mllama_config::MllamaConfig;
+use crate::model::mllama::Mllama;
+use crate::runtime::pipeline::{FamilyConfig, ModelFiles};
 
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
@@ -56,7 +59,16 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let dir = args.model.unwrap_or_else(bundled_model_dir);
     let files = ModelFiles::open(&dir)?;
     // Loading checks every tensor the config implies (names, shapes, dtypes) without reading the weights.
-    Idefics::load(&CpuBackend::new(), &files.store, &files.config, false)?;
+    let rows = match &files.config {
+        FamilyConfig::Idefics(c) => {
+            Idefics::load(&CpuBackend::new(), &files.store, c, false)?;
+            c.total_vocab()
+        }
+        FamilyConfig::Mllama(c) => {
+            Mllama::load(&CpuBackend::new(), &files.store, c, false)?;
+            c.embedding_rows()
+        }
+    };
     let summary = files.store.summary();
     let mut parts: BTreeMap<&str, u64> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
@@ -72,18 +84,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
         ("bos", tok.token(tok.bos_id), tok.bos_id),
         ("eos", tok.token(tok.eos_id), tok.eos_id),
         ("image", tok.token(tok.image_id), tok.image_id),
-        (
-            "fake_image",
-            tok.token(tok.fake_image_id),
-            tok.fake_image_id,
-        ),
     ];
+    if let Some(id) = tok.fake_image_id {
+        specials.push(("fake_image", tok.token(id), id));
+    }
     if let Some(id) = tok.end_of_utterance_id {
         specials.push(("end_of_utterance", tok.token(id), id));
     }
     if args.json {
         let json = serde_json::json!({
             "model": dir,
+            "model_type": files.config.model_type(),
             "parameters": total,
             "parameters_by_part": parts,
             "parameters_by_dtype": dtypes,
@@ -93,9 +104,40 @@ pub fn run(args: InspectArgs) -> Result<()> {
         println!("{json}");
         return Ok(());
     }
+    println!("model: {} ({})", dir.display(), files.config.model_type());
+    match c {
+        FamilyConfig::Idefics(c) => print_idefics(c),
+        FamilyConfig::Mllama(c) => print_mllama(c),
+    }
+    println!(
+        "parameters: {} in {} tensors",
+        group_thousands(total),
+        summary.len()
+    );
+    for (part, n) in &parts {
+        println!("  {part:<24} {:>16}", group_thousands(*n));
+    }
+    println!("dtypes:");
+    for (dtype, n) in &dtypes {
+        println!("  {dtype:<24} {:>16}", group_thousands(*n));
+    }
+    println!("special tokens:");
+    for (kind, token, id) in &specials {
+        println!("  {kind:<24} {token} = {id}");
+    }
+    if tok.vocab_size() > rows {
+        println!(
+            "warning: the tokenizer has {} tokens, the weights {} rows; ids past the rows are refused",
+            tok.vocab_size(),
+            rows
+        );
+    }
+    Ok(())
+}
+
+fn print_idefics(c: &IdeficsConfig) {
     let v = &c.vision_config;
     let p = &c.perceiver_config;
-    println!("model: {}", dir.display());
     println!(
         "decoder: {} layers, hidden {}, {} heads x {}, MLP {}, vocab {} + {} additional, rms_norm_eps {}, rope theta {}, context {}",
         c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim(), c.intermediate_size,
@@ -131,28 +173,43 @@ pub fn run(args: InspectArgs) -> Result<()> {
         c.alpha_type,
         c.qk_layer_norms
     );
+}
+
+fn print_mllama(c: &MllamaConfig) {
+    let (t, v) = (&c.text_config, &c.vision_config);
+    let rope = t.rope_frequencies();
     println!(
-        "parameters: {} in {} tensors",
-        group_thousands(total),
-        summary.len()
+        "decoder: {} layers ({} self-attention, cross-attention at {:?}), hidden {}, {} heads x {} ({} kv heads), MLP {}, vocab {} (+8 rows), rms_norm_eps {}, rope theta {}{}, context {}",
+        t.num_hidden_layers,
+        t.self_attention_layers().len(),
+        t.cross_attention_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.head_dim(),
+        t.num_key_value_heads,
+        t.intermediate_size,
+        t.vocab_size,
+        t.rms_norm_eps,
+        rope.theta,
+        rope.llama3.map_or(String::new(), |s| format!(
+            " (llama3 x{} over {} positions)",
+            s.factor, s.original_max_position_embeddings
+        )),
+        t.max_position_embeddings
     );
-    for (part, n) in &parts {
-        println!("  {part:<24} {:>16}", group_thousands(*n));
-    }
-    println!("dtypes:");
-    for (dtype, n) in &dtypes {
-        println!("  {dtype:<24} {:>16}", group_thousands(*n));
-    }
-    println!("special tokens:");
-    for (kind, token, id) in &specials {
-        println!("  {kind:<24} {token} = {id}");
-    }
-    if tok.vocab_size() > c.total_vocab() {
-        println!(
-            "warning: the tokenizer has {} tokens, the weights {} rows; ids past the rows are refused",
-            tok.vocab_size(),
-            c.total_vocab()
-        );
-    }
-    Ok(())
+    println!(
+        "vision: {} local + {} global layers, width {}, {} heads, MLP {}, tiles of {} / patch {} -> {} tokens (padded {}), up to {} tiles, intermediate {:?} -> {} wide",
+        v.num_hidden_layers,
+        v.num_global_layers,
+        v.hidden_size,
+        v.attention_heads,
+        v.intermediate_size,
+        v.image_size,
+        v.patch_size,
+        v.tokens_per_tile(),
+        v.padded_tokens_per_tile(),
+        v.max_num_tiles,
+        v.intermediate_layers_indices,
+        v.vision_output_dim
+    );
 }

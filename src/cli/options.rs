@@ -59,12 +59,8 @@ impl EngineOptions {
     /// backend's activation width), never more than `max_seqs` full contexts.
     pub fn config<B: Backend>(&self, p: &Pipeline<B>) -> Result<EngineConfig> {
         self.check_ranges()?;
-        let cfg = &p.idefics.config;
-        let block_bytes = 2
-            * cfg.num_hidden_layers
-            * self.block_size
-            * cfg.hidden_size
-            * p.backend.activation_width();
+        let (layers, width) = p.model().kv_layout();
+        let block_bytes = 2 * layers * self.block_size * width * p.backend.activation_width();
         let kv_bytes = match self.kv_memory_mib {
             Some(mib) => mib.checked_mul(1 << 20).ok_or_else(|| {
                 Error::Invalid(format!("--kv-memory-mib {mib} is beyond any memory"))
@@ -81,7 +77,7 @@ impl EngineOptions {
         };
         let mut config = EngineConfig::sized(
             self.max_seqs,
-            cfg.max_position_embeddings,
+            p.model().context_len(),
             self.block_size,
             block_bytes,
             kv_bytes,
@@ -94,11 +90,8 @@ impl EngineOptions {
             config.media_slots = n;
         }
         config.decode_graphs = !self.no_cuda_graphs;
-        let slot_bytes = 2
-            * cfg.num_cross_layers()
-            * cfg.image_tokens_per_image()
-            * cfg.hidden_size
-            * p.backend.activation_width();
+        let (blocks, tokens, width) = p.model().media_layout();
+        let slot_bytes = 2 * blocks * tokens * width * p.backend.activation_width();
         check_caches_fit(p, &config, block_bytes, slot_bytes)?;
         Ok(config)
     }

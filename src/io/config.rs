@@ -543,3 +543,38 @@ impl PreprocessorConfig {
         })
     }
 }
+
+/// One eos id or a list of them, as configs write either.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// The ids `generation_config.json` sets (absent file: none).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct GenerationConfig {
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
+}
+
+impl GenerationConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.exists() {
+            read_json(path)
+        } else {
+            Ok(GenerationConfig::default())
+        }
+    }
+}

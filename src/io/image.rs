@@ -24,6 +24,29 @@ pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
 /// Bytes of metadata (ICC profiles, text, EXIF) a decoder may hold beside the pixels.
 const METADATA_BYTES: u64 = 16 << 20;
 
+/// One image as its family's preprocessor leaves it: the pixels the vision tower reads (IDEFICS: `[3, S, S]`;
+/// Llama 3.2 Vision: `[max_image_tiles, 3, tile, tile]`) and the grid of tiles the image fills ((1, 1) when the
+/// family does not tile).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedImage {
+    pub pixels: Vec<f32>,
+    pub tiles: (usize, usize),
+}
+
+impl PreparedImage {
+    /// An untiled image.
+    pub fn whole(pixels: Vec<f32>) -> Self {
+        PreparedImage {
+            pixels,
+            tiles: (1, 1),
+        }
+    }
+
+    pub fn num_tiles(&self) -> usize {
+        self.tiles.0 * self.tiles.1
+    }
+}
+
 /// An 8-bit RGB image, pixels interleaved row-major.
 #[derive(Clone, Debug)]
 pub struct Rgb8 {

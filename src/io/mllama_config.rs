@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::config::{read_json, Llama3Scaling, RopeFrequencies};
+use crate::io::config::{read_json, Llama3Scaling, RopeFrequencies, TokenIds};
 
 /// The `model_type` of a model directory's `config.json`: which family's code loads it.
 pub fn model_type(path: &Path) -> Result<String> {
@@ -30,23 +30,6 @@ struct RawRope {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
-}
-
-/// One eos id or a list of them, as configs write either.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum TokenIds {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl TokenIds {
-    pub fn to_vec(&self) -> Vec<u32> {
-        match self {
-            TokenIds::One(id) => vec![*id],
-            TokenIds::Many(ids) => ids.clone(),
-        }
-    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -416,6 +399,14 @@ impl MllamaConfig {
     }
 }
 
+/// Tile grids with at most `max_tiles` tiles, in transformers' order (`get_all_supported_aspect_ratios`).
+pub fn tile_grids(max_tiles: usize) -> Vec<(usize, usize)> {
+    (1..=max_tiles)
+        .flat_map(|h| (1..=max_tiles).map(move |w| (h, w)))
+        .filter(|&(h, w)| h * w <= max_tiles)
+        .collect()
+}
+
 /// `preprocessor_config.json` of `MllamaImageProcessor`: tile size, tile budget, rescale and CLIP normalisation.
 #[derive(Clone, Debug)]
 pub struct MllamaPreprocessorConfig {
@@ -485,12 +476,25 @@ impl MllamaPreprocessorConfig {
                 ),
             );
         }
-        if raw.max_image_tiles == 0 || raw.max_image_tiles > vision.max_num_tiles {
+        // The vision tower runs max_num_tiles tiles per image: the processor packs to as many.
+        if raw.max_image_tiles != vision.max_num_tiles {
             return bad(
                 "max_image_tiles",
                 format!(
-                    "must be 1 ..= vision_config.max_num_tiles {}, found {}",
+                    "must equal vision_config.max_num_tiles {}, found {}",
                     vision.max_num_tiles, raw.max_image_tiles
+                ),
+            );
+        }
+        if let Some((h, w)) = tile_grids(raw.max_image_tiles)
+            .into_iter()
+            .find(|g| !vision.supported_aspect_ratios.contains(g))
+        {
+            return bad(
+                "max_image_tiles",
+                format!(
+                    "the processor may tile an image {h}x{w}, which vision_config.supported_aspect_ratios {:?} lacks",
+                    vision.supported_aspect_ratios
                 ),
             );
         }

@@ -5,30 +5,8 @@
 use std::path::Path;
 
 use crate::error::Result;
-use crate::io::image::{load_rgb, resize, DecodeLimits, Filter, Rgb8};
-use crate::io::mllama_config::MllamaPreprocessorConfig;
-
-/// One preprocessed image: `[max_image_tiles, 3, tile, tile]` pixels and the tile grid it fills.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TiledImage {
-    pub pixels: Vec<f32>,
-    /// (rows, columns) of tiles holding the image; the rest of the packed tiles are zeros.
-    pub tiles: (usize, usize),
-}
-
-impl TiledImage {
-    pub fn num_tiles(&self) -> usize {
-        self.tiles.0 * self.tiles.1
-    }
-}
-
-/// Tile grids with at most `max_tiles` tiles, in transformers' order (`get_all_supported_aspect_ratios`).
-pub fn tile_grids(max_tiles: usize) -> Vec<(usize, usize)> {
-    (1..=max_tiles)
-        .flat_map(|h| (1..=max_tiles).map(move |w| (h, w)))
-        .filter(|&(h, w)| h * w <= max_tiles)
-        .collect()
-}
+use crate::io::image::{load_rgb, resize, DecodeLimits, Filter, PreparedImage, Rgb8};
+use crate::io::mllama_config::{tile_grids, MllamaPreprocessorConfig};
 
 /// `get_optimal_tiled_canvas`: the grid whose canvas needs the least upscaling (or, if every canvas is smaller,
 /// the least downscaling), ties to the smallest area; returns (rows, columns) of tiles.
@@ -73,7 +51,7 @@ pub fn fit_to_canvas(
 }
 
 /// Tiles an RGB image as the processor does.
-pub fn preprocess(img: &Rgb8, cfg: &MllamaPreprocessorConfig) -> TiledImage {
+pub fn preprocess(img: &Rgb8, cfg: &MllamaPreprocessorConfig) -> PreparedImage {
     let tile = cfg.tile_size;
     let grid = optimal_grid(img.height, img.width, tile, cfg.max_image_tiles);
     let (canvas_h, canvas_w) = (grid.0 * tile, grid.1 * tile);
@@ -103,7 +81,7 @@ pub fn preprocess(img: &Rgb8, cfg: &MllamaPreprocessorConfig) -> TiledImage {
             }
         }
     }
-    TiledImage {
+    PreparedImage {
         pixels,
         tiles: grid,
     }
@@ -114,7 +92,7 @@ pub fn load_tiled(
     path: &Path,
     cfg: &MllamaPreprocessorConfig,
     limits: &DecodeLimits,
-) -> Result<TiledImage> {
+) -> Result<PreparedImage> {
     Ok(preprocess(&load_rgb(path, limits)?, cfg))
 }
 

@@ -1,7 +1,7 @@
 //! Prompts exactly as `IdeficsProcessor` builds them, and the image-attention map of the resulting tokens.
 
 use crate::error::{Error, Result};
-use crate::io::tokenizer::{IdeficsTokenizer, END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN};
+use crate::io::tokenizer::{Tokenizer, END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, MLLAMA_IMAGE_TOKEN};
 
 /// One element of an interleaved prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,15 +107,45 @@ pub fn mllama_image_attention(ids: &[u32], image_id: u32) -> (Vec<i32>, Vec<bool
 pub struct EncodedPrompt {
     pub text: String,
     pub ids: Vec<u32>,
-    /// Per token: which image it attends to (-1 = none).
+    /// Per token: which image it attends to (-1 = none): the latest image at or before it.
     pub image_of_token: Vec<i32>,
     pub num_images: usize,
+    /// Per image: seen together with the previous one (Llama 3.2 Vision's consecutive `<|image|>` tokens).
+    pub joins_previous: Vec<bool>,
+}
+
+/// Llama 3.2 Vision's prompt as `MllamaProcessor` builds it: the text as given (normally a rendered chat that
+/// already begins with `<|begin_of_text|>`), BOS added after any leading `<|image|>` tokens only when the text has
+/// none (`build_string_from_input`), tokenized without special tokens; one `<|image|>` per image.
+pub fn encode_mllama_prompt(tok: &Tokenizer, text: &str, num_images: usize) -> Result<EncodedPrompt> {
+    let text = if text.contains(&tok.bos_token) {
+        text.to_string()
+    } else {
+        let rest = text.trim_start_matches(MLLAMA_IMAGE_TOKEN);
+        let leading = (text.len() - rest.len()) / MLLAMA_IMAGE_TOKEN.len();
+        format!("{}{}{rest}", MLLAMA_IMAGE_TOKEN.repeat(leading), tok.bos_token)
+    };
+    let ids = tok.encode(&text)?;
+    let found = ids.iter().filter(|&&id| id == tok.image_id).count();
+    if found != num_images {
+        return Err(Error::Prompt(format!(
+            "the prompt has {found} `{MLLAMA_IMAGE_TOKEN}` token(s) but {num_images} image(s) were given; put one `{MLLAMA_IMAGE_TOKEN}` where each image belongs"
+        )));
+    }
+    let (image_of_token, joins_previous) = mllama_image_attention(&ids, tok.image_id);
+    Ok(EncodedPrompt {
+        text,
+        ids,
+        image_of_token,
+        num_images,
+        joins_previous,
+    })
 }
 
 /// Builds and tokenizes the prompt for user text with `<image>` markers, checking the marker count against the
 /// number of images supplied.
 pub fn encode_prompt(
-    tok: &IdeficsTokenizer,
+    tok: &Tokenizer,
     user_text: &str,
     num_images: usize,
 ) -> Result<EncodedPrompt> {
@@ -130,7 +160,7 @@ pub fn encode_prompt(
 }
 
 /// Tokenizes an interleaved prompt.
-pub fn encode_items(tok: &IdeficsTokenizer, items: &[PromptItem]) -> Result<EncodedPrompt> {
+pub fn encode_items(tok: &Tokenizer, items: &[PromptItem]) -> Result<EncodedPrompt> {
     let text = build_prompt_text(items, &tok.bos_token, tok.end_of_utterance_id.is_some());
     let ids = tok.encode(&text)?;
     let num_images = items.iter().filter(|i| **i == PromptItem::Image).count();
@@ -146,6 +176,7 @@ pub fn encode_items(tok: &IdeficsTokenizer, items: &[PromptItem]) -> Result<Enco
         ids,
         image_of_token,
         num_images,
+        joins_previous: vec![false; num_images],
     })
 }
 

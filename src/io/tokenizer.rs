@@ -1,4 +1,6 @@
-//! `tokenizer.json` through the tokenizers crate, plus the ids of the tokens IDEFICS gives a meaning to.
+//! `tokenizer.json` through the tokenizers crate, plus the ids of the tokens a model family gives a meaning to
+//! (IDEFICS: `<image>`, `<fake_token_around_image>`, `<end_of_utterance>`; Llama 3.2 Vision: `<|image|>` and the
+//! eos ids of `generation_config.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -8,32 +10,82 @@ pub const IMAGE_TOKEN: &str = "<image>";
 pub const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
 pub const END_OF_UTTERANCE: &str = "<end_of_utterance>";
 
-pub struct IdeficsTokenizer {
+pub const MLLAMA_IMAGE_TOKEN: &str = "<|image|>";
+
+pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub path: PathBuf,
     pub bos_token: String,
     pub bos_id: u32,
     pub eos_id: u32,
     pub image_id: u32,
-    pub fake_image_id: u32,
-    /// Present in the instruct checkpoints' tokenizers; a stop token there.
+    /// IDEFICS only.
+    pub fake_image_id: Option<u32>,
+    /// Present in the IDEFICS instruct checkpoints' tokenizers; a stop token there.
     pub end_of_utterance_id: Option<u32>,
+    /// Tokens that end generation (unless a request ignores eos).
+    pub stop_ids: Vec<u32>,
+    /// Tokens generation never produces (markers only the prompt builder places).
+    pub banned_ids: Vec<u32>,
 }
 
-impl IdeficsTokenizer {
-    /// Loads `tokenizer.json`; `bos_id` / `eos_id` come from config.json.
-    pub fn from_file(path: &Path, bos_id: u32, eos_id: u32) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::Tokenizer {
-                path: path.to_path_buf(),
-                message: "file not found (the model directory needs the tokenizer.json it was trained with)".into(),
-            });
-        }
-        crate::io::files::regular_file(path, crate::io::files::MAX_TOKENIZER_BYTES)?;
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+fn open(path: &Path) -> Result<tokenizers::Tokenizer> {
+    if !path.exists() {
+        return Err(Error::Tokenizer {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message: "file not found (the model directory needs the tokenizer.json it was trained with)".into(),
+        });
+    }
+    crate::io::files::regular_file(path, crate::io::files::MAX_TOKENIZER_BYTES)?;
+    tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl Tokenizer {
+    /// Llama 3.2 Vision's tokenizer: `image_id` from config.json's `image_token_index` (checked to be
+    /// `<|image|>`), `bos_id` and the `eos_ids` from generation_config.json (end of text, eom, eot).
+    pub fn mllama(path: &Path, bos_id: u32, eos_ids: &[u32], image_id: u32) -> Result<Self> {
+        let inner = open(path)?;
+        let fail = |message: String| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
+        match inner.token_to_id(MLLAMA_IMAGE_TOKEN) {
+            Some(id) if id == image_id => {}
+            found => {
+                return Err(fail(format!(
+                    "config.json image_token_index is {image_id} but the vocabulary has `{MLLAMA_IMAGE_TOKEN}` at {found:?}"
+                )))
+            }
+        }
+        let bos_token = inner
+            .id_to_token(bos_id)
+            .ok_or_else(|| fail(format!("bos_token_id {bos_id} is not in the vocabulary")))?;
+        if let Some(&id) = eos_ids.iter().find(|&&id| inner.id_to_token(id).is_none()) {
+            return Err(fail(format!("eos_token_id {id} is not in the vocabulary")));
+        }
+        let eos_id = *eos_ids
+            .first()
+            .ok_or_else(|| fail("the config lists no eos_token_id".into()))?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+            bos_token,
+            bos_id,
+            eos_id,
+            image_id,
+            fake_image_id: None,
+            end_of_utterance_id: None,
+            stop_ids: eos_ids.to_vec(),
+            banned_ids: Vec::new(),
+        })
+    }
+
+    /// Loads an IDEFICS `tokenizer.json`; `bos_id` / `eos_id` come from config.json.
+    pub fn idefics(path: &Path, bos_id: u32, eos_id: u32) -> Result<Self> {
+        let inner = open(path)?;
         let need = |token: &str| {
             inner.token_to_id(token).ok_or_else(|| Error::Tokenizer {
                 path: path.to_path_buf(),
@@ -48,15 +100,18 @@ impl IdeficsTokenizer {
             path: path.to_path_buf(),
             message: format!("config.json bos_token_id {bos_id} is not in the vocabulary"),
         })?;
-        Ok(IdeficsTokenizer {
-            end_of_utterance_id: inner.token_to_id(END_OF_UTTERANCE),
+        let end_of_utterance_id = inner.token_to_id(END_OF_UTTERANCE);
+        Ok(Tokenizer {
+            end_of_utterance_id,
             inner,
             path: path.to_path_buf(),
             bos_token,
             bos_id,
             eos_id,
             image_id,
-            fake_image_id,
+            fake_image_id: Some(fake_image_id),
+            stop_ids: std::iter::once(eos_id).chain(end_of_utterance_id).collect(),
+            banned_ids: vec![image_id, fake_image_id],
         })
     }
 

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::backend::{Backend, Ceilings};
 use crate::error::Result;
+use crate::io::image::PreparedImage;
 use crate::io::prompt::{encode_prompt, EncodedPrompt};
 use crate::perf::floors::Costs;
 use crate::runtime::engine::{Engine, EngineConfig, Event};
@@ -128,8 +129,8 @@ pub fn bench_prompt<B: Backend>(
 ) -> Result<EncodedPrompt> {
     let mut prompt = encode_prompt(&p.tokenizer, "<image>", 1)?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let specials = [p.tokenizer.image_id, p.tokenizer.fake_image_id];
-    let vocab = p.idefics.config.vocab_size as u32;
+    let specials = &p.tokenizer.banned_ids;
+    let vocab = p.idefics()?.config.vocab_size as u32;
     let image = *prompt
         .image_of_token
         .last()
@@ -145,13 +146,13 @@ pub fn bench_prompt<B: Backend>(
     Ok(prompt)
 }
 
-/// One image's pixels `[3, S, S]`, random in the normalised range (fixed seed).
-pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Vec<f32> {
-    let s = p.preprocessor.image_size;
+/// One IDEFICS image's pixels `[3, S, S]`, random in the normalised range (fixed seed).
+pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Result<PreparedImage> {
+    let s = p.idefics()?.config.vision_config.image_size;
     let mut rng = StdRng::seed_from_u64(7);
-    (0..3 * s * s)
-        .map(|_| rng.random_range(-1.8..2.1))
-        .collect()
+    Ok(PreparedImage::whole(
+        (0..3 * s * s).map(|_| rng.random_range(-1.8..2.1)).collect(),
+    ))
 }
 
 /// Runs every measurement; `progress` hears what is being measured.
@@ -166,12 +167,12 @@ pub fn run<B: Backend>(
     let ceilings = b.measure_ceilings();
     let weight_bytes = p.store.bytes_as(|d| b.weight_width(d)) as f64;
     let costs = Costs::new(
-        &p.idefics.config,
+        &p.idefics()?.config,
         weight_bytes / p.store.params() as f64,
         b.activation_width() as f64,
     );
     let prompt = bench_prompt(p, opts.prompt_tokens, 0)?;
-    let pixels = bench_pixels(p);
+    let pixels = bench_pixels(p)?;
     let n = prompt.ids.len();
 
     progress("vision encoder");
@@ -179,9 +180,10 @@ pub fn run<B: Backend>(
     let image_s = median(opts.repeats, || {
         Ok(time(b, || p.encode_images(&[pixels.clone()])))
     })?;
+    let idefics = p.idefics()?;
     let vision_s = time(b, || {
         for _ in 0..opts.vision_images {
-            p.idefics.vision_states(b, &pixels);
+            idefics.vision_states(b, &pixels.pixels);
         }
     }) / opts.vision_images.max(1) as f64;
 
@@ -308,13 +310,13 @@ fn generate<B: Backend>(
     p: &Pipeline<B>,
     opts: &BenchOptions,
     prompt: &EncodedPrompt,
-    pixels: &[f32],
+    pixels: &PreparedImage,
     c: usize,
     new: usize,
 ) -> Result<(f64, usize)> {
     let mut e = bench_engine(p, c, prompt.ids.len() + new, opts.decode_graphs)?;
     for _ in 0..c {
-        e.add_request(prompt.clone(), vec![pixels.to_vec()], &bench_request(new))?;
+        e.add_request(prompt.clone(), vec![pixels.clone()], &bench_request(new))?;
     }
     let mut tokens = 0;
     let mut result = Ok(());
@@ -334,13 +336,13 @@ fn decode_seconds_per_token<B: Backend>(
     p: &Pipeline<B>,
     opts: &BenchOptions,
     prompt: &EncodedPrompt,
-    pixels: &[f32],
+    pixels: &PreparedImage,
 ) -> Result<f64> {
     let tokens = opts.decode_tokens.max(1);
     let mut e = bench_engine(p, 1, prompt.ids.len() + tokens + 2, opts.decode_graphs)?;
     e.add_request(
         prompt.clone(),
-        vec![pixels.to_vec()],
+        vec![pixels.clone()],
         &bench_request(tokens + 2),
     )?;
     // The prefill, then one decode step, where a backend that records decode steps records this one.

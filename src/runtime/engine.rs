@@ -18,13 +18,15 @@
 
 use std::collections::HashMap;
 
+use crate::io::image::PreparedImage;
 use crate::backend::{Backend, RowSampling, SeqStep, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::MediaCache;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
-use crate::io::tokenizer::IdeficsTokenizer;
+use crate::io::tokenizer::Tokenizer;
 use crate::model::sampling::Sampler;
+use crate::model::store_images;
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::recorded::{decode_shape, padded, recorded_logits, MAX_RECORDED_SEQS};
 use crate::runtime::request::{FinishReason, GenerationOutput, GenerationRequest};
@@ -93,6 +95,9 @@ pub struct EngineStats {
     pub preemptions: usize,
     /// Steps run from a recording (CUDA graph replays, and the step each recording was made on).
     pub recorded_steps: usize,
+    /// Images run through the vision tower and the cross-attention K/V projections since the engine started
+    /// (each request's images once, at admission).
+    pub images_encoded: usize,
 }
 
 /// What the engine reports after a step.
@@ -112,7 +117,9 @@ pub enum Event {
 /// What the engine keeps of a request beside the scheduler's state.
 struct Request {
     /// Preprocessed images, until they are encoded.
-    pixels: Vec<Vec<f32>>,
+    pixels: Vec<PreparedImage>,
+    /// Per image: seen together with the previous one (the prompt's `joins_previous`).
+    joins_previous: Vec<bool>,
     sampler: Sampler,
     stream: TextStream,
     stop_ids: Vec<u32>,
@@ -160,19 +167,20 @@ pub struct Engine<'p, B: Backend> {
     /// The backend's recorded decode steps, when it has them and the config asks for them.
     graphs: Option<B::StepGraphs>,
     recorded_steps: usize,
+    images_encoded: usize,
 }
 
 impl<'p, B: Backend> Engine<'p, B> {
     pub fn new(pipeline: &'p Pipeline<B>, config: EngineConfig) -> Result<Self> {
         let scheduler = Scheduler::new(config.limits())?;
         let b = &pipeline.backend;
-        let graphs = config
-            .decode_graphs
+        let graphs = (config.decode_graphs && pipeline.model().replays_decode())
             .then(|| b.new_step_graphs(pipeline.model().head_dim()))
             .flatten();
         Ok(Engine {
             graphs,
             recorded_steps: 0,
+            images_encoded: 0,
             scheduler,
             kv: pipeline
                 .model()
@@ -217,6 +225,7 @@ impl<'p, B: Backend> Engine<'p, B> {
             media_slots_used: s.media_slots_used(),
             preemptions: s.preemptions(),
             recorded_steps: self.recorded_steps,
+            images_encoded: self.images_encoded,
         }
     }
 
@@ -232,7 +241,7 @@ impl<'p, B: Backend> Engine<'p, B> {
     pub fn add_request(
         &mut self,
         prompt: EncodedPrompt,
-        pixels: Vec<Vec<f32>>,
+        pixels: Vec<PreparedImage>,
         request: &GenerationRequest,
     ) -> Result<RequestId> {
         let p = self.pipeline;
@@ -241,9 +250,9 @@ impl<'p, B: Backend> Engine<'p, B> {
         if prompt.ids.is_empty() {
             return Err(Error::Prompt("the prompt has no tokens".into()));
         }
-        if pixels.len() != prompt.num_images {
+        if pixels.len() != prompt.num_images || prompt.joins_previous.len() != prompt.num_images {
             return Err(Error::Prompt(format!(
-                "the prompt has {} <image> markers but {} images were given",
+                "the prompt has {} image tokens but {} images were given",
                 prompt.num_images,
                 pixels.len()
             )));
@@ -251,10 +260,11 @@ impl<'p, B: Backend> Engine<'p, B> {
         let tok = &p.tokenizer;
         let sampler = Sampler::new(
             request.sampling.clone(),
-            vec![tok.image_id, tok.fake_image_id],
+            tok.banned_ids.clone(),
             &prompt.ids,
         );
         let capacity = p.positions_for(&prompt, request.max_new_tokens);
+        let joins_previous = prompt.joins_previous;
         let id = self.scheduler.add(
             prompt.ids,
             prompt.image_of_token,
@@ -264,15 +274,14 @@ impl<'p, B: Backend> Engine<'p, B> {
         )?;
         let stop_ids = match request.ignore_eos {
             true => Vec::new(),
-            false => std::iter::once(tok.eos_id)
-                .chain(tok.end_of_utterance_id)
-                .collect(),
+            false => tok.stop_ids.clone(),
         };
         let stream = TextStream::new(request.stop.clone());
         self.requests.insert(
             id,
             Request {
                 pixels,
+                joins_previous,
                 sampler,
                 stream,
                 stop_ids,
@@ -310,6 +319,7 @@ impl<'p, B: Backend> Engine<'p, B> {
     fn encode_media(&mut self, jobs: &[MediaJob]) {
         let (p, b) = (self.pipeline, &self.pipeline.backend);
         let mut images = Vec::new();
+        let mut joins = Vec::new();
         let mut slots = Vec::new();
         for job in jobs {
             let request = self
@@ -317,14 +327,14 @@ impl<'p, B: Backend> Engine<'p, B> {
                 .get_mut(&job.id)
                 .expect("scheduled requests are known");
             images.append(&mut request.pixels);
+            joins.append(&mut request.joins_previous);
             slots.extend_from_slice(&job.slots);
         }
         if images.is_empty() {
             return;
         }
-        let states = p.model().encode_images(b, &images);
-        let kv = p.model().cross_kv(b, &states);
-        self.media.write(b, &kv, &slots);
+        store_images(p.model(), b, &mut self.media, &images, &joins, &slots);
+        self.images_encoded += images.len();
     }
 
     /// Runs the planned rows through the model and samples the sequences whose pending tokens are all computed.
@@ -382,7 +392,7 @@ impl<'p, B: Backend> Engine<'p, B> {
         let layout = b.layout(&step);
         let h = p
             .model()
-            .forward(b, &inputs.ids, &layout, &mut self.kv, &self.media, None)?;
+            .forward(b, &inputs.ids, &step, &layout, &mut self.kv, &self.media, None)?;
         Ok((!inputs.sample_rows.is_empty())
             .then(|| p.model().logits(b, &b.gather_rows(&h, &inputs.sample_rows))))
     }
@@ -482,7 +492,7 @@ impl<'p, B: Backend> Engine<'p, B> {
 
 /// Streams the text of `seq`, which has just sampled `next`, and says whether it is finished.
 fn accept(
-    tokenizer: &IdeficsTokenizer,
+    tokenizer: &Tokenizer,
     seq: &SeqState,
     request: &mut Request,
     next: u32,

@@ -1,6 +1,7 @@
 //! Single-request generation: the batching engine (`runtime::engine`) run with that one request. Each decode step
 //! feeds one token; new tokens see the image the last prompt token saw (transformers' rule).
 
+use crate::io::image::PreparedImage;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
@@ -14,7 +15,7 @@ impl<B: Backend> Pipeline<B> {
     pub fn generate(
         &self,
         prompt: &EncodedPrompt,
-        pixels: Vec<Vec<f32>>,
+        pixels: Vec<PreparedImage>,
         req: &GenerationRequest,
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerationOutput> {

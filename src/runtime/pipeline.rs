@@ -8,35 +8,84 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::{Backend, SeqStep, StepLayout};
 use crate::error::{Error, Result};
-use crate::io::config::{IdeficsConfig, PreprocessorConfig};
-use crate::io::image::{load_pixels, DecodeLimits, DEFAULT_MAX_PIXELS};
-use crate::io::prompt::{encode_prompt, EncodedPrompt};
+use crate::io::config::{GenerationConfig, IdeficsConfig, PreprocessorConfig};
+use crate::io::image::{load_rgb, preprocess, DecodeLimits, PreparedImage, Rgb8, DEFAULT_MAX_PIXELS};
+use crate::io::mllama_config::{model_type, MllamaConfig, MllamaPreprocessorConfig};
+use crate::io::mllama_image;
+use crate::io::prompt::{encode_mllama_prompt, encode_prompt, EncodedPrompt};
 use crate::io::safetensors::WeightStore;
-use crate::io::tokenizer::IdeficsTokenizer;
+use crate::io::tokenizer::Tokenizer;
 use crate::model::idefics::synthetic::Preset;
 use crate::model::idefics::Idefics;
-use crate::model::Model;
+use crate::model::mllama::Mllama;
+use crate::model::{store_images, Model};
+use crate::cache::media_cache::MediaCache;
+
+/// The model of a directory as its family's code has it.
+pub enum Family<B: Backend> {
+    Idefics(Idefics<B>),
+    Mllama(Mllama<B>),
+}
+
+/// A family's `config.json`.
+pub enum FamilyConfig {
+    Idefics(IdeficsConfig),
+    Mllama(MllamaConfig),
+}
+
+impl FamilyConfig {
+    /// The config's `model_type`, as `inspect` reports it.
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            FamilyConfig::Idefics(_) => "idefics",
+            FamilyConfig::Mllama(_) => "mllama",
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            FamilyConfig::Idefics(c) => &c.path,
+            FamilyConfig::Mllama(c) => &c.path,
+        }
+    }
+}
+
+/// A family's image preprocessing (`preprocessor_config.json`).
+pub enum Preprocessor {
+    Idefics(PreprocessorConfig),
+    Mllama(MllamaPreprocessorConfig),
+}
+
+impl Preprocessor {
+    /// An RGB image as the family's processor prepares it.
+    pub fn prepare(&self, img: &Rgb8) -> PreparedImage {
+        match self {
+            Preprocessor::Idefics(c) => PreparedImage::whole(preprocess(img, c)),
+            Preprocessor::Mllama(c) => mllama_image::preprocess(img, c),
+        }
+    }
+}
 
 /// A model directory loaded onto a backend, with its tokenizer and image preprocessing.
 pub struct Pipeline<B: Backend> {
     pub backend: B,
     /// The model as its family's code has it (family-specific tools: goldens, benchmarks' cost model); the
     /// runtime drives it through [`Pipeline::model`].
-    pub idefics: Idefics<B>,
-    pub tokenizer: IdeficsTokenizer,
-    pub preprocessor: PreprocessorConfig,
+    pub family: Family<B>,
+    pub tokenizer: Tokenizer,
+    pub preprocessor: Preprocessor,
     pub store: WeightStore,
     pub dir: PathBuf,
     /// Images with more pixels than this are refused before decoding.
     pub max_image_pixels: u64,
 }
 
-/// The files of a Hugging Face IDEFICS directory, parsed and checked, before any weight is touched.
+/// The files of a Hugging Face model directory, parsed and checked, before any weight is touched.
 pub struct ModelFiles {
     pub dir: PathBuf,
-    pub config: IdeficsConfig,
-    pub preprocessor: PreprocessorConfig,
-    pub tokenizer: IdeficsTokenizer,
+    pub config: FamilyConfig,
+    pub preprocessor: Preprocessor,
+    pub tokenizer: Tokenizer,
     pub store: WeightStore,
 }
 
@@ -48,26 +97,69 @@ impl ModelFiles {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
         }
-        let config = IdeficsConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let (config, preprocessor, tokenizer) = match model_type(&config_path)?.as_str() {
+            "idefics" => Self::idefics(dir, &config_path)?,
+            "mllama" => Self::mllama(dir, &config_path)?,
+            other => {
+                return Err(Error::config(
+                    &config_path,
+                    "model_type",
+                    format!("{other:?} is not a supported model family (idefics, mllama)"),
+                ))
+            }
+        };
+        Ok(ModelFiles {
+            dir: dir.to_path_buf(),
+            config,
+            preprocessor,
+            tokenizer,
+            store: WeightStore::open_dir(dir)?,
+        })
+    }
+
+    fn idefics(dir: &Path, config_path: &Path) -> Result<(FamilyConfig, Preprocessor, Tokenizer)> {
+        let config = IdeficsConfig::from_file(config_path)?;
         let pp_path = dir.join("preprocessor_config.json");
         let preprocessor = if pp_path.exists() {
             PreprocessorConfig::from_file(&pp_path, &config.vision_config)?
         } else {
             PreprocessorConfig::default_for(&config.vision_config)
         };
-        let tokenizer = IdeficsTokenizer::from_file(
+        let tokenizer = Tokenizer::idefics(
             &dir.join("tokenizer.json"),
             config.bos_token_id.unwrap_or(1),
             config.eos_token_id.unwrap_or(2),
         )?;
-        let store = WeightStore::open_dir(dir)?;
-        Ok(ModelFiles {
-            dir: dir.to_path_buf(),
-            config,
-            preprocessor,
+        Ok((
+            FamilyConfig::Idefics(config),
+            Preprocessor::Idefics(preprocessor),
             tokenizer,
-            store,
-        })
+        ))
+    }
+
+    /// Llama 3.2 Vision: eos ids from `generation_config.json` where it has them (the instruct models stop at
+    /// end of text, eom and eot), else from the text config.
+    fn mllama(dir: &Path, config_path: &Path) -> Result<(FamilyConfig, Preprocessor, Tokenizer)> {
+        let config = MllamaConfig::from_file(config_path)?;
+        let preprocessor = MllamaPreprocessorConfig::load(
+            &dir.join("preprocessor_config.json"),
+            &config.vision_config,
+        )?;
+        let generation = GenerationConfig::load(&dir.join("generation_config.json"))?;
+        let t = &config.text_config;
+        let eos = generation
+            .eos_token_id
+            .or_else(|| t.eos_token_id.clone())
+            .map(|e| e.to_vec())
+            .unwrap_or_default();
+        let bos = generation.bos_token_id.or(t.bos_token_id).unwrap_or(128000);
+        let tokenizer = Tokenizer::mllama(&dir.join("tokenizer.json"), bos, &eos, config.image_token_index)?;
+        Ok((
+            FamilyConfig::Mllama(config),
+            Preprocessor::Mllama(preprocessor),
+            tokenizer,
+        ))
     }
 
     /// A synthetic model (random weights generated as they load) with `tokenizer` (any IDEFICS tokenizer: the
@@ -76,14 +168,14 @@ impl ModelFiles {
         let config = preset.config()?;
         Ok(ModelFiles {
             dir: PathBuf::from(preset.description()),
-            preprocessor: PreprocessorConfig::default_for(&config.vision_config),
-            tokenizer: IdeficsTokenizer::from_file(
+            preprocessor: Preprocessor::Idefics(PreprocessorConfig::default_for(&config.vision_config)),
+            tokenizer: Tokenizer::idefics(
                 tokenizer,
                 config.bos_token_id.unwrap_or(1),
                 config.eos_token_id.unwrap_or(2),
             )?,
             store: preset.store()?,
-            config,
+            config: FamilyConfig::Idefics(config),
         })
     }
 }
@@ -96,10 +188,13 @@ impl<B: Backend> Pipeline<B> {
     /// Loads checked model files onto `backend`; refuses weights larger than the memory the backend has free.
     pub fn from_files(files: ModelFiles, backend: B, show_progress: bool) -> Result<Self> {
         check_fits(&files, &backend)?;
-        let model = Idefics::load(&backend, &files.store, &files.config, show_progress)?;
+        let family = match &files.config {
+            FamilyConfig::Idefics(c) => Family::Idefics(Idefics::load(&backend, &files.store, c, show_progress)?),
+            FamilyConfig::Mllama(c) => Family::Mllama(Mllama::load(&backend, &files.store, c, show_progress)?),
+        };
         Ok(Pipeline {
             backend,
-            idefics: model,
+            family,
             tokenizer: files.tokenizer,
             preprocessor: files.preprocessor,
             store: files.store,
@@ -110,7 +205,29 @@ impl<B: Backend> Pipeline<B> {
 
     /// The model as the runtime drives it.
     pub fn model(&self) -> &dyn Model<B> {
-        &self.idefics
+        match &self.family {
+            Family::Idefics(m) => m,
+            Family::Mllama(m) => m,
+        }
+    }
+
+    /// The IDEFICS model, for the tools that exist only for it (synthetic benchmarks, their cost model).
+    pub fn idefics(&self) -> Result<&Idefics<B>> {
+        match &self.family {
+            Family::Idefics(m) => Ok(m),
+            Family::Mllama(_) => Err(Error::Invalid(format!(
+                "{} is a Llama 3.2 Vision model; this tool supports IDEFICS models only so far",
+                self.dir.display()
+            ))),
+        }
+    }
+
+    /// The config.json the model was read from (for messages).
+    fn config_path(&self) -> &Path {
+        match &self.family {
+            Family::Idefics(m) => &m.config.path,
+            Family::Mllama(m) => &m.config.path,
+        }
     }
 
     /// The LM head's logits of hidden states `h`.
@@ -118,24 +235,28 @@ impl<B: Backend> Pipeline<B> {
         self.model().logits(&self.backend, h)
     }
 
-    /// Builds the prompt (user text with one `<image>` per image) and preprocesses the images.
+    /// Builds the prompt (IDEFICS: user text with one `<image>` per image; Llama 3.2 Vision: the processor's
+    /// text with one `<|image|>` per image) and preprocesses the images.
     pub fn prepare(
         &self,
         user_text: &str,
         images: &[PathBuf],
-    ) -> Result<(EncodedPrompt, Vec<Vec<f32>>)> {
+    ) -> Result<(EncodedPrompt, Vec<PreparedImage>)> {
         let prompt = self.prompt_for(user_text, images.len())?;
         let limits = DecodeLimits::pixels(self.max_image_pixels);
         let pixels = images
             .iter()
-            .map(|p| load_pixels(p, &self.preprocessor, &limits))
+            .map(|p| Ok(self.preprocessor.prepare(&load_rgb(p, &limits)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok((prompt, pixels))
     }
 
     /// The prompt for `user_text` with `num_images` images, checked before any image is decoded.
     pub fn prompt_for(&self, user_text: &str, num_images: usize) -> Result<EncodedPrompt> {
-        let prompt = encode_prompt(&self.tokenizer, user_text, num_images)?;
+        let prompt = match self.family {
+            Family::Idefics(_) => encode_prompt(&self.tokenizer, user_text, num_images)?,
+            Family::Mllama(_) => encode_mllama_prompt(&self.tokenizer, user_text, num_images)?,
+        };
         self.check_prompt(&prompt)?;
         Ok(prompt)
     }
@@ -147,7 +268,7 @@ impl<B: Backend> Pipeline<B> {
             return Err(Error::Prompt(format!(
                 "the prompt is {} tokens, over the model's context of {max} (max_position_embeddings in {})",
                 prompt.ids.len(),
-                self.idefics.config.path.display()
+                self.config_path().display()
             )));
         }
         let rows = self.model().vocab_rows();
@@ -168,17 +289,28 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// What the cross-attention sees of the images: vision encoder then resampler.
-    pub fn encode_images(&self, pixels: &[Vec<f32>]) -> B::Tensor {
+    pub fn encode_images(&self, pixels: &[PreparedImage]) -> B::Tensor {
         self.model().encode_images(&self.backend, pixels)
     }
 
     /// Runs a prompt through the decoder as one step and returns its final-normed hidden states (and, with
     /// `hidden_states`, every layer's, as transformers reports them).
-    pub fn prefill(&self, prompt: &EncodedPrompt, pixels: &[Vec<f32>]) -> Result<B::Tensor> {
-        self.prefill_states(prompt, &self.encode_images(pixels), None)
+    pub fn prefill(
+        &self,
+        prompt: &EncodedPrompt,
+        images: &[PreparedImage],
+        hidden_states: Option<&mut Vec<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        self.check_prompt(prompt)?;
+        let (b, model) = (&self.backend, self.model());
+        let mut media = model.new_media_cache(b, images.len());
+        let slots: Vec<u32> = (0..images.len() as u32).collect();
+        store_images(model, b, &mut media, images, &prompt.joins_previous, &slots);
+        self.prefill_in(prompt, &media, hidden_states)
     }
 
-    /// `prefill` from image states already computed (`[images * tokens_per_image, D_vision]`).
+    /// `prefill` from image states already computed (`[images * tokens_per_image, D_vision]`), every image's
+    /// rows all visible.
     pub fn prefill_states(
         &self,
         prompt: &EncodedPrompt,
@@ -187,29 +319,35 @@ impl<B: Backend> Pipeline<B> {
     ) -> Result<B::Tensor> {
         self.check_prompt(prompt)?;
         let (b, model) = (&self.backend, self.model());
-        let n = prompt.ids.len();
-        let block_size = n.max(1);
-        // One block holds the whole prompt, one slot each image: nothing else shares these caches.
-        let mut kv = model.new_kv_cache(b, 1, block_size);
-        let block_table = vec![0];
         let mut media = model.new_media_cache(b, prompt.num_images);
         let slots: Vec<u32> = (0..prompt.num_images as u32).collect();
         media.write(b, &model.cross_kv(b, image_states), &slots);
+        self.prefill_in(prompt, &media, hidden_states)
+    }
+
+    /// The prompt as one step over a fresh KV cache, its images in `media` slots `0 ..`.
+    fn prefill_in(
+        &self,
+        prompt: &EncodedPrompt,
+        media: &MediaCache<B>,
+        hidden_states: Option<&mut Vec<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        let (b, model) = (&self.backend, self.model());
+        let n = prompt.ids.len();
+        let block_size = n.max(1);
+        // One block holds the whole prompt: nothing else shares this cache.
+        let mut kv = model.new_kv_cache(b, 1, block_size);
         let step = StepLayout {
             block_size,
             seqs: vec![SeqStep {
                 q_rows: n,
                 kv_len: n,
-                block_table,
-                image_of_row: prompt
-                    .image_of_token
-                    .iter()
-                    .map(|&j| usize::try_from(j).map_or(-1, |j| slots[j] as i32))
-                    .collect(),
+                block_table: vec![0],
+                image_of_row: prompt.image_of_token.clone(),
             }],
         };
         let layout = b.layout(&step);
-        model.forward(b, &prompt.ids, &layout, &mut kv, &media, hidden_states)
+        model.forward(b, &prompt.ids, &step, &layout, &mut kv, media, hidden_states)
     }
 }
 

@@ -57,7 +57,7 @@ pub fn recorded_logits<B: Backend>(
 ) -> Result<B::Tensor> {
     let b = &p.backend;
     b.run_recorded(graphs, &ids, &step, shape, real, &mut |layout| {
-        let h = p.model().forward(b, &ids, layout, kv, media, None)?;
+        let h = p.model().forward(b, &ids, &step, layout, kv, media, None)?;
         Ok(p.model().logits(b, &h))
     })
 }

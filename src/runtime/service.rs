@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::io::image::PreparedImage;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
@@ -64,7 +65,7 @@ impl ServiceMetrics {
 
 struct Submission {
     prompt: EncodedPrompt,
-    pixels: Vec<Vec<f32>>,
+    pixels: Vec<PreparedImage>,
     request: GenerationRequest,
     events: UnboundedSender<StreamEvent>,
 }
@@ -111,7 +112,7 @@ impl<B: Backend + 'static> EngineService<B> {
     pub fn submit(
         &self,
         prompt: EncodedPrompt,
-        pixels: Vec<Vec<f32>>,
+        pixels: Vec<PreparedImage>,
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<StreamEvent>> {
         let (events, rx) = unbounded_channel();

@@ -26,7 +26,6 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backend::Backend;
-use crate::io::image::preprocess;
 use crate::model::sampling::SamplingParams;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::service::StreamEvent;
@@ -110,7 +109,7 @@ async fn serve_request<B: Backend + 'static>(
             .prompt_for(&prompt, image_urls.len())
             .map_err(ApiError::from_engine)?;
         let pixels = (prepare_app.images).load_all(&image_urls, |image| {
-            preprocess(image, &pipeline.preprocessor)
+            pipeline.preprocessor.prepare(image)
         })?;
         Ok::<_, ApiError>((encoded, pixels))
     })

@@ -97,13 +97,13 @@ impl Fixture {
             .collect()
     }
 
-    /// Golden pixel values of each image, `[3, S, S]` as f32.
-    pub fn golden_pixels(&self) -> Vec<Vec<f32>> {
+    /// Golden pixel values of each (untiled IDEFICS) image, `[3, S, S]` as f32.
+    pub fn golden_pixels(&self) -> Vec<flamingo::io::image::PreparedImage> {
         let g = self.get("pixel_values");
         let per = g.shape[1..].iter().product::<usize>();
         g.data
             .chunks(per)
-            .map(|c| c.iter().map(|&v| v as f32).collect())
+            .map(|c| flamingo::io::image::PreparedImage::whole(c.iter().map(|&v| v as f32).collect()))
             .collect()
     }
 }

@@ -9,11 +9,12 @@ pub mod resampler;
 pub mod synthetic;
 pub mod vision;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::{ImageKv, MediaCache};
 use crate::error::{Error, Result};
 use crate::io::config::IdeficsConfig;
+use crate::io::image::PreparedImage;
 use crate::io::safetensors::WeightStore;
 use crate::model::layers::{optional, RmsNorm, WeightLoader};
 use crate::model::Model;
@@ -107,15 +108,19 @@ impl<B: Backend> Model<B> for Idefics<B> {
 
     /// What the cross-attention sees of a request's images (each `[3, S, S]`):
     /// `[images * tokens_per_image, D_vision]`.
-    fn encode_images(&self, b: &B, images: &[Vec<f32>]) -> B::Tensor {
+    fn encode_images(&self, b: &B, images: &[PreparedImage]) -> B::Tensor {
         let _range = crate::nvtx::range("vision");
         let width = self.config.vision_config.embed_dim;
         let mut states = b.zeros(0, width);
-        for pixels in images {
-            let one = self.image_states_from_vision(b, &self.vision_states(b, pixels));
+        for image in images {
+            let one = self.image_states_from_vision(b, &self.vision_states(b, &image.pixels));
             states = b.concat_rows(&states, &one);
         }
         states
+    }
+
+    fn visible_tokens(&self, _image: &PreparedImage) -> usize {
+        self.config.image_tokens_per_image()
     }
 
     /// Every cross-attention block's K/V of image states `[images * tokens_per_image, D_vision]` (one matrix
@@ -127,26 +132,25 @@ impl<B: Backend> Model<B> for Idefics<B> {
             .collect()
     }
 
+    fn media_layout(&self) -> (usize, usize, usize) {
+        let c = &self.config;
+        (self.cross_layers.len(), c.image_tokens_per_image(), c.hidden_size)
+    }
+
     /// A media cache with room for `slots` images.
     fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B> {
-        MediaCache::new(
-            b,
-            self.cross_layers.len(),
-            slots,
-            self.config.image_tokens_per_image(),
-            self.config.hidden_size,
-        )
+        let (blocks, tokens, width) = self.media_layout();
+        MediaCache::new(b, blocks, slots, tokens, width)
+    }
+
+    fn kv_layout(&self) -> (usize, usize) {
+        (self.config.num_hidden_layers, self.config.hidden_size)
     }
 
     /// A paged KV cache of `blocks` blocks of `block_size` positions.
     fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B> {
-        PagedKvCache::new(
-            b,
-            self.config.num_hidden_layers,
-            blocks,
-            block_size,
-            self.config.hidden_size,
-        )
+        let (layers, width) = self.kv_layout();
+        PagedKvCache::new(b, layers, blocks, block_size, width)
     }
 
     /// Runs one decoder step: `ids` are the rows of the step's sequences in layout order; their K/V go into `kv`
@@ -158,6 +162,7 @@ impl<B: Backend> Model<B> for Idefics<B> {
         &self,
         b: &B,
         ids: &[u32],
+        _step: &StepLayout,
         layout: &B::Layout,
         kv: &mut PagedKvCache<B>,
         media: &MediaCache<B>,

@@ -7,14 +7,15 @@
 pub mod text;
 pub mod vision;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
-use crate::cache::media_cache::{ImageKv, MediaCache, SlotView};
+use crate::cache::media_cache::{ImageKv, MediaCache};
 use crate::error::Result;
 use crate::io::mllama_config::MllamaConfig;
-use crate::io::mllama_image::TiledImage;
+use crate::io::image::PreparedImage;
 use crate::io::safetensors::WeightStore;
 use crate::model::layers::{Linear, WeightLoader};
+use crate::model::Model;
 use text::MllamaTextModel;
 use vision::{MllamaVisionModel, VisionTrace};
 
@@ -48,69 +49,92 @@ impl<B: Backend> Mllama<B> {
         self.config.vision_config.max_num_tiles * self.config.vision_config.tokens_per_tile()
     }
 
-    /// The key rows of an image the cross-attention reads: those of its used tiles.
-    pub fn visible_tokens(&self, image: &TiledImage) -> usize {
-        image.num_tiles() * self.config.vision_config.tokens_per_tile()
-    }
-
     /// One image's vision trace and its projected states `[max_num_tiles * P, hidden]` (the cross-attention
     /// states).
-    pub fn encode_image(&self, b: &B, image: &TiledImage) -> Result<(VisionTrace<B>, B::Tensor)> {
+    pub fn encode_image(&self, b: &B, image: &PreparedImage) -> Result<(VisionTrace<B>, B::Tensor)> {
         let trace = self.vision_model.forward(b, image)?;
         let states = self.multi_modal_projector.forward(b, &trace.last_hidden_state);
         Ok((trace, states))
     }
 
-    /// Cross-attention states of several images, stacked `[images * tokens_per_image, hidden]`.
-    pub fn encode_images(&self, b: &B, images: &[TiledImage]) -> Result<B::Tensor> {
+}
+
+impl<B: Backend> Model<B> for Mllama<B> {
+    fn context_len(&self) -> usize {
+        self.config.text_config.max_position_embeddings
+    }
+
+    fn vocab_rows(&self) -> usize {
+        self.config.embedding_rows()
+    }
+
+    fn head_dim(&self) -> usize {
+        self.config.text_config.head_dim()
+    }
+
+    /// One layer per self-attention layer, `num_key_value_heads * head_dim` wide.
+    fn kv_layout(&self) -> (usize, usize) {
+        let t = &self.config.text_config;
+        (t.self_attention_layers().len(), t.kv_width())
+    }
+
+    fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B> {
+        let (layers, width) = self.kv_layout();
+        PagedKvCache::new(b, layers, blocks, block_size, width)
+    }
+
+    /// One block per cross-attention layer; a slot holds every tile of an image.
+    fn media_layout(&self) -> (usize, usize, usize) {
+        let t = &self.config.text_config;
+        (t.cross_attention_layers.len(), self.tokens_per_image(), t.kv_width())
+    }
+
+    fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B> {
+        let (blocks, tokens, width) = self.media_layout();
+        MediaCache::new(b, blocks, slots, tokens, width)
+    }
+
+    /// The cross-attention states of the images, stacked `[images * tokens_per_image, hidden]`.
+    fn encode_images(&self, b: &B, images: &[PreparedImage]) -> B::Tensor {
         let _range = crate::nvtx::range("vision");
         let mut states = b.zeros(0, self.config.text_config.hidden_size);
         for image in images {
-            states = b.concat_rows(&states, &self.encode_image(b, image)?.1);
+            let (_, one) = self
+                .encode_image(b, image)
+                .expect("the preprocessor only makes tile grids the vision config supports (checked at load)");
+            states = b.concat_rows(&states, &one);
         }
-        Ok(states)
+        states
     }
 
-    /// Every cross-attention layer's K/V of stacked image states.
-    pub fn cross_kv(&self, b: &B, states: &B::Tensor) -> Vec<ImageKv<B>> {
+    /// The tokens of the image's used tiles.
+    fn visible_tokens(&self, image: &PreparedImage) -> usize {
+        image.num_tiles() * self.config.vision_config.tokens_per_tile()
+    }
+
+    /// The cross-attention layers read each row's images from the step's host layout.
+    fn replays_decode(&self) -> bool {
+        false
+    }
+
+    fn cross_kv(&self, b: &B, states: &B::Tensor) -> Vec<ImageKv<B>> {
         self.language_model.cross_kv(b, states)
     }
 
-    /// A paged KV cache for the self-attention layers.
-    pub fn new_kv_cache(&self, b: &B, blocks: usize, block_size: usize) -> PagedKvCache<B> {
-        let t = &self.config.text_config;
-        PagedKvCache::new(b, t.self_attention_layers().len(), blocks, block_size, t.kv_width())
-    }
-
-    /// A media cache with room for `slots` images, one block per cross-attention layer.
-    pub fn new_media_cache(&self, b: &B, slots: usize) -> MediaCache<B> {
-        let t = &self.config.text_config;
-        MediaCache::new(b, t.cross_attention_layers.len(), slots, self.tokens_per_image(), t.kv_width())
-    }
-
-    /// Stores a request's images' K/V at `slots` with their views: each image shows its used tiles, and an image
-    /// whose `<|image|>` token directly follows the previous one's is seen together with it (the processor's
-    /// cross-attention mask).
-    pub fn write_media(
+    fn forward(
         &self,
         b: &B,
-        media: &mut MediaCache<B>,
-        images: &[TiledImage],
-        joins_previous: &[bool],
-        slots: &[u32],
-    ) -> Result<()> {
-        let states = self.encode_images(b, images)?;
-        media.write(b, &self.cross_kv(b, &states), slots);
-        for (i, image) in images.iter().enumerate() {
-            let after = (i > 0 && joins_previous[i]).then(|| slots[i - 1]);
-            media.set_view(
-                slots[i],
-                SlotView {
-                    rows: self.visible_tokens(image),
-                    after,
-                },
-            );
-        }
-        Ok(())
+        ids: &[u32],
+        step: &StepLayout,
+        layout: &B::Layout,
+        kv: &mut PagedKvCache<B>,
+        media: &MediaCache<B>,
+        hidden_states: Option<&mut Vec<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        self.language_model.forward(b, ids, step, layout, kv, media, hidden_states)
+    }
+
+    fn logits(&self, b: &B, h: &B::Tensor) -> B::Tensor {
+        self.language_model.logits(b, h)
     }
 }

@@ -15,7 +15,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
 use crate::io::mllama_config::MllamaVisionConfig;
-use crate::io::mllama_image::TiledImage;
+use crate::io::image::PreparedImage;
 use crate::model::layers::{im2col, LayerNorm, Linear, WeightLoader};
 
 struct MllamaVisionEncoderLayer<B: Backend> {
@@ -134,7 +134,7 @@ impl<B: Backend> MllamaVisionModel<B> {
 
     /// One image's vision features before the projector, `[T * P, vision_output_dim]`, with the intermediate
     /// states the goldens record.
-    pub fn forward(&self, b: &B, image: &TiledImage) -> Result<VisionTrace<B>> {
+    pub fn forward(&self, b: &B, image: &PreparedImage) -> Result<VisionTrace<B>> {
         let cfg = &self.cfg;
         let (d, t, p, p_pad) = (
             cfg.hidden_size,

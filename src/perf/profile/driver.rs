@@ -18,7 +18,7 @@ pub fn profile_steps<B: Backend>(
     decode_steps: usize,
 ) -> Result<()> {
     let prompt = bench_prompt(p, prompt_tokens, 0)?;
-    let pixels = bench_pixels(p);
+    let pixels = bench_pixels(p)?;
     let new_tokens = decode_steps + 1;
     let mut engine = bench_engine(p, batch, prompt.ids.len() + new_tokens, false)?;
     for _ in 0..batch {
