@@ -9,6 +9,7 @@ use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::{Backend, SeqStep, StepLayout};
 use flamingo::cache::kv_cache::PagedKvCache;
 use flamingo::cache::media_cache::MediaCache;
+use flamingo::io::chat_template::ChatTemplate;
 use flamingo::io::image::DecodeLimits;
 use flamingo::io::mllama_config::{MllamaConfig, MllamaPreprocessorConfig};
 use flamingo::io::image::PreparedImage;
@@ -246,4 +247,68 @@ fn cli_generate_gives_the_golden_ids() {
         assert_eq!(ids("prompt_ids"), fx.ids("input_ids"), "{name}: prompt ids");
         assert_eq!(ids("generated_ids"), want, "{name}: generated ids");
     }
+}
+
+/// The model's own chat template, rendered from its files, gives the processor's text for the goldens' messages.
+#[test]
+fn chat_template_renders_the_golden_prompts() {
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fx.dir.join("golden.json")).unwrap()).unwrap();
+        let template = ChatTemplate::from_model_dir(&fx.dir, "<|begin_of_text|>", "<|eot_id|>")
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: a chat template"));
+        let mut kwargs = meta["chat_template_kwargs"].as_object().unwrap().clone();
+        let add = kwargs.remove("add_generation_prompt").unwrap().as_bool().unwrap();
+        let text = template.render(&meta["messages"], add, &kwargs).unwrap();
+        assert_eq!(text, fx.meta.prompt_text, "{name}");
+    }
+}
+
+fn flamingo(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["generate", "--device", "cpu", "--json"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `generate --chat` renders the model's template around the user's message: the golden ids again.
+#[test]
+fn cli_chat_gives_the_golden_ids() {
+    let a = Fixture::load("tiny-mllama-a");
+    let image = a.image_paths()[0].to_string_lossy().to_string();
+    let dir = a.dir.to_string_lossy().to_string();
+    let out = flamingo(&["--model", &dir, "--chat", "--prompt", "What is the cat doing?", "--image", &image,
+        "--max-new-tokens", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = common::json_of(&out);
+    let ids: Vec<u32> = json["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, a.ids("input_ids"));
+    let ids: Vec<u32> = json["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, a.ids("generated_ids"));
+
+    let c = Fixture::load("tiny-mllama-c");
+    let dir = c.dir.to_string_lossy().to_string();
+    let out = flamingo(&["--model", &dir, "--chat", "--system", "You are a helpful assistant.", "--prompt",
+        "Tell me a short story about a cat.", "--template-var", "date_string=26 Jul 2024", "--max-new-tokens", "6"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = common::json_of(&out);
+    let ids: Vec<u32> = json["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, c.ids("generated_ids"));
+}
+
+/// A template that raises (images with a system message) is a clear error with its message, exit non-zero.
+#[test]
+fn a_raising_chat_template_is_a_clear_error() {
+    let a = Fixture::load("tiny-mllama-a");
+    let image = a.image_paths()[0].to_string_lossy().to_string();
+    let dir = a.dir.to_string_lossy().to_string();
+    let out = flamingo(&["--model", &dir, "--chat", "--system", "Be brief.", "--prompt", "Hi", "--image", &image]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Prompting with images is incompatible with system messages."), "{err}");
+    assert!(err.contains("chat_template.jinja"), "names the template file: {err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -31,12 +31,25 @@ pub fn describe_prompt(num_images: usize, end_of_utterance: bool) -> String {
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    /// A Hugging Face model directory: IDEFICS or Llama 3.2 Vision (default: the small IDEFICS model bundled with
+    /// the repository).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Prompt text; put `<image>` where each image goes (default: describe the image).
+    /// Prompt text exactly as the model's processor takes it: IDEFICS text with `<image>` where each image goes,
+    /// Llama 3.2 Vision's rendered chat with `<|image|>` (default: describe the image). With --chat: the user's
+    /// message.
     #[arg(long)]
     prompt: Option<String>,
+    /// Render the prompt with the model's own chat template: --prompt is the user's message, the images come
+    /// before its text.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message first.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat: a template variable, KEY=VALUE (e.g. date_string="26 Jul 2024"); repeatable.
+    #[arg(long = "template-var", requires = "chat")]
+    template_vars: Vec<String>,
     /// An image file (PNG, JPEG, WebP, GIF); repeat for several, in the order of the `<image>` markers.
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -98,6 +111,13 @@ fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()
         ),
     };
     pipeline.max_image_pixels = args.max_image_pixels;
+    let prompt = match args.chat {
+        true => {
+            let text = args.prompt.as_deref().unwrap_or("Describe this image.");
+            chat_prompt(&pipeline, &args, text, images.len())?
+        }
+        false => prompt,
+    };
     let (encoded, pixels) = pipeline.prepare(&prompt, &images)?;
     let request = GenerationRequest {
         max_new_tokens: args.max_new_tokens,
@@ -164,4 +184,31 @@ mod tests {
             "User:<image><image>Describe this image.\nAssistant:"
         );
     }
+}
+
+/// The prompt the model's chat template makes of an optional system message and one user message with the
+/// images first, then the text.
+fn chat_prompt<B: Backend>(p: &Pipeline<B>, args: &GenerateArgs, text: &str, images: usize) -> Result<String> {
+    let template = p.chat_template.as_ref().ok_or_else(|| {
+        Error::Invalid(format!(
+            "--chat: {} has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json's \
+             chat_template)",
+            p.dir.display()
+        ))
+    })?;
+    let mut vars = serde_json::Map::new();
+    for var in &args.template_vars {
+        let (key, value) = var
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("--template-var {var:?}: expected KEY=VALUE")))?;
+        vars.insert(key.to_string(), value.into());
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    let mut content: Vec<serde_json::Value> = (0..images).map(|_| serde_json::json!({"type": "image"})).collect();
+    content.push(serde_json::json!({"type": "text", "text": text}));
+    messages.push(serde_json::json!({"role": "user", "content": content}));
+    template.render(&serde_json::Value::Array(messages), true, &vars)
 }

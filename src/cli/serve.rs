@@ -103,10 +103,11 @@ impl BackendCommand for Serve {
 fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Result<()> {
     let pipeline = Arc::new(Pipeline::load(&dir, backend, true)?);
     let config = args.engine.config(&pipeline)?;
-    let template = match &args.chat_template {
-        Some(path) => ChatTemplate::from_file(path)?,
-        None => ChatTemplate::default(),
-    };
+    let template = args
+        .chat_template
+        .as_deref()
+        .map(ChatTemplate::from_file)
+        .transpose()?;
     let decode_budget = decode_budget(args.max_decode_memory_mib, args.max_image_pixels)?;
     let images = ImagePolicy {
         local_root: args

@@ -1,5 +1,6 @@
 //! Everything read from disk: model directories (config, safetensors, tokenizer) and images, plus prompt building.
 
+pub mod chat_template;
 pub mod config;
 pub mod files;
 pub mod image;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::{Backend, SeqStep, StepLayout};
 use crate::error::{Error, Result};
+use crate::io::chat_template::ChatTemplate;
 use crate::io::config::{GenerationConfig, IdeficsConfig, PreprocessorConfig};
 use crate::io::image::{load_rgb, preprocess, DecodeLimits, PreparedImage, Rgb8, DEFAULT_MAX_PIXELS};
 use crate::io::mllama_config::{model_type, MllamaConfig, MllamaPreprocessorConfig};
@@ -76,6 +77,8 @@ pub struct Pipeline<B: Backend> {
     pub preprocessor: Preprocessor,
     pub store: WeightStore,
     pub dir: PathBuf,
+    /// The model's own Jinja chat template, where its files have one.
+    pub chat_template: Option<ChatTemplate>,
     /// Images with more pixels than this are refused before decoding.
     pub max_image_pixels: u64,
 }
@@ -87,6 +90,7 @@ pub struct ModelFiles {
     pub preprocessor: Preprocessor,
     pub tokenizer: Tokenizer,
     pub store: WeightStore,
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl ModelFiles {
@@ -109,10 +113,12 @@ impl ModelFiles {
                 ))
             }
         };
+        let eos = tokenizer.token(tokenizer.eos_id);
         Ok(ModelFiles {
             dir: dir.to_path_buf(),
             config,
             preprocessor,
+            chat_template: ChatTemplate::from_model_dir(dir, &tokenizer.bos_token, &eos)?,
             tokenizer,
             store: WeightStore::open_dir(dir)?,
         })
@@ -175,6 +181,7 @@ impl ModelFiles {
                 config.eos_token_id.unwrap_or(2),
             )?,
             store: preset.store()?,
+            chat_template: None,
             config: FamilyConfig::Idefics(config),
         })
     }
@@ -199,6 +206,7 @@ impl<B: Backend> Pipeline<B> {
             preprocessor: files.preprocessor,
             store: files.store,
             dir: files.dir,
+            chat_template: files.chat_template,
             max_image_pixels: DEFAULT_MAX_PIXELS,
         })
     }

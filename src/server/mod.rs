@@ -30,7 +30,9 @@ use crate::model::sampling::SamplingParams;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::service::StreamEvent;
 use connections::{serve_connections, ConnectionLimits};
-use openai::{Api, ApiError, ChatRequest, CompletionRequest, GenerationFields};
+use openai::{
+    render_model_template, Api, ApiError, ChatRequest, ChatTemplate, CompletionRequest, GenerationFields,
+};
 use state::Slot;
 pub use state::{AppState, ServerLimits};
 
@@ -62,7 +64,11 @@ async fn chat<B: Backend + 'static>(
 ) -> Response {
     let run = async {
         let req: ChatRequest = parse_body(body)?;
-        let (prompt, urls) = app.template.render(&req.messages)?;
+        let (prompt, urls) = match (&app.template, &app.service.pipeline().chat_template) {
+            (Some(patterns), _) => patterns.render(&req.messages)?,
+            (None, Some(jinja)) => render_model_template(jinja, &req.messages)?,
+            (None, None) => ChatTemplate::default().render(&req.messages)?,
+        };
         serve_request(&app, Api::Chat, prompt, urls, req.fields).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)

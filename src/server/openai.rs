@@ -264,6 +264,42 @@ impl ChatTemplate {
     }
 }
 
+/// The prompt from the model's own Jinja chat template: messages in transformers' format (image parts as
+/// `{"type": "image"}`, their URLs returned in order); a template that raises is the client's 400.
+pub fn render_model_template(
+    template: &crate::io::chat_template::ChatTemplate,
+    messages: &[ChatMessage],
+) -> std::result::Result<(String, Vec<String>), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad("messages: must not be empty"));
+    }
+    let mut images = Vec::new();
+    let hf: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                None => Value::String(String::new()),
+                Some(Content::Text(t)) => Value::String(t.clone()),
+                Some(Content::Parts(parts)) => parts
+                    .iter()
+                    .map(|p| match p {
+                        ContentPart::Text { text } => json!({"type": "text", "text": text}),
+                        ContentPart::ImageUrl { image_url } => {
+                            images.push(image_url.url().to_string());
+                            json!({"type": "image"})
+                        }
+                    })
+                    .collect(),
+            };
+            json!({"role": m.role, "content": content})
+        })
+        .collect();
+    let prompt = template
+        .render(&Value::Array(hf), true, &serde_json::Map::new())
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    Ok((prompt, images))
+}
+
 /// Seconds since the Unix epoch, for `created`.
 pub fn now() -> u64 {
     std::time::SystemTime::now()

@@ -25,7 +25,9 @@ pub struct ServerLimits {
 pub struct AppState<B: Backend + 'static> {
     pub service: EngineService<B>,
     pub model_name: String,
-    pub template: ChatTemplate,
+    /// The chat format `--chat-template` gave; `None`: the model's own Jinja template (or IDEFICS' format where
+    /// the model ships none).
+    pub template: Option<ChatTemplate>,
     pub images: ImagePolicy,
     pub limits: ServerLimits,
     pub(super) next_id: AtomicU64,
@@ -64,7 +66,7 @@ impl<B: Backend + 'static> AppState<B> {
     pub fn new(
         service: EngineService<B>,
         model_name: String,
-        template: ChatTemplate,
+        template: Option<ChatTemplate>,
         images: ImagePolicy,
         limits: ServerLimits,
     ) -> Self {
