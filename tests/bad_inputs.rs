@@ -13,14 +13,31 @@ use safetensors::Dtype;
 
 /// A writable copy of fixture `tiny-idefics-a` (f32, one `model.safetensors`).
 fn model_copy() -> (tempfile::TempDir, PathBuf) {
+    fixture_copy("tiny-idefics-a")
+}
+
+/// A writable copy of a fixture model directory.
+fn fixture_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
     std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture_dir("tiny-idefics-a")).unwrap() {
+    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        let mut perms = std::fs::metadata(dir.join(p.file_name().unwrap())).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(dir.join(p.file_name().unwrap()), perms).unwrap();
     }
     (tmp, dir)
+}
+
+/// Rewrites a fixture copy's config.json through `edit`.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
 }
 
 fn image() -> PathBuf {
@@ -610,4 +627,42 @@ fn generate_json(max_new_tokens: &str) -> Command {
     .args(["--prompt", PROMPT, "--image"])
     .arg(image());
     cmd
+}
+
+#[test]
+fn mllama_prompt_with_more_or_fewer_image_tokens_than_images() {
+    let dir = fixture_dir("tiny-mllama-a");
+    let img = dir.join("chelsea_wide.png");
+    let err = generate_fails(&dir, "<|image|><|image|>Two?", std::slice::from_ref(&img), &[]);
+    assert_mentions(&err, &["2 `<|image|>` token(s)", "1 image(s)"]);
+    let err = generate_fails(&dir, "No image token here.", &[img], &[]);
+    assert_mentions(&err, &["0 `<|image|>` token(s)", "1 image(s)"]);
+}
+
+#[test]
+fn mllama_cross_attention_layer_out_of_range() {
+    let (_tmp, dir) = fixture_copy("tiny-mllama-a");
+    edit_config(&dir, |c| c["text_config"]["cross_attention_layers"] = serde_json::json!([1, 5]));
+    let err = generate_fails(&dir, "<|begin_of_text|>Hi", &[], &[]);
+    assert_mentions(&err, &["config.json", "text_config.cross_attention_layers", "layer 5", "5 layers"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let (_tmp, dir) = fixture_copy("tiny-mllama-a");
+    edit_config(&dir, |c| c["model_type"] = "llava".into());
+    let err = generate_fails(&dir, "Hi", &[], &[]);
+    assert_mentions(&err, &["config.json", "model_type", "\"llava\"", "idefics, mllama"]);
+}
+
+#[test]
+fn mllama_chat_without_a_template_in_the_model() {
+    let (_tmp, dir) = fixture_copy("tiny-mllama-a");
+    std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
+    let path = dir.join("tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = generate_fails(&dir, "Hi", &[], &["--chat"]);
+    assert_mentions(&err, &["--chat", "no chat template"]);
 }

@@ -312,3 +312,21 @@ fn a_raising_chat_template_is_a_clear_error() {
     assert!(err.contains("chat_template.jinja"), "names the template file: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// An image needing far more tiles than the config allows is shrunk into the best canvas, as transformers does,
+/// and generation runs.
+#[test]
+fn an_extreme_aspect_ratio_image_is_tiled_and_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("wide.png");
+    image::RgbImage::from_fn(1500, 20, |x, y| image::Rgb([(x % 256) as u8, (y * 12) as u8, 90]))
+        .save(&path)
+        .unwrap();
+    let l = load("tiny-mllama-a");
+    let tiled = load_tiled(&path, &l.preprocessor, &DecodeLimits::pixels(1 << 24)).unwrap();
+    assert_eq!(tiled.tiles, (1, 4));
+    let dir = l.fx.dir.to_string_lossy().to_string();
+    let out = flamingo(&["--model", &dir, "--prompt", "<|image|>Wide.", "--image", &path.to_string_lossy(),
+        "--max-new-tokens", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -109,6 +109,15 @@ mod tests {
     }
 
     #[test]
+    fn an_image_beyond_every_canvas_shrinks_into_the_largest_that_fits_best() {
+        // 1000x50 wants far more than 4 tiles: transformers downscales into the widest canvas, keeping the ratio.
+        assert_eq!(optimal_grid(50, 1000, 56, 4), (1, 4));
+        assert_eq!(fit_to_canvas(50, 1000, 56, 224, 56), (11, 224));
+        assert_eq!(optimal_grid(3000, 20, 56, 4), (4, 1));
+        assert_eq!(fit_to_canvas(3000, 20, 224, 56, 56), (224, 1));
+    }
+
+    #[test]
     fn canvas_choice_matches_the_fixtures() {
         // tiny-mllama-a/b (golden.json image_tiling).
         assert_eq!(optimal_grid(64, 128, 56, 4), (1, 2));
