@@ -347,20 +347,19 @@ fn rope_matches_cpu() {
 #[test]
 fn vision_attention_matches_cpu() {
     let p = Pair::new();
-    // Head dims the kernels have (64, 80, 96, 128) and ones that run padded (12, 16).
-    for (i, &(heads, d)) in [(4, 12), (2, 16), (3, 64), (2, 80), (2, 96), (2, 128)]
-        .iter()
-        .enumerate()
-    {
-        for (j, &t) in [1usize, 7, 257].iter().enumerate() {
+    // Head dims the kernels have (64, 80, 96, 128) and ones that run padded (12, 16); key/value heads fewer than
+    // the queries' (GQA: Llama 3.2 Vision's cross-attention), and more keys than queries.
+    let cases = [(4, 4, 12), (2, 2, 16), (3, 3, 64), (2, 2, 80), (2, 2, 96), (2, 2, 128), (4, 2, 16), (8, 2, 128)];
+    for (i, &(heads, kv_heads, d)) in cases.iter().enumerate() {
+        for (j, &(t, keys)) in [(1usize, 1usize), (7, 7), (257, 257), (9, 131)].iter().enumerate() {
             let s = 600 + 10 * i as u64 + 3 * j as u64;
             let (q, k, v) = (
                 p.tensor(s, t, heads * d),
-                p.tensor(s + 1, t, heads * d),
-                p.tensor(s + 2, t, heads * d),
+                p.tensor(s + 1, keys, kv_heads * d),
+                p.tensor(s + 2, keys, kv_heads * d),
             );
             p.check(
-                &format!("attention d={d} T={t}"),
+                &format!("attention d={d} heads {heads}/{kv_heads} T={t} keys={keys}"),
                 &(
                     p.cpu.attention(&q.0, &k.0, &v.0, heads),
                     p.gpu.attention(&q.1, &k.1, &v.1, heads),
@@ -499,20 +498,18 @@ fn paged_attention_matches_cpu() {
     let p = Pair::new();
     let paged = Paged::new(&[1, 7, 40, 257, 1000, 300]);
     // Decode rows, whole prompts and prompt chunks in one step; every head dim with a decode kernel (16, 32, 64,
-    // 128) and one without (24: flash for every row, padded to 64).
+    // 128) and one without (24: flash for every row, padded to 64); fewer kv heads than query heads (GQA).
     let q_rows = |s: usize| [1, 7, 1, 100, 1, 300][s];
-    for (i, &(heads, d)) in [(4, 16), (3, 24), (3, 32), (2, 64), (2, 128)]
-        .iter()
-        .enumerate()
-    {
+    let cases = [(4, 4, 16), (3, 3, 24), (3, 3, 32), (2, 2, 64), (2, 2, 128), (4, 2, 16), (6, 2, 24), (8, 2, 128)];
+    for (i, &(heads, kv_heads, d)) in cases.iter().enumerate() {
         let s = 900 + 10 * i as u64;
-        let [k, v] = paged.pools(&p, s, heads * d);
+        let [k, v] = paged.pools(&p, s, kv_heads * d);
         p.check(&format!("write_kv d={d}"), &k);
         let step = paged.step(&paged.all(), q_rows);
         let q = p.tensor(s + 5, step.rows(), heads * d);
         let l = p.layout(&step);
         p.check(
-            &format!("paged_attention d={d}"),
+            &format!("paged_attention d={d} heads {heads}/{kv_heads}"),
             &(
                 p.cpu.paged_attention(&q.0, &k.0, &v.0, heads, &l.0),
                 p.gpu.paged_attention(&q.1, &k.1, &v.1, heads, &l.1),
@@ -623,6 +620,25 @@ fn fixtures_match_golden_logits_and_greedy_ids() {
             std::io::stderr(),
             "{name}: logits error {rel:.2e} x max|ref|, greedy ids equal"
         );
+    }
+}
+
+/// Llama 3.2 Vision on the CUDA backend, end to end from the image files: prefill logits within 3e-2 of the
+/// goldens and the greedy ids exact, on all three fixtures (bf16 weights and activations).
+#[test]
+fn mllama_fixtures_match_golden_logits_and_greedy_ids() {
+    for name in ["tiny-mllama-a", "tiny-mllama-b", "tiny-mllama-c"] {
+        let fx = Fixture::load(name);
+        let p = Pipeline::load(&fx.dir, gpu(), false).unwrap();
+        let (prompt, images) = p.prepare(&fx.meta.prompt_text, &fx.image_paths()).unwrap();
+        assert_eq!(prompt.ids, fx.ids("input_ids"), "{name}: prompt ids");
+        let h = p.prefill(&prompt, &images, None).unwrap();
+        let logits = p.backend.to_host(&p.logits(&h));
+        let rel = assert_close(&format!("{name} logits"), &logits, &fx.get("logits").data, 3e-2);
+        let want = fx.ids("generated_ids");
+        let out = p.generate(&prompt, images, &greedy(want.len()), |_| {}).unwrap();
+        assert_eq!(out.generated_ids, want, "{name}: greedy ids (prompt logits error {rel:.2e} x max|ref|)");
+        let _ = writeln!(std::io::stderr(), "{name}: logits error {rel:.2e} x max|ref|, greedy ids equal");
     }
 }
 

@@ -9,6 +9,9 @@
 //! Head dims a kernel lacks run zero-padded to the next one it has (padding q/k columns adds zero to every dot
 //! product, padding v columns yields columns that are dropped), with the softmax scale of the real head dim;
 //! decode sequences with a head dim `paged_attention_d*` lacks go through `attention_d*` as one-row sequences.
+//!
+//! Keys and values may have fewer heads than the queries (grouped-query attention, Llama 3.2 Vision): the kernels
+//! read kv head `h / (heads / kv_heads)` for query head `h`.
 
 use super::copy::{copy_rows, regroup};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
@@ -83,7 +86,21 @@ pub(in crate::backend::cuda) fn unpadded(
     }
 }
 
-/// Full (non-causal) attention of `q` over all rows of `k`, `v` (vision encoder): one flash varlen sequence.
+/// Key/value heads of pools `width` wide at head dim `d`, checked to divide the query heads.
+fn kv_heads(heads: usize, d: usize, k: &CudaTensor, v: &CudaTensor, what: &str) -> usize {
+    let kv = k.cols / d.max(1);
+    assert!(
+        d > 0 && k.cols == v.cols && k.cols % d == 0 && kv > 0 && heads % kv == 0,
+        "{what}: {} query heads of {d} over keys {} and values {} wide",
+        heads,
+        k.cols,
+        v.cols
+    );
+    kv
+}
+
+/// Full (non-causal) attention of `q` over all rows of `k`, `v` (vision encoder, cross-attention): one flash
+/// varlen sequence.
 pub(in crate::backend::cuda) fn attention(
     b: &CudaBackend,
     q: &CudaTensor,
@@ -91,17 +108,12 @@ pub(in crate::backend::cuda) fn attention(
     v: &CudaTensor,
     heads: usize,
 ) -> CudaTensor {
-    assert!(
-        heads > 0
-            && q.cols % heads == 0
-            && k.cols == q.cols
-            && v.cols == q.cols
-            && k.rows == v.rows,
-        "attention: shapes"
-    );
+    assert!(heads > 0 && q.cols % heads == 0 && k.rows == v.rows, "attention: shapes");
     let d = q.cols / heads;
+    let kv = kv_heads(heads, d, k, v, "attention");
     let dk = kernel_dim(d, AttentionBf16::D, "attention");
-    let ([qp, kp, vp], _copies) = padded(b, [q, k, v], heads, d, dk);
+    let ([qp], _q_copy) = padded(b, [q], heads, d, dk);
+    let ([kp, vp], _kv_copies) = padded(b, [k, v], kv, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let cu = b.upload_i32(&[0, q.rows as i32, 0, k.rows as i32]);
     let ld = heads * dk;
@@ -115,10 +127,10 @@ pub(in crate::backend::cuda) fn attention(
         cu_k: cu.ptr + 8,
         n_seqs: 1,
         n_heads: heads,
-        n_kv_heads: heads,
+        n_kv_heads: kv,
         ldq: ld,
-        ldk: ld,
-        ldv: ld,
+        ldk: kv * dk,
+        ldv: kv * dk,
         ldo: ld,
         causal: 0,
         scale: scale(d),
@@ -137,12 +149,10 @@ pub(in crate::backend::cuda) fn paged_attention(
     layout: &CudaLayout,
 ) -> CudaTensor {
     assert_eq!(q.rows, layout.rows(), "query rows do not match the step");
-    assert!(
-        heads > 0 && q.cols % heads == 0 && k_pool.cols == q.cols && v_pool.cols == q.cols,
-        "paged attention: widths"
-    );
+    assert!(heads > 0 && q.cols % heads == 0, "paged attention: widths");
     let out = b.alloc(q.rows, q.cols);
     let d = q.cols / heads;
+    kv_heads(heads, d, k_pool, v_pool, "paged attention");
     if let Some(g) = &layout.prefill {
         gathered_attention(b, q, [k_pool, v_pool], heads, g, &out);
     }
@@ -180,9 +190,10 @@ fn gathered_attention(
     out: &CudaTensor,
 ) {
     let d = q.cols / heads;
+    let kv = k_pool.cols / d;
     let dk = kernel_dim(d, AttentionBf16::D, "flash attention");
     let gather = |pool: &CudaTensor| {
-        let t = b.alloc(g.keys, heads * dk);
+        let t = b.alloc(g.keys, kv * dk);
         copy_rows(
             b,
             CopyRowsBf16 {
@@ -191,10 +202,10 @@ fn gathered_attention(
                 dst_idx: 0,
                 src_idx: g.key_slots,
                 rows: g.keys,
-                groups: heads,
+                groups: kv,
                 d_dst: dk,
                 d_src: d,
-                ld_dst: heads * dk,
+                ld_dst: kv * dk,
                 ld_src: pool.cols,
             },
         );
@@ -217,10 +228,10 @@ fn gathered_attention(
         cu_k: g.cu_k,
         n_seqs: g.seqs,
         n_heads: heads,
-        n_kv_heads: heads,
+        n_kv_heads: kv,
         ldq: ld,
-        ldk: heads * dk,
-        ldv: heads * dk,
+        ldk: kv * dk,
+        ldv: kv * dk,
         ldo: ld,
         causal: 1,
         scale: scale(d),
@@ -263,9 +274,9 @@ fn paged_decode(
         block_size,
         seq_stride: 0,
         n_heads: heads,
-        n_kv_heads: heads,
+        n_kv_heads: k_pool.cols / d,
         ldq: q.cols,
-        ldkv: q.cols,
+        ldkv: k_pool.cols,
         split_size: DECODE_SPLIT,
         scale: scale(d),
     };
