@@ -21,7 +21,12 @@ struct Server {
 impl Server {
     /// Starts the server on a free port with extra flags and waits until it listens.
     fn start(flags: &[&str]) -> Server {
-        let fx = fixture_dir("tiny-idefics-a");
+        Server::start_model("tiny-idefics-a", flags)
+    }
+
+    /// Starts the server on fixture model `name`.
+    fn start_model(name: &str, flags: &[&str]) -> Server {
+        let fx = fixture_dir(name);
         let mut child = Command::new(env!("CARGO_BIN_EXE_flamingo"))
             .args(["serve", "--port", "0", "--model"])
             .arg(&fx)
@@ -674,4 +679,37 @@ fn slow_idle_and_oversized_clients_cannot_hold_the_server() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Llama 3.2 Vision behind the OpenAI API: the model's own chat template builds the prompt (the answer is what
+/// `generate --chat` gives), and a template that raises (images with a system message) is a 400 with its message.
+#[test]
+fn mllama_chat_renders_the_models_template_and_a_raising_template_is_a_400() {
+    let server = Server::start_model("tiny-mllama-a", &[]);
+    let fx = Fixture::load("tiny-mllama-a");
+    let image = fx.image_paths()[0].clone();
+    let user = json!({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(&image)}},
+        {"type": "text", "text": "What is the cat doing?"}
+    ]});
+    let body = json!({"messages": [user.clone()], "max_tokens": 8});
+    let answer = server.post_json("/v1/chat/completions", &body);
+    assert_eq!(answer["usage"]["prompt_tokens"], fx.ids("input_ids").len());
+    let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["generate", "--device", "cpu", "--json", "--chat", "--max-new-tokens", "8", "--model"])
+        .arg(&fx.dir)
+        .args(["--prompt", "What is the cat doing?", "--image"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], cli["text"]);
+
+    let body = json!({"messages": [{"role": "system", "content": "Be brief."}, user], "max_tokens": 8});
+    let (status, text) = server.post("/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("Prompting with images is incompatible with system messages."), "{text}");
+    // The server keeps serving.
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2});
+    server.post_json("/v1/chat/completions", &body);
 }
