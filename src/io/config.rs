@@ -218,6 +218,27 @@ impl Default for IdeficsConfig {
     }
 }
 
+/// The vision tower checks every family's config makes: its heads divide its width (`heads` and `width` name the
+/// fields as the family spells them), patches fit the image, RGB input.
+pub(crate) fn check_vision_tower(
+    path: &Path,
+    (heads_field, heads): (&str, usize),
+    (width_field, width): (&str, usize),
+    (patch, image, channels): (usize, usize, usize),
+) -> Result<()> {
+    let bad = |field: &str, msg: String| Err(Error::config(path, &format!("vision_config.{field}"), msg));
+    if width % heads != 0 {
+        return bad(heads_field, format!("{heads} does not divide {width_field} {width}"));
+    }
+    if patch > image {
+        return bad("patch_size", format!("{patch} exceeds image_size {image}"));
+    }
+    if channels != 3 {
+        return bad("num_channels", format!("expected 3 (RGB), found {channels}"));
+    }
+    Ok(())
+}
+
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     crate::io::files::regular_file(path, crate::io::files::MAX_JSON_BYTES)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -328,27 +349,12 @@ impl IdeficsConfig {
             );
         }
         let v = &self.vision_config;
-        if v.embed_dim % v.num_attention_heads != 0 {
-            return bad(
-                "vision_config.num_attention_heads",
-                format!(
-                    "{} does not divide embed_dim {}",
-                    v.num_attention_heads, v.embed_dim
-                ),
-            );
-        }
-        if v.patch_size > v.image_size {
-            return bad(
-                "vision_config.patch_size",
-                format!("{} exceeds image_size {}", v.patch_size, v.image_size),
-            );
-        }
-        if v.num_channels != 3 {
-            return bad(
-                "vision_config.num_channels",
-                format!("expected 3 (RGB), found {}", v.num_channels),
-            );
-        }
+        check_vision_tower(
+            &self.path,
+            ("num_attention_heads", v.num_attention_heads),
+            ("embed_dim", v.embed_dim),
+            (v.patch_size, v.image_size, v.num_channels),
+        )?;
         if Activation::parse(&v.hidden_act).is_none() {
             return bad(
                 "vision_config.hidden_act",

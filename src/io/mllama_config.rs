@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::config::{read_json, Llama3Scaling, RopeFrequencies, TokenIds};
+use crate::io::config::{check_vision_tower, read_json, Llama3Scaling, RopeFrequencies, TokenIds};
 
 /// The `model_type` of a model directory's `config.json`: which family's code loads it.
 pub fn model_type(path: &Path) -> Result<String> {
@@ -321,24 +321,12 @@ impl MllamaConfig {
                 );
             }
         }
-        if v.hidden_size % v.attention_heads != 0 {
-            return bad(
-                "vision_config.attention_heads",
-                format!("{} does not divide hidden_size {}", v.attention_heads, v.hidden_size),
-            );
-        }
-        if v.patch_size > v.image_size {
-            return bad(
-                "vision_config.patch_size",
-                format!("{} exceeds image_size {}", v.patch_size, v.image_size),
-            );
-        }
-        if v.num_channels != 3 {
-            return bad(
-                "vision_config.num_channels",
-                format!("expected 3 (RGB), found {}", v.num_channels),
-            );
-        }
+        check_vision_tower(
+            &self.path,
+            ("attention_heads", v.attention_heads),
+            ("hidden_size", v.hidden_size),
+            (v.patch_size, v.image_size, v.num_channels),
+        )?;
         if v.hidden_act != "gelu" {
             return bad(
                 "vision_config.hidden_act",

@@ -1,10 +1,9 @@
 //! The IDEFICS model (`IdeficsForVisionText2Text`, transformers' `modeling_idefics.py`), one file per part, names as
-//! in transformers: `vision` (ViT), `resampler` (Perceiver), `cross_attention` (gated cross-attention block),
-//! `decoder` (LLaMA layer); `synthetic` makes random-weight models of the published shapes for benchmarks. This
+//! in transformers: `vision` (ViT), `resampler` (Perceiver), `cross_attention` (gated cross-attention block);
+//! the decoder layers are `model::llama`'s; `synthetic` makes random-weight models of the published shapes for benchmarks. This
 //! file ties the parts together.
 
 pub mod cross_attention;
-pub mod decoder;
 pub mod resampler;
 pub mod synthetic;
 pub mod vision;
@@ -13,13 +12,13 @@ use crate::backend::{Backend, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::{ImageKv, MediaCache};
 use crate::error::{Error, Result};
-use crate::io::config::IdeficsConfig;
+use crate::io::config::{IdeficsConfig, RopeFrequencies};
 use crate::io::image::PreparedImage;
 use crate::io::safetensors::WeightStore;
 use crate::model::layers::{optional, RmsNorm, WeightLoader};
+use crate::model::llama::{LlamaDecoderLayer, LlamaDims};
 use crate::model::Model;
 use cross_attention::IdeficsGatedCrossAttentionLayer;
-use decoder::IdeficsDecoderLayer;
 use resampler::IdeficsPerceiverResampler;
 use vision::IdeficsVisionTransformer;
 
@@ -30,10 +29,22 @@ pub struct Idefics<B: Backend> {
     vision: IdeficsVisionTransformer<B>,
     resampler: Option<IdeficsPerceiverResampler<B>>,
     cross_layers: Vec<IdeficsGatedCrossAttentionLayer<B>>,
-    layers: Vec<IdeficsDecoderLayer<B>>,
+    layers: Vec<LlamaDecoderLayer<B>>,
     norm: RmsNorm<B>,
     lm_head: B::Weight,
     additional_fc: Option<B::Weight>,
+}
+
+/// IDEFICS' LLaMA: multi-head attention (as many kv heads as heads), plain RoPE.
+fn llama_dims(cfg: &IdeficsConfig) -> LlamaDims {
+    LlamaDims {
+        hidden: cfg.hidden_size,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_attention_heads,
+        intermediate: cfg.intermediate_size,
+        rms_norm_eps: cfg.rms_norm_eps as f32,
+        rope: RopeFrequencies::plain(cfg.rope_theta()),
+    }
 }
 
 impl<B: Backend> Idefics<B> {
@@ -69,7 +80,7 @@ impl<B: Backend> Idefics<B> {
                 })
                 .collect::<Result<_>>()?,
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| IdeficsDecoderLayer::load(&l, &format!("model.layers.{i}"), cfg))
+                .map(|i| LlamaDecoderLayer::load(&l, &format!("model.layers.{i}"), &llama_dims(cfg)))
                 .collect::<Result<_>>()?,
             norm: l.rms_norm("model.norm", d, cfg.rms_norm_eps as f32)?,
             lm_head: l.weight("lm_head.weight", &[v, d])?,

@@ -12,22 +12,9 @@ use crate::backend::{Backend, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::{ImageKv, MediaCache};
 use crate::error::{Error, Result};
-use crate::io::config::RopeFrequencies;
 use crate::io::mllama_config::MllamaConfig;
 use crate::model::layers::{Linear, Mlp, RmsNorm, WeightLoader};
-
-pub struct MllamaSelfAttentionDecoderLayer<B: Backend> {
-    heads: usize,
-    head_dim: usize,
-    rope: RopeFrequencies,
-    input_layernorm: RmsNorm<B>,
-    q_proj: Linear<B>,
-    k_proj: Linear<B>,
-    v_proj: Linear<B>,
-    o_proj: Linear<B>,
-    post_attention_layernorm: RmsNorm<B>,
-    mlp: Mlp<B>,
-}
+use crate::model::llama::{LlamaDecoderLayer, LlamaDims};
 
 pub struct MllamaCrossAttentionDecoderLayer<B: Backend> {
     heads: usize,
@@ -45,7 +32,8 @@ pub struct MllamaCrossAttentionDecoderLayer<B: Backend> {
 }
 
 pub enum MllamaDecoderLayer<B: Backend> {
-    SelfAttention(MllamaSelfAttentionDecoderLayer<B>),
+    /// `MllamaSelfAttentionDecoderLayer`: a LLaMA layer.
+    SelfAttention(LlamaDecoderLayer<B>),
     CrossAttention(MllamaCrossAttentionDecoderLayer<B>),
 }
 
@@ -57,44 +45,16 @@ pub struct MllamaTextModel<B: Backend> {
     embedding_rows: usize,
 }
 
-impl<B: Backend> MllamaSelfAttentionDecoderLayer<B> {
-    fn load(l: &WeightLoader<B>, prefix: &str, cfg: &MllamaConfig) -> Result<Self> {
-        let t = &cfg.text_config;
-        let (d, kv) = (t.hidden_size, t.kv_width());
-        let eps = t.rms_norm_eps as f32;
-        Ok(MllamaSelfAttentionDecoderLayer {
-            heads: t.num_attention_heads,
-            head_dim: t.head_dim(),
-            rope: t.rope_frequencies(),
-            input_layernorm: l.rms_norm(&format!("{prefix}.input_layernorm"), d, eps)?,
-            q_proj: l.linear(&format!("{prefix}.self_attn.q_proj"), d, d)?,
-            k_proj: l.linear(&format!("{prefix}.self_attn.k_proj"), kv, d)?,
-            v_proj: l.linear(&format!("{prefix}.self_attn.v_proj"), kv, d)?,
-            o_proj: l.linear(&format!("{prefix}.self_attn.o_proj"), d, d)?,
-            post_attention_layernorm: l.rms_norm(&format!("{prefix}.post_attention_layernorm"), d, eps)?,
-            mlp: Mlp::load(l, &format!("{prefix}.mlp"), d, t.intermediate_size)?,
-        })
-    }
-
-    /// Writes the step's K/V into the paged pools and attends causally over each sequence's positions.
-    fn forward(
-        &self,
-        b: &B,
-        h: &mut B::Tensor,
-        layout: &B::Layout,
-        (k_pool, v_pool): (&mut B::Tensor, &mut B::Tensor),
-    ) {
-        let x = self.input_layernorm.forward(b, h);
-        let mut q = self.q_proj.forward(b, &x);
-        let mut k = self.k_proj.forward(b, &x);
-        let v = self.v_proj.forward(b, &x);
-        b.rope(&mut q, &mut k, self.head_dim, layout, &self.rope);
-        b.write_kv(k_pool, layout, &k);
-        b.write_kv(v_pool, layout, &v);
-        let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);
-        b.add_assign(h, &self.o_proj.forward(b, &a));
-        let m = self.mlp.forward(b, &self.post_attention_layernorm.forward(b, h));
-        b.add_assign(h, &m);
+/// Llama 3.2 Vision's self-attention layers: grouped-query attention, llama3-scaled RoPE.
+fn llama_dims(cfg: &MllamaConfig) -> LlamaDims {
+    let t = &cfg.text_config;
+    LlamaDims {
+        hidden: t.hidden_size,
+        heads: t.num_attention_heads,
+        kv_heads: t.num_key_value_heads,
+        intermediate: t.intermediate_size,
+        rms_norm_eps: t.rms_norm_eps as f32,
+        rope: t.rope_frequencies(),
     }
 }
 
@@ -175,7 +135,7 @@ impl<B: Backend> MllamaTextModel<B> {
                 Ok(if t.cross_attention_layers.contains(&i) {
                     MllamaDecoderLayer::CrossAttention(MllamaCrossAttentionDecoderLayer::load(l, &prefix, cfg)?)
                 } else {
-                    MllamaDecoderLayer::SelfAttention(MllamaSelfAttentionDecoderLayer::load(l, &prefix, cfg)?)
+                    MllamaDecoderLayer::SelfAttention(LlamaDecoderLayer::load(l, &prefix, &llama_dims(cfg))?)
                 })
             })
             .collect::<Result<_>>()?;
@@ -232,7 +192,8 @@ impl<B: Backend> MllamaTextModel<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             match layer {
                 MllamaDecoderLayer::SelfAttention(x) => {
-                    x.forward(b, &mut h, layout, kv.layer_mut(self_idx));
+                    let (k_pool, v_pool) = kv.layer_mut(self_idx);
+                    x.forward(b, &mut h, layout, k_pool, v_pool);
                     self_idx += 1;
                 }
                 MllamaDecoderLayer::CrossAttention(x) => {

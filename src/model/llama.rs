@@ -1,12 +1,24 @@
-//! The LLaMA decoder layer of IDEFICS (`IdeficsDecoderLayer`): pre-RMSNorm, multi-head self-attention with
-//! rotate-half RoPE on q and k, SwiGLU MLP, no biases.
+//! The LLaMA decoder layer both families' language models are made of (IDEFICS' `IdeficsDecoderLayer`, Llama 3.2
+//! Vision's `MllamaSelfAttentionDecoderLayer`): pre-RMSNorm, self-attention with rotate-half RoPE on q and k
+//! (grouped-query when the keys have fewer heads), SwiGLU MLP, no biases.
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::io::config::{IdeficsConfig, RopeFrequencies};
+use crate::io::config::RopeFrequencies;
 use crate::model::layers::{Linear, Mlp, RmsNorm, WeightLoader};
 
-pub struct IdeficsDecoderLayer<B: Backend> {
+/// The shape of a LLaMA layer, as a family's config gives it.
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaDims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub rms_norm_eps: f32,
+    pub rope: RopeFrequencies,
+}
+
+pub struct LlamaDecoderLayer<B: Backend> {
     heads: usize,
     head_dim: usize,
     rope: RopeFrequencies,
@@ -19,25 +31,23 @@ pub struct IdeficsDecoderLayer<B: Backend> {
     mlp: Mlp<B>,
 }
 
-impl<B: Backend> IdeficsDecoderLayer<B> {
-    pub fn load(l: &WeightLoader<B>, prefix: &str, cfg: &IdeficsConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let eps = cfg.rms_norm_eps as f32;
-        Ok(IdeficsDecoderLayer {
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
-            rope: RopeFrequencies::plain(cfg.rope_theta()),
+impl<B: Backend> LlamaDecoderLayer<B> {
+    pub fn load(l: &WeightLoader<B>, prefix: &str, dims: &LlamaDims) -> Result<Self> {
+        let d = dims.hidden;
+        let head_dim = d / dims.heads;
+        let kv = dims.kv_heads * head_dim;
+        let eps = dims.rms_norm_eps;
+        Ok(LlamaDecoderLayer {
+            heads: dims.heads,
+            head_dim,
+            rope: dims.rope,
             input_layernorm: l.rms_norm(&format!("{prefix}.input_layernorm"), d, eps)?,
             q_proj: l.linear(&format!("{prefix}.self_attn.q_proj"), d, d)?,
-            k_proj: l.linear(&format!("{prefix}.self_attn.k_proj"), d, d)?,
-            v_proj: l.linear(&format!("{prefix}.self_attn.v_proj"), d, d)?,
+            k_proj: l.linear(&format!("{prefix}.self_attn.k_proj"), kv, d)?,
+            v_proj: l.linear(&format!("{prefix}.self_attn.v_proj"), kv, d)?,
             o_proj: l.linear(&format!("{prefix}.self_attn.o_proj"), d, d)?,
-            post_attention_layernorm: l.rms_norm(
-                &format!("{prefix}.post_attention_layernorm"),
-                d,
-                eps,
-            )?,
-            mlp: Mlp::load(l, &format!("{prefix}.mlp"), d, cfg.intermediate_size)?,
+            post_attention_layernorm: l.rms_norm(&format!("{prefix}.post_attention_layernorm"), d, eps)?,
+            mlp: Mlp::load(l, &format!("{prefix}.mlp"), d, dims.intermediate)?,
         })
     }
 
@@ -60,9 +70,7 @@ impl<B: Backend> IdeficsDecoderLayer<B> {
         b.write_kv(v_pool, layout, &v);
         let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);
         b.add_assign(h, &self.o_proj.forward(b, &a));
-        let m = self
-            .mlp
-            .forward(b, &self.post_attention_layernorm.forward(b, h));
+        let m = self.mlp.forward(b, &self.post_attention_layernorm.forward(b, h));
         b.add_assign(h, &m);
     }
 }
