@@ -143,10 +143,23 @@ fn assert_positive_numbers(path: &str, v: &serde_json::Value) {
 
 #[test]
 fn bench_json_has_every_figure() {
-    let out = flamingo(&[
-        "bench",
-        "--synthetic",
-        "tiny",
+    bench_json_of(&["--synthetic", "tiny"]);
+}
+
+/// Llama 3.2 Vision benchmarks through the same figures, with its own floors (4-tile images, GQA K/V).
+#[test]
+fn bench_json_of_a_llama_3_2_vision_model() {
+    let dir = common::fixture_dir("tiny-mllama-b");
+    let v = bench_json_of(&["--model", dir.to_str().unwrap()]);
+    // 4 tiles of 8 padded tokens through 6 layers of width 32 and the 16-wide decoder: far from zero work.
+    assert!(v["params"].as_f64().unwrap() > 5e5, "{v}");
+}
+
+/// `flamingo bench --json` on `model` (small settings): every figure there, positive and finite.
+fn bench_json_of(model: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench"];
+    args.extend_from_slice(model);
+    args.extend_from_slice(&[
         "--device",
         "cpu",
         "--json",
@@ -161,6 +174,7 @@ fn bench_json_has_every_figure() {
         "--repeats",
         "1",
     ]);
+    let out = flamingo(&args);
     let v = json_of(&out);
     let figure = |f: &serde_json::Value| {
         for field in ["value", "floor", "fraction"] {
@@ -197,6 +211,7 @@ fn bench_json_has_every_figure() {
         assert!(r["seconds"].is_number());
     }
     assert_positive_numbers("bench", &v);
+    v
 }
 
 /// `flamingo profile` on the tiny synthetic model on the CPU, with `args`.

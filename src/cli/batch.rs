@@ -32,7 +32,7 @@ use crate::runtime::scheduler::RequestId;
 
 #[derive(clap::Args, Debug)]
 pub struct BatchArgs {
-    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Requests, one JSON object per line.

@@ -116,7 +116,7 @@ fn table(r: &BenchReport) -> String {
     };
     row("time to first token", &r.time_to_first_token);
     row("decode, batch 1 (per token)", &r.decode_batch1);
-    row("image: vision + resampler", &r.image_encode);
+    row("image: vision + resampler/projector", &r.image_encode);
     row("vision encoder", &r.vision_images_per_s);
     for t in &r.throughput {
         row(

@@ -15,7 +15,7 @@ use crate::runtime::pipeline::{FamilyConfig, ModelFiles};
 
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A Hugging Face IDEFICS directory (default: the bundled model).
+    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the bundled model).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Print one JSON object instead of text.

@@ -243,7 +243,7 @@ pub fn bf16_bytes(store: &WeightStore) -> usize {
 /// Which model a measuring command runs.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).
     #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<PathBuf>,
     /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b or idefics-80b.

@@ -19,7 +19,7 @@ use crate::server::{serve, AppState, ServerLimits};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// A Hugging Face IDEFICS directory (default: the small model bundled with the repository).
+    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]

@@ -14,9 +14,9 @@ use crate::backend::{Backend, Ceilings};
 use crate::error::Result;
 use crate::io::image::PreparedImage;
 use crate::io::prompt::{encode_prompt, EncodedPrompt};
-use crate::perf::floors::Costs;
+use crate::perf::floors::{Costs, Floors, MllamaCosts};
 use crate::runtime::engine::{Engine, EngineConfig, Event};
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{Family, Pipeline};
 use crate::runtime::request::GenerationRequest;
 
 /// What to measure; the defaults are the published-anchor workloads (`shared/docs/perf-anchors.md`).
@@ -121,16 +121,19 @@ pub struct BenchReport {
     pub decode_graphs: bool,
 }
 
-/// A benchmark request: the IDEFICS prompt of one image followed by random text ids.
+/// A benchmark request: the family's prompt of one image followed by random text ids (below the special tokens).
 pub fn bench_prompt<B: Backend>(
     p: &Pipeline<B>,
     text_tokens: usize,
     seed: u64,
 ) -> Result<EncodedPrompt> {
-    let mut prompt = encode_prompt(&p.tokenizer, "<image>", 1)?;
+    let (mut prompt, vocab) = match &p.family {
+        Family::Idefics(m) => (encode_prompt(&p.tokenizer, "<image>", 1)?, m.config.vocab_size as u32),
+        // Llama 3's special tokens start at <|begin_of_text|>.
+        Family::Mllama(_) => (p.prompt_for("<|image|>", 1)?, p.tokenizer.bos_id),
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let specials = &p.tokenizer.banned_ids;
-    let vocab = p.idefics()?.config.vocab_size as u32;
     let image = *prompt
         .image_of_token
         .last()
@@ -146,13 +149,49 @@ pub fn bench_prompt<B: Backend>(
     Ok(prompt)
 }
 
-/// One IDEFICS image's pixels `[3, S, S]`, random in the normalised range (fixed seed).
+/// One image's pixels, random in the normalised range (fixed seed): IDEFICS `[3, S, S]`; Llama 3.2 Vision every
+/// tile slot used (`max_num_tiles` tiles of `[3, S, S]`, the most work an image makes).
 pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Result<PreparedImage> {
-    let s = p.idefics()?.config.vision_config.image_size;
+    let (s, tiles) = match &p.family {
+        Family::Idefics(m) => (m.config.vision_config.image_size, (1, 1)),
+        Family::Mllama(m) => {
+            let v = &m.config.vision_config;
+            let grid = *v
+                .supported_aspect_ratios
+                .iter()
+                .filter(|(h, w)| h * w <= v.max_num_tiles)
+                .max_by_key(|(h, w)| h * w)
+                .unwrap_or(&(1, 1));
+            (v.image_size, grid)
+        }
+    };
+    let slots = match &p.family {
+        Family::Idefics(_) => 1,
+        Family::Mllama(m) => m.config.vision_config.max_num_tiles,
+    };
     let mut rng = StdRng::seed_from_u64(7);
-    Ok(PreparedImage::whole(
-        (0..3 * s * s).map(|_| rng.random_range(-1.8..2.1)).collect(),
-    ))
+    Ok(PreparedImage {
+        pixels: (0..slots * 3 * s * s).map(|_| rng.random_range(-1.8..2.1)).collect(),
+        tiles,
+    })
+}
+
+/// The family's roofline accounting.
+fn floors<'p, B: Backend>(p: &'p Pipeline<B>, weight_bytes: f64) -> Box<dyn Floors + 'p> {
+    let kv = p.backend.activation_width() as f64;
+    match &p.family {
+        Family::Idefics(m) => Box::new(Costs::new(&m.config, weight_bytes, kv)),
+        Family::Mllama(m) => Box::new(MllamaCosts::new(&m.config, weight_bytes, kv)),
+    }
+}
+
+/// The vision tower alone on one image (IDEFICS: without the resampler; Llama 3.2 Vision: without the projector).
+fn vision_only<B: Backend>(p: &Pipeline<B>, image: &PreparedImage) -> Result<()> {
+    match &p.family {
+        Family::Idefics(m) => drop(m.vision_states(&p.backend, &image.pixels)),
+        Family::Mllama(m) => drop(m.vision_model.forward(&p.backend, image)?),
+    }
+    Ok(())
 }
 
 /// Runs every measurement; `progress` hears what is being measured.
@@ -166,25 +205,22 @@ pub fn run<B: Backend>(
     progress("measuring the ceilings");
     let ceilings = b.measure_ceilings();
     let weight_bytes = p.store.bytes_as(|d| b.weight_width(d)) as f64;
-    let costs = Costs::new(
-        &p.idefics()?.config,
-        weight_bytes / p.store.params() as f64,
-        b.activation_width() as f64,
-    );
+    let costs = floors(p, weight_bytes / p.store.params() as f64);
     let prompt = bench_prompt(p, opts.prompt_tokens, 0)?;
     let pixels = bench_pixels(p)?;
     let n = prompt.ids.len();
 
     progress("vision encoder");
-    let image_floor = costs.vision().floor(&ceilings) + costs.perceiver().floor(&ceilings);
+    let image_floor = costs.image_floor(&ceilings);
     let image_s = median(opts.repeats, || {
         Ok(time(b, || p.encode_images(&[pixels.clone()])))
     })?;
-    let idefics = p.idefics()?;
+    // Once untimed: a warm-up, and the check that the tower takes the image (then the timed runs cannot fail).
+    vision_only(p, &pixels)?;
     let vision_s = time(b, || {
-        for _ in 0..opts.vision_images {
-            idefics.vision_states(b, &pixels.pixels);
-        }
+        (0..opts.vision_images)
+            .map(|_| vision_only(p, &pixels))
+            .collect::<Result<Vec<()>>>()
     }) / opts.vision_images.max(1) as f64;
 
     progress("time to first token");
@@ -203,7 +239,7 @@ pub fn run<B: Backend>(
     for &c in &opts.concurrency {
         progress(&format!("throughput at {c} concurrent requests"));
         let (seconds, tokens) = generate(p, opts, &prompt, &pixels, c, opts.new_tokens)?;
-        let floor = throughput_floor(&costs, &ceilings, c, n, opts.new_tokens);
+        let floor = throughput_floor(costs.as_ref(), &ceilings, c, n, opts.new_tokens);
         throughput.push(Throughput {
             concurrency: c,
             new_tokens: opts.new_tokens,
@@ -220,7 +256,7 @@ pub fn run<B: Backend>(
         device: b.device_name(),
         params: costs.total_params(),
         weight_gb: weight_bytes / 1e9,
-        decode_weight_gb: costs.decode_params() * costs.weight_bytes / 1e9,
+        decode_weight_gb: costs.decode_params() * costs.weight_bytes() / 1e9,
         ceilings: CeilingsReport {
             copy_gb_per_s: ceilings.copy_bytes_per_s / 1e9,
             matmul_gflop_per_s: ceilings.matmul_flops_per_s / 1e9,
@@ -243,8 +279,8 @@ pub fn run<B: Backend>(
 /// Least time for `c` requests of `n` prompt tokens to generate `new` tokens each: every image through the
 /// vision encoder and resampler, all prompts in one prefill (weights read once), then one decode step per further
 /// token with all `c` sequences.
-fn throughput_floor(costs: &Costs, ceilings: &Ceilings, c: usize, n: usize, new: usize) -> f64 {
-    let image = costs.vision().floor(ceilings) + costs.perceiver().floor(ceilings);
+fn throughput_floor(costs: &dyn Floors, ceilings: &Ceilings, c: usize, n: usize, new: usize) -> f64 {
+    let image = costs.image_floor(ceilings);
     let one = costs.prefill(n);
     let prefill = crate::perf::floors::Work {
         flops: c as f64 * one.flops,

@@ -1,11 +1,30 @@
-//! Roofline floors: the FLOPs each stage of an IDEFICS model must do and the fewest bytes it must move, from its
-//! configuration, so that a measured time can be set beside the least time the hardware allows
+//! Roofline floors: the FLOPs each stage of a model must do and the fewest bytes it must move, from its
+//! configuration (IDEFICS: [`Costs`]; Llama 3.2 Vision: [`MllamaCosts`]; both as [`Floors`]), so that a measured time can be set beside the least time the hardware allows
 //! (`max(FLOPs / matmul FLOP/s, bytes / copy bandwidth)`, per stage). The accounting is that of
 //! `shared/docs/perf_floors.py` (FLOPs = 2 per multiply-add; norms, biases and element-wise ops left out), made
 //! general over configurations; for idefics-9b it gives that script's numbers (tested).
 
 use crate::backend::Ceilings;
 use crate::io::config::IdeficsConfig;
+use crate::io::mllama_config::MllamaConfig;
+
+/// What the benchmarks set measured times beside, for any family.
+pub trait Floors {
+    /// Every parameter.
+    fn total_params(&self) -> f64;
+    /// Parameters a decode step reads.
+    fn decode_params(&self) -> f64;
+    /// Bytes per weight as the backend reads them.
+    fn weight_bytes(&self) -> f64;
+    /// The vision tower on one image.
+    fn vision(&self) -> Work;
+    /// Least time for everything one image takes before the decoder (vision tower, resampler or projector).
+    fn image_floor(&self, c: &Ceilings) -> f64;
+    /// The language model over a `tokens`-token prompt with one image, LM head on the last token.
+    fn prefill(&self, tokens: usize) -> Work;
+    /// One decode step of `batch` sequences with `context` cached positions each.
+    fn decode_step(&self, batch: usize, context: usize) -> Work;
+}
 
 /// Work of one stage: FLOPs done and bytes moved through memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -163,6 +182,181 @@ impl<'a> Costs<'a> {
     }
 }
 
+impl Floors for Costs<'_> {
+    fn total_params(&self) -> f64 {
+        Costs::total_params(self)
+    }
+    fn decode_params(&self) -> f64 {
+        Costs::decode_params(self)
+    }
+    fn weight_bytes(&self) -> f64 {
+        self.weight_bytes
+    }
+    fn vision(&self) -> Work {
+        Costs::vision(self)
+    }
+    fn image_floor(&self, c: &Ceilings) -> f64 {
+        Costs::vision(self).floor(c) + self.perceiver().floor(c)
+    }
+    fn prefill(&self, tokens: usize) -> Work {
+        Costs::prefill(self, tokens)
+    }
+    fn decode_step(&self, batch: usize, context: usize) -> Work {
+        Costs::decode_step(self, batch, context)
+    }
+}
+
+/// Llama 3.2 Vision's accounting: the vision tower runs every tile slot of an image (`max_num_tiles` x P_pad
+/// tokens, local then global layers), the projector and every cross-attention layer's K/V run once per image
+/// (`max_num_tiles` x P tokens), the self-attention layers use grouped-query K/V.
+pub struct MllamaCosts<'a> {
+    cfg: &'a MllamaConfig,
+    pub weight_bytes: f64,
+    pub kv_bytes: f64,
+}
+
+impl<'a> MllamaCosts<'a> {
+    pub fn new(cfg: &'a MllamaConfig, weight_bytes: f64, kv_bytes: f64) -> Self {
+        MllamaCosts {
+            cfg,
+            weight_bytes,
+            kv_bytes,
+        }
+    }
+
+    fn dims(&self) -> (f64, f64, f64, f64) {
+        let t = &self.cfg.text_config;
+        (t.hidden_size as f64, t.kv_width() as f64, t.intermediate_size as f64, t.vocab_size as f64)
+    }
+
+    fn self_layers(&self) -> f64 {
+        self.cfg.text_config.self_attention_layers().len() as f64
+    }
+
+    fn cross_layers(&self) -> f64 {
+        self.cfg.text_config.cross_attention_layers.len() as f64
+    }
+
+    /// q, k, v, o and the SwiGLU MLP of one decoder layer (self- or cross-attention alike).
+    fn layer_params(&self) -> f64 {
+        let (h, kv, i, _) = self.dims();
+        2.0 * h * h + 2.0 * h * kv + 3.0 * h * i
+    }
+
+    /// The K and V projections a cross-attention layer runs on image tokens.
+    fn cross_kv_params(&self) -> f64 {
+        let (h, kv, _, _) = self.dims();
+        2.0 * h * kv
+    }
+
+    fn vision_layer_params(&self) -> f64 {
+        let v = &self.cfg.vision_config;
+        let d = v.hidden_size as f64;
+        4.0 * d * d + 2.0 * d * v.intermediate_size as f64
+    }
+
+    fn vision_params(&self) -> f64 {
+        let v = &self.cfg.vision_config;
+        let (d, t, p) = (v.hidden_size as f64, v.max_num_tiles as f64, v.tokens_per_tile() as f64);
+        let ratios = v.supported_aspect_ratios.len() as f64 + 1.0;
+        (v.num_hidden_layers + v.num_global_layers) as f64 * self.vision_layer_params()
+            + (3 * v.patch_size * v.patch_size) as f64 * d
+            + p * d
+            + ratios * (t * p * d + 2.0 * t * d)
+    }
+
+    fn projector_params(&self) -> f64 {
+        self.cfg.vision_config.vision_output_dim as f64 * self.cfg.text_config.hidden_size as f64
+    }
+
+    /// Key rows of one image in every cross-attention layer.
+    fn image_tokens(&self) -> f64 {
+        let v = &self.cfg.vision_config;
+        (v.max_num_tiles * v.tokens_per_tile()) as f64
+    }
+
+    /// The projector and every cross-attention layer's K/V on one image.
+    fn image_kv(&self) -> Work {
+        let n = self.image_tokens();
+        let weights = self.projector_params() + self.cross_layers() * self.cross_kv_params();
+        Work {
+            flops: 2.0 * n * weights,
+            bytes: weights * self.weight_bytes,
+        }
+    }
+}
+
+impl Floors for MllamaCosts<'_> {
+    fn total_params(&self) -> f64 {
+        let (h, _, _, vocab) = self.dims();
+        (self.self_layers() + self.cross_layers()) * self.layer_params()
+            + (2.0 * vocab + 8.0) * h
+            + self.vision_params()
+            + self.projector_params()
+    }
+
+    /// Every decoder layer but the cross-attention K/V (cached), the LM head, one embedding row.
+    fn decode_params(&self) -> f64 {
+        let (h, _, _, vocab) = self.dims();
+        (self.self_layers() + self.cross_layers()) * self.layer_params()
+            - self.cross_layers() * self.cross_kv_params()
+            + vocab * h
+    }
+
+    fn weight_bytes(&self) -> f64 {
+        self.weight_bytes
+    }
+
+    /// Every tile slot's P_pad tokens through the local and global layers (attention over all of them), and the
+    /// patch embedding.
+    fn vision(&self) -> Work {
+        let v = &self.cfg.vision_config;
+        let d = v.hidden_size as f64;
+        let n = (v.max_num_tiles * v.padded_tokens_per_tile()) as f64;
+        let patches = (v.max_num_tiles * (v.tokens_per_tile() - 1)) as f64;
+        let layers = (v.num_hidden_layers + v.num_global_layers) as f64;
+        Work {
+            flops: layers * (2.0 * n * self.vision_layer_params() + 4.0 * n * n * d)
+                + 2.0 * patches * (3 * v.patch_size * v.patch_size) as f64 * d,
+            bytes: self.vision_params() * self.weight_bytes,
+        }
+    }
+
+    fn image_floor(&self, c: &Ceilings) -> f64 {
+        self.vision().floor(c) + self.image_kv().floor(c)
+    }
+
+    fn prefill(&self, tokens: usize) -> Work {
+        let (h, _, _, vocab) = self.dims();
+        let t = tokens as f64;
+        let (s, x) = (self.self_layers(), self.cross_layers());
+        let no_kv = self.layer_params() - self.cross_kv_params();
+        let flops = 2.0 * t * s * self.layer_params()
+            + s * 2.0 * t * t * h
+            + 2.0 * t * x * no_kv
+            + x * 4.0 * t * self.image_tokens() * h
+            + 2.0 * vocab * h;
+        let weights = s * self.layer_params() + x * no_kv + vocab * h;
+        Work {
+            flops,
+            bytes: weights * self.weight_bytes,
+        }
+    }
+
+    /// The live weights once, each sequence's self-attention K/V (grouped) and its image's cross-attention K/V.
+    fn decode_step(&self, batch: usize, context: usize) -> Work {
+        let (h, kv, _, _) = self.dims();
+        let (b, ctx, img) = (batch as f64, context as f64, self.image_tokens());
+        let (s, x) = (self.self_layers(), self.cross_layers());
+        let attention = s * 4.0 * ctx * h + x * 4.0 * img * h;
+        let kv_elements = s * 2.0 * ctx * kv + x * 2.0 * img * kv;
+        Work {
+            flops: b * (2.0 * self.decode_params() + attention),
+            bytes: self.decode_params() * self.weight_bytes + b * kv_elements * self.kv_bytes,
+        }
+    }
+}
+
 fn params(cfg: &IdeficsConfig) -> Params {
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     let v = &cfg.vision_config;
@@ -216,5 +410,18 @@ mod tests {
         };
         close(c.decode_step(1, 0).floor(&h200) * 1e3, 3.70, 2e-3);
         close(c.vision().floor(&h200) * 1e3, 0.42, 1e-2);
+    }
+
+    /// Llama 3.2 11B Vision: the parameter count of the real checkpoint (tests/data/mllama-11b-shapes.json,
+    /// 10,670,220,835; the floors leave out norms and biases).
+    #[test]
+    fn mllama_11b_counts_the_checkpoints_parameters() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mllama-11b-config.json");
+        let cfg = MllamaConfig::from_file(&path).unwrap();
+        let c = MllamaCosts::new(&cfg, 2.0, 2.0);
+        close(c.total_params(), 10_670_220_835.0, 1e-4);
+        // A decode step reads every decoder weight but the cross-attention K/V projections, and one LM head.
+        assert!(c.decode_params() < c.total_params() - c.vision_params());
+        assert!(c.vision().flops > 1e12, "four padded tiles through 40 layers");
     }
 }
