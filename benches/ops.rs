@@ -18,7 +18,8 @@ use flamingo::backend::{Backend, RowSampling, SeqStep, StepLayout};
 use flamingo::cli::options::BackendCommand;
 use flamingo::io::config::{Activation, IdeficsConfig, RopeFrequencies};
 use flamingo::io::safetensors::DType;
-use flamingo::model::idefics::synthetic::{random_store, Preset};
+use flamingo::model::idefics::synthetic::Preset;
+use flamingo::model::synthetic::random_store;
 
 /// The workloads of one device class.
 struct Shapes {

@@ -13,7 +13,9 @@ use flamingo::cli::options::bundled_model_dir;
 use flamingo::io::config::IdeficsConfig;
 use flamingo::io::prompt::encode_prompt;
 use flamingo::io::safetensors::WeightStore;
+use flamingo::io::mllama_config::MllamaConfig;
 use flamingo::model::idefics::synthetic::{tensor_specs, Preset};
+use flamingo::model::mllama::synthetic as mllama_synthetic;
 use flamingo::runtime::pipeline::{ModelFiles, Pipeline};
 
 fn flamingo(args: &[&str]) -> std::process::Output {
@@ -37,6 +39,35 @@ fn synthetic_tensors_match_real_checkpoints() {
             .into_iter()
             .map(|(n, shape, _)| (n, shape))
             .collect();
+        assert_eq!(specs, stored, "{name}");
+    }
+}
+
+/// Synthetic Llama 3.2 11B Vision lists exactly the real checkpoint's 906 tensors (tests/data/mllama-11b-shapes.json,
+/// read from the hub model), and the tiny fixtures' tensors for their configs.
+#[test]
+fn synthetic_mllama_tensors_match_real_checkpoints() {
+    let shapes: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture_dir("../data/mllama-11b-shapes.json")).unwrap(),
+    )
+    .unwrap();
+    let real: BTreeSet<(String, Vec<usize>)> = shapes["tensors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(n, s)| (n.clone(), s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect()))
+        .collect();
+    let cfg = mllama_synthetic::config_11b().unwrap();
+    let specs: BTreeSet<(String, Vec<usize>)> = mllama_synthetic::tensor_specs(&cfg).into_iter().collect();
+    assert_eq!(specs, real);
+    let store = mllama_synthetic::store_11b().unwrap();
+    assert_eq!(store.params(), 10_670_220_835);
+    for name in ["tiny-mllama-a", "tiny-mllama-b", "tiny-mllama-c"] {
+        let dir = fixture_dir(name);
+        let cfg = MllamaConfig::from_file(&dir.join("config.json")).unwrap();
+        let specs: BTreeSet<(String, Vec<usize>)> = mllama_synthetic::tensor_specs(&cfg).into_iter().collect();
+        let stored: BTreeSet<(String, Vec<usize>)> =
+            WeightStore::open_dir(&dir).unwrap().summary().into_iter().map(|(n, shape, _)| (n, shape)).collect();
         assert_eq!(specs, stored, "{name}");
     }
 }

@@ -8,7 +8,7 @@ use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::safetensors::WeightStore;
-use crate::model::idefics::synthetic::Preset;
+use crate::model::synthetic::SyntheticModel;
 use crate::runtime::engine::EngineConfig;
 use crate::runtime::pipeline::{ModelFiles, Pipeline};
 
@@ -246,9 +246,9 @@ pub struct ModelArgs {
     /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).
     #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<PathBuf>,
-    /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b or idefics-80b.
+    /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b, idefics-80b or mllama-11b.
     #[arg(long)]
-    pub synthetic: Option<Preset>,
+    pub synthetic: Option<SyntheticModel>,
 }
 
 impl ModelArgs {
@@ -273,9 +273,10 @@ impl ModelArgs {
     /// Loads the model onto `backend` (synthetic ones with the bundled tokenizer).
     pub fn load<B: Backend>(&self, backend: B) -> Result<Pipeline<B>> {
         let files = match (&self.synthetic, &self.model) {
-            (Some(preset), _) => {
+            (Some(SyntheticModel::Idefics(preset)), _) => {
                 ModelFiles::synthetic(*preset, &bundled_model_dir().join("tokenizer.json"))?
             }
+            (Some(SyntheticModel::Mllama11b), _) => ModelFiles::synthetic_mllama_11b()?,
             (None, dir) => ModelFiles::open(&dir.clone().unwrap_or_else(bundled_model_dir))?,
         };
         Pipeline::from_files(files, backend, false)

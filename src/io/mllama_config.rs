@@ -221,6 +221,17 @@ impl MllamaConfig {
         Ok(cfg)
     }
 
+    /// A config from JSON text; `origin` names it in messages.
+    pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
+        let mut cfg: MllamaConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+        cfg.path = origin.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Rows of the token embedding: the vocabulary plus 8 (the `<|image|>` token and 7 unused rows).
     pub fn embedding_rows(&self) -> usize {
         self.text_config.vocab_size + 8
@@ -423,6 +434,19 @@ struct RawSize {
     width: usize,
 }
 
+impl RawMllamaPreprocessor {
+    fn for_vision(vision: &MllamaVisionConfig) -> Self {
+        RawMllamaPreprocessor {
+            size: RawSize {
+                height: vision.image_size,
+                width: vision.image_size,
+            },
+            max_image_tiles: vision.max_num_tiles,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for RawMllamaPreprocessor {
     fn default() -> Self {
         RawMllamaPreprocessor {
@@ -442,18 +466,19 @@ impl Default for RawMllamaPreprocessor {
 impl MllamaPreprocessorConfig {
     /// Reads `path`, or transformers' defaults for the vision config's tile size when it does not exist.
     pub fn load(path: &Path, vision: &MllamaVisionConfig) -> Result<Self> {
-        let raw: RawMllamaPreprocessor = if path.exists() {
-            read_json(path)?
-        } else {
-            RawMllamaPreprocessor {
-                size: RawSize {
-                    height: vision.image_size,
-                    width: vision.image_size,
-                },
-                max_image_tiles: vision.max_num_tiles,
-                ..Default::default()
-            }
-        };
+        if !path.exists() {
+            return Self::checked(RawMllamaPreprocessor::for_vision(vision), path, vision);
+        }
+        Self::checked(read_json(path)?, path, vision)
+    }
+
+    /// transformers' defaults at the vision config's tile size and tile count.
+    pub fn default_for(vision: &MllamaVisionConfig) -> Result<Self> {
+        let origin = Path::new("<default preprocessor_config.json>");
+        Self::checked(RawMllamaPreprocessor::for_vision(vision), origin, vision)
+    }
+
+    fn checked(raw: RawMllamaPreprocessor, path: &Path, vision: &MllamaVisionConfig) -> Result<Self> {
         let bad = |field: &str, msg: String| Err(Error::config(path, field, msg));
         if raw.size.height != raw.size.width || raw.size.height != vision.image_size {
             return bad(

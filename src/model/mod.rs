@@ -11,6 +11,7 @@ pub mod layers;
 pub mod llama;
 pub mod mllama;
 pub mod sampling;
+pub mod synthetic;
 
 use crate::backend::{Backend, StepLayout};
 use crate::cache::kv_cache::PagedKvCache;

@@ -18,6 +18,7 @@ use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::idefics::synthetic::Preset;
 use crate::model::idefics::Idefics;
+use crate::model::mllama::synthetic as mllama_synthetic;
 use crate::model::mllama::Mllama;
 use crate::model::{store_images, Model};
 use crate::cache::media_cache::MediaCache;
@@ -183,6 +184,30 @@ impl ModelFiles {
             store: preset.store()?,
             chat_template: None,
             config: FamilyConfig::Idefics(config),
+        })
+    }
+}
+
+impl ModelFiles {
+    /// Llama 3.2 11B Vision with random bf16 weights, the 11B config's preprocessing, and a Llama-3-shaped
+    /// tokenizer with the real special ids (`assets/configs/mllama-tokenizer.json`: benchmarks feed token ids).
+    pub fn synthetic_mllama_11b() -> Result<Self> {
+        let config = mllama_synthetic::config_11b()?;
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/configs");
+        let t = &config.text_config;
+        let eos = t.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default();
+        Ok(ModelFiles {
+            dir: PathBuf::from("<synthetic mllama-11b>"),
+            preprocessor: Preprocessor::Mllama(MllamaPreprocessorConfig::default_for(&config.vision_config)?),
+            tokenizer: Tokenizer::mllama(
+                &assets.join("mllama-tokenizer.json"),
+                t.bos_token_id.unwrap_or(128000),
+                &eos,
+                config.image_token_index,
+            )?,
+            store: mllama_synthetic::store_11b()?,
+            chat_template: None,
+            config: FamilyConfig::Mllama(config),
         })
     }
 }

@@ -1,9 +1,11 @@
 //! Llama 3.2 Vision (`MllamaForConditionalGeneration`, transformers' `modeling_mllama.py`), one file per part,
 //! names as in transformers: `vision` (the tiled vision tower), `text` (the decoder with its cross-attention
-//! layers). Where transformers 5.23 deviates from Meta's reference implementation, the model follows Meta's, as
-//! it was trained (see `../shared/fixtures/MLLAMA.md`): vision intermediate features are layer inputs, and rows
-//! that see no image pass the cross-attention layers unchanged.
+//! layers); `synthetic` makes the 11B model with random weights for benchmarks. Where transformers 5.23 deviates
+//! from Meta's reference implementation, the model follows Meta's, as it was trained (see
+//! `../shared/fixtures/MLLAMA.md`): vision intermediate features are layer inputs, and rows that see no image pass
+//! the cross-attention layers unchanged.
 
+pub mod synthetic;
 pub mod text;
 pub mod vision;
 
