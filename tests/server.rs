@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -110,6 +110,16 @@ fn data_url(path: &Path) -> String {
     format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A 35-byte GIF whose one frame claims 17 GB (its screen is 1x1), as a `data:` URL.
+fn gif_frame_bomb() -> String {
+    let mut g = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff".to_vec();
+    g.extend(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02\x4c\x01\x00\x3b");
+    format!(
+        "data:image/gif;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(g)
     )
 }
 
@@ -295,14 +305,7 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
         .status()
         .unwrap()
         .success());
-    let gif_frame_bomb = {
-        let mut g = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff".to_vec();
-        g.extend(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02\x4c\x01\x00\x3b");
-        format!(
-            "data:image/gif;base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(g)
-        )
-    };
+    let gif_frame_bomb = gif_frame_bomb();
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
             "malformed JSON",
@@ -586,7 +589,6 @@ fn remote_images_that_stall_trickle_or_redirect_off_http_fail_alone_and_in_time(
 
 /// Opens a raw connection to the server and sends `bytes`.
 fn raw_connection(server: &Server, bytes: &[u8]) -> std::net::TcpStream {
-    use std::io::Write;
     let addr = server.base.strip_prefix("http://").unwrap();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(bytes).unwrap();
@@ -712,4 +714,91 @@ fn mllama_chat_renders_the_models_template_and_a_raising_template_is_a_400() {
     // The server keeps serving.
     let body = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2});
     server.post_json("/v1/chat/completions", &body);
+}
+
+/// Good clients beside hostile ones, all at once on loopback: slow (headers trickled a byte at a time), bombing
+/// (a 17 GB GIF frame, a 1 TB Content-Length) and disconnecting (a request sent, the socket dropped). Every good
+/// request gets the answer it gets alone, every hostile one its 4xx or its cut-off, and SIGTERM then finishes
+/// within the grace period although slow clients still hold connections.
+#[test]
+fn good_clients_get_correct_answers_beside_slow_bombing_and_disconnecting_ones() {
+    let mut server = Server::start(&[
+        "--header-timeout-secs",
+        "2",
+        "--body-timeout-secs",
+        "2",
+        "--shutdown-grace-secs",
+        "3",
+    ]);
+    let alone = server.post_json("/v1/chat/completions", &chat_body(6, false));
+    let want = alone["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let bomb = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": gif_frame_bomb()}}, {"type": "text", "text": "hi"}]}],
+        "max_tokens": 2});
+    let good = chat_body(6, false);
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..6 {
+            handles.push(s.spawn(|| {
+                for _ in 0..3 {
+                    let v = server.post_json("/v1/chat/completions", &good);
+                    assert_eq!(v["choices"][0]["message"]["content"], want.as_str(), "a good answer changed");
+                }
+            }));
+        }
+        for _ in 0..3 {
+            handles.push(s.spawn(|| {
+                for _ in 0..3 {
+                    let (status, text) = server.post("/v1/chat/completions", &bomb.to_string());
+                    assert_eq!(status, 400, "{text}");
+                }
+            }));
+            handles.push(s.spawn(|| {
+                let mut slow = raw_connection(&server, b"");
+                for b in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n".iter().take(12) {
+                    if slow.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                assert!(closed_within(slow, Duration::from_secs(6)), "a trickling client held its connection");
+            }));
+            handles.push(s.spawn(|| {
+                let mut huge = raw_connection(
+                    &server,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n",
+                );
+                huge.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut answer = [0u8; 64];
+                let n = huge.read(&mut answer).unwrap_or(0);
+                assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 413"));
+            }));
+            handles.push(s.spawn(|| {
+                for _ in 0..3 {
+                    let body = chat_body(64, false).to_string();
+                    let head = format!(
+                        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let mut c = raw_connection(&server, head.as_bytes());
+                    c.write_all(body.as_bytes()).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                    drop(c);
+                }
+            }));
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+    // The server still answers, then shuts down in time with a trickling client connected.
+    let v = server.post_json("/v1/chat/completions", &good);
+    assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    let _holder = raw_connection(&server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n");
+    let term = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap().success());
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(term.elapsed() < Duration::from_secs(8), "shutdown did not finish within the grace period");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -8,7 +8,7 @@ use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::safetensors::WeightStore;
-use crate::model::synthetic::SyntheticModel;
+use crate::model::idefics::synthetic::{Preset, PRESET_NAMES};
 use crate::runtime::engine::EngineConfig;
 use crate::runtime::pipeline::{ModelFiles, Pipeline};
 
@@ -21,6 +21,10 @@ pub struct RunOptions {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Load weights without scanning them for NaN and infinity (the scan refuses a corrupt checkpoint, naming the
+    /// tensor; it reads every weight once at load).
+    #[arg(long)]
+    pub skip_weight_check: bool,
 }
 
 /// Limits of the continuous-batching engine (`batch`, `serve`).
@@ -187,6 +191,9 @@ impl std::str::FromStr for Device {
 /// Runs `cmd` on the backend `opts.device` names; `model_dir`'s weights size the CUDA weight arena (one
 /// allocation). `auto` takes CUDA device 0 when there is one, else the CPU; either way stderr says which device.
 pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
+    if opts.skip_weight_check {
+        crate::model::layers::skip_weight_check();
+    }
     if let Some(n) = opts.threads {
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let max = 8 * cores;
@@ -241,6 +248,44 @@ pub fn bf16_bytes(store: &WeightStore) -> usize {
 }
 
 /// Which model a measuring command runs.
+/// What `--synthetic` names: an IDEFICS preset or Llama 3.2 11B Vision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyntheticModel {
+    Idefics(Preset),
+    Mllama11b,
+}
+
+impl std::str::FromStr for SyntheticModel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<SyntheticModel> {
+        match s {
+            "mllama-11b" => Ok(SyntheticModel::Mllama11b),
+            _ => s.parse().map(SyntheticModel::Idefics).map_err(|_| {
+                Error::Invalid(format!(
+                    "unknown synthetic model `{s}` (expected one of {PRESET_NAMES}, mllama-11b)"
+                ))
+            }),
+        }
+    }
+}
+
+impl SyntheticModel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SyntheticModel::Idefics(p) => p.name(),
+            SyntheticModel::Mllama11b => "mllama-11b",
+        }
+    }
+
+    /// How the model is named in messages and reports.
+    pub fn description(self) -> String {
+        match self {
+            SyntheticModel::Idefics(p) => p.description(),
+            SyntheticModel::Mllama11b => "<synthetic mllama-11b>".into(),
+        }
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
     /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).

@@ -1,6 +1,8 @@
 //! The building blocks every model family shares: the weight loader that checks shapes against the config, and
 //! the linear, normalisation and MLP layers, each a thin typed wrapper over one backend op.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::Backend;
@@ -10,6 +12,14 @@ use crate::io::safetensors::WeightStore;
 /// `Ok(Some(load()))` when `present`, else `Ok(None)`: for parts a config option switches on.
 pub fn optional<T>(present: bool, load: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
     present.then(load).transpose()
+}
+
+/// Whether loads skip the scan for NaN and infinity (`--skip-weight-check`, for the whole process).
+static SKIP_WEIGHT_CHECK: AtomicBool = AtomicBool::new(false);
+
+/// Loads from now on trust the checkpoint's values (`--skip-weight-check`).
+pub fn skip_weight_check() {
+    SKIP_WEIGHT_CHECK.store(true, Ordering::Relaxed);
 }
 
 /// Reads named tensors, checks their shapes against the config, and hands them to the backend.
@@ -33,7 +43,8 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         } else {
             ProgressBar::hidden()
         };
-        let skip = std::env::var_os("FLAMINGO_SKIP_WEIGHT_CHECK").is_some_and(|v| v == "1");
+        let skip = SKIP_WEIGHT_CHECK.load(Ordering::Relaxed)
+            || std::env::var_os("FLAMINGO_SKIP_WEIGHT_CHECK").is_some_and(|v| v == "1");
         WeightLoader {
             check_finite: !store.is_generated() && !skip,
             store,
@@ -42,7 +53,8 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         }
     }
 
-    /// Loads a weight, refusing one with a NaN or infinite value (unless `FLAMINGO_SKIP_WEIGHT_CHECK=1`; generated
+    /// Loads a weight, refusing one with a NaN or infinite value (unless `--skip-weight-check` or
+    /// `FLAMINGO_SKIP_WEIGHT_CHECK=1`; generated
     /// weights are finite by construction).
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Weight> {
         let t = self.store.get(name, shape)?;
@@ -52,7 +64,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
                     path: t.path.to_path_buf(),
                     message: format!(
                         "tensor {name} holds a NaN or infinite value (element {i}); the checkpoint is corrupt \
-                         (FLAMINGO_SKIP_WEIGHT_CHECK=1 loads it anyway)"
+                         (--skip-weight-check loads it anyway)"
                     ),
                 });
             }

@@ -11,47 +11,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
 use crate::io::safetensors::{DType, WeightStore};
-use crate::model::idefics::synthetic::{Preset, PRESET_NAMES};
-
-/// What `--synthetic` names: an IDEFICS preset or Llama 3.2 11B Vision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyntheticModel {
-    Idefics(Preset),
-    Mllama11b,
-}
-
-impl std::str::FromStr for SyntheticModel {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<SyntheticModel> {
-        match s {
-            "mllama-11b" => Ok(SyntheticModel::Mllama11b),
-            _ => s.parse().map(SyntheticModel::Idefics).map_err(|_| {
-                Error::Invalid(format!(
-                    "unknown synthetic model `{s}` (expected one of {PRESET_NAMES}, mllama-11b)"
-                ))
-            }),
-        }
-    }
-}
-
-impl SyntheticModel {
-    pub fn name(self) -> &'static str {
-        match self {
-            SyntheticModel::Idefics(p) => p.name(),
-            SyntheticModel::Mllama11b => "mllama-11b",
-        }
-    }
-
-    /// How the model is named in messages and reports.
-    pub fn description(self) -> String {
-        match self {
-            SyntheticModel::Idefics(p) => p.description(),
-            SyntheticModel::Mllama11b => "<synthetic mllama-11b>".into(),
-        }
-    }
-}
 
 /// The seed every synthetic weight derives from.
 const SEED: u64 = 0x5eed_f1a6_1d0c_0001;
