@@ -802,3 +802,46 @@ fn good_clients_get_correct_answers_beside_slow_bombing_and_disconnecting_ones()
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A request whose client leaves while its remote image is still arriving stops fetching it: the image server sees
+/// its connection closed within seconds, not at --image-fetch-timeout-secs.
+#[test]
+fn a_client_that_leaves_stops_its_remote_image_fetch() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    let trickle = hostile_http(|mut s| {
+        STARTED.store(true, Ordering::SeqCst);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+        for _ in 0..600 {
+            std::thread::sleep(Duration::from_millis(100));
+            if s.write_all(b"x").is_err() {
+                CLOSED.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    });
+    let server = Server::start(&["--allow-remote-images", "--image-fetch-timeout-secs", "60"]);
+    let part = json!({"type": "image_url", "image_url": {"url": format!("{trickle}/cat.png")}});
+    let body = json!({"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}).to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut client = raw_connection(&server, head.as_bytes());
+    client.write_all(body.as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !STARTED.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the server never fetched the image");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    drop(client);
+    let left = Instant::now();
+    while !CLOSED.load(Ordering::SeqCst) {
+        assert!(left.elapsed() < Duration::from_secs(10), "the fetch went on after its client left");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ok = server.post_json("/v1/chat/completions", &chat_body(2, false));
+    assert!(ok["choices"][0]["message"]["content"].is_string());
+}

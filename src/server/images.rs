@@ -1,10 +1,12 @@
 //! Images named in requests: `data:` URLs (base64 PNG, JPEG, WebP, GIF) always; local files only under the folder
 //! `--allow-local-images` names; remote `http://` URLs only with `--allow-remote-images`. Every image is size-checked
 //! before decoding, decoded within the pixel limit (frames and metadata included) and a memory budget shared by all
-//! requests being prepared, and turned into the model's pixels before the next one is decoded.
+//! requests being prepared, and turned into the model's pixels before the next one is decoded. A request whose
+//! client has gone stops fetching (checked before every image and between the chunks of a remote one).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,11 +31,12 @@ pub struct ImagePolicy {
 
 impl ImagePolicy {
     /// Fetches and decodes every image of a request, in order, each handed to `prepare` (and dropped) before the
-    /// next is decoded.
+    /// next is decoded; stops when `gone` is set (the client left).
     pub fn load_all<T>(
         &self,
         urls: &[String],
         prepare: impl Fn(&Rgb8) -> T,
+        gone: &AtomicBool,
     ) -> Result<Vec<T>, ApiError> {
         if urls.len() > self.max_images {
             return Err(ApiError::bad(format!(
@@ -44,16 +47,19 @@ impl ImagePolicy {
         }
         urls.iter()
             .enumerate()
-            .map(|(i, url)| self.load(i, url).map(|image| prepare(&image)))
+            .map(|(i, url)| self.load(i, url, gone).map(|image| prepare(&image)))
             .collect()
     }
 
-    fn load(&self, index: usize, url: &str) -> Result<Rgb8, ApiError> {
+    fn load(&self, index: usize, url: &str, gone: &AtomicBool) -> Result<Rgb8, ApiError> {
+        if gone.load(Ordering::Relaxed) {
+            return Err(client_gone(index, url));
+        }
         let name = PathBuf::from(format!("image {index}"));
         let bytes = if let Some(rest) = url.strip_prefix("data:") {
             self.data_url(index, rest)?
         } else if url.starts_with("http://") || url.starts_with("https://") {
-            self.remote(index, url)?
+            self.remote(index, url, gone)?
         } else {
             self.local(index, url.strip_prefix("file://").unwrap_or(url))?
         };
@@ -83,7 +89,7 @@ impl ImagePolicy {
             .map_err(|e| ApiError::bad(format!("image {index}: invalid base64: {e}")))
     }
 
-    fn remote(&self, index: usize, url: &str) -> Result<Vec<u8>, ApiError> {
+    fn remote(&self, index: usize, url: &str, gone: &AtomicBool) -> Result<Vec<u8>, ApiError> {
         if !self.allow_remote {
             return Err(ApiError::bad(format!(
                 "image {index}: remote image URLs are disabled (start the server with --allow-remote-images); \
@@ -98,6 +104,9 @@ impl ImagePolicy {
         loop {
             if past(deadline) {
                 return Err(self.timed_out(index, url));
+            }
+            if gone.load(Ordering::Relaxed) {
+                return Err(client_gone(index, url));
             }
             let n = reader.read(&mut chunk).map_err(|e| match past(deadline) {
                 true => self.timed_out(index, url),
@@ -207,6 +216,12 @@ impl ImagePolicy {
 pub fn canonical_root(dir: &Path) -> crate::error::Result<PathBuf> {
     dir.canonicalize()
         .map_err(|e| crate::error::Error::io(dir, e))
+}
+
+/// The error of a fetch stopped because its client left (nobody reads it; logs and metrics do).
+fn client_gone(index: usize, url: &str) -> ApiError {
+    let what = if url.starts_with("data:") { "a data URL" } else { url };
+    ApiError::bad(format!("image {index}: the client left; stopped loading {what}"))
 }
 
 /// Whether `deadline` has come (within the slack of a socket timeout set to end at it).

@@ -10,7 +10,7 @@ pub mod openai;
 mod state;
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -96,6 +96,15 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
 }
 
+/// Sets its flag when dropped.
+struct GoneOnDrop(Arc<AtomicBool>);
+
+impl Drop for GoneOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Checks capacity and parameters, prepares the prompt and images off the async threads, submits, and answers
 /// with one JSON body or an SSE stream.
 async fn serve_request<B: Backend + 'static>(
@@ -108,15 +117,21 @@ async fn serve_request<B: Backend + 'static>(
     let slot = Slot::take(app)?;
     let (request, stream, include_usage) = generation_request(&fields, app.limits.max_tokens)?;
     let prepare_app = app.clone();
+    // Set when this handler is dropped (hyper drops it when the client closes the connection): image loading,
+    // which runs on a blocking thread, stops then instead of fetching for nobody.
+    let gone = GoneOnDrop(Arc::new(AtomicBool::new(false)));
+    let gone_flag = gone.0.clone();
     let (encoded, pixels) = tokio::task::spawn_blocking(move || {
         let pipeline = prepare_app.service.pipeline();
         // The prompt is checked before any image is fetched or decoded.
         let encoded = pipeline
             .prompt_for(&prompt, image_urls.len())
             .map_err(ApiError::from_engine)?;
-        let pixels = (prepare_app.images).load_all(&image_urls, |image| {
-            pipeline.preprocessor.prepare(image)
-        })?;
+        let pixels = (prepare_app.images).load_all(
+            &image_urls,
+            |image| pipeline.preprocessor.prepare(image),
+            &gone_flag,
+        )?;
         Ok::<_, ApiError>((encoded, pixels))
     })
     .await
