@@ -34,10 +34,14 @@ fn fixture_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
 
 /// Rewrites a fixture copy's config.json through `edit`.
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit_json(&dir.join("config.json"), edit)
+}
+
+/// Rewrites a JSON file through `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut config);
-    std::fs::write(&path, config.to_string()).unwrap();
+    std::fs::write(path, config.to_string()).unwrap();
 }
 
 fn image() -> PathBuf {
@@ -669,10 +673,9 @@ fn unknown_model_type() {
 fn mllama_chat_without_a_template_in_the_model() {
     let (_tmp, dir) = fixture_copy("tiny-mllama-a");
     std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
-    let path = dir.join("tokenizer_config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config.as_object_mut().unwrap().remove("chat_template");
-    std::fs::write(&path, config.to_string()).unwrap();
+    edit_json(&dir.join("tokenizer_config.json"), |c| {
+        c.as_object_mut().unwrap().remove("chat_template");
+    });
     let err = generate_fails(&dir, "Hi", &[], &["--chat"]);
     assert_mentions(&err, &["--chat", "no chat template"]);
 }

@@ -13,7 +13,8 @@ use flamingo::io::chat_template::ChatTemplate;
 use flamingo::io::image::DecodeLimits;
 use flamingo::io::mllama_config::{MllamaConfig, MllamaPreprocessorConfig};
 use flamingo::io::image::PreparedImage;
-use flamingo::io::mllama_image::load_tiled;
+use flamingo::io::image::load_rgb;
+use flamingo::io::mllama_image::preprocess;
 use flamingo::io::prompt::mllama_image_attention;
 use flamingo::io::safetensors::WeightStore;
 use flamingo::model::mllama::Mllama;
@@ -48,7 +49,7 @@ fn load(name: &str) -> Loaded {
 fn tiled_from_files(l: &Loaded) -> Vec<PreparedImage> {
     l.fx.image_paths()
         .iter()
-        .map(|p| load_tiled(p, &l.preprocessor, &DecodeLimits::pixels(1 << 24)).unwrap())
+        .map(|p| preprocess(&load_rgb(p, &DecodeLimits::pixels(1 << 24)).unwrap(), &l.preprocessor))
         .collect()
 }
 
@@ -323,7 +324,7 @@ fn an_extreme_aspect_ratio_image_is_tiled_and_runs() {
         .save(&path)
         .unwrap();
     let l = load("tiny-mllama-a");
-    let tiled = load_tiled(&path, &l.preprocessor, &DecodeLimits::pixels(1 << 24)).unwrap();
+    let tiled = preprocess(&load_rgb(&path, &DecodeLimits::pixels(1 << 24)).unwrap(), &l.preprocessor);
     assert_eq!(tiled.tiles, (1, 4));
     let dir = l.fx.dir.to_string_lossy().to_string();
     let out = flamingo(&["--model", &dir, "--prompt", "<|image|>Wide.", "--image", &path.to_string_lossy(),

@@ -17,6 +17,7 @@ pub fn on_device(bench: impl BackendCommand) {
     let opts = RunOptions {
         device: device(),
         threads: None,
+        skip_weight_check: false,
     };
     with_backend(&opts, Path::new(""), bench)
         .unwrap_or_else(|e| panic!("FLAMINGO_BENCH_DEVICE={}: {e}", device()));

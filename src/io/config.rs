@@ -242,29 +242,48 @@ pub(crate) fn check_vision_tower(
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     crate::io::files::regular_file(path, crate::io::files::MAX_JSON_BYTES)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
+    parse_json(&text, path)
+}
+
+/// JSON text parsed as `T`; `origin` names it in messages.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|source| Error::Json {
+        path: origin.to_path_buf(),
         source,
     })
 }
 
+/// A model config as read from `config.json`: where it came from (for messages) and the checks of its domain.
+pub(crate) trait ModelConfig: serde::de::DeserializeOwned {
+    fn set_path(&mut self, path: &Path);
+    fn validate(&self) -> Result<()>;
+
+    /// Parsed, placed and checked.
+    fn checked(mut self, origin: &Path) -> Result<Self> {
+        self.set_path(origin);
+        self.validate()?;
+        Ok(self)
+    }
+}
+
+impl ModelConfig for IdeficsConfig {
+    fn set_path(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+
+    fn validate(&self) -> Result<()> {
+        IdeficsConfig::validate(self)
+    }
+}
+
 impl IdeficsConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut cfg: IdeficsConfig = read_json(path)?;
-        cfg.path = path.to_path_buf();
-        cfg.validate()?;
-        Ok(cfg)
+        read_json::<Self>(path)?.checked(path)
     }
 
     /// A config from JSON text; `origin` names it in messages.
     pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
-        let mut cfg: IdeficsConfig = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: origin.to_path_buf(),
-            source,
-        })?;
-        cfg.path = origin.to_path_buf();
-        cfg.validate()?;
-        Ok(cfg)
+        parse_json::<Self>(text, origin)?.checked(origin)
     }
 
     pub fn head_dim(&self) -> usize {

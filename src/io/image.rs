@@ -394,15 +394,6 @@ pub fn preprocess(img: &Rgb8, cfg: &PreprocessorConfig) -> Vec<f32> {
     out
 }
 
-/// Loads and preprocesses one image file.
-pub fn load_pixels(
-    path: &Path,
-    cfg: &PreprocessorConfig,
-    limits: &DecodeLimits,
-) -> Result<Vec<f32>> {
-    Ok(preprocess(&load_rgb(path, limits)?, cfg))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

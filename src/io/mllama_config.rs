@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::config::{check_vision_tower, read_json, Llama3Scaling, RopeFrequencies, TokenIds};
+use crate::io::config::{
+    check_vision_tower, parse_json, read_json, Llama3Scaling, ModelConfig, RopeFrequencies, TokenIds,
+};
 
 /// The `model_type` of a model directory's `config.json`: which family's code loads it.
 pub fn model_type(path: &Path) -> Result<String> {
@@ -213,23 +215,24 @@ impl Default for MllamaConfig {
     }
 }
 
+impl ModelConfig for MllamaConfig {
+    fn set_path(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+
+    fn validate(&self) -> Result<()> {
+        MllamaConfig::validate(self)
+    }
+}
+
 impl MllamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut cfg: MllamaConfig = read_json(path)?;
-        cfg.path = path.to_path_buf();
-        cfg.validate()?;
-        Ok(cfg)
+        read_json::<Self>(path)?.checked(path)
     }
 
     /// A config from JSON text; `origin` names it in messages.
     pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
-        let mut cfg: MllamaConfig = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: origin.to_path_buf(),
-            source,
-        })?;
-        cfg.path = origin.to_path_buf();
-        cfg.validate()?;
-        Ok(cfg)
+        parse_json::<Self>(text, origin)?.checked(origin)
     }
 
     /// Rows of the token embedding: the vocabulary plus 8 (the `<|image|>` token and 7 unused rows).

@@ -2,10 +2,7 @@
 //! best-fit canvas of square tiles, bilinear resize that keeps the aspect ratio, zero padding bottom and right,
 //! rescale and CLIP normalisation, tiles cut row-major and packed to `max_image_tiles` with all-zero extra tiles.
 
-use std::path::Path;
-
-use crate::error::Result;
-use crate::io::image::{load_rgb, resize, DecodeLimits, Filter, PreparedImage, Rgb8};
+use crate::io::image::{resize, Filter, PreparedImage, Rgb8};
 use crate::io::mllama_config::{tile_grids, MllamaPreprocessorConfig};
 
 /// `get_optimal_tiled_canvas`: the grid whose canvas needs the least upscaling (or, if every canvas is smaller,
@@ -85,15 +82,6 @@ pub fn preprocess(img: &Rgb8, cfg: &MllamaPreprocessorConfig) -> PreparedImage {
         pixels,
         tiles: grid,
     }
-}
-
-/// Loads and tiles one image file.
-pub fn load_tiled(
-    path: &Path,
-    cfg: &MllamaPreprocessorConfig,
-    limits: &DecodeLimits,
-) -> Result<PreparedImage> {
-    Ok(preprocess(&load_rgb(path, limits)?, cfg))
 }
 
 #[cfg(test)]

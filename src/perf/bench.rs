@@ -152,8 +152,8 @@ pub fn bench_prompt<B: Backend>(
 /// One image's pixels, random in the normalised range (fixed seed): IDEFICS `[3, S, S]`; Llama 3.2 Vision every
 /// tile slot used (`max_num_tiles` tiles of `[3, S, S]`, the most work an image makes).
 pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Result<PreparedImage> {
-    let (s, tiles) = match &p.family {
-        Family::Idefics(m) => (m.config.vision_config.image_size, (1, 1)),
+    let (s, tiles, slots) = match &p.family {
+        Family::Idefics(m) => (m.config.vision_config.image_size, (1, 1), 1),
         Family::Mllama(m) => {
             let v = &m.config.vision_config;
             let grid = *v
@@ -162,12 +162,8 @@ pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Result<PreparedImage> {
                 .filter(|(h, w)| h * w <= v.max_num_tiles)
                 .max_by_key(|(h, w)| h * w)
                 .unwrap_or(&(1, 1));
-            (v.image_size, grid)
+            (v.image_size, grid, v.max_num_tiles)
         }
-    };
-    let slots = match &p.family {
-        Family::Idefics(_) => 1,
-        Family::Mllama(m) => m.config.vision_config.max_num_tiles,
     };
     let mut rng = StdRng::seed_from_u64(7);
     Ok(PreparedImage {

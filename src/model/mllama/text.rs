@@ -58,8 +58,15 @@ fn llama_dims(cfg: &MllamaConfig) -> LlamaDims {
     }
 }
 
-/// Runs of consecutive step rows that see the same latest image: `(first row, rows, media slot)`.
-fn image_runs(step: &StepLayout) -> Vec<(usize, usize, u32)> {
+/// Consecutive step rows that see the same images, and the media-pool rows they attend to.
+struct ImageRun {
+    start: usize,
+    len: usize,
+    keys: Vec<usize>,
+}
+
+/// The step's image runs (rows that see no image belong to none), the same for every cross-attention layer.
+fn image_runs<B: Backend>(step: &StepLayout, media: &MediaCache<B>) -> Vec<ImageRun> {
     let mut runs: Vec<(usize, usize, u32)> = Vec::new();
     let slots = step.seqs.iter().flat_map(|s| s.image_of_row.iter());
     for (row, &slot) in slots.enumerate() {
@@ -69,7 +76,13 @@ fn image_runs(step: &StepLayout) -> Vec<(usize, usize, u32)> {
             _ => runs.push((row, 1, slot)),
         }
     }
-    runs
+    runs.into_iter()
+        .map(|(start, len, slot)| ImageRun {
+            start,
+            len,
+            keys: media.visible_rows(slot),
+        })
+        .collect()
 }
 
 impl<B: Backend> MllamaCrossAttentionDecoderLayer<B> {
@@ -107,20 +120,18 @@ impl<B: Backend> MllamaCrossAttentionDecoderLayer<B> {
         &self,
         b: &B,
         h: &mut B::Tensor,
-        step: &StepLayout,
-        media: &MediaCache<B>,
+        runs: &[ImageRun],
         (k_pool, v_pool): (&B::Tensor, &B::Tensor),
     ) {
-        for (start, len, slot) in image_runs(step) {
-            let keys = media.visible_rows(slot);
-            let (k, v) = (b.gather_rows(k_pool, &keys), b.gather_rows(v_pool, &keys));
-            let mut x = b.slice_rows(h, start, len);
+        for run in runs {
+            let (k, v) = (b.gather_rows(k_pool, &run.keys), b.gather_rows(v_pool, &run.keys));
+            let mut x = b.slice_rows(h, run.start, run.len);
             let q = self.q_norm.forward(b, &self.q_proj.forward(b, &self.input_layernorm.forward(b, &x)));
             let attn = b.attention(&q, &k, &v, self.heads);
             b.add_gated(&mut x, &self.o_proj.forward(b, &attn), &self.cross_attn_attn_gate);
             let m = self.mlp.forward(b, &self.post_attention_layernorm.forward(b, &x));
             b.add_gated(&mut x, &m, &self.cross_attn_mlp_gate);
-            b.write_rows(h, start, &x);
+            b.write_rows(h, run.start, &x);
         }
     }
 }
@@ -187,6 +198,7 @@ impl<B: Backend> MllamaTextModel<B> {
             }
         };
         record(&h);
+        let runs = image_runs(step, media);
         let (mut self_idx, mut cross_idx) = (0, 0);
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -197,7 +209,7 @@ impl<B: Backend> MllamaTextModel<B> {
                     self_idx += 1;
                 }
                 MllamaDecoderLayer::CrossAttention(x) => {
-                    x.forward(b, &mut h, step, media, media.block(cross_idx));
+                    x.forward(b, &mut h, &runs, media.block(cross_idx));
                     cross_idx += 1;
                 }
             }
