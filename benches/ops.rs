@@ -363,18 +363,27 @@ fn rope<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &
     g.finish();
 }
 
-/// One step's sampling over `[rows, vocab]` logits (the vocabulary plus IDEFICS' additional tokens): greedy, and
-/// temperature with top-k, top-p and a repetition penalty over 512 seen ids. Includes bringing the ids back.
+/// One step's sampling over `[rows, vocab]` logits (the vocabulary plus IDEFICS' additional tokens): greedy;
+/// temperature with top-k, top-p and a repetition penalty over 512 seen ids; and that with OpenAI's frequency
+/// penalties (logit offsets) over the same ids and the top 5 log-probabilities reported. Includes bringing the ids
+/// (and the rows asked for) back.
 fn sampling<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsConfig) {
     let vocab = cfg.total_vocab();
     let seen: Vec<u32> = (0..512).map(|i| i * 61 % vocab as u32).collect();
+    let mut offsets: Vec<(u32, f32)> = seen.iter().map(|&id| (id, -0.25)).collect();
+    offsets.sort_unstable_by_key(|o| o.0);
+    offsets.dedup_by_key(|o| o.0);
     let mut g = group(c, &format!("sampling/{}", preset.name()));
     for rows in [1, 32, 128] {
         let logits = activation(b, rows, vocab, 15);
         g.throughput(Throughput::BytesDecimal(
             (rows * vocab * b.activation_width()) as u64,
         ));
-        for (name, temperature) in [("greedy", 0.0), ("top_k_top_p_penalty", 0.8)] {
+        for (name, temperature, openai) in [
+            ("greedy", 0.0, false),
+            ("top_k_top_p_penalty", 0.8, false),
+            ("openai_penalties_logprobs", 0.8, true),
+        ] {
             let rule = RowSampling {
                 temperature,
                 top_k: 50,
@@ -382,7 +391,9 @@ fn sampling<B: Backend>(c: &mut Criterion, b: &B, preset: Preset, cfg: &IdeficsC
                 repetition_penalty: if temperature > 0.0 { 1.1 } else { 1.0 },
                 banned: &[0, 1],
                 seen: &seen,
+                logit_offsets: if openai { &offsets } else { &[] },
                 uniform: 0.37,
+                logprobs: openai.then_some(5),
             };
             let rules = vec![rule; rows];
             g.bench_function(format!("{name}/{rows}x{vocab}"), |bench| {

@@ -1,8 +1,8 @@
 // sampling.cu - next-token selection on the device, one block per row of logits.
 //
 // logits: [rows, vocab] f32 row-major (convert a bf16 LM-head output with bf16_to_f32; exact).
-// Order of use per step: ban_tokens_f32 and penalize_tokens_f32 (optional, in place) -> sample_f32
-// (greedy rows included). src/backend/cpu/sampling.rs is the CPU reference of all three.
+// Order of use per step: ban_tokens_f32, penalize_tokens_f32 and offset_tokens_f32 (the last two optional,
+// in place) -> sample_f32 (greedy rows included). src/backend/cpu/sampling.rs is the CPU reference of all four.
 // Every reduction has a fixed order, so the result is a deterministic function of the row.
 //
 // ban_tokens_f32(logits, rows, vocab, ban_offsets, ban_ids)
@@ -14,6 +14,11 @@
 //   HF repetition penalty: for each id of row r's list ids[offsets[r] .. offsets[r+1]) (CSR as
 //   above; the ids of a row must be distinct), logits[r, id] = l > 0 ? l / penalty[r] : l * penalty[r].
 //   Ids outside [0, vocab) are ignored. Launch: grid = (rows, 1, 1), block = (128, 1, 1), smem = 0.
+//
+// offset_tokens_f32(logits, rows, vocab, offsets, ids, values)
+//   OpenAI's logit_bias, presence and frequency penalties, combined per id on the host: for each entry i
+//   of row r's list (CSR as above, ids distinct within a row), logits[r, ids[i]] += values[i]. Ids
+//   outside [0, vocab) are ignored. Launch: grid = (rows, 1, 1), block = (128, 1, 1), smem = 0.
 //
 // sample_f32(out_ids, logits, rows, vocab, temperature, top_k, top_p, uniform)
 //   Per row r (all parameter arrays have `rows` entries):
@@ -63,6 +68,18 @@ extern "C" __global__ void __launch_bounds__(PENALTY_THREADS)
     if (id < 0 || id >= vocab) continue;
     const float l = row[id];
     row[id] = l > 0.f ? l / p : l * p;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(PENALTY_THREADS)
+    offset_tokens_f32(float* logits, int rows, int vocab, const int* __restrict__ offsets,
+                      const int* __restrict__ ids, const float* __restrict__ values) {
+  const int r = blockIdx.x;
+  if (r >= rows) return;
+  float* row = logits + (long long)r * vocab;
+  for (int i = offsets[r] + threadIdx.x; i < offsets[r + 1]; i += blockDim.x) {
+    const int id = ids[i];
+    if (id >= 0 && id < vocab) row[id] += values[i];
   }
 }
 

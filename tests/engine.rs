@@ -50,7 +50,7 @@ fn cases<B: Backend>(p: &Pipeline<B>, n: usize) -> Vec<Case> {
             let (text, files) = &base[i % base.len()];
             let paths: Vec<_> = files.iter().map(|f| images.join(f)).collect();
             let (prompt, pixels) = p.prepare(text, &paths).unwrap();
-            let sampling = if i % 3 == 2 {
+            let mut sampling = if i % 3 == 2 {
                 SamplingParams {
                     temperature: 0.8,
                     top_k: 20,
@@ -61,14 +61,23 @@ fn cases<B: Backend>(p: &Pipeline<B>, n: usize) -> Vec<Case> {
             } else {
                 SamplingParams::default()
             };
+            // Every fourth asks for log-probabilities, some with OpenAI's penalties and a bias.
+            if i % 4 == 1 {
+                sampling.logprobs = Some(i % 6);
+                sampling.frequency_penalty = 0.4;
+                sampling.presence_penalty = 0.3;
+                sampling.logit_bias = vec![(5, 1.5), (40, -2.0)];
+            }
             Case {
                 prompt,
                 pixels,
                 request: GenerationRequest {
-                    max_new_tokens: 3 + i % 9,
+                    max_new_tokens: if i % 10 == 8 { 0 } else { 3 + i % 9 },
                     sampling,
                     stop: Vec::new(),
                     ignore_eos: false,
+                    // Every fifth scores its prompt; one in ten of those asks for nothing new (scores only).
+                    prompt_logprobs: (i % 5 == 3).then_some(i % 3),
                 },
             }
         })
@@ -116,6 +125,7 @@ fn run_engine<B: Backend>(
             );
         }
         Event::Failed { id, message } => panic!("request {id} failed: {message}"),
+        Event::Started { .. } | Event::Logprobs { .. } | Event::PromptLogprobs { .. } => {}
     };
     match rng {
         None => {
@@ -170,6 +180,11 @@ fn assert_same(what: &str, got: &[GenerationOutput], want: &[GenerationOutput]) 
         assert_eq!(
             g.finish_reason, w.finish_reason,
             "{what}: request {i} finish"
+        );
+        assert_eq!(g.logprobs, w.logprobs, "{what}: request {i} logprobs");
+        assert_eq!(
+            g.prompt_logprobs, w.prompt_logprobs,
+            "{what}: request {i} prompt logprobs"
         );
     }
 }

@@ -709,20 +709,28 @@ fn sampling_matches_cpu() {
             v.dedup();
             v
         };
-        let lists: Vec<(Vec<u32>, Vec<u32>)> = (0..rows)
-            .map(|_| (ids(3, 1, &mut rng), ids(20, 0, &mut rng)))
+        let lists: Vec<(Vec<u32>, Vec<u32>, Vec<(u32, f32)>)> = (0..rows)
+            .map(|_| {
+                let offsets = ids(12, 0, &mut rng)
+                    .into_iter()
+                    .map(|id| (id, rng.random_range(-3.0..3.0)))
+                    .collect();
+                (ids(3, 1, &mut rng), ids(20, 0, &mut rng), offsets)
+            })
             .collect();
         let rules: Vec<RowSampling> = lists
             .iter()
             .enumerate()
-            .map(|(r, (banned, seen))| RowSampling {
+            .map(|(r, (banned, seen, offsets))| RowSampling {
                 temperature: [0.0, 0.7, 1.0, 1.3][r % 4],
                 top_k: [0, 1, 5, 50, 0][r % 5],
                 top_p: [1.0, 0.9, 0.5, 1e-8][r / 4 % 4],
                 repetition_penalty: [1.0, 1.2][r % 2],
                 banned: if r % 7 == 6 { &[] } else { banned },
                 seen,
+                logit_offsets: if r % 3 == 1 { &[] } else { offsets },
                 uniform: rng.random::<f32>(),
+                logprobs: [None, Some(0), Some(5), Some(20)][r % 4],
             })
             .collect();
         let gpu = p.gpu.sample(&logits.1, &rules).unwrap();
@@ -736,9 +744,11 @@ fn sampling_matches_cpu() {
                 };
                 p.cpu
                     .sample(&p.cpu.slice_rows(&logits.0, r, 1), &[rule])
-                    .unwrap()[0]
+                    .unwrap()
+                    .remove(0)
+                    .token
             };
-            if nudged(1e-4) == cpu[r] && nudged(-1e-4) == cpu[r] {
+            if nudged(1e-4) == cpu[r].token && nudged(-1e-4) == cpu[r].token {
                 assert_eq!(gpu[r], cpu[r], "vocab {vocab} row {r}: {:?}", rules[r]);
                 compared += 1;
             }
@@ -797,6 +807,7 @@ fn cuda_graph_replays_give_the_eager_tokens() {
                     top_p: 0.95,
                     repetition_penalty: 1.1,
                     seed: i,
+                    ..Default::default()
                 };
             }
             engine

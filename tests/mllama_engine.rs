@@ -63,6 +63,7 @@ fn cases(p: &Pipeline<CpuBackend>, n: usize) -> Vec<Case> {
                     sampling,
                     stop: Vec::new(),
                     ignore_eos: true,
+                    prompt_logprobs: None,
                 },
             }
         })
@@ -102,7 +103,10 @@ fn forty_eight_mixed_requests_batched_match_each_alone_and_encode_each_image_onc
                 assert!(outputs.insert(id, output.generated_ids).is_none(), "{id} twice");
             }
             Event::Failed { id, message } => panic!("request {id} failed: {message}"),
-            Event::Text { .. } => {}
+            Event::Text { .. }
+            | Event::Started { .. }
+            | Event::Logprobs { .. }
+            | Event::PromptLogprobs { .. } => {}
         })
         .unwrap();
     for (i, (id, want)) in ids.iter().zip(&alone).enumerate() {

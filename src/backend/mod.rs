@@ -98,9 +98,12 @@ pub struct DecodeShape {
 
 /// How one row of logits becomes a token, on any backend (the exact rule is in `kernels/sampling.cu`, and
 /// `cpu::sampling` is its reference): `banned` ids are set to -inf; each `seen` id gets the repetition penalty
-/// (HF's rule); then greedy argmax when `temperature` is 0, else softmax at `temperature`, the top-k and top-p
-/// cuts (ties at the cut kept), and the token where the kept cumulative mass in index order first exceeds
-/// `uniform` times the total.
+/// (HF's rule); each `(id, offset)` of `logit_offsets` is added (OpenAI's `logit_bias`, `presence_penalty` and
+/// `frequency_penalty`, combined per id by the caller); then greedy argmax when `temperature` is 0, else softmax
+/// at `temperature`, the top-k and top-p cuts (ties at the cut kept), and the token where the kept cumulative mass
+/// in index order first exceeds `uniform` times the total. With `logprobs`, the row's log-softmax after the ban,
+/// the penalty and the offsets (before temperature and cuts: the distribution OpenAI's `logprobs` report) gives
+/// the chosen token's log-probability and the `logprobs` most likely tokens'.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowSampling<'a> {
     pub temperature: f32,
@@ -114,8 +117,28 @@ pub struct RowSampling<'a> {
     pub banned: &'a [u32],
     /// Distinct ids seen so far (read only when `repetition_penalty` is not 1).
     pub seen: &'a [u32],
+    /// Additive offsets by id, ids distinct (read by every backend in list order).
+    pub logit_offsets: &'a [(u32, f32)],
     /// The request's next draw in `[0, 1)` from its own seeded generator (ignored when greedy).
     pub uniform: f32,
+    /// `Some(n)`: report the chosen token's log-probability and the `n` most likely tokens'.
+    pub logprobs: Option<usize>,
+}
+
+/// A row's next token, with its log-probabilities when its rule asked for them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// A token's log-probability under a row's distribution, and the most likely tokens of that row (highest first,
+/// lower id first among equals; tokens of probability 0 left out).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// The error of a row of logits with no token left to sample.
@@ -290,8 +313,9 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor>;
 
     /// The next token of each row of `logits` `[rows.len(), vocab]` by that row's rule; an error names a row
-    /// with nothing left to sample (every logit -inf or NaN). Only the ids leave the device.
-    fn sample(&self, logits: &Self::Tensor, rows: &[RowSampling]) -> Result<Vec<u32>>;
+    /// with nothing left to sample (every logit -inf or NaN). Only the ids leave the device, and the rows whose
+    /// rule asks for log-probabilities.
+    fn sample(&self, logits: &Self::Tensor, rows: &[RowSampling]) -> Result<Vec<Sampled>>;
 
     /// Perceiver attention: latent queries over the keys `[k_ctx ; k_lat]` and values `[v_ctx ; v_lat]`, no mask,
     /// without materialising the concatenation.

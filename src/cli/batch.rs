@@ -136,7 +136,7 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
                     let line = line_of.remove(&id).expect("every request has a line");
                     job.fail(line, format!("line {}: {message}", line + 1))?;
                 }
-                Event::Text { .. } => {}
+                Event::Text { .. } | Event::Started { .. } | Event::Logprobs { .. } | Event::PromptLogprobs { .. } => {}
             }
         }
     }
@@ -188,9 +188,11 @@ fn admit<B: Backend>(
                 .repetition_penalty
                 .unwrap_or(defaults.repetition_penalty),
             seed: req.seed.unwrap_or(defaults.seed),
+            ..SamplingParams::default()
         },
         stop: req.stop,
         ignore_eos: false,
+        prompt_logprobs: None,
     };
     engine.add_request(prompt, pixels, &request)
 }

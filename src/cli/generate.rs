@@ -127,9 +127,11 @@ fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()
             top_p: args.top_p,
             repetition_penalty: args.repetition_penalty,
             seed: args.seed,
+            ..SamplingParams::default()
         },
         stop: args.stop.clone(),
         ignore_eos: false,
+        prompt_logprobs: None,
     };
     let mut stdout = std::io::stdout().lock();
     let out = if args.json {

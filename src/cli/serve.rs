@@ -15,7 +15,7 @@ use crate::runtime::service::EngineService;
 use crate::server::connections::{default_max_connections, ConnectionLimits};
 use crate::server::images::{canonical_root, ImagePolicy};
 use crate::server::openai::ChatTemplate;
-use crate::server::{serve, AppState, ServerLimits};
+use crate::server::{check_cors_origins, serve, Access, AppState, ServerLimits};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -78,6 +78,13 @@ pub struct ServeArgs {
     /// Seconds shutdown (SIGTERM, Ctrl-C) waits for the requests in flight before dropping them.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Requests to /v1/*, /tokenize and /detokenize must send `Authorization: Bearer KEY` (401 otherwise).
+    #[arg(long, env = "FLAMINGO_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// An origin browsers may call the API from (repeat for more; `*` for any): answers CORS preflights and
+    /// adds Access-Control-Allow-Origin.
+    #[arg(long = "cors-allow-origin")]
+    cors_allow_origin: Vec<String>,
     #[command(flatten)]
     engine: EngineOptions,
     #[command(flatten)]
@@ -132,8 +139,18 @@ fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Re
         name.file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
+    check_cors_origins(&args.cors_allow_origin).map_err(Error::Invalid)?;
+    if args.api_key.as_deref() == Some("") {
+        return Err(Error::Invalid("--api-key: the key is empty".into()));
+    }
+    let access = Access {
+        api_key: args.api_key.clone(),
+        cors_origins: args.cors_allow_origin.clone(),
+    };
     let service = EngineService::start(pipeline, config)?;
-    let state = Arc::new(AppState::new(service, model_name, template, images, limits));
+    let state = Arc::new(AppState::new(
+        service, model_name, template, images, limits, access,
+    ));
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Error::Invalid(format!("cannot start the async runtime: {e}")))?;
     let address = format!("{}:{}", args.host, args.port);

@@ -136,6 +136,35 @@ impl Tokenizer {
             })
     }
 
+    /// The text token `id` adds after the tokens `before` (special tokens included), as OpenAI's `tokens` and
+    /// `text_offset` describe it: decoded with a few tokens of left context (a decoder drops a leading space only
+    /// at the start of a text, and byte-fallback tokens join their neighbours); a piece that is not a clean
+    /// extension falls back to the token decoded alone.
+    pub fn piece(&self, before: &[u32], id: u32) -> Result<String> {
+        const CONTEXT: usize = 6;
+        let context = &before[before.len().saturating_sub(CONTEXT)..];
+        let head = self.decode(context, false)?;
+        let mut ids = context.to_vec();
+        ids.push(id);
+        let with = self.decode(&ids, false)?;
+        match with.strip_prefix(&head) {
+            Some(piece) => Ok(piece.to_string()),
+            None => self.decode(&[id], false),
+        }
+    }
+
+    /// [`Tokenizer::piece`] of every token of `ids` after `before` and the ones before it in `ids`.
+    pub fn pieces(&self, before: &[u32], ids: &[u32]) -> Result<Vec<String>> {
+        let mut all = before.to_vec();
+        ids.iter()
+            .map(|&id| {
+                let piece = self.piece(&all, id);
+                all.push(id);
+                piece
+            })
+            .collect()
+    }
+
     pub fn token(&self, id: u32) -> String {
         self.inner
             .id_to_token(id)

@@ -19,13 +19,14 @@
 use std::collections::HashMap;
 
 use crate::io::image::PreparedImage;
-use crate::backend::{Backend, RowSampling, SeqStep, StepLayout};
+use crate::backend::cpu::sampling::token_logprobs;
+use crate::backend::{Backend, RowSampling, Sampled, SeqStep, StepLayout, TokenLogprobs};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::MediaCache;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::io::tokenizer::Tokenizer;
-use crate::model::sampling::Sampler;
+use crate::model::sampling::{Sampler, MAX_TOP_LOGPROBS};
 use crate::model::store_images;
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::recorded::{decode_shape, padded, recorded_logits, MAX_RECORDED_SEQS};
@@ -103,6 +104,20 @@ pub struct EngineStats {
 /// What the engine reports after a step.
 #[derive(Clone, Debug)]
 pub enum Event {
+    /// A request's rows run for the first time (it has left the queue).
+    Started { id: RequestId },
+    /// A new token's log-probabilities, as it is sampled (only for requests that asked for them): before the
+    /// text it adds, which may come in a later event (text held back by a stop string).
+    Logprobs {
+        id: RequestId,
+        logprobs: TokenLogprobs,
+    },
+    /// The log-probabilities of a request's prompt tokens after the first (requests that asked for them), once
+    /// its prompt has run: before any of its text.
+    PromptLogprobs {
+        id: RequestId,
+        logprobs: Vec<TokenLogprobs>,
+    },
     /// More of a request's text (never part of a stop string).
     Text { id: RequestId, delta: String },
     /// A request is complete; its blocks and media slots are already free.
@@ -123,6 +138,31 @@ struct Request {
     sampler: Sampler,
     stream: TextStream,
     stop_ids: Vec<u32>,
+    /// Of each prompt token after the first, once computed (when the request asked for them).
+    prompt_logprobs: Option<PromptLogprobs>,
+    /// Each generated token's, when the request's sampling asks for them.
+    logprobs: Vec<TokenLogprobs>,
+    /// Whether its rows have run yet.
+    started: bool,
+    /// Asked for no new token, only the prompt's log-probabilities: one token is sampled to run the prompt
+    /// through the scheduler's usual path, and dropped.
+    scores_only: bool,
+}
+
+/// A request's prompt log-probabilities as its prefill chunks compute them (a preempted request computes its
+/// prompt again: a position already set is kept; the values are the same bit for bit).
+struct PromptLogprobs {
+    prompt: Vec<u32>,
+    top: usize,
+    /// Position `p` holds the log-probability of token `p + 1`.
+    at: Vec<Option<TokenLogprobs>>,
+}
+
+impl PromptLogprobs {
+    /// Rows of a step's chunk `positions` that predict a prompt token and are not computed yet.
+    fn wanted(&self, positions: std::ops::Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        positions.filter(|&p| p + 1 < self.prompt.len() && self.at[p].is_none())
+    }
 }
 
 /// One step's rows as the model takes them.
@@ -134,17 +174,28 @@ struct StepInputs {
     sample_rows: Vec<usize>,
     /// The request of each sampled row.
     sampled: Vec<RequestId>,
+    /// Prompt rows whose log-probabilities are asked for: `(row, request, position)`.
+    scored: Vec<(usize, RequestId, usize)>,
 }
 
 impl StepInputs {
-    fn of(plan: &StepPlan) -> Self {
+    fn of(plan: &StepPlan, requests: &HashMap<RequestId, Request>) -> Self {
         let mut inputs = StepInputs {
             ids: Vec::new(),
             seqs: Vec::with_capacity(plan.seqs.len()),
             sample_rows: Vec::new(),
             sampled: Vec::new(),
+            scored: Vec::new(),
         };
         for seq in &plan.seqs {
+            if let Some(lp) = requests.get(&seq.id).and_then(|r| r.prompt_logprobs.as_ref()) {
+                let first = seq.step.kv_len - seq.step.q_rows;
+                let row0 = inputs.ids.len();
+                inputs.scored.extend(
+                    lp.wanted(first..seq.step.kv_len)
+                        .map(|p| (row0 + p - first, seq.id, p)),
+                );
+            }
             inputs.ids.extend_from_slice(&seq.ids);
             inputs.seqs.push(seq.step.clone());
             if seq.sampled {
@@ -263,13 +314,27 @@ impl<'p, B: Backend> Engine<'p, B> {
             tok.banned_ids.clone(),
             &prompt.ids,
         );
-        let capacity = p.positions_for(&prompt, request.max_new_tokens);
+        if let Some(n) = request.prompt_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::Invalid(format!(
+                "prompt logprobs: at most {MAX_TOP_LOGPROBS} top tokens, got {n}"
+            )));
+        }
+        // A request that only scores its prompt samples one token, dropped when it finishes.
+        let max_new_tokens = match request.prompt_logprobs {
+            Some(_) => request.max_new_tokens.max(1),
+            None => request.max_new_tokens,
+        };
+        let capacity = p.positions_for(&prompt, max_new_tokens);
         let joins_previous = prompt.joins_previous;
+        let prompt_ids = match request.prompt_logprobs {
+            Some(_) => prompt.ids.clone(),
+            None => Vec::new(),
+        };
         let id = self.scheduler.add(
             prompt.ids,
             prompt.image_of_token,
             pixels.len(),
-            request.max_new_tokens,
+            max_new_tokens,
             capacity,
         )?;
         let stop_ids = match request.ignore_eos {
@@ -277,6 +342,11 @@ impl<'p, B: Backend> Engine<'p, B> {
             false => tok.stop_ids.clone(),
         };
         let stream = TextStream::new(request.stop.clone());
+        let prompt_logprobs = request.prompt_logprobs.map(|top| PromptLogprobs {
+            at: vec![None; prompt_ids.len().saturating_sub(1)],
+            prompt: prompt_ids,
+            top,
+        });
         self.requests.insert(
             id,
             Request {
@@ -285,6 +355,10 @@ impl<'p, B: Backend> Engine<'p, B> {
                 sampler,
                 stream,
                 stop_ids,
+                scores_only: request.max_new_tokens == 0 && prompt_logprobs.is_some(),
+                prompt_logprobs,
+                logprobs: Vec::new(),
+                started: false,
             },
         );
         Ok(id)
@@ -339,17 +413,27 @@ impl<'p, B: Backend> Engine<'p, B> {
 
     /// Runs the planned rows through the model and samples the sequences whose pending tokens are all computed.
     fn run(&mut self, plan: &StepPlan, events: &mut Vec<Event>) -> Result<()> {
-        let inputs = StepInputs::of(plan);
-        let logits = self.step_logits(&inputs)?;
+        let inputs = StepInputs::of(plan, &self.requests);
+        for seq in &plan.seqs {
+            let request = self.requests.get_mut(&seq.id).expect("scheduled requests are known");
+            if !request.started {
+                request.started = true;
+                events.push(Event::Started { id: seq.id });
+            }
+        }
+        let (logits, scored) = self.step_logits(&inputs)?;
         self.scheduler.commit(plan);
+        if let Some(scored) = scored {
+            self.record_prompt_logprobs(&scored, &inputs.scored);
+        }
         let Some(logits) = logits else {
             return Ok(());
         };
         let next = self.sample(&logits, &inputs.sampled);
         let mut done = Vec::new();
-        for (&id, token) in inputs.sampled.iter().zip(next) {
-            let token = match token {
-                Ok(token) => token,
+        for (&id, sampled) in inputs.sampled.iter().zip(next) {
+            let Sampled { token, logprobs } = match sampled {
+                Ok(s) => s,
                 Err(e) => {
                     self.fail(id, e.to_string(), events);
                     continue;
@@ -361,6 +445,20 @@ impl<'p, B: Backend> Engine<'p, B> {
                 .expect("scheduled requests are known");
             request.sampler.observe(token);
             let seq = self.scheduler.append(id, token);
+            if seq.generated().len() == 1 {
+                if let Some(lp) = &request.prompt_logprobs {
+                    let logprobs = lp.at.iter().flatten().cloned().collect();
+                    events.push(Event::PromptLogprobs { id, logprobs });
+                }
+            }
+            if request.scores_only {
+                done.push((id, FinishReason::Length));
+                continue;
+            }
+            if let Some(logprobs) = logprobs {
+                request.logprobs.push(logprobs.clone());
+                events.push(Event::Logprobs { id, logprobs });
+            }
             if let Some(reason) = accept(&self.pipeline.tokenizer, seq, request, token, events)? {
                 done.push((id, reason));
             }
@@ -373,15 +471,20 @@ impl<'p, B: Backend> Engine<'p, B> {
         Ok(())
     }
 
-    /// The logits of the step's sampled rows (none when it only prefills): from the recording for its batch size
-    /// when every row is a decode and the backend records, else launched op by op.
-    fn step_logits(&mut self, inputs: &StepInputs) -> Result<Option<B::Tensor>> {
-        let decode_only =
-            inputs.sample_rows.len() == inputs.ids.len() && inputs.ids.len() <= MAX_RECORDED_SEQS;
+    /// The logits of the step's sampled rows (none when it only prefills) and of its scored prompt rows (none when
+    /// it has none): from the recording for its batch size when every row is a decode and the backend records,
+    /// else launched op by op.
+    fn step_logits(
+        &mut self,
+        inputs: &StepInputs,
+    ) -> Result<(Option<B::Tensor>, Option<B::Tensor>)> {
+        let decode_only = inputs.sample_rows.len() == inputs.ids.len()
+            && inputs.ids.len() <= MAX_RECORDED_SEQS
+            && inputs.scored.is_empty();
         if decode_only {
             if let Some(logits) = self.recorded_logits(inputs) {
                 self.recorded_steps += 1;
-                return Ok(Some(logits));
+                return Ok((Some(logits), None));
             }
         }
         let (p, b) = (self.pipeline, &self.pipeline.backend);
@@ -393,8 +496,24 @@ impl<'p, B: Backend> Engine<'p, B> {
         let h = p
             .model()
             .forward(b, &inputs.ids, &step, &layout, &mut self.kv, &self.media, None)?;
-        Ok((!inputs.sample_rows.is_empty())
-            .then(|| p.model().logits(b, &b.gather_rows(&h, &inputs.sample_rows))))
+        let logits_of = |rows: &[usize]| {
+            (!rows.is_empty()).then(|| p.model().logits(b, &b.gather_rows(&h, rows)))
+        };
+        let scored_rows: Vec<usize> = inputs.scored.iter().map(|s| s.0).collect();
+        Ok((logits_of(&inputs.sample_rows), logits_of(&scored_rows)))
+    }
+
+    /// Log-probabilities of the prompt tokens that the step's scored rows predict, on the host, from the raw
+    /// logits (row `i` of `logits` is `scored[i]`).
+    fn record_prompt_logprobs(&mut self, logits: &B::Tensor, scored: &[(usize, RequestId, usize)]) {
+        let host = self.pipeline.backend.to_host(logits);
+        let vocab = host.len() / scored.len().max(1);
+        for (row, &(_, id, pos)) in host.chunks(vocab).zip(scored) {
+            let Some(lp) = self.requests.get_mut(&id).and_then(|r| r.prompt_logprobs.as_mut()) else {
+                continue;
+            };
+            lp.at[pos] = Some(token_logprobs(row, lp.prompt[pos + 1], lp.top));
+        }
     }
 
     /// A decode step through the backend's recordings, `None` where it has none. Recording is an optimisation: a
@@ -429,7 +548,7 @@ impl<'p, B: Backend> Engine<'p, B> {
     /// The next token of each request in `sampled`, from its row of `logits`, all in one backend call. When that
     /// call fails (a row with nothing to sample), each row is sampled alone with the same draw, so only the rows at
     /// fault fail.
-    fn sample(&mut self, logits: &B::Tensor, sampled: &[RequestId]) -> Vec<Result<u32>> {
+    fn sample(&mut self, logits: &B::Tensor, sampled: &[RequestId]) -> Vec<Result<Sampled>> {
         let uniforms: Vec<f32> = sampled
             .iter()
             .map(|id| self.requests.get_mut(id).expect("known").sampler.draw())
@@ -445,7 +564,7 @@ impl<'p, B: Backend> Engine<'p, B> {
             Err(_) => (0..rules.len())
                 .map(|i| {
                     let row = b.gather_rows(logits, &[i]);
-                    b.sample(&row, &rules[i..=i]).map(|t| t[0])
+                    b.sample(&row, &rules[i..=i]).map(|mut t| t.remove(0))
                 })
                 .collect(),
         }
@@ -469,7 +588,11 @@ impl<'p, B: Backend> Engine<'p, B> {
             .requests
             .remove(&seq.id)
             .expect("finished requests are known");
-        let text = self.pipeline.tokenizer.decode(seq.generated(), true)?;
+        let generated = match request.scores_only {
+            true => &[][..],
+            false => seq.generated(),
+        };
+        let text = self.pipeline.tokenizer.decode(generated, true)?;
         let id = seq.id;
         let text = request.stream.finish(&text, &mut |delta: &str| {
             events.push(Event::Text {
@@ -477,13 +600,19 @@ impl<'p, B: Backend> Engine<'p, B> {
                 delta: delta.to_string(),
             })
         });
+        let prompt_logprobs = request
+            .prompt_logprobs
+            .map(|lp| lp.at.into_iter().flatten().collect())
+            .unwrap_or_default();
         events.push(Event::Finished {
             id,
             output: GenerationOutput {
-                generated_ids: seq.generated().to_vec(),
+                generated_ids: generated.to_vec(),
                 prompt_ids: seq.tokens[..seq.prompt_len].to_vec(),
                 text,
                 finish_reason: reason,
+                logprobs: request.logprobs,
+                prompt_logprobs,
             },
         });
         Ok(())

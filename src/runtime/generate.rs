@@ -38,6 +38,7 @@ impl<B: Backend> Pipeline<B> {
             Event::Text { delta, .. } => on_text(&delta),
             Event::Finished { output: o, .. } => output = Some(Ok(o)),
             Event::Failed { message, .. } => output = Some(Err(Error::Engine(message))),
+            Event::Started { .. } | Event::Logprobs { .. } | Event::PromptLogprobs { .. } => {}
         })?;
         output.expect("the engine finishes or fails every request it accepts")
     }

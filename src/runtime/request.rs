@@ -1,5 +1,6 @@
 //! What a caller asks of the runtime and what it gets back: a generation request, its output and why it ended.
 
+use crate::backend::TokenLogprobs;
 use crate::model::sampling::SamplingParams;
 
 /// What to generate.
@@ -11,6 +12,10 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Generate exactly `max_new_tokens` (within the context), whatever tokens come: for benchmarks.
     pub ignore_eos: bool,
+    /// `Some(n)`: the log-probability of every prompt token after the first given the tokens before it (the raw
+    /// model distribution: no ban, penalty or temperature), with the `n` most likely tokens at each position
+    /// (OpenAI's `echo` with `logprobs`; the scoring primitive). With `max_new_tokens` 0 the prompt is still run.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for GenerationRequest {
@@ -20,6 +25,7 @@ impl Default for GenerationRequest {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            prompt_logprobs: None,
         }
     }
 }
@@ -48,4 +54,8 @@ pub struct GenerationOutput {
     pub generated_ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// One per generated token when the request's sampling asked for log-probabilities, else empty.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// One per prompt token after the first when the request asked for them, else empty.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }

@@ -17,12 +17,17 @@ use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event};
 use crate::runtime::pipeline::Pipeline;
+use crate::backend::TokenLogprobs;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::scheduler::RequestId;
 
 /// What a submitted request receives.
 #[derive(Debug)]
 pub enum StreamEvent {
+    /// A new token's log-probabilities (requests that asked for them), before the text it adds.
+    Logprobs(TokenLogprobs),
+    /// The prompt's log-probabilities (requests that asked for them), before any text.
+    PromptLogprobs(Vec<TokenLogprobs>),
     Text(String),
     Done(GenerationOutput),
     /// The engine refused the request (a client fault: it could never run).
@@ -36,6 +41,73 @@ pub const STEP_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// Upper bounds (seconds) of the per-request latency histograms' buckets (time to first token, end to end, queue).
+pub const REQUEST_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Upper bounds of the tokens-per-request histogram's buckets.
+pub const TOKEN_BUCKETS: [f64; 12] = [
+    1.0, 4.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 16384.0,
+];
+
+/// A Prometheus histogram: per bucket (plus one for +Inf) the observations at most its bound, and their sum.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    pub bounds: &'static [f64],
+    pub counts: Vec<u64>,
+    pub sum: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&b| value <= b)
+            .unwrap_or(self.bounds.len());
+        self.counts[bucket] += 1;
+        self.sum += value;
+    }
+}
+
+/// The service's histograms.
+#[derive(Clone, Debug)]
+pub struct Histograms {
+    /// Engine step latency.
+    pub step_seconds: Histogram,
+    /// Submission to first new token.
+    pub time_to_first_token_seconds: Histogram,
+    /// Submission to completion.
+    pub e2e_request_latency_seconds: Histogram,
+    /// Submission to the first step that runs the request.
+    pub queue_time_seconds: Histogram,
+    /// Prompt tokens and generated tokens of finished requests.
+    pub request_prompt_tokens: Histogram,
+    pub request_generation_tokens: Histogram,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms {
+            step_seconds: Histogram::new(&STEP_BUCKETS),
+            time_to_first_token_seconds: Histogram::new(&REQUEST_BUCKETS),
+            e2e_request_latency_seconds: Histogram::new(&REQUEST_BUCKETS),
+            queue_time_seconds: Histogram::new(&REQUEST_BUCKETS),
+            request_prompt_tokens: Histogram::new(&TOKEN_BUCKETS),
+            request_generation_tokens: Histogram::new(&TOKEN_BUCKETS),
+        }
+    }
+}
+
 /// Counters the engine thread keeps up to date, read by `/metrics`.
 #[derive(Default)]
 pub struct ServiceMetrics {
@@ -47,23 +119,40 @@ pub struct ServiceMetrics {
     /// Requests submitted and not yet finished, failed or cancelled.
     pub in_flight: AtomicUsize,
     pub stats: Mutex<EngineStats>,
-    /// Per bucket of `STEP_BUCKETS` (plus one for +Inf): steps that took at most that long; and their sum.
-    pub step_counts: Mutex<([u64; STEP_BUCKETS.len() + 1], f64)>,
+    pub histograms: Mutex<Histograms>,
 }
 
 impl ServiceMetrics {
-    fn observe_step(&self, seconds: f64) {
-        let mut h = self.step_counts.lock().expect("metrics lock");
-        let bucket = STEP_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(STEP_BUCKETS.len());
-        h.0[bucket] += 1;
-        h.1 += seconds;
+    fn observe(&self, pick: impl FnOnce(&mut Histograms) -> &mut Histogram, value: f64) {
+        pick(&mut self.histograms.lock().expect("metrics lock")).observe(value);
+    }
+}
+
+/// A submitted request's channel and timeline.
+struct Listener {
+    events: UnboundedSender<StreamEvent>,
+    submitted: Instant,
+    /// Whether its first token (or its prompt's scores) has been reported.
+    answered: bool,
+}
+
+impl Listener {
+    fn seconds(&self) -> f64 {
+        self.submitted.elapsed().as_secs_f64()
+    }
+
+    /// Sends an event that answers the request, recording its time to first token the first time.
+    fn answer(&mut self, event: StreamEvent, metrics: &ServiceMetrics) {
+        if !self.answered {
+            self.answered = true;
+            metrics.observe(|h| &mut h.time_to_first_token_seconds, self.seconds());
+        }
+        let _ = self.events.send(event);
     }
 }
 
 struct Submission {
+    submitted: Instant,
     prompt: EncodedPrompt,
     pixels: Vec<PreparedImage>,
     request: GenerationRequest,
@@ -120,6 +209,7 @@ impl<B: Backend + 'static> EngineService<B> {
         self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
         inbox
             .send(Submission {
+                submitted: Instant::now(),
                 prompt,
                 pixels,
                 request,
@@ -155,7 +245,7 @@ fn engine_loop<B: Backend>(
     metrics: &ServiceMetrics,
 ) {
     let mut engine = Engine::new(pipeline, config).expect("limits checked at start");
-    let mut listeners: HashMap<RequestId, UnboundedSender<StreamEvent>> = HashMap::new();
+    let mut listeners: HashMap<RequestId, Listener> = HashMap::new();
     let mut open = true;
     loop {
         if engine.pending_requests() == 0 {
@@ -180,7 +270,7 @@ fn engine_loop<B: Backend>(
         cancel_abandoned(&mut engine, &mut listeners, metrics);
         let start = Instant::now();
         let events = engine.step();
-        metrics.observe_step(start.elapsed().as_secs_f64());
+        metrics.observe(|h| &mut h.step_seconds, start.elapsed().as_secs_f64());
         match events {
             Ok(events) => route(events, &mut listeners, metrics),
             Err(e) => fail_all(&mut engine, &mut listeners, metrics, &e.to_string()),
@@ -192,12 +282,17 @@ fn engine_loop<B: Backend>(
 fn accept<B: Backend>(
     engine: &mut Engine<'_, B>,
     s: Submission,
-    listeners: &mut HashMap<RequestId, UnboundedSender<StreamEvent>>,
+    listeners: &mut HashMap<RequestId, Listener>,
     metrics: &ServiceMetrics,
 ) {
     match engine.add_request(s.prompt, s.pixels, &s.request) {
         Ok(id) => {
-            listeners.insert(id, s.events);
+            let listener = Listener {
+                events: s.events,
+                submitted: s.submitted,
+                answered: false,
+            };
+            listeners.insert(id, listener);
         }
         Err(e) => {
             let _ = s.events.send(StreamEvent::Refused(e.to_string()));
@@ -209,11 +304,11 @@ fn accept<B: Backend>(
 
 fn cancel_abandoned<B: Backend>(
     engine: &mut Engine<'_, B>,
-    listeners: &mut HashMap<RequestId, UnboundedSender<StreamEvent>>,
+    listeners: &mut HashMap<RequestId, Listener>,
     metrics: &ServiceMetrics,
 ) {
-    listeners.retain(|&id, tx| {
-        if !tx.is_closed() {
+    listeners.retain(|&id, l| {
+        if !l.events.is_closed() {
             return true;
         }
         engine.cancel(id);
@@ -225,34 +320,49 @@ fn cancel_abandoned<B: Backend>(
 
 fn route(
     events: Vec<Event>,
-    listeners: &mut HashMap<RequestId, UnboundedSender<StreamEvent>>,
+    listeners: &mut HashMap<RequestId, Listener>,
     metrics: &ServiceMetrics,
 ) {
     for event in events {
         match event {
+            Event::Started { id } => {
+                if let Some(l) = listeners.get(&id) {
+                    metrics.observe(|h| &mut h.queue_time_seconds, l.seconds());
+                }
+            }
             Event::Text { id, delta } => {
-                if let Some(tx) = listeners.get(&id) {
-                    let _ = tx.send(StreamEvent::Text(delta));
+                if let Some(l) = listeners.get_mut(&id) {
+                    l.answer(StreamEvent::Text(delta), metrics);
+                }
+            }
+            Event::Logprobs { id, logprobs } => {
+                if let Some(l) = listeners.get_mut(&id) {
+                    l.answer(StreamEvent::Logprobs(logprobs), metrics);
+                }
+            }
+            Event::PromptLogprobs { id, logprobs } => {
+                if let Some(l) = listeners.get_mut(&id) {
+                    l.answer(StreamEvent::PromptLogprobs(logprobs), metrics);
                 }
             }
             Event::Finished { id, output } => {
-                metrics
-                    .prompt_tokens
-                    .fetch_add(output.prompt_ids.len() as u64, Ordering::SeqCst);
-                metrics
-                    .generated_tokens
-                    .fetch_add(output.generated_ids.len() as u64, Ordering::SeqCst);
+                let (p, g) = (output.prompt_ids.len(), output.generated_ids.len());
+                metrics.prompt_tokens.fetch_add(p as u64, Ordering::SeqCst);
+                metrics.generated_tokens.fetch_add(g as u64, Ordering::SeqCst);
                 metrics.requests_finished.fetch_add(1, Ordering::SeqCst);
                 metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-                if let Some(tx) = listeners.remove(&id) {
-                    let _ = tx.send(StreamEvent::Done(output));
+                if let Some(mut l) = listeners.remove(&id) {
+                    metrics.observe(|h| &mut h.request_prompt_tokens, p as f64);
+                    metrics.observe(|h| &mut h.request_generation_tokens, g as f64);
+                    metrics.observe(|h| &mut h.e2e_request_latency_seconds, l.seconds());
+                    l.answer(StreamEvent::Done(output), metrics);
                 }
             }
             Event::Failed { id, message } => {
                 metrics.requests_failed.fetch_add(1, Ordering::SeqCst);
                 metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-                if let Some(tx) = listeners.remove(&id) {
-                    let _ = tx.send(StreamEvent::Failed(Error::Engine(message).to_string()));
+                if let Some(l) = listeners.remove(&id) {
+                    let _ = l.events.send(StreamEvent::Failed(Error::Engine(message).to_string()));
                 }
             }
         }
@@ -262,13 +372,13 @@ fn route(
 /// A failed step (a backend error) fails every request in it: report and drop them all rather than retry forever.
 fn fail_all<B: Backend>(
     engine: &mut Engine<'_, B>,
-    listeners: &mut HashMap<RequestId, UnboundedSender<StreamEvent>>,
+    listeners: &mut HashMap<RequestId, Listener>,
     metrics: &ServiceMetrics,
     message: &str,
 ) {
-    for (id, tx) in listeners.drain() {
+    for (id, l) in listeners.drain() {
         engine.cancel(id);
-        let _ = tx.send(StreamEvent::Failed(
+        let _ = l.events.send(StreamEvent::Failed(
             Error::Engine(message.to_string()).to_string(),
         ));
         metrics.requests_failed.fetch_add(1, Ordering::SeqCst);

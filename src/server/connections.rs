@@ -120,13 +120,13 @@ async fn read_body(req: Request, next: Next, limits: ConnectionLimits) -> Respon
             Ok(Ok(bytes)) => bytes,
             Ok(Err(_)) => return too_large(max).into_response(),
             Err(_) => {
-                return ApiError {
-                    status: StatusCode::REQUEST_TIMEOUT,
-                    message: format!(
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
                         "the request body did not arrive within {} s",
                         limits.body_timeout.as_secs()
                     ),
-                }
+                )
                 .into_response()
             }
         };
@@ -135,8 +135,8 @@ async fn read_body(req: Request, next: Next, limits: ConnectionLimits) -> Respon
 }
 
 fn too_large(max: usize) -> ApiError {
-    ApiError {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!("the request body is over the limit of {max} bytes (--max-body-bytes)"),
-    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is over the limit of {max} bytes (--max-body-bytes)"),
+    )
 }

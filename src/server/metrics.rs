@@ -1,5 +1,6 @@
-//! `GET /metrics` in Prometheus' text exposition format: request and token counters, queue depth, KV-cache blocks,
-//! and a histogram of engine step latency.
+//! `GET /metrics` in Prometheus' text exposition format: request, response and token counters, queue depth, KV-cache
+//! blocks, and histograms of step latency, time to first token, end-to-end latency, queue time and tokens per
+//! request.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -10,7 +11,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use crate::backend::Backend;
-use crate::runtime::service::STEP_BUCKETS;
+use crate::runtime::service::Histogram;
 use crate::server::state::AppState;
 
 pub async fn render<B: Backend + 'static>(
@@ -97,25 +98,48 @@ pub async fn render<B: Backend + 'static>(
         "Decode steps run from a recording (CUDA graph replays).",
         &[("", stats.recorded_steps as f64)],
     );
-    let (counts, sum) = *m.step_counts.lock().expect("metrics lock");
+    let statuses: Vec<(String, f64)> = app
+        .responses
+        .lock()
+        .expect("metrics lock")
+        .iter()
+        .map(|(code, n)| (format!("{{status=\"{code}\"}}"), *n as f64))
+        .collect();
+    let statuses: Vec<(&str, f64)> = statuses.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "http_responses_total",
+        "counter",
+        "HTTP responses by status code (4xx and 5xx included).",
+        &statuses,
+    );
+    let h = m.histograms.lock().expect("metrics lock").clone();
+    for (name, help, hist) in [
+        ("step_seconds", "Engine step latency.", &h.step_seconds),
+        ("time_to_first_token_seconds", "Submission to the first new token.", &h.time_to_first_token_seconds),
+        ("e2e_request_latency_seconds", "Submission to completion.", &h.e2e_request_latency_seconds),
+        ("queue_time_seconds", "Submission to the request's first step.", &h.queue_time_seconds),
+        ("request_prompt_tokens", "Prompt tokens per finished request.", &h.request_prompt_tokens),
+        ("request_generation_tokens", "Generated tokens per finished request.", &h.request_generation_tokens),
+    ] {
+        histogram(&mut out, name, help, hist);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(
         out,
-        "# HELP flamingo_step_seconds Engine step latency.\n# TYPE flamingo_step_seconds histogram"
+        "# HELP flamingo_{name} {help}\n# TYPE flamingo_{name} histogram"
     );
     let mut cumulative = 0;
-    for (i, c) in counts.iter().enumerate() {
+    for (i, c) in h.counts.iter().enumerate() {
         cumulative += c;
-        let le = STEP_BUCKETS
-            .get(i)
-            .map_or("+Inf".to_string(), |b| b.to_string());
-        let _ = writeln!(
-            out,
-            "flamingo_step_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-        );
+        let le = h.bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(out, "flamingo_{name}_bucket{{le=\"{le}\"}} {cumulative}");
     }
     let _ = writeln!(
         out,
-        "flamingo_step_seconds_sum {sum}\nflamingo_step_seconds_count {cumulative}"
+        "flamingo_{name}_sum {}\nflamingo_{name}_count {cumulative}",
+        h.sum
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

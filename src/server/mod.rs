@@ -3,12 +3,16 @@
 //! threads, then share the continuous-batching engine through [`EngineService`]. A response stream dropped by its
 //! client cancels the request in the engine.
 
+pub mod choices;
 pub mod connections;
+pub mod fields;
 pub mod images;
 mod metrics;
 pub mod openai;
+mod ops;
 mod state;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,36 +20,64 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{Sender, UnboundedReceiver};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::backend::Backend;
-use crate::model::sampling::SamplingParams;
-use crate::runtime::request::{GenerationOutput, GenerationRequest};
+use crate::backend::{Backend, TokenLogprobs};
+use crate::io::image::PreparedImage;
+use crate::io::prompt::EncodedPrompt;
+use crate::runtime::request::GenerationOutput;
 use crate::runtime::service::StreamEvent;
+use choices::{usage, Choice, LogprobWriter};
 use connections::{serve_connections, ConnectionLimits};
+use fields::{check_fields, Plan};
 use openai::{
-    render_model_template, Api, ApiError, ChatRequest, ChatTemplate, CompletionRequest, GenerationFields,
+    render_model_template, Api, ApiError, ChatMessage, ChatRequest, ChatTemplate, CompletionRequest,
+    GenerationFields,
 };
 use state::Slot;
-pub use state::{AppState, ServerLimits};
+pub use state::{Access, AppState, ServerLimits};
 
 pub fn router<B: Backend + 'static>(state: Arc<AppState<B>>) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    let guarded = Router::new()
         .route("/v1/chat/completions", post(chat::<B>))
         .route("/v1/completions", post(completions::<B>))
         .route("/v1/models", get(models::<B>))
+        .route("/v1/models/{id}", get(ops::model::<B>))
+        .route("/tokenize", post(ops::tokenize::<B>))
+        .route("/detokenize", post(ops::detokenize::<B>))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            ops::require_api_key::<B>,
+        ));
+    let router = guarded
         .route("/health", get(health))
         .route("/metrics", get(metrics::render::<B>))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            ops::count_responses::<B>,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit));
+    // The origins were checked when the server started (`ops::cors` names a bad one).
+    let router = match ops::cors(&state.access.cors_origins) {
+        Ok(Some(cors)) => router.layer(cors),
+        _ => router,
+    };
+    router.with_state(state)
+}
+
+/// Checks the CORS origins a server is to start with.
+pub fn check_cors_origins(origins: &[String]) -> Result<(), String> {
+    ops::cors(origins).map(|_| ())
 }
 
 async fn health() -> Json<Value> {
@@ -53,9 +85,19 @@ async fn health() -> Json<Value> {
 }
 
 async fn models<B: Backend + 'static>(State(app): State<Arc<AppState<B>>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [
-        {"id": app.model_name, "object": "model", "created": 0, "owned_by": "flamingo"}
-    ]}))
+    Json(json!({"object": "list", "data": [ops::model_object(&app.model_name)]}))
+}
+
+/// The prompt of chat messages: `--chat-template`'s patterns, else the model's Jinja template, else IDEFICS'.
+fn render_chat<B: Backend + 'static>(
+    app: &AppState<B>,
+    messages: &[ChatMessage],
+) -> Result<(String, Vec<String>), ApiError> {
+    match (&app.template, &app.service.pipeline().chat_template) {
+        (Some(patterns), _) => patterns.render(messages),
+        (None, Some(jinja)) => render_model_template(jinja, messages),
+        (None, None) => ChatTemplate::default().render(messages),
+    }
 }
 
 async fn chat<B: Backend + 'static>(
@@ -63,12 +105,9 @@ async fn chat<B: Backend + 'static>(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        let req: ChatRequest = parse_body(body)?;
-        let (prompt, urls) = match (&app.template, &app.service.pipeline().chat_template) {
-            (Some(patterns), _) => patterns.render(&req.messages)?,
-            (None, Some(jinja)) => render_model_template(jinja, &req.messages)?,
-            (None, None) => ChatTemplate::default().render(&req.messages)?,
-        };
+        let req: ChatRequest = parse_request(Api::Chat, body)?;
+        ops::check_model(&app, req.fields.model.as_deref())?;
+        let (prompt, urls) = render_chat(&app, &req.messages)?;
         serve_request(&app, Api::Chat, prompt, urls, req.fields).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -79,7 +118,8 @@ async fn completions<B: Backend + 'static>(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        let req: CompletionRequest = parse_body(body)?;
+        let req: CompletionRequest = parse_request(Api::Completions, body)?;
+        ops::check_model(&app, req.fields.model.as_deref())?;
         let prompt = req.prompt.single()?;
         serve_request(&app, Api::Completions, prompt, req.images, req.fields).await
     };
@@ -89,11 +129,21 @@ async fn completions<B: Backend + 'static>(
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError {
-        status: e.status(),
-        message: e.body_text(),
-    })?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// A generation request's body: a JSON object whose every field this server honours (`fields::check_fields`).
+fn parse_request<T: serde::de::DeserializeOwned>(
+    api: Api,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let value: Value = parse_body(body)?;
+    let Value::Object(fields) = &value else {
+        return Err(ApiError::bad("invalid request body: expected a JSON object"));
+    };
+    check_fields(api, fields)?;
+    serde_json::from_value(value).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
 }
 
 /// Sets its flag when dropped.
@@ -105,8 +155,18 @@ impl Drop for GoneOnDrop {
     }
 }
 
-/// Checks capacity and parameters, prepares the prompt and images off the async threads, submits, and answers
-/// with one JSON body or an SSE stream.
+/// What a response is built from beside the engine's events.
+struct Answer {
+    api: Api,
+    id: String,
+    model: String,
+    plan: Plan,
+    prompt_text: String,
+    prompt_ids: Vec<u32>,
+}
+
+/// Checks capacity and parameters, prepares the prompt and images off the async threads, submits one engine
+/// request per choice, and answers with one JSON body or an SSE stream.
 async fn serve_request<B: Backend + 'static>(
     app: &Arc<AppState<B>>,
     api: Api,
@@ -115,13 +175,56 @@ async fn serve_request<B: Backend + 'static>(
     fields: GenerationFields,
 ) -> Result<Response, ApiError> {
     let slot = Slot::take(app)?;
-    let (request, stream, include_usage) = generation_request(&fields, app.limits.max_tokens)?;
+    let vocab = app.service.pipeline().tokenizer.vocab_size();
+    let plan = fields::plan(api, &fields, vocab, app.limits.max_tokens)?;
+    let (encoded, pixels) = prepare(app, prompt.clone(), image_urls).await?;
+    let mut receivers = Vec::with_capacity(plan.choices.len());
+    for request in &plan.choices {
+        let events = app
+            .service
+            .submit(encoded.clone(), pixels.clone(), request.clone())
+            .map_err(ApiError::from_engine)?;
+        receivers.push(events);
+    }
+    let kind = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
+    let answer = Answer {
+        api,
+        id: app.response_id(kind),
+        model: app.model_name.clone(),
+        prompt_ids: encoded.ids,
+        prompt_text: prompt,
+        plan,
+    };
+    if answer.plan.stream {
+        return Ok(stream_response(app.clone(), answer, receivers, slot));
+    }
+    let mut outputs = Vec::with_capacity(receivers.len());
+    for events in receivers {
+        outputs.push(collect(events).await?);
+    }
+    drop(slot);
+    let tok = &app.service.pipeline().tokenizer;
+    let choices = outputs
+        .iter()
+        .enumerate()
+        .map(|(index, out)| answer.choice(tok, index, out))
+        .collect::<Result<Vec<_>, _>>()?;
+    let body = api.response(&answer.id, &answer.model, &choices, usage(&outputs));
+    Ok(Json(body).into_response())
+}
+
+/// The encoded prompt and the prepared images, on a blocking thread; image loading stops if the client leaves.
+async fn prepare<B: Backend + 'static>(
+    app: &Arc<AppState<B>>,
+    prompt: String,
+    image_urls: Vec<String>,
+) -> Result<(EncodedPrompt, Vec<PreparedImage>), ApiError> {
     let prepare_app = app.clone();
     // Set when this handler is dropped (hyper drops it when the client closes the connection): image loading,
     // which runs on a blocking thread, stops then instead of fetching for nobody.
     let gone = GoneOnDrop(Arc::new(AtomicBool::new(false)));
     let gone_flag = gone.0.clone();
-    let (encoded, pixels) = tokio::task::spawn_blocking(move || {
+    let prepared = tokio::task::spawn_blocking(move || {
         let pipeline = prepare_app.service.pipeline();
         // The prompt is checked before any image is fetched or decoded.
         let encoded = pipeline
@@ -135,145 +238,201 @@ async fn serve_request<B: Backend + 'static>(
         Ok::<_, ApiError>((encoded, pixels))
     })
     .await
-    .map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: format!("request preparation failed: {e}"),
-    })??;
-    let events = app
-        .service
-        .submit(encoded, pixels, request)
-        .map_err(ApiError::from_engine)?;
-    let id = format!(
-        "{}-{}",
-        if api == Api::Chat { "chatcmpl" } else { "cmpl" },
-        app.next_id.fetch_add(1, Ordering::SeqCst)
-    );
-    if stream {
-        Ok(stream_response(
-            api,
-            id,
-            app.model_name.clone(),
-            events,
-            include_usage,
-            slot,
-        ))
-    } else {
-        let out = collect(events).await?;
-        drop(slot);
-        Ok(Json(api.response(&id, &app.model_name, &out)).into_response())
+    .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))?;
+    drop(gone);
+    prepared
+}
+
+impl Answer {
+    /// A finished choice of a whole response.
+    fn choice(
+        &self,
+        tok: &crate::io::tokenizer::Tokenizer,
+        index: usize,
+        out: &GenerationOutput,
+    ) -> Result<Choice, ApiError> {
+        let text = match self.plan.echo {
+            true => format!("{}{}", self.prompt_text, out.text),
+            false => out.text.clone(),
+        };
+        let logprobs = match self.plan.logprobs {
+            false => None,
+            true => {
+                let mut w = self.writer(tok);
+                let mut tokens = Vec::new();
+                if self.plan.echo {
+                    tokens.extend(prompt_entries(&out.prompt_ids, &out.prompt_logprobs));
+                }
+                tokens.extend(out.logprobs.iter().map(|l| (l.token, Some(l))));
+                Some(w.write(&tokens).map_err(ApiError::from_engine)?)
+            }
+        };
+        Ok(Choice {
+            index,
+            text,
+            finish_reason: out.finish_reason.as_str(),
+            logprobs,
+        })
+    }
+
+    /// The log-probability writer of a choice: echoed completions start at the prompt's first token, the others
+    /// after the prompt.
+    fn writer<'t>(&self, tok: &'t crate::io::tokenizer::Tokenizer) -> LogprobWriter<'t> {
+        match self.plan.echo {
+            true => LogprobWriter::new(tok, self.api, &[]),
+            false => LogprobWriter::new(tok, self.api, &self.prompt_ids),
+        }
     }
 }
 
-/// The engine request from the OpenAI fields, and whether to stream (and to send usage at the end of a stream).
-fn generation_request(
-    f: &GenerationFields,
-    max_tokens_limit: usize,
-) -> Result<(GenerationRequest, bool, bool), ApiError> {
-    if f.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("n: only n = 1 is supported"));
-    }
-    let max_new = f
-        .max_completion_tokens
-        .or(f.max_tokens)
-        .unwrap_or(max_tokens_limit);
-    if max_new > max_tokens_limit {
-        return Err(ApiError::bad(format!(
-            "max_tokens: {max_new} is over this server's limit of {max_tokens_limit}"
-        )));
-    }
-    let d = SamplingParams::default();
-    let sampling = SamplingParams {
-        temperature: f.temperature.unwrap_or(d.temperature),
-        top_k: f.top_k.unwrap_or(d.top_k),
-        top_p: f.top_p.unwrap_or(d.top_p),
-        repetition_penalty: f.repetition_penalty.unwrap_or(d.repetition_penalty),
-        seed: f.seed.unwrap_or(d.seed),
-    };
-    sampling.validate().map_err(ApiError::bad)?;
-    let request = GenerationRequest {
-        max_new_tokens: max_new,
-        sampling,
-        stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
-        ignore_eos: false,
-    };
-    let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    Ok((request, f.stream, include_usage))
-}
-
-/// An error as the last event of a stream, in OpenAI's error shape.
-fn stream_error(message: &str, kind: &str) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+/// A prompt's tokens with their log-probabilities (none for the first).
+fn prompt_entries<'a>(
+    ids: &'a [u32],
+    logprobs: &'a [TokenLogprobs],
+) -> impl Iterator<Item = (u32, Option<&'a TokenLogprobs>)> + 'a {
+    ids.iter()
+        .enumerate()
+        .map(move |(i, &id)| (id, i.checked_sub(1).and_then(|j| logprobs.get(j))))
 }
 
 async fn collect(mut events: UnboundedReceiver<StreamEvent>) -> Result<GenerationOutput, ApiError> {
     while let Some(e) = events.recv().await {
         match e {
-            StreamEvent::Text(_) => {}
+            StreamEvent::Text(_) | StreamEvent::Logprobs(_) | StreamEvent::PromptLogprobs(_) => {}
             StreamEvent::Done(out) => return Ok(out),
             StreamEvent::Refused(message) => return Err(ApiError::bad(message)),
             StreamEvent::Failed(message) => return Err(ApiError::internal(message)),
         }
     }
-    Err(ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: "the engine dropped the request".into(),
-    })
+    Err(ApiError::internal("the engine dropped the request"))
 }
 
-/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A forwarding task turns engine events
-/// into SSE events; when the client goes away the SSE stream is dropped, the task's send fails, it drops the
-/// engine receiver, and the engine cancels the request.
+/// Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. One task per choice forwards its
+/// engine events, tagged with the choice's index, into one channel that a writer task turns into SSE events;
+/// when the client goes away the SSE stream is dropped, the writer's send fails and it returns, the forwarders'
+/// sends fail, they drop their engine receivers, and the engine cancels every choice.
 fn stream_response<B: Backend + 'static>(
-    api: Api,
-    id: String,
-    model: String,
-    mut events: UnboundedReceiver<StreamEvent>,
-    include_usage: bool,
+    app: Arc<AppState<B>>,
+    answer: Answer,
+    receivers: Vec<UnboundedReceiver<StreamEvent>>,
     slot: Slot<B>,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let (merged_tx, merged) = tokio::sync::mpsc::channel(64);
+    let choices = receivers.len();
+    for (index, mut events) in receivers.into_iter().enumerate() {
+        let merged_tx = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if merged_tx.send((index, e)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(merged_tx);
     tokio::spawn(async move {
         // The request holds its place until its stream ends or its client leaves.
         let _slot = slot;
-        let send = |v: Value| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(SseEvent::default().data(v.to_string())))
-                    .await
-                    .is_ok()
-            }
-        };
-        if api == Api::Chat && !send(api.chunk(&id, &model, None, None)).await {
-            return;
-        }
-        while let Some(e) = events.recv().await {
-            let alive = match e {
-                StreamEvent::Text(t) => send(api.chunk(&id, &model, Some(&t), None)).await,
-                StreamEvent::Done(out) => {
-                    let finish = out.finish_reason.as_str();
-                    let _ = send(api.chunk(&id, &model, None, Some(finish))).await
-                        && (!include_usage || send(api.usage_chunk(&id, &model, &out)).await)
-                        && tx
-                            .send(Ok(SseEvent::default().data("[DONE]")))
-                            .await
-                            .is_ok();
-                    return;
-                }
-                StreamEvent::Refused(message) => {
-                    let _ = send(stream_error(&message, "invalid_request_error")).await;
-                    return;
-                }
-                StreamEvent::Failed(message) => {
-                    let _ = send(stream_error(&message, "server_error")).await;
-                    return;
-                }
-            };
-            if !alive {
-                return;
-            }
-        }
+        let tok = &app.service.pipeline().tokenizer;
+        let _ = write_stream(&answer, tok, choices, merged, &tx).await;
     });
     Sse::new(ReceiverStream::new(rx)).into_response()
+}
+
+/// The client has gone: stop writing.
+struct Gone;
+
+/// One choice's state while it streams.
+struct Streaming<'t> {
+    writer: LogprobWriter<'t>,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    pending: Vec<TokenLogprobs>,
+}
+
+async fn write_stream(
+    a: &Answer,
+    tok: &crate::io::tokenizer::Tokenizer,
+    choices: usize,
+    mut merged: tokio::sync::mpsc::Receiver<(usize, StreamEvent)>,
+    tx: &Sender<Result<SseEvent, Infallible>>,
+) -> Result<(), Gone> {
+    let send = |v: Value| async move {
+        tx.send(Ok(SseEvent::default().data(v.to_string())))
+            .await
+            .map_err(|_| Gone)
+    };
+    let chunk = |index: usize, text: Option<&str>, finish: Option<&str>, logprobs: Option<Value>| {
+        a.api.chunk(&a.id, &a.model, index, text, finish, logprobs)
+    };
+    let mut state: Vec<Streaming> = (0..choices)
+        .map(|_| Streaming {
+            writer: a.writer(tok),
+            pending: Vec::new(),
+        })
+        .collect();
+    for index in 0..choices {
+        match (a.api, a.plan.echo && !a.plan.logprobs) {
+            (Api::Chat, _) => send(chunk(index, None, None, None)).await?,
+            // An echo without log-probabilities starts with the prompt at once; with them, once they are known.
+            (Api::Completions, true) => send(chunk(index, Some(&a.prompt_text), None, None)).await?,
+            (Api::Completions, false) => {}
+        }
+    }
+    let mut outputs: HashMap<usize, GenerationOutput> = HashMap::new();
+    while let Some((index, e)) = merged.recv().await {
+        let s = &mut state[index];
+        let pending_logprobs = |s: &mut Streaming| -> Result<Option<Value>, Gone> {
+            if !a.plan.logprobs {
+                return Ok(None);
+            }
+            let tokens: Vec<_> = s.pending.iter().map(|l| (l.token, Some(l))).collect();
+            let value = s.writer.write(&tokens).map_err(|_| Gone)?;
+            s.pending.clear();
+            Ok(Some(value))
+        };
+        match e {
+            StreamEvent::Logprobs(lp) => s.pending.push(lp),
+            StreamEvent::PromptLogprobs(lps) => {
+                if a.plan.echo {
+                    let tokens: Vec<_> = prompt_entries(&a.prompt_ids, &lps).collect();
+                    let value = s.writer.write(&tokens).map_err(|_| Gone)?;
+                    send(chunk(index, Some(&a.prompt_text), None, Some(value))).await?;
+                }
+            }
+            StreamEvent::Text(t) => {
+                let logprobs = pending_logprobs(s)?;
+                send(chunk(index, Some(&t), None, logprobs)).await?;
+            }
+            StreamEvent::Done(out) => {
+                let logprobs = match s.pending.is_empty() {
+                    true => None,
+                    false => pending_logprobs(s)?,
+                };
+                let finish = out.finish_reason.as_str();
+                send(chunk(index, None, Some(finish), logprobs)).await?;
+                outputs.insert(index, out);
+                if outputs.len() == choices {
+                    if a.plan.include_usage {
+                        let all: Vec<GenerationOutput> =
+                            (0..choices).filter_map(|i| outputs.remove(&i)).collect();
+                        send(a.api.usage_chunk(&a.id, &a.model, usage(&all))).await?;
+                    }
+                    tx.send(Ok(SseEvent::default().data("[DONE]")))
+                        .await
+                        .map_err(|_| Gone)?;
+                    return Ok(());
+                }
+            }
+            StreamEvent::Refused(message) => {
+                return send(ApiError::bad(message).body()).await;
+            }
+            StreamEvent::Failed(message) => {
+                return send(ApiError::internal(message).body()).await;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish.

@@ -1,6 +1,7 @@
 //! The OpenAI wire format: request bodies, the chat template that turns messages into an IDEFICS prompt, response
 //! and stream-chunk bodies, and errors in OpenAI's shape.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use axum::http::StatusCode;
@@ -10,34 +11,51 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::runtime::request::GenerationOutput;
 
 /// An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// The request field at fault, where there is one.
+    pub param: Option<String>,
+    /// OpenAI's machine-readable code, where it has one for the case (`model_not_found`, `invalid_api_key`).
+    pub code: Option<&'static str>,
+    /// Seconds to wait before retrying (a 429's `Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
     /// The client's fault (400).
     pub fn bad(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// The client's fault in request field `field` (400, the message starts with the field's name).
+    pub fn field(field: &str, message: impl std::fmt::Display) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
+            param: Some(field.to_string()),
+            ..ApiError::bad(format!("{field}: {message}"))
         }
+    }
+
+    /// The engine's fault (500).
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
     /// The engine's own error: the client's fault when it is about the request (its prompt, images, parameters),
     /// the server's otherwise.
-    /// The engine's fault (500).
-    pub fn internal(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-        }
-    }
-
     pub fn from_engine(e: Error) -> Self {
         let status = match e {
             Error::Prompt(_)
@@ -47,23 +65,34 @@ impl ApiError {
             | Error::Tokenizer { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError {
-            status,
-            message: e.to_string(),
+        ApiError::new(status, e.to_string())
+    }
+
+    /// OpenAI's error `type` for the status.
+    pub fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            429 => "rate_limit_exceeded",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
         }
+    }
+
+    /// The body, `{"error": {...}}`.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param,
+                         "code": self.code}})
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = match self.status.as_u16() {
-            429 => "rate_limit_exceeded",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
-        };
-        let body =
-            json!({"error": {"message": self.message, "type": kind, "param": null, "code": null}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -90,10 +119,12 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Generation fields shared by chat and completions requests. Unknown fields are ignored (clients send many);
-/// known fields of the wrong type are refused.
+/// Generation fields shared by chat and completions requests (`server::fields` refuses any other field before
+/// these are read); known fields of the wrong type are refused.
 #[derive(Deserialize, Debug, Clone, Default)]
 pub struct GenerationFields {
+    /// The served model's name (or absent); any other is a 404.
+    pub model: Option<String>,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     pub temperature: Option<f32>,
@@ -101,12 +132,24 @@ pub struct GenerationFields {
     /// Not in OpenAI's API; vLLM and TGI accept it.
     pub top_k: Option<usize>,
     pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) to a bias in [-100, 100].
+    pub logit_bias: Option<HashMap<String, f32>>,
+    /// Chat: `true` / `false`; completions: how many top tokens (0 ..= 20).
+    pub logprobs: Option<Value>,
+    /// Chat only: top tokens per position with `logprobs: true`.
+    pub top_logprobs: Option<usize>,
+    /// Completions only: the prompt starts the text (and its log-probabilities, with `logprobs`).
+    pub echo: Option<bool>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
     pub n: Option<usize>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// The caller's end-user id, for its own tracking: changes nothing.
+    pub user: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -307,70 +350,9 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub fn usage(out: &GenerationOutput) -> Value {
-    let (p, c) = (out.prompt_ids.len(), out.generated_ids.len());
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
-}
-
 /// Which API a response belongs to: chat completions or completions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {
     Chat,
     Completions,
-}
-
-impl Api {
-    fn object(self, chunk: bool) -> &'static str {
-        match (self, chunk) {
-            (Api::Chat, false) => "chat.completion",
-            (Api::Chat, true) => "chat.completion.chunk",
-            (Api::Completions, _) => "text_completion",
-        }
-    }
-
-    /// One choice carrying `text` (a message or a delta) and a finish reason when there is one.
-    fn choice(self, chunk: bool, text: Option<&str>, finish: Option<&str>) -> Value {
-        match (self, chunk) {
-            (Api::Chat, false) => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                         "finish_reason": finish})
-            }
-            (Api::Chat, true) => {
-                let delta = match text {
-                    Some(t) => json!({"content": t}),
-                    None if finish.is_none() => json!({"role": "assistant", "content": ""}),
-                    None => json!({}),
-                };
-                json!({"index": 0, "delta": delta, "finish_reason": finish})
-            }
-            (Api::Completions, _) => {
-                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish})
-            }
-        }
-    }
-
-    /// A whole response body.
-    pub fn response(self, id: &str, model: &str, out: &GenerationOutput) -> Value {
-        json!({
-            "id": id, "object": self.object(false), "created": now(), "model": model,
-            "choices": [self.choice(false, Some(&out.text), Some(out.finish_reason.as_str()))],
-            "usage": usage(out),
-        })
-    }
-
-    /// A stream chunk: text, or (with `finish`) the last chunk; `None` and no finish is the opening chunk.
-    pub fn chunk(self, id: &str, model: &str, text: Option<&str>, finish: Option<&str>) -> Value {
-        json!({
-            "id": id, "object": self.object(true), "created": now(), "model": model,
-            "choices": [self.choice(true, text, finish)],
-        })
-    }
-
-    /// The usage chunk sent after the last one when `stream_options.include_usage` is set.
-    pub fn usage_chunk(self, id: &str, model: &str, out: &GenerationOutput) -> Value {
-        json!({
-            "id": id, "object": self.object(true), "created": now(), "model": model,
-            "choices": [], "usage": usage(out),
-        })
-    }
 }

@@ -1,8 +1,9 @@
 //! What the server's handlers share: the engine service, the model's name and chat template, the image policy and
 //! limits, and the in-flight count that turns requests past `max_in_flight` away with 429.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
 
@@ -21,6 +22,15 @@ pub struct ServerLimits {
     pub max_body_bytes: usize,
 }
 
+/// Who may call the API and from where.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Requests to `/v1/*`, `/tokenize` and `/detokenize` must carry `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Origins browsers may call from (`*`: any); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
 /// Everything the handlers share.
 pub struct AppState<B: Backend + 'static> {
     pub service: EngineService<B>,
@@ -30,7 +40,12 @@ pub struct AppState<B: Backend + 'static> {
     pub template: Option<ChatTemplate>,
     pub images: ImagePolicy,
     pub limits: ServerLimits,
+    pub access: Access,
+    /// Random per start, so that response ids never repeat across restarts.
+    pub(super) id_prefix: String,
     pub(super) next_id: AtomicU64,
+    /// Responses sent, by status code.
+    pub(super) responses: Mutex<BTreeMap<u16, u64>>,
     pub(super) rejected: AtomicU64,
     /// Requests admitted by the server and not yet answered (preparing, queued, running or streaming).
     pub(super) admitted: AtomicUsize,
@@ -46,10 +61,11 @@ impl<B: Backend + 'static> Slot<B> {
         if before >= app.limits.max_in_flight {
             app.rejected.fetch_add(1, Ordering::SeqCst);
             return Err(ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: format!(
-                    "the server is at capacity ({before} requests in flight); retry later"
-                ),
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("the server is at capacity ({before} requests in flight); retry later"),
+                )
             });
         }
         Ok(slot)
@@ -69,16 +85,29 @@ impl<B: Backend + 'static> AppState<B> {
         template: Option<ChatTemplate>,
         images: ImagePolicy,
         limits: ServerLimits,
+        access: Access,
     ) -> Self {
+        let start = crate::model::sampling::fresh_seed();
         AppState {
             service,
             model_name,
             template,
             images,
             limits,
+            access,
+            id_prefix: format!("{start:016x}"),
             next_id: AtomicU64::new(0),
+            responses: Mutex::new(BTreeMap::new()),
             rejected: AtomicU64::new(0),
             admitted: AtomicUsize::new(0),
         }
+    }
+}
+
+impl<B: Backend + 'static> AppState<B> {
+    /// A response id never given before, by this start or another: `chatcmpl-…` or `cmpl-…`.
+    pub(super) fn response_id(&self, kind: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        format!("{kind}-{}{n:x}", self.id_prefix)
     }
 }

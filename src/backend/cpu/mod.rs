@@ -13,7 +13,7 @@ pub use weight::CpuWeight;
 
 use rayon::prelude::*;
 
-use super::{nothing_to_sample, Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
+use super::{nothing_to_sample, Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
@@ -443,7 +443,7 @@ impl Backend for CpuBackend {
         match *graphs {}
     }
 
-    fn sample(&self, logits: &CpuTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+    fn sample(&self, logits: &CpuTensor, rows: &[RowSampling]) -> Result<Vec<Sampled>> {
         assert_eq!(
             logits.rows,
             rows.len(),

@@ -1,23 +1,71 @@
-//! The CPU reference of `kernels/sampling.cu`: the same rule, step for step (ban, repetition penalty, then greedy
-//! argmax or temperature softmax with top-k and top-p cuts found on the order-preserving key of each logit, and an
-//! inverse CDF in index order). Sums run left to right here and in tiles on the GPU, and the GPU's `__expf` is
-//! a few ulp from `exp`, so the two can differ only when a draw (or a top-p cut) falls within rounding of a
-//! boundary between two tokens.
+//! The CPU reference of `kernels/sampling.cu`: the same rule, step for step (ban, repetition penalty, logit
+//! offsets, then greedy argmax or temperature softmax with top-k and top-p cuts found on the order-preserving key
+//! of each logit, and an inverse CDF in index order). Sums run left to right here and in tiles on the GPU, and the
+//! GPU's `__expf` is a few ulp from `exp`, so the two can differ only when a draw (or a top-p cut) falls within
+//! rounding of a boundary between two tokens. Log-probabilities are computed here for both backends
+//! ([`token_logprobs`]).
 
-use crate::backend::RowSampling;
+use crate::backend::{RowSampling, Sampled, TokenLogprobs};
 
-/// The next token of `logits` (modified in place by the ban and the penalty), or `None` when nothing can be
-/// sampled (every logit -inf or NaN, or an empty row).
-pub fn sample_row(logits: &mut [f32], rule: &RowSampling) -> Option<u32> {
+/// The next token of `logits` (modified in place by the ban, the penalty and the offsets), with its
+/// log-probabilities when the rule asks, or `None` when nothing can be sampled (every logit -inf or NaN, or an
+/// empty row).
+pub fn sample_row(logits: &mut [f32], rule: &RowSampling) -> Option<Sampled> {
+    adjust_row(logits, rule);
+    let token = choose(logits, rule)?;
+    let logprobs = rule.logprobs.map(|top| token_logprobs(logits, token, top));
+    Some(Sampled { token, logprobs })
+}
+
+/// What the rule does to the logits before choosing: the ban, the repetition penalty, the offsets.
+pub fn adjust_row(logits: &mut [f32], rule: &RowSampling) {
     ban(logits, rule.banned);
     if rule.repetition_penalty != 1.0 {
         penalize(logits, rule.seen, rule.repetition_penalty);
     }
+    offset(logits, rule.logit_offsets);
+}
+
+/// The token of the adjusted `logits`: greedy, or drawn at the rule's temperature within its cuts.
+fn choose(logits: &[f32], rule: &RowSampling) -> Option<u32> {
     let t = rule.temperature;
     if t.is_nan() || t <= 0.0 || t == f32::INFINITY {
         return argmax(logits);
     }
     sample_filtered(logits, t, rule)
+}
+
+/// `token`'s log-probability under the softmax of `logits` and the `top` most likely tokens' (highest first,
+/// lower id first among equals, -inf and NaN left out). The log-sum-exp is accumulated in f64.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let finite = |l: &f32| !l.is_nan() && *l != f32::NEG_INFINITY;
+    let mx = logits.iter().filter(|l| finite(l)).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| finite(l))
+        .map(|&l| ((l - mx) as f64).exp())
+        .sum();
+    let lse = mx as f64 + sum.ln();
+    let logprob = |l: f32| (l as f64 - lse) as f32;
+    let mut best: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| finite(&logits[i as usize]))
+        .collect();
+    let by_rank = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if top < best.len() && top > 0 {
+        best.select_nth_unstable_by(top - 1, by_rank);
+    }
+    best.truncate(top);
+    best.sort_unstable_by(by_rank);
+    let at = |i: u32| logits.get(i as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    TokenLogprobs {
+        token,
+        logprob: logprob(at(token)),
+        top: best.into_iter().map(|i| (i, logprob(at(i)))).collect(),
+    }
 }
 
 fn ban(logits: &mut [f32], ids: &[u32]) {
@@ -33,6 +81,15 @@ fn penalize(logits: &mut [f32], seen: &[u32], penalty: f32) {
     for &id in seen {
         if let Some(l) = logits.get_mut(id as usize) {
             *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// OpenAI's additive adjustments, one per id.
+fn offset(logits: &mut [f32], offsets: &[(u32, f32)]) {
+    for &(id, add) in offsets {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l += add;
         }
     }
 }
@@ -150,8 +207,51 @@ mod tests {
             repetition_penalty: 1.0,
             banned: &[],
             seen: &[],
+            logit_offsets: &[],
             uniform: 0.5,
+            logprobs: None,
         }
+    }
+
+    fn token_of(logits: &mut [f32], rule: &RowSampling) -> Option<u32> {
+        sample_row(logits, rule).map(|s| s.token)
+    }
+
+    #[test]
+    fn offsets_add_after_the_penalty_and_move_the_choice() {
+        let r = RowSampling {
+            repetition_penalty: 2.0,
+            seen: &[0],
+            logit_offsets: &[(0, 1.0), (2, -5.0), (9, 3.0)],
+            ..rule(0.0)
+        };
+        let mut logits = [3.0, 2.0, 4.0];
+        // 3 / 2 + 1 = 2.5 beats 2; 4 - 5 = -1; id 9 is outside the row and ignored.
+        assert_eq!(token_of(&mut logits, &r), Some(0));
+        assert_eq!(logits, [2.5, 2.0, -1.0]);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_adjusted_row() {
+        let r = RowSampling {
+            banned: &[1],
+            logit_offsets: &[(3, 0.5)],
+            logprobs: Some(2),
+            ..rule(0.0)
+        };
+        let s = sample_row(&mut [1.0, 7.0, 2.0, 1.5], &r).unwrap();
+        // Adjusted: [1, -inf, 2, 2]; softmax over e^1 + 2 e^2.
+        let lse = (1f64.exp() + 2.0 * 2f64.exp()).ln();
+        let lp = s.logprobs.unwrap();
+        assert_eq!((s.token, lp.token), (2, 2));
+        assert!((lp.logprob as f64 - (2.0 - lse)).abs() < 1e-6);
+        // Ties at 2.0: the lower id first; the banned token is never listed.
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [2, 3]);
+        let all = token_logprobs(&[1.0, f32::NEG_INFINITY, 2.0], 0, 5);
+        assert_eq!(all.top.len(), 2);
+        let total: f64 = all.top.iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(sample_row(&mut [1.0, 2.0], &rule(0.0)).unwrap().logprobs.is_none());
     }
 
     #[test]
@@ -160,7 +260,7 @@ mod tests {
             banned: &[3],
             ..rule(0.0)
         };
-        assert_eq!(sample_row(&mut [0.0, 2.0, 2.0, 9.0], &r), Some(1));
+        assert_eq!(token_of(&mut [0.0, 2.0, 2.0, 9.0], &r), Some(1));
         assert_eq!(argmax(&[1.0, f32::NAN, 5.0]), Some(1), "NaN is the largest");
         assert_eq!(argmax(&[]), None);
     }
@@ -174,7 +274,7 @@ mod tests {
         };
         let mut logits = [3.0, 2.0, -1.0];
         // token 0 seen: 3 -> 1.5 < 2, so 1 wins; token 2 seen: -1 -> -2.
-        assert_eq!(sample_row(&mut logits, &r), Some(1));
+        assert_eq!(token_of(&mut logits, &r), Some(1));
         assert_eq!(logits, [1.5, 2.0, -2.0]);
     }
 
@@ -193,7 +293,7 @@ mod tests {
                 uniform: u,
                 ..rule(1.0)
             };
-            assert_eq!(sample_row(&mut [1.0; 4], &r), Some(want), "u = {u}");
+            assert_eq!(token_of(&mut [1.0; 4], &r), Some(want), "u = {u}");
         }
     }
 
@@ -206,7 +306,7 @@ mod tests {
                         uniform: i as f32 / 100.0,
                         ..r
                     };
-                    sample_row(&mut logits.to_vec(), &r).unwrap()
+                    token_of(&mut logits.to_vec(), &r).unwrap()
                 })
                 .collect()
         };
@@ -255,12 +355,12 @@ mod tests {
             banned: &[0, 1],
             ..rule(0.7)
         };
-        assert_eq!(sample_row(&mut [1.0, 2.0], &r), None);
+        assert_eq!(token_of(&mut [1.0, 2.0], &r), None);
         let greedy = RowSampling {
             banned: &[0, 1],
             ..rule(0.0)
         };
-        assert_eq!(sample_row(&mut [1.0, 2.0], &greedy), None);
-        assert_eq!(sample_row(&mut [f32::NAN, f32::NAN], &rule(0.7)), None);
+        assert_eq!(token_of(&mut [1.0, 2.0], &greedy), None);
+        assert_eq!(token_of(&mut [f32::NAN, f32::NAN], &rule(0.7)), None);
     }
 }

@@ -217,6 +217,19 @@ impl CudaBackend {
         });
     }
 
+    /// `n` f32 values from device address `src`, once the work queued so far has finished.
+    pub(in crate::backend::cuda) fn dtoh_f32(&self, src: u64, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        self.bind();
+        // SAFETY: src holds at least `n` f32 values (the callers' shapes); the stream is synchronised before
+        // `out` is read.
+        self.check("device-to-host copy", unsafe {
+            result::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream())
+        });
+        self.synchronize();
+        out
+    }
+
     pub(in crate::backend::cuda) fn dtod(&self, dst: u64, src: u64, elems: usize) {
         if elems == 0 {
             return;

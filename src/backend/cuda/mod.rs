@@ -51,7 +51,7 @@ use ops::{
     sampling,
 };
 
-use super::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
+use super::{Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
@@ -263,7 +263,7 @@ impl Backend for CudaBackend {
         graph::run_recorded(self, graphs, ids, step, shape, rows, run)
     }
 
-    fn sample(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+    fn sample(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<Sampled>> {
         sampling::sample(self, logits, rows)
     }
 

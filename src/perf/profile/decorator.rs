@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{Backend, Ceilings, DecodeShape, RowSampling, StepLayout};
+use crate::backend::{Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
 use crate::error::Result;
 use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};

@@ -1,38 +1,48 @@
 //! `sample` on the device (kernels/sampling.cu): the logits stay on the GPU; each row's rule goes up as a few
 //! small arrays, and only one id per row comes back.
 //!
-//! Per step: `bf16_to_f32` widens the logits (exact), `ban_tokens_f32` and `penalize_tokens_f32` apply the banned
-//! ids and the repetition penalty (CSR lists per row), and `sample_f32` picks each row's token (greedy or
-//! temperature / top-k / top-p with the row's uniform draw), one block per row.
+//! Per step: `bf16_to_f32` widens the logits (exact), `ban_tokens_f32`, `penalize_tokens_f32` and
+//! `offset_tokens_f32` apply the banned ids, the repetition penalty and OpenAI's additive adjustments (CSR lists
+//! per row), and `sample_f32` picks each row's token (greedy or temperature / top-k / top-p with the row's uniform
+//! draw), one block per row. The rows whose rule asks for log-probabilities come back adjusted, and their
+//! log-softmax is computed on the host by the CPU reference (`cpu::sampling::token_logprobs`).
 
 use cudarc::driver::result;
 
 use super::activation::widen;
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
-use crate::backend::cuda::launchers::{BanTokensF32, PenalizeTokensF32, SampleF32};
-use crate::backend::{nothing_to_sample, RowSampling};
+use crate::backend::cuda::launchers::{BanTokensF32, OffsetTokensF32, PenalizeTokensF32, SampleF32};
+use crate::backend::cpu::sampling::token_logprobs;
+use crate::backend::{nothing_to_sample, RowSampling, Sampled};
 use crate::error::Result;
 
 /// The int32 and f32 arrays of one step's rules, laid out as the kernels read them.
 struct RuleArrays {
     ints: Vec<i32>,
     floats: Vec<f32>,
-    /// Offsets into `ints`: ban CSR offsets and ids, penalty CSR offsets and ids, top_k, output ids.
+    /// Offsets into `ints`: ban CSR offsets and ids, penalty CSR offsets and ids, logit offset CSR offsets and
+    /// ids, top_k, output ids.
     ban_offsets: usize,
     ban_ids: usize,
     penalty_offsets: usize,
     penalty_ids: usize,
+    offset_offsets: usize,
+    offset_ids: usize,
     top_k: usize,
     out: usize,
     /// Whether any row has a repetition penalty (else that kernel is skipped).
     penalized: bool,
+    /// Whether any row has logit offsets (else that kernel is skipped).
+    offset: bool,
 }
 
-/// Offsets into `RuleArrays::floats`, each `rows` long: penalty, temperature, top_p, uniform.
+/// Offsets into `RuleArrays::floats`, each `rows` long: penalty, temperature, top_p, uniform; then
+/// (`OFFSET_VALUES` rows in) the values of the logit offset lists, entry for entry with their ids.
 const PENALTY: usize = 0;
 const TEMPERATURE: usize = 1;
 const TOP_P: usize = 2;
 const UNIFORM: usize = 3;
+const OFFSET_VALUES: usize = 4;
 
 fn id(v: u32) -> i32 {
     i32::try_from(v).unwrap_or(-1) // out of any vocabulary: the kernels ignore it
@@ -64,6 +74,11 @@ impl RuleArrays {
             }
         });
         let (penalty_offsets, penalty_ids) = csr(&mut ints, seen);
+        let offset_lists: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r.logit_offsets.iter().map(|o| o.0).collect())
+            .collect();
+        let (offset_offsets, offset_ids) = csr(&mut ints, offset_lists.iter().map(Vec::as_slice));
         let top_k = ints.len();
         ints.extend(rows.iter().map(|r| i32::try_from(r.top_k).unwrap_or(0)));
         let out = ints.len();
@@ -74,7 +89,11 @@ impl RuleArrays {
             |r| r.top_p,
             |r| r.uniform,
         ];
-        let floats = fields.iter().flat_map(|f| rows.iter().map(f)).collect();
+        let floats = fields
+            .iter()
+            .flat_map(|f| rows.iter().map(f))
+            .chain(rows.iter().flat_map(|r| r.logit_offsets.iter().map(|o| o.1)))
+            .collect();
         RuleArrays {
             ints,
             floats,
@@ -82,19 +101,23 @@ impl RuleArrays {
             ban_ids,
             penalty_offsets,
             penalty_ids,
+            offset_offsets,
+            offset_ids,
             top_k,
             out,
             penalized,
+            offset: rows.iter().any(|r| !r.logit_offsets.is_empty()),
         }
     }
 }
 
-/// The next token of each row of `logits` by that row's rule; only the ids leave the device.
+/// The next token of each row of `logits` by that row's rule; only the ids leave the device, and the adjusted
+/// rows whose rule asks for log-probabilities.
 pub(in crate::backend::cuda) fn sample(
     b: &CudaBackend,
     logits: &CudaTensor,
     rows: &[RowSampling],
-) -> Result<Vec<u32>> {
+) -> Result<Vec<Sampled>> {
     assert_eq!(
         logits.rows,
         rows.len(),
@@ -131,6 +154,17 @@ pub(in crate::backend::cuda) fn sample(
         };
         b.run(&penalize, (n as u32, 1, 1), 128);
     }
+    if a.offset {
+        let offset = OffsetTokensF32 {
+            logits: x.ptr,
+            rows: n,
+            vocab,
+            offsets: i(a.offset_offsets),
+            ids: i(a.offset_ids),
+            values: f(OFFSET_VALUES),
+        };
+        b.run(&offset, (n as u32, 1, 1), 128);
+    }
     let choose = SampleF32 {
         out_ids: i(a.out),
         logits: x.ptr,
@@ -151,7 +185,14 @@ pub(in crate::backend::cuda) fn sample(
     b.synchronize();
     ids.iter()
         .enumerate()
-        .map(|(r, &t)| u32::try_from(t).map_err(|_| nothing_to_sample(r)))
+        .map(|(r, &t)| {
+            let token = u32::try_from(t).map_err(|_| nothing_to_sample(r))?;
+            let logprobs = rows[r].logprobs.map(|top| {
+                let row = b.dtoh_f32(x.ptr + (4 * r * vocab) as u64, vocab);
+                token_logprobs(&row, token, top)
+            });
+            Ok(Sampled { token, logprobs })
+        })
         .collect()
 }
 
@@ -171,11 +212,16 @@ mod tests {
                 repetition_penalty: penalty,
                 banned,
                 seen,
+                logit_offsets: &[],
                 uniform: 0.25,
+                logprobs: None,
             };
         let rows = [
             rule(0.0, 1.0, &[3], &[1, 2]),
-            rule(0.7, 1.2, &[], &[4, u32::MAX]),
+            RowSampling {
+                logit_offsets: &[(7, -0.5), (2, 1.5)],
+                ..rule(0.7, 1.2, &[], &[4, u32::MAX])
+            },
         ];
         let a = RuleArrays::new(&rows);
         let at = |o: usize, n: usize| &a.ints[o..o + n];
@@ -184,6 +230,10 @@ mod tests {
         // Row 0 has no penalty: its seen ids are not sent. An id beyond int32 becomes -1, which the kernel skips.
         assert_eq!(at(a.penalty_offsets, 3), [0, 0, 2]);
         assert_eq!(at(a.penalty_ids, 2), [4, -1]);
+        assert_eq!(at(a.offset_offsets, 3), [0, 0, 2]);
+        assert_eq!(at(a.offset_ids, 2), [7, 2]);
+        assert!(a.offset);
+        assert_eq!(&a.floats[OFFSET_VALUES * 2..], [-0.5, 1.5]);
         assert_eq!(at(a.top_k, 2), [5, 5]);
         assert_eq!(at(a.out, 2), [-1, -1]);
         assert_eq!(a.out + 2, a.ints.len());
