@@ -320,3 +320,78 @@ fn requests_the_engine_could_never_run_are_refused_up_front() {
     assert!(err.contains("2 image tokens but 0 images"), "{err}");
     assert_eq!(engine.pending_requests(), 0);
 }
+
+/// Requests forked from a shared prefix (`n` seeded choices of one prompt, and candidates scored after it) give
+/// exactly what each gives alone, also when the pool is so small that forks are preempted and recomputed; the
+/// prefix's image is encoded once for all of them and its full blocks are not recomputed.
+#[test]
+fn requests_forked_from_a_shared_prefix_give_what_each_gives_alone() {
+    use flamingo::runtime::engine::ForkedRequest;
+    let p = Pipeline::load(&fixture_dir("tiny-idefics-a"), CpuBackend::new(), false).unwrap();
+    let image = [fixture_dir("images").join("chelsea.png")];
+    let text = "User:<image>Describe this image in a few words, please.\nAssistant:";
+    let (prefix, pixels) = p.prepare(text, &image).unwrap();
+    let mut children = Vec::new();
+    for i in 0..3u64 {
+        let sampling = SamplingParams {
+            temperature: 0.9,
+            seed: 40 + i,
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        let request = GenerationRequest { max_new_tokens: 6, sampling, ..Default::default() };
+        children.push(ForkedRequest { prompt: prefix.clone(), request, scored_from: 1 });
+    }
+    for candidate in [" a cat", " a tabby cat on a rug", " two dogs", " a"] {
+        let (full, _) = p.prepare(&format!("{text}{candidate}"), &image).unwrap();
+        let request = GenerationRequest {
+            max_new_tokens: 0,
+            prompt_logprobs: Some(1),
+            ..Default::default()
+        };
+        children.push(ForkedRequest { prompt: full, request, scored_from: prefix.ids.len() });
+    }
+    let alone: Vec<GenerationOutput> = children
+        .iter()
+        .map(|c| p.generate(&c.prompt, pixels.clone(), &c.request, |_| {}).unwrap())
+        .collect();
+    for (kv_blocks, max_seqs) in [(64, 8), (16, 4)] {
+        let config = EngineConfig {
+            block_size: 4,
+            kv_blocks,
+            media_slots: 4,
+            max_seqs,
+            max_step_tokens: 24,
+            decode_graphs: true,
+        };
+        let mut engine = Engine::new(&p, config).unwrap();
+        let ids = engine.add_forked(prefix.clone(), pixels.clone(), children.clone()).unwrap();
+        let mut outputs = HashMap::new();
+        engine
+            .run_to_completion(|e| match e {
+                Event::Finished { id, output } => {
+                    assert!(outputs.insert(id, output).is_none());
+                }
+                Event::Failed { message, .. } => panic!("{message}"),
+                _ => {}
+            })
+            .unwrap();
+        let stats = engine.stats();
+        assert_eq!(stats.images_encoded, 1, "the prefix's image, once");
+        assert!(stats.shared_prefix_rows >= 7 * 4 * (prefix.ids.len() / 4 - 1));
+        if kv_blocks == 16 {
+            assert!(stats.preemptions > 0, "the small pool was meant to preempt");
+        }
+        assert_eq!(outputs.len(), ids.len(), "every fork finishes once");
+        for (i, (id, want)) in ids.iter().zip(&alone).enumerate() {
+            let got = &outputs[id];
+            assert_eq!(got.generated_ids, want.generated_ids, "fork {i} ({kv_blocks} blocks)");
+            assert_eq!(got.logprobs, want.logprobs, "fork {i}");
+            let skip = children[i].scored_from - 1;
+            assert_eq!(got.prompt_logprobs, want.prompt_logprobs[skip.min(want.prompt_logprobs.len())..], "fork {i}");
+        }
+        let distinct: std::collections::HashSet<_> =
+            ids[..3].iter().map(|id| outputs[id].generated_ids.clone()).collect();
+        assert!(distinct.len() > 1, "seeded choices differ");
+    }
+}

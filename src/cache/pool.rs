@@ -1,11 +1,13 @@
 //! Host-only bookkeeping of the caches' units: which KV blocks and media-cache slots are free. The scheduler owns
 //! these; the caches themselves (`kv_cache`, `media_cache`) are only device storage addressed by block and slot.
 
-/// A free list of fixed-size units (KV blocks, media-cache image slots): O(1) per unit allocated or released.
+/// A free list of fixed-size units (KV blocks, media-cache image slots), reference-counted so that sequences forked
+/// from one prefix share its units: O(1) per unit allocated, shared or released.
 #[derive(Debug)]
 pub struct SlotPool {
     free: Vec<u32>,
-    total: usize,
+    /// Holders of each unit (0: free).
+    refs: Vec<u32>,
 }
 
 impl SlotPool {
@@ -13,28 +15,44 @@ impl SlotPool {
         // Reversed so that allocation hands out low ids first (easier to read in traces).
         SlotPool {
             free: (0..total as u32).rev().collect(),
-            total,
+            refs: vec![0; total],
         }
     }
 
     pub fn total(&self) -> usize {
-        self.total
+        self.refs.len()
     }
 
     pub fn available(&self) -> usize {
         self.free.len()
     }
 
-    /// `n` units, or `None` (and nothing taken) when fewer are free.
+    /// `n` units, each with one holder, or `None` (and nothing taken) when fewer are free.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
         let start = self.free.len().checked_sub(n)?;
-        Some(self.free.split_off(start))
+        let units = self.free.split_off(start);
+        units.iter().for_each(|&u| self.refs[u as usize] = 1);
+        Some(units)
     }
 
-    /// Returns every unit of `units` to the pool and empties it.
+    /// One more holder of each of `units` (all held already).
+    pub fn share(&mut self, units: &[u32]) {
+        for &u in units {
+            debug_assert!(self.refs[u as usize] > 0, "unit {u} is shared while free");
+            self.refs[u as usize] += 1;
+        }
+    }
+
+    /// Gives up one hold of every unit of `units` and empties it; a unit nobody holds any more is free again.
     pub fn release(&mut self, units: &mut Vec<u32>) {
-        self.free.append(units);
-        debug_assert!(self.free.len() <= self.total, "a unit was released twice");
+        for u in units.drain(..) {
+            let refs = &mut self.refs[u as usize];
+            debug_assert!(*refs > 0, "unit {u} was released twice");
+            *refs -= 1;
+            if *refs == 0 {
+                self.free.push(u);
+            }
+        }
     }
 }
 
@@ -89,9 +107,14 @@ impl BlockPool {
         }
     }
 
-    /// Returns every block of `table` to the pool and empties it.
+    /// Gives up the hold of every block of `table` (a block no other table shares is free again) and empties it.
     pub fn release(&mut self, table: &mut Vec<u32>) {
         self.blocks.release(table);
+    }
+
+    /// One more holder of each block of `table` (a forked sequence sharing them).
+    pub fn share(&mut self, table: &[u32]) {
+        self.blocks.share(table);
     }
 }
 
@@ -109,6 +132,19 @@ mod tests {
         pool.release(&mut two);
         assert!(two.is_empty());
         assert_eq!(pool.available(), 3);
+    }
+
+    #[test]
+    fn a_shared_unit_is_free_only_when_its_last_holder_releases_it() {
+        let mut pool = SlotPool::new(2);
+        let mut a = pool.allocate(1).unwrap();
+        let mut b = a.clone();
+        pool.share(&b);
+        pool.release(&mut a);
+        assert_eq!(pool.available(), 1, "b still holds it");
+        pool.release(&mut b);
+        assert_eq!(pool.available(), 2);
+        assert_eq!(pool.allocate(2).unwrap().len(), 2);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::model::store_images;
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::recorded::{decode_shape, padded, recorded_logits, MAX_RECORDED_SEQS};
 use crate::runtime::request::{FinishReason, GenerationOutput, GenerationRequest};
-use crate::runtime::scheduler::{Limits, MediaJob, RequestId, Scheduler, SeqState, StepPlan};
+use crate::runtime::scheduler::{Fork, Limits, MediaJob, RequestId, Scheduler, SeqState, StepPlan};
 use crate::runtime::stream::TextStream;
 
 /// Capacity and batching limits of an engine.
@@ -97,8 +97,10 @@ pub struct EngineStats {
     /// Steps run from a recording (CUDA graph replays, and the step each recording was made on).
     pub recorded_steps: usize,
     /// Images run through the vision tower and the cross-attention K/V projections since the engine started
-    /// (each request's images once, at admission).
+    /// (each request's images once, at admission; a shared prefix's once for all requests forked from it).
     pub images_encoded: usize,
+    /// Prompt rows that requests forked from a shared prefix did not compute (their shared KV blocks' rows).
+    pub shared_prefix_rows: usize,
 }
 
 /// What the engine reports after a step.
@@ -144,9 +146,34 @@ struct Request {
     logprobs: Vec<TokenLogprobs>,
     /// Whether its rows have run yet.
     started: bool,
+    /// A shared prefix's requests to start from it once it has run (see [`Engine::add_forked`]); the prefix
+    /// itself reports nothing.
+    forks: Option<Vec<PendingFork>>,
     /// Asked for no new token, only the prompt's log-probabilities: one token is sampled to run the prompt
     /// through the scheduler's usual path, and dropped.
     scores_only: bool,
+}
+
+/// A request waiting for its shared prefix to run.
+struct PendingFork {
+    id: RequestId,
+    prompt: EncodedPrompt,
+    request: GenerationRequest,
+    /// The prompt's first token whose log-probability is reported (with `request.prompt_logprobs`).
+    scored_from: usize,
+    shared_blocks: usize,
+    capacity: usize,
+}
+
+/// A request to start from a shared prefix ([`Engine::add_forked`]).
+#[derive(Clone, Debug)]
+pub struct ForkedRequest {
+    /// Starts with the prefix's tokens (up to where they agree: the shared part ends there) and has its images.
+    pub prompt: EncodedPrompt,
+    pub request: GenerationRequest,
+    /// With `request.prompt_logprobs`: the first prompt token whose log-probability is reported (1: all of them;
+    /// a scored candidate's first token). The prefix is shared only up to the row before it.
+    pub scored_from: usize,
 }
 
 /// A request's prompt log-probabilities as its prefill chunks compute them (a preempted request computes its
@@ -154,6 +181,8 @@ struct Request {
 struct PromptLogprobs {
     prompt: Vec<u32>,
     top: usize,
+    /// Positions before it are not reported (position `p` predicts token `p + 1`).
+    first: usize,
     /// Position `p` holds the log-probability of token `p + 1`.
     at: Vec<Option<TokenLogprobs>>,
 }
@@ -161,7 +190,7 @@ struct PromptLogprobs {
 impl PromptLogprobs {
     /// Rows of a step's chunk `positions` that predict a prompt token and are not computed yet.
     fn wanted(&self, positions: std::ops::Range<usize>) -> impl Iterator<Item = usize> + '_ {
-        positions.filter(|&p| p + 1 < self.prompt.len() && self.at[p].is_none())
+        positions.filter(|&p| p >= self.first && p + 1 < self.prompt.len() && self.at[p].is_none())
     }
 }
 
@@ -219,6 +248,9 @@ pub struct Engine<'p, B: Backend> {
     graphs: Option<B::StepGraphs>,
     recorded_steps: usize,
     images_encoded: usize,
+    /// Requests waiting for a shared prefix to run: the prefix of each.
+    fork_parent: HashMap<RequestId, RequestId>,
+    shared_prefix_rows: usize,
 }
 
 impl<'p, B: Backend> Engine<'p, B> {
@@ -232,6 +264,8 @@ impl<'p, B: Backend> Engine<'p, B> {
             graphs,
             recorded_steps: 0,
             images_encoded: 0,
+            fork_parent: HashMap::new(),
+            shared_prefix_rows: 0,
             scheduler,
             kv: pipeline
                 .model()
@@ -277,14 +311,110 @@ impl<'p, B: Backend> Engine<'p, B> {
             preemptions: s.preemptions(),
             recorded_steps: self.recorded_steps,
             images_encoded: self.images_encoded,
+            shared_prefix_rows: self.shared_prefix_rows,
         }
     }
 
-    /// Drops a request wherever it is (queued or running) and frees what it holds; false if it is unknown or
-    /// already finished. No event is reported for it afterwards.
+    /// Drops a request wherever it is (queued, running, or waiting for its shared prefix) and frees what it holds;
+    /// false if it is unknown or already finished. No event is reported for it afterwards.
     pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(&prefix) = self.fork_parent.get(&id) {
+            self.fork_parent.remove(&id);
+            let forks = self.requests.get_mut(&prefix).and_then(|r| r.forks.as_mut());
+            let forks = forks.expect("a pending fork's prefix is known");
+            forks.retain(|f| f.id != id);
+            if forks.is_empty() {
+                self.requests.remove(&prefix);
+                self.scheduler.cancel(prefix);
+            }
+            return true;
+        }
         self.requests.remove(&id);
         self.scheduler.cancel(id).is_some()
+    }
+
+    /// Queues a prefix (a prompt and its images) that several requests start from: it runs once, then each of
+    /// `children` starts from its KV blocks and its images' K/V and computes only its own rows: a few-shot
+    /// prompt's candidates, a request's `n` choices. Blocks are shared whole, and a child computes every row whose
+    /// log-probability it reports, so it recomputes at most one block's rows of the prefix. Returns the
+    /// children's ids, in order; the prefix reports no event. Each child is checked as
+    /// [`Engine::add_request`] checks a request, and must have the prefix's images.
+    pub fn add_forked(
+        &mut self,
+        prefix: EncodedPrompt,
+        pixels: Vec<PreparedImage>,
+        children: Vec<ForkedRequest>,
+    ) -> Result<Vec<RequestId>> {
+        if children.is_empty() {
+            return Err(Error::Invalid("a shared prefix with no request to start from it".into()));
+        }
+        let bs = self.config.block_size;
+        let mut pending = Vec::with_capacity(children.len());
+        for (i, child) in children.into_iter().enumerate() {
+            let c = &child.prompt;
+            self.check_request(c, pixels.len(), &child.request)?;
+            if c.num_images != prefix.num_images || c.joins_previous != prefix.joins_previous {
+                return Err(Error::Prompt(format!(
+                    "request {i} of the shared prefix has {} images, the prefix {}",
+                    c.num_images, prefix.num_images
+                )));
+            }
+            let agree = c.ids.iter().zip(&prefix.ids).take_while(|(a, b)| a == b).count();
+            let mut own_from = agree.min(c.ids.len() - 1);
+            if child.request.prompt_logprobs.is_some() {
+                own_from = own_from.min(child.scored_from.max(1) - 1);
+            }
+            let capacity = self.pipeline.positions_for(c, child.request.tokens_to_run());
+            self.scheduler.check_fits(c.num_images, capacity)?;
+            pending.push(PendingFork {
+                id: 0,
+                prompt: child.prompt,
+                request: child.request,
+                scored_from: child.scored_from.max(1),
+                shared_blocks: own_from / bs,
+                capacity,
+            });
+        }
+        let run_prefix = GenerationRequest {
+            max_new_tokens: 1,
+            ..GenerationRequest::default()
+        };
+        let parent = self.add_request(prefix, pixels, &run_prefix)?;
+        let ids = self.scheduler.reserve_ids(pending.len());
+        for (fork, &id) in pending.iter_mut().zip(&ids) {
+            fork.id = id;
+            self.fork_parent.insert(id, parent);
+        }
+        let request = self.requests.get_mut(&parent).expect("just added");
+        request.forks = Some(pending);
+        request.scores_only = true;
+        Ok(ids)
+    }
+
+    /// Starts the requests waiting for the prefix `parent` (which has just run) and drops the prefix.
+    fn start_forks(&mut self, parent: RequestId, forks: Vec<PendingFork>, events: &mut Vec<Event>) {
+        for f in forks {
+            self.fork_parent.remove(&f.id);
+            let fork = Fork {
+                prompt: f.prompt.ids.clone(),
+                image_of_token: f.prompt.image_of_token.clone(),
+                shared_blocks: f.shared_blocks,
+                max_new_tokens: f.request.tokens_to_run(),
+                capacity: f.capacity,
+            };
+            if let Err(e) = self.scheduler.fork(parent, f.id, fork) {
+                events.push(Event::Failed { id: f.id, message: e.to_string() });
+                continue;
+            }
+            self.shared_prefix_rows += f.shared_blocks * self.config.block_size;
+            let mut request = self.new_request(&f.prompt, Vec::new(), &f.request);
+            if let Some(lp) = request.prompt_logprobs.as_mut() {
+                lp.first = f.scored_from - 1;
+            }
+            self.requests.insert(f.id, request);
+        }
+        self.scheduler.finish(parent);
+        self.requests.remove(&parent);
     }
 
     /// Queues a request; refuses one the engine could never run (prompt over the context, more images than the
@@ -295,73 +425,76 @@ impl<'p, B: Backend> Engine<'p, B> {
         pixels: Vec<PreparedImage>,
         request: &GenerationRequest,
     ) -> Result<RequestId> {
-        let p = self.pipeline;
-        p.check_prompt(&prompt)?;
+        self.check_request(&prompt, pixels.len(), request)?;
+        let capacity = self.pipeline.positions_for(&prompt, request.tokens_to_run());
+        let mut state = self.new_request(&prompt, pixels, request);
+        state.joins_previous = prompt.joins_previous;
+        let id = self.scheduler.add(
+            prompt.ids,
+            prompt.image_of_token,
+            state.pixels.len(),
+            request.tokens_to_run(),
+            capacity,
+        )?;
+        self.requests.insert(id, state);
+        Ok(id)
+    }
+
+    /// Refuses a request that could never run (see [`Engine::add_request`]).
+    fn check_request(
+        &self,
+        prompt: &EncodedPrompt,
+        images: usize,
+        request: &GenerationRequest,
+    ) -> Result<()> {
+        self.pipeline.check_prompt(prompt)?;
         request.sampling.validate().map_err(Error::Invalid)?;
         if prompt.ids.is_empty() {
             return Err(Error::Prompt("the prompt has no tokens".into()));
         }
-        if pixels.len() != prompt.num_images || prompt.joins_previous.len() != prompt.num_images {
+        if images != prompt.num_images || prompt.joins_previous.len() != prompt.num_images {
             return Err(Error::Prompt(format!(
-                "the prompt has {} image tokens but {} images were given",
+                "the prompt has {} image tokens but {images} images were given",
                 prompt.num_images,
-                pixels.len()
             )));
         }
-        let tok = &p.tokenizer;
-        let sampler = Sampler::new(
-            request.sampling.clone(),
-            tok.banned_ids.clone(),
-            &prompt.ids,
-        );
         if let Some(n) = request.prompt_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(Error::Invalid(format!(
                 "prompt logprobs: at most {MAX_TOP_LOGPROBS} top tokens, got {n}"
             )));
         }
-        // A request that only scores its prompt samples one token, dropped when it finishes.
-        let max_new_tokens = match request.prompt_logprobs {
-            Some(_) => request.max_new_tokens.max(1),
-            None => request.max_new_tokens,
-        };
-        let capacity = p.positions_for(&prompt, max_new_tokens);
-        let joins_previous = prompt.joins_previous;
-        let prompt_ids = match request.prompt_logprobs {
-            Some(_) => prompt.ids.clone(),
-            None => Vec::new(),
-        };
-        let id = self.scheduler.add(
-            prompt.ids,
-            prompt.image_of_token,
-            pixels.len(),
-            max_new_tokens,
-            capacity,
-        )?;
-        let stop_ids = match request.ignore_eos {
-            true => Vec::new(),
-            false => tok.stop_ids.clone(),
-        };
-        let stream = TextStream::new(request.stop.clone());
+        Ok(())
+    }
+
+    /// What the engine keeps of a checked request beside the scheduler's state.
+    fn new_request(
+        &self,
+        prompt: &EncodedPrompt,
+        pixels: Vec<PreparedImage>,
+        request: &GenerationRequest,
+    ) -> Request {
+        let tok = &self.pipeline.tokenizer;
         let prompt_logprobs = request.prompt_logprobs.map(|top| PromptLogprobs {
-            at: vec![None; prompt_ids.len().saturating_sub(1)],
-            prompt: prompt_ids,
+            at: vec![None; prompt.ids.len().saturating_sub(1)],
+            prompt: prompt.ids.clone(),
             top,
+            first: 0,
         });
-        self.requests.insert(
-            id,
-            Request {
-                pixels,
-                joins_previous,
-                sampler,
-                stream,
-                stop_ids,
-                scores_only: request.max_new_tokens == 0 && prompt_logprobs.is_some(),
-                prompt_logprobs,
-                logprobs: Vec::new(),
-                started: false,
+        Request {
+            pixels,
+            joins_previous: Vec::new(),
+            sampler: Sampler::new(request.sampling.clone(), tok.banned_ids.clone(), &prompt.ids),
+            stream: TextStream::new(request.stop.clone()),
+            stop_ids: match request.ignore_eos {
+                true => Vec::new(),
+                false => tok.stop_ids.clone(),
             },
-        );
-        Ok(id)
+            scores_only: request.max_new_tokens == 0 && prompt_logprobs.is_some(),
+            prompt_logprobs,
+            logprobs: Vec::new(),
+            started: false,
+            forks: None,
+        }
     }
 
     /// Runs one step (see the module doc) and returns what happened; does nothing when no request is pending.
@@ -439,6 +572,10 @@ impl<'p, B: Backend> Engine<'p, B> {
                     continue;
                 }
             };
+            if let Some(forks) = self.requests.get_mut(&id).and_then(|r| r.forks.take()) {
+                self.start_forks(id, forks, events);
+                continue;
+            }
             let request = self
                 .requests
                 .get_mut(&id)
@@ -573,7 +710,12 @@ impl<'p, B: Backend> Engine<'p, B> {
     /// Drops a request that failed on its own, freeing what it holds, and reports it.
     fn fail(&mut self, id: RequestId, message: String, events: &mut Vec<Event>) {
         self.scheduler.finish(id);
-        self.requests.remove(&id);
+        // A shared prefix that fails fails the requests waiting for it.
+        let forks = self.requests.remove(&id).and_then(|r| r.forks).unwrap_or_default();
+        for f in forks {
+            self.fork_parent.remove(&f.id);
+            events.push(Event::Failed { id: f.id, message: message.clone() });
+        }
         events.push(Event::Failed { id, message });
     }
 

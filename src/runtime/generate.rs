@@ -23,7 +23,7 @@ impl<B: Backend> Pipeline<B> {
         let config = EngineConfig {
             block_size,
             kv_blocks: self
-                .positions_for(prompt, req.max_new_tokens)
+                .positions_for(prompt, req.tokens_to_run())
                 .div_ceil(block_size)
                 .max(1),
             media_slots: pixels.len(),

@@ -30,6 +30,16 @@ impl Default for GenerationRequest {
     }
 }
 
+impl GenerationRequest {
+    /// The new tokens it runs for: one that only scores its prompt samples one token, dropped when it finishes.
+    pub fn tokens_to_run(&self) -> usize {
+        match self.prompt_logprobs {
+            Some(_) => self.max_new_tokens.max(1),
+            None => self.max_new_tokens,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.

@@ -83,6 +83,18 @@ impl SeqState {
     }
 }
 
+/// A sequence to start from a running one's prefix ([`Scheduler::fork`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fork {
+    pub prompt: Vec<u32>,
+    /// Per token: the image it attends to (-1: none), as for [`Scheduler::add`].
+    pub image_of_token: Vec<i32>,
+    /// KV blocks of the parent to share, at most (never more than the parent has computed).
+    pub shared_blocks: usize,
+    pub max_new_tokens: usize,
+    pub capacity: usize,
+}
+
 /// A request admitted for the first time: its images are to be encoded into these slots, one per image in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MediaJob {
@@ -176,19 +188,7 @@ impl Scheduler {
         max_new_tokens: usize,
         capacity: usize,
     ) -> Result<RequestId> {
-        if num_images > self.media.total() {
-            return Err(Error::Invalid(format!(
-                "{num_images} images, more than the media cache holds ({})",
-                self.media.total()
-            )));
-        }
-        let blocks = self.blocks.blocks_for(capacity);
-        if blocks > self.blocks.total_blocks() {
-            return Err(Error::Invalid(format!(
-                "a request of {capacity} positions needs {blocks} KV blocks, more than the pool's {}",
-                self.blocks.total_blocks()
-            )));
-        }
+        self.check_fits(num_images, capacity)?;
         let id = self.next_id;
         self.next_id += 1;
         self.waiting.push_back(SeqState {
@@ -204,6 +204,83 @@ impl Scheduler {
             capacity,
         });
         Ok(id)
+    }
+
+    /// Refuses a request it could never run: more images than the media cache holds, more positions than the
+    /// whole KV pool.
+    pub fn check_fits(&self, num_images: usize, capacity: usize) -> Result<()> {
+        if num_images > self.media.total() {
+            return Err(Error::Invalid(format!(
+                "{num_images} images, more than the media cache holds ({})",
+                self.media.total()
+            )));
+        }
+        let blocks = self.blocks.blocks_for(capacity);
+        if blocks > self.blocks.total_blocks() {
+            return Err(Error::Invalid(format!(
+                "a request of {capacity} positions needs {blocks} KV blocks, more than the pool's {}",
+                self.blocks.total_blocks()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ids for `n` sequences to be forked later ([`Scheduler::fork`]), taken now so that they keep the arrival
+    /// place of the request they come from.
+    pub fn reserve_ids(&mut self, n: usize) -> Vec<RequestId> {
+        let ids = (self.next_id..self.next_id + n as RequestId).collect();
+        self.next_id += n as RequestId;
+        ids
+    }
+
+    /// Starts the reserved sequence `id` of `prompt` from the running `parent`: it shares (without copying) the
+    /// parent's first `shared_blocks` KV blocks, which hold the first `shared_blocks * block_size` positions of
+    /// `prompt` (refused where the tokens disagree), and all the parent's media slots; it computes the rest
+    /// itself. It runs at once where the batch has room; else it waits in its arrival place, sharing no block. A
+    /// fork that is preempted gives up its shares and is recomputed from its prompt, as any sequence.
+    pub fn fork(&mut self, parent: RequestId, id: RequestId, child: Fork) -> Result<()> {
+        let bs = self.limits.block_size;
+        let p = self.running_mut(parent);
+        let shared = child.shared_blocks.min(p.computed / bs);
+        if p.tokens[..shared * bs] != child.prompt[..shared * bs] {
+            return Err(Error::Invalid(format!(
+                "request {id} shares request {parent}'s first {} positions but not their tokens",
+                shared * bs
+            )));
+        }
+        // Only running sequences hold KV blocks (so preemption can always make room): a fork that must wait
+        // shares none and computes its whole prompt when admitted.
+        let runs_now = self.running.len() < self.limits.max_seqs;
+        let shared = if runs_now { shared } else { 0 };
+        let p = self.running_mut(parent);
+        let block_table = p.block_table[..shared].to_vec();
+        let media_slots = p.media_slots.clone();
+        let num_images = p.num_images;
+        self.blocks.share(&block_table);
+        self.media.share(&media_slots);
+        let seq = SeqState {
+            id,
+            prompt_len: child.prompt.len(),
+            tokens: child.prompt,
+            image_of_token: child.image_of_token,
+            computed: shared * bs,
+            block_table,
+            media_slots,
+            num_images,
+            max_new_tokens: child.max_new_tokens,
+            capacity: child.capacity,
+        };
+        if runs_now {
+            self.running.push(seq);
+        } else {
+            let at = self
+                .waiting
+                .iter()
+                .position(|w| w.id > id)
+                .unwrap_or(self.waiting.len());
+            self.waiting.insert(at, seq);
+        }
+        Ok(())
     }
 
     /// Plans the next step (see the module doc); its `seqs` are empty when nothing can run.
@@ -548,5 +625,44 @@ mod tests {
         assert!(s.cancel(a).is_none());
         assert_eq!(s.blocks().free_blocks(), 2);
         assert_eq!(s.media_slots_used(), 0);
+    }
+
+    #[test]
+    fn a_fork_shares_the_prefix_blocks_and_media_slots_and_computes_only_the_rest() {
+        let mut s = Scheduler::new(limits(8, 64)).unwrap();
+        let parent = add(&mut s, 10, 1, 1);
+        let plan = s.schedule();
+        assert_eq!(rows(&plan), vec![(parent, 10)]);
+        s.commit(&plan);
+        assert_eq!(s.blocks().free_blocks(), 8 - 3);
+        let [child] = s.reserve_ids(1)[..] else { unreachable!() };
+        let mut prompt = vec![7; 10];
+        prompt.extend([3, 4, 5]);
+        let fork = Fork {
+            image_of_token: vec![0; 13],
+            prompt: prompt.clone(),
+            shared_blocks: 2,
+            max_new_tokens: 1,
+            capacity: 14,
+        };
+        s.fork(parent, child, fork.clone()).unwrap();
+        s.finish(parent);
+        assert_eq!(s.blocks().free_blocks(), 8 - 2, "the child still holds the two shared blocks");
+        assert_eq!(s.media_slots_used(), 1, "and the image's slot");
+        let plan = s.schedule();
+        assert!(plan.encode.is_empty(), "the image is not encoded again");
+        assert_eq!(rows(&plan), vec![(child, 5)], "positions 8 .. 13 only");
+        assert_eq!(plan.seqs[0].step.block_table.len(), 4);
+        s.commit(&plan);
+        s.finish(child);
+        assert_eq!(s.blocks().free_blocks(), 8);
+        assert_eq!(s.media_slots_used(), 0);
+        // Tokens that disagree with the parent's are refused.
+        let parent = add(&mut s, 10, 0, 1);
+        let plan = s.schedule();
+        s.commit(&plan);
+        let [child] = s.reserve_ids(1)[..] else { unreachable!() };
+        prompt[1] = 9;
+        assert!(s.fork(parent, child, Fork { prompt, ..fork }).is_err());
     }
 }
