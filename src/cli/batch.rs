@@ -11,18 +11,17 @@
 //! blank line, one that is not UTF-8 or not a valid request is answered `{"error": ...}` in place.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::backend::Backend;
 use crate::cli::options::{
     bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions,
 };
+use crate::cli::jsonl::{read_lines, OrderedOutput};
 use crate::error::{Error, Result};
 use crate::model::sampling::SamplingParams;
 use crate::runtime::engine::{Engine, Event};
@@ -91,13 +90,8 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     pipeline.max_image_pixels = args.max_image_pixels;
     let config = args.engine.config(&pipeline)?;
     let lines = read_lines(&args.input)?;
-    let out = std::fs::File::create(&args.output).map_err(|e| Error::io(&args.output, e))?;
     let mut job = Job {
-        results: vec![None; lines.len()],
-        written: 0,
-        out: BufWriter::new(out),
-        path: args.output.clone(),
-        progress: progress_bar(lines.len()),
+        out: OrderedOutput::create(&args.output, lines.len(), "requests")?,
         prompt_tokens: 0,
         generated_tokens: 0,
         failed: 0,
@@ -140,29 +134,9 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
             }
         }
     }
-    job.out.flush().map_err(|e| Error::io(&args.output, e))?;
-    job.progress.finish_and_clear();
+    job.out.finish()?;
     job.summary(start.elapsed().as_secs_f64(), engine.preemptions());
     Ok(())
-}
-
-/// Every line of the input: its text, or why it is no request (blank, not UTF-8), answered in place so that output
-/// line N always answers input line N.
-fn read_lines(path: &Path) -> Result<Vec<std::result::Result<String, String>>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
-    if body.is_empty() {
-        return Ok(Vec::new());
-    }
-    let lines = body.split(|&b| b == b'\n').enumerate().map(|(i, raw)| {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        match std::str::from_utf8(raw) {
-            Ok(text) if text.trim().is_empty() => Err(format!("line {}: blank line", i + 1)),
-            Ok(text) => Ok(text.to_string()),
-            Err(e) => Err(format!("line {}: not UTF-8 ({e})", i + 1)),
-        }
-    });
-    Ok(lines.collect())
 }
 
 /// Parses one request line, preprocesses its images and queues it.
@@ -197,22 +171,9 @@ fn admit<B: Backend>(
     engine.add_request(prompt, pixels, &request)
 }
 
-fn progress_bar(n: usize) -> ProgressBar {
-    let bar = ProgressBar::new(n as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed} eta {eta}")
-            .expect("static template"),
-    );
-    bar
-}
-
-/// Results waiting to be written in input order, and the job's counters.
+/// Results written in input order, and the job's counters.
 struct Job {
-    results: Vec<Option<Value>>,
-    written: usize,
-    out: BufWriter<std::fs::File>,
-    path: PathBuf,
-    progress: ProgressBar,
+    out: OrderedOutput,
     prompt_tokens: usize,
     generated_tokens: usize,
     failed: usize,
@@ -228,27 +189,16 @@ impl Job {
             "prompt_tokens": out.prompt_ids.len(),
             "finish_reason": out.finish_reason.as_str(),
         });
-        self.record(line, value)
+        self.out.record(line, value)
     }
 
     fn fail(&mut self, line: usize, message: String) -> Result<()> {
         self.failed += 1;
-        self.record(line, json!({ "error": message }))
-    }
-
-    /// Stores a result and writes every result now complete at the head of the input order.
-    fn record(&mut self, line: usize, value: Value) -> Result<()> {
-        self.results[line] = Some(value);
-        self.progress.inc(1);
-        while let Some(Some(v)) = self.results.get_mut(self.written).map(Option::take) {
-            writeln!(self.out, "{v}").map_err(|e| Error::io(&self.path, e))?;
-            self.written += 1;
-        }
-        Ok(())
+        self.out.record(line, json!({ "error": message }))
     }
 
     fn summary(&self, seconds: f64, preemptions: usize) {
-        let n = self.results.len();
+        let n = self.out.len();
         let per_s = |x: usize| x as f64 / seconds.max(1e-9);
         eprintln!(
             "{n} requests ({} failed) in {seconds:.2} s: {:.1} requests/s, prompt {:.0} tokens/s, \

@@ -6,7 +6,9 @@ mod doctor;
 mod generate;
 mod inspect;
 pub mod options;
+mod jsonl;
 mod profile;
+mod score;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +32,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a file of requests (JSON lines) through the continuous-batching engine; results in input order.
     Batch(batch::BatchArgs),
+    /// Rank candidate texts by their log-probability given images and a prompt (JSON lines in and out).
+    Score(score::ScoreArgs),
     /// Serve the OpenAI-compatible HTTP API (chat completions with images, completions, streaming, metrics).
     Serve(serve::ServeArgs),
     /// Measure latency and throughput end to end, each beside its roofline floor.
@@ -47,6 +51,7 @@ pub fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Score(args) => score::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Profile(args) => profile::run(args),

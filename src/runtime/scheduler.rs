@@ -236,8 +236,9 @@ impl Scheduler {
     /// Starts the reserved sequence `id` of `prompt` from the running `parent`: it shares (without copying) the
     /// parent's first `shared_blocks` KV blocks, which hold the first `shared_blocks * block_size` positions of
     /// `prompt` (refused where the tokens disagree), and all the parent's media slots; it computes the rest
-    /// itself. It runs at once where the batch has room; else it waits in its arrival place, sharing no block. A
-    /// fork that is preempted gives up its shares and is recomputed from its prompt, as any sequence.
+    /// itself. It runs at once where the batch has room, else waits in its arrival place with its shares (given
+    /// up if admission runs out of blocks: see `admit`). A fork that is preempted gives up its shares and is
+    /// recomputed from its prompt, as any sequence.
     pub fn fork(&mut self, parent: RequestId, id: RequestId, child: Fork) -> Result<()> {
         let bs = self.limits.block_size;
         let p = self.running_mut(parent);
@@ -248,10 +249,7 @@ impl Scheduler {
                 shared * bs
             )));
         }
-        // Only running sequences hold KV blocks (so preemption can always make room): a fork that must wait
-        // shares none and computes its whole prompt when admitted.
         let runs_now = self.running.len() < self.limits.max_seqs;
-        let shared = if runs_now { shared } else { 0 };
         let p = self.running_mut(parent);
         let block_table = p.block_table[..shared].to_vec();
         let media_slots = p.media_slots.clone();
@@ -369,10 +367,22 @@ impl Scheduler {
             } else {
                 seq.num_images
             };
-            if self.media.available() < media_needed
-                || !self.blocks.grow(&mut seq.block_table, seq.tokens.len())
-            {
+            let fits = |blocks: &mut BlockPool, seq: &mut SeqState| {
+                blocks.grow(&mut seq.block_table, seq.tokens.len())
+            };
+            if self.media.available() < media_needed {
                 break;
+            }
+            if !fits(&mut self.blocks, seq) {
+                // Waiting forks may hold shared blocks; they give them up before admission stalls, so that
+                // blocks are only ever held by sequences that can run (no deadlock).
+                if !self.unshare_waiting() {
+                    break;
+                }
+                let seq = self.waiting.front_mut().expect("front exists");
+                if !fits(&mut self.blocks, seq) {
+                    break;
+                }
             }
             let mut seq = self.waiting.pop_front().expect("front exists");
             if !seq.has_media_slots() {
@@ -421,6 +431,20 @@ impl Scheduler {
             i += 1;
         }
         rows
+    }
+
+    /// Releases the blocks of every waiting sequence but the first (forks waiting with shared blocks: they will
+    /// compute their prompts whole); whether any was released.
+    fn unshare_waiting(&mut self) -> bool {
+        let mut released = false;
+        for seq in self.waiting.iter_mut().skip(1) {
+            if !seq.block_table.is_empty() {
+                self.blocks.release(&mut seq.block_table);
+                seq.computed = 0;
+                released = true;
+            }
+        }
+        released
     }
 
     /// Frees `running[i]`'s blocks and queues it again in its arrival place, to be recomputed.

@@ -15,7 +15,7 @@ use crate::io::image::PreparedImage;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
-use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event};
+use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event, ForkedRequest};
 use crate::runtime::pipeline::Pipeline;
 use crate::backend::TokenLogprobs;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
@@ -155,8 +155,8 @@ struct Submission {
     submitted: Instant,
     prompt: EncodedPrompt,
     pixels: Vec<PreparedImage>,
-    request: GenerationRequest,
-    events: UnboundedSender<StreamEvent>,
+    /// One request of `prompt`, or several forked from it after its prefill (`submit_choices`).
+    requests: Vec<(ForkedRequest, UnboundedSender<StreamEvent>)>,
 }
 
 /// A handle to the engine thread; dropping it (or `shutdown`) lets the thread finish every accepted request and
@@ -204,22 +204,45 @@ impl<B: Backend + 'static> EngineService<B> {
         pixels: Vec<PreparedImage>,
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<StreamEvent>> {
-        let (events, rx) = unbounded_channel();
+        let mut rx = self.submit_choices(prompt, pixels, vec![request])?;
+        Ok(rx.remove(0))
+    }
+
+    /// Queues several requests of one prepared prompt (a request's `n` choices): its prefill and images run once
+    /// and the requests fork from it ([`Engine::add_forked`]), except where they report the prompt's own
+    /// log-probabilities (each computes its prompt then). One channel per request, in order.
+    pub fn submit_choices(
+        &self,
+        prompt: EncodedPrompt,
+        pixels: Vec<PreparedImage>,
+        requests: Vec<GenerationRequest>,
+    ) -> Result<Vec<UnboundedReceiver<StreamEvent>>> {
+        let (mut forks, mut receivers) = (Vec::new(), Vec::new());
+        for request in requests {
+            let (events, rx) = unbounded_channel();
+            let fork = ForkedRequest {
+                prompt: prompt.clone(),
+                request,
+                scored_from: 1,
+            };
+            forks.push((fork, events));
+            receivers.push(rx);
+        }
         let inbox = self.inbox.as_ref().expect("inbox lives until shutdown");
-        self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
+        let n = forks.len();
+        self.metrics.in_flight.fetch_add(n, Ordering::SeqCst);
         inbox
             .send(Submission {
                 submitted: Instant::now(),
                 prompt,
                 pixels,
-                request,
-                events,
+                requests: forks,
             })
             .map_err(|_| {
-                self.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.in_flight.fetch_sub(n, Ordering::SeqCst);
                 Error::Invalid("the engine thread has stopped".into())
             })?;
-        Ok(rx)
+        Ok(receivers)
     }
 
     /// Stops taking requests, lets the thread finish the accepted ones, and waits for it.
@@ -285,19 +308,52 @@ fn accept<B: Backend>(
     listeners: &mut HashMap<RequestId, Listener>,
     metrics: &ServiceMetrics,
 ) {
-    match engine.add_request(s.prompt, s.pixels, &s.request) {
-        Ok(id) => {
-            let listener = Listener {
-                events: s.events,
-                submitted: s.submitted,
-                answered: false,
-            };
-            listeners.insert(id, listener);
+    let (requests, senders): (Vec<ForkedRequest>, Vec<_>) = s.requests.into_iter().unzip();
+    let independent = requests.len() == 1
+        || requests.iter().any(|r| r.request.prompt_logprobs.is_some());
+    let added: Result<Vec<RequestId>> = match independent {
+        true => {
+            let mut ids = Vec::new();
+            let mut refused = None;
+            for r in &requests {
+                match engine.add_request(s.prompt.clone(), s.pixels.clone(), &r.request) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            match refused {
+                // One choice refused refuses the request: the others added are dropped.
+                Some(e) => {
+                    for id in ids {
+                        engine.cancel(id);
+                    }
+                    Err(e)
+                }
+                None => Ok(ids),
+            }
+        }
+        false => engine.add_forked(s.prompt, s.pixels, requests),
+    };
+    match added {
+        Ok(ids) => {
+            for (id, events) in ids.into_iter().zip(senders) {
+                let listener = Listener {
+                    events,
+                    submitted: s.submitted,
+                    answered: false,
+                };
+                listeners.insert(id, listener);
+            }
         }
         Err(e) => {
-            let _ = s.events.send(StreamEvent::Refused(e.to_string()));
-            metrics.requests_failed.fetch_add(1, Ordering::SeqCst);
-            metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            for events in senders {
+                let _ = events.send(StreamEvent::Refused(e.to_string()));
+                metrics.requests_failed.fetch_add(1, Ordering::SeqCst);
+                metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }

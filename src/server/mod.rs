@@ -178,14 +178,10 @@ async fn serve_request<B: Backend + 'static>(
     let vocab = app.service.pipeline().tokenizer.vocab_size();
     let plan = fields::plan(api, &fields, vocab, app.limits.max_tokens)?;
     let (encoded, pixels) = prepare(app, prompt.clone(), image_urls).await?;
-    let mut receivers = Vec::with_capacity(plan.choices.len());
-    for request in &plan.choices {
-        let events = app
-            .service
-            .submit(encoded.clone(), pixels.clone(), request.clone())
-            .map_err(ApiError::from_engine)?;
-        receivers.push(events);
-    }
+    let receivers = app
+        .service
+        .submit_choices(encoded.clone(), pixels, plan.choices.clone())
+        .map_err(ApiError::from_engine)?;
     let kind = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
     let answer = Answer {
         api,
