@@ -64,6 +64,32 @@ impl Server {
         }
     }
 
+    /// The status and the `Retry-After` header of a POST.
+    fn post_retry_after(&self, path: &str, body: &str) -> (u16, Option<String>) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        let r = match agent.post(&format!("{}{path}", self.base)).send_string(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{path}: {e}"),
+        };
+        (r.status(), r.header("retry-after").map(str::to_string))
+    }
+
+    /// Status and body of any method on `path`.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let req = ureq::request(method, &format!("{}{path}", self.base));
+        let r = match body.map_or_else(|| req.clone().call(), |b| req.clone().send_string(b)) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = r.status();
+        let text = r.into_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text}")))
+    }
+
     fn post_json(&self, path: &str, body: &Value) -> Value {
         let (status, text) = self.post(path, &body.to_string());
         assert_eq!(status, 200, "{path}: {text}");
@@ -410,10 +436,30 @@ fn every_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving() 
             "temperature",
         ),
         (
-            "n > 1",
-            json!({"messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(),
+            "n > 16",
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 17}).to_string(),
             400,
             "n:",
+        ),
+        (
+            "a field not honoured",
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})
+                .to_string(),
+            400,
+            "response_format: not supported",
+        ),
+        (
+            "logit_bias on a token outside the vocabulary",
+            json!({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}}).to_string(),
+            400,
+            "logit_bias",
+        ),
+        (
+            "top_logprobs over 20",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21})
+                .to_string(),
+            400,
+            "top_logprobs",
         ),
     ];
     for (what, body, status, needle) in &cases {
@@ -463,7 +509,12 @@ fn requests_beyond_capacity_get_429() {
             .map(|_| {
                 s.spawn(|| {
                     start.wait();
-                    server.post("/v1/chat/completions", &body.to_string()).0
+                    let (status, retry) =
+                        server.post_retry_after("/v1/chat/completions", &body.to_string());
+                    if status == 429 {
+                        assert_eq!(retry.as_deref(), Some("1"), "a 429 says when to retry");
+                    }
+                    status
                 })
             })
             .collect();
@@ -476,6 +527,60 @@ fn requests_beyond_capacity_get_429() {
         "{statuses:?}"
     );
     assert!(server.metric("flamingo_requests_total{outcome=\"rejected\"}") >= 1.0);
+    let rejected = statuses.iter().filter(|&&s| s == 429).count() as f64;
+    assert_eq!(server.metric("flamingo_http_responses_total{status=\"429\"}"), rejected);
+}
+
+/// What operating the server needs: OpenAI-shaped 404 and 405, the served model by id (any other is a 404, also as
+/// a request's `model`), vLLM's tokenize and detokenize, metrics that count 4xx responses and time requests, and
+/// response ids that differ across restarts.
+#[test]
+fn operations_endpoints_answer_in_openai_shapes_and_metrics_count_them() {
+    let server = Server::start(&[]);
+    let (status, v) = server.call("GET", "/v1/nothing", None);
+    assert_eq!(status, 404);
+    assert!(v["error"]["message"].as_str().unwrap().contains("/v1/nothing"), "{v}");
+    let (status, v) = server.call("DELETE", "/v1/models", None);
+    assert_eq!(status, 405);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let (status, v) = server.call("GET", "/v1/models/tiny-idefics-a", None);
+    assert_eq!((status, v["id"].as_str()), (200, Some("tiny-idefics-a")));
+    let (status, v) = server.call("GET", "/v1/models/llama", None);
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    let body = json!({"model": "llama", "messages": [{"role": "user", "content": "x"}]}).to_string();
+    assert_eq!(server.call("POST", "/v1/chat/completions", Some(&body)).0, 404);
+    let prompt = "User:<image>Describe this image.\nAssistant:";
+    let (status, t) = server.call("POST", "/tokenize", Some(&json!({"prompt": prompt}).to_string()));
+    assert_eq!(status, 200, "{t}");
+    let tokens = t["tokens"].as_array().unwrap();
+    assert_eq!(t["count"].as_u64().unwrap() as usize, tokens.len());
+    assert_eq!(t["token_strs"].as_array().unwrap().len(), tokens.len());
+    let (status, d) = server.call("POST", "/detokenize", Some(&json!({"tokens": tokens}).to_string()));
+    assert_eq!(status, 200);
+    assert!(d["prompt"].as_str().unwrap().contains("Describe this image."), "{d}");
+    let (status, e) = server.call("POST", "/detokenize", Some(&json!({"tokens": [1, 99999999]}).to_string()));
+    assert_eq!(status, 400);
+    assert!(e["error"]["message"].as_str().unwrap().contains("tokens[1]"), "{e}");
+    let chat = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3});
+    let first = server.post_json("/v1/chat/completions", &chat)["id"].as_str().unwrap().to_string();
+    let second = server.post_json("/v1/chat/completions", &chat)["id"].as_str().unwrap().to_string();
+    assert_ne!(first, second);
+    assert!(server.metric("flamingo_http_responses_total{status=\"404\"}") >= 3.0);
+    assert_eq!(server.metric("flamingo_http_responses_total{status=\"405\"}"), 1.0);
+    assert!(server.metric("flamingo_http_responses_total{status=\"400\"}") >= 1.0);
+    for histogram in [
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "queue_time_seconds",
+        "request_generation_tokens",
+    ] {
+        assert_eq!(server.metric(&format!("flamingo_{histogram}_count")), 2.0, "{histogram}");
+    }
+    assert_eq!(server.metric("flamingo_request_generation_tokens_sum"), 6.0);
+    drop(server);
+    let restarted = Server::start(&[]);
+    let again = restarted.post_json("/v1/chat/completions", &chat)["id"].as_str().unwrap().to_string();
+    assert_ne!(again, first, "ids do not restart with the server");
 }
 
 #[test]
