@@ -442,3 +442,80 @@ fn batch_answers_blank_and_non_utf8_lines_in_place_so_outputs_line_up() {
         assert!(error.contains(want), "line {}: {}", i + 1, results[i]);
     }
 }
+
+/// OpenAI's Batch API format, as vLLM's run_batch takes it: chat and completions bodies with the server's field
+/// names, each answered with the server's response body under its `custom_id`, refused ones with their 4xx in
+/// place; the file's own format takes the same names (`max_tokens`, `logprobs`, `n`).
+#[test]
+fn batch_takes_openai_batch_api_lines_and_answers_each_under_its_custom_id() {
+    use base64::Engine as _;
+    let fx = Fixture::load("tiny-idefics-a");
+    let png = std::fs::read(common::fixture_dir("images").join("chelsea.png")).unwrap();
+    let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png));
+    let chat = serde_json::json!({"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                {"type": "text", "text": "Describe this image."}]}],
+                 "max_tokens": 5, "logprobs": true, "top_logprobs": 2}});
+    let completion = serde_json::json!({"custom_id": "cmpl-1", "method": "POST", "url": "/v1/completions",
+        "body": {"prompt": "User: hi\nAssistant:", "max_tokens": 4, "n": 2, "seed": 3, "temperature": 1.0}});
+    let refused = serde_json::json!({"custom_id": "bad-1", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "x"}], "tools": []}});
+    let wrong_url = serde_json::json!({"custom_id": "bad-2", "method": "POST", "url": "/v1/embeddings",
+        "body": {"input": "x"}});
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("batch.jsonl");
+    let lines = [chat.to_string(), completion.to_string(), String::new(), refused.to_string(), wrong_url.to_string()];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let out = flamingo()
+        .args(["batch", "--device", "cpu", "--model"])
+        .arg(&fx.dir)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), lines.len(), "one output line per input line");
+    let chat = &results[0];
+    assert_eq!(chat["custom_id"], "chat-1");
+    assert_eq!(chat["response"]["status_code"], 200);
+    let body = &chat["response"]["body"];
+    assert_eq!(body["object"], "chat.completion");
+    let content = body["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len() as u64, body["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let choices = results[1]["response"]["body"]["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "n = 2");
+    assert_eq!(choices[1]["index"], 1);
+    assert!(results[2]["error"].is_null() && results[2]["response"]["status_code"] == 400, "{}", results[2]);
+    assert!(results[2]["response"]["body"]["error"]["message"].as_str().unwrap().contains("blank line"));
+    assert_eq!(results[3]["custom_id"], "bad-1");
+    assert_eq!(results[3]["response"]["status_code"], 400);
+    assert_eq!(results[3]["response"]["body"]["error"]["param"], "tools");
+    assert!(results[4]["response"]["body"]["error"]["message"].as_str().unwrap().contains("url"), "{}", results[4]);
+    // The file's own format with the server's names.
+    let own = serde_json::json!({"prompt": "User: hi\nAssistant:", "max_tokens": 3, "logprobs": 1, "n": 2});
+    std::fs::write(&input, own.to_string()).unwrap();
+    let out = flamingo()
+        .args(["batch", "--device", "cpu", "--model"])
+        .arg(&fx.dir)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap();
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["generated_ids"].as_array().unwrap().len(), 3);
+    assert_eq!(choices[0]["logprobs"]["tokens"].as_array().unwrap().len(), 3);
+}

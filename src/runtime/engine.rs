@@ -391,6 +391,41 @@ impl<'p, B: Backend> Engine<'p, B> {
         Ok(ids)
     }
 
+    /// Queues several requests of one prompt (a request's `n` choices): one is queued as it is; more fork from
+    /// one run of the prompt ([`Engine::add_forked`]), except where they report the prompt's own
+    /// log-probabilities (each then runs the prompt itself, which it must to compute them). Refuses all or none.
+    pub fn add_choices(
+        &mut self,
+        prompt: EncodedPrompt,
+        pixels: Vec<PreparedImage>,
+        requests: Vec<GenerationRequest>,
+    ) -> Result<Vec<RequestId>> {
+        if requests.len() > 1 && requests.iter().all(|r| r.prompt_logprobs.is_none()) {
+            let forks = requests
+                .into_iter()
+                .map(|request| ForkedRequest {
+                    prompt: prompt.clone(),
+                    request,
+                    scored_from: 1,
+                })
+                .collect();
+            return self.add_forked(prompt, pixels, forks);
+        }
+        let mut ids = Vec::with_capacity(requests.len());
+        for request in &requests {
+            match self.add_request(prompt.clone(), pixels.clone(), request) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        self.cancel(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Starts the requests waiting for the prefix `parent` (which has just run) and drops the prefix.
     fn start_forks(&mut self, parent: RequestId, forks: Vec<PendingFork>, events: &mut Vec<Event>) {
         for f in forks {

@@ -15,7 +15,7 @@ use crate::io::image::PreparedImage;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
-use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event, ForkedRequest};
+use crate::runtime::engine::{Engine, EngineConfig, EngineStats, Event};
 use crate::runtime::pipeline::Pipeline;
 use crate::backend::TokenLogprobs;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
@@ -155,8 +155,8 @@ struct Submission {
     submitted: Instant,
     prompt: EncodedPrompt,
     pixels: Vec<PreparedImage>,
-    /// One request of `prompt`, or several forked from it after its prefill (`submit_choices`).
-    requests: Vec<(ForkedRequest, UnboundedSender<StreamEvent>)>,
+    /// One request of `prompt`, or several choices of it ([`Engine::add_choices`]).
+    requests: Vec<(GenerationRequest, UnboundedSender<StreamEvent>)>,
 }
 
 /// A handle to the engine thread; dropping it (or `shutdown`) lets the thread finish every accepted request and
@@ -208,9 +208,8 @@ impl<B: Backend + 'static> EngineService<B> {
         Ok(rx.remove(0))
     }
 
-    /// Queues several requests of one prepared prompt (a request's `n` choices): its prefill and images run once
-    /// and the requests fork from it ([`Engine::add_forked`]), except where they report the prompt's own
-    /// log-probabilities (each computes its prompt then). One channel per request, in order.
+    /// Queues several requests of one prepared prompt (a request's `n` choices, run as
+    /// [`Engine::add_choices`] runs them). One channel per request, in order.
     pub fn submit_choices(
         &self,
         prompt: EncodedPrompt,
@@ -220,12 +219,7 @@ impl<B: Backend + 'static> EngineService<B> {
         let (mut forks, mut receivers) = (Vec::new(), Vec::new());
         for request in requests {
             let (events, rx) = unbounded_channel();
-            let fork = ForkedRequest {
-                prompt: prompt.clone(),
-                request,
-                scored_from: 1,
-            };
-            forks.push((fork, events));
+            forks.push((request, events));
             receivers.push(rx);
         }
         let inbox = self.inbox.as_ref().expect("inbox lives until shutdown");
@@ -308,35 +302,8 @@ fn accept<B: Backend>(
     listeners: &mut HashMap<RequestId, Listener>,
     metrics: &ServiceMetrics,
 ) {
-    let (requests, senders): (Vec<ForkedRequest>, Vec<_>) = s.requests.into_iter().unzip();
-    let independent = requests.len() == 1
-        || requests.iter().any(|r| r.request.prompt_logprobs.is_some());
-    let added: Result<Vec<RequestId>> = match independent {
-        true => {
-            let mut ids = Vec::new();
-            let mut refused = None;
-            for r in &requests {
-                match engine.add_request(s.prompt.clone(), s.pixels.clone(), &r.request) {
-                    Ok(id) => ids.push(id),
-                    Err(e) => {
-                        refused = Some(e);
-                        break;
-                    }
-                }
-            }
-            match refused {
-                // One choice refused refuses the request: the others added are dropped.
-                Some(e) => {
-                    for id in ids {
-                        engine.cancel(id);
-                    }
-                    Err(e)
-                }
-                None => Ok(ids),
-            }
-        }
-        false => engine.add_forked(s.prompt, s.pixels, requests),
-    };
+    let (requests, senders): (Vec<GenerationRequest>, Vec<_>) = s.requests.into_iter().unzip();
+    let added = engine.add_choices(s.prompt, s.pixels, requests);
     match added {
         Ok(ids) => {
             for (id, events) in ids.into_iter().zip(senders) {

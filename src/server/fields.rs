@@ -25,9 +25,11 @@ const REFUSED: [&str; 10] = [
 ];
 
 /// Fields both APIs honour. `user` is an end-user id for the caller's own abuse tracking: it changes no output.
-const COMMON: [&str; 16] = [
+const COMMON: [&str; 17] = [
     "model",
     "max_tokens",
+    // `flamingo generate`'s name for max_tokens, taken as an alias.
+    "max_new_tokens",
     "temperature",
     "top_p",
     "top_k",
@@ -79,12 +81,13 @@ pub struct Plan {
     pub logprobs: bool,
 }
 
-/// The plan of a request's fields; `vocab` bounds `logit_bias` ids; `max_tokens_limit` is the server's limit.
+/// The plan of a request's fields; `vocab` bounds `logit_bias` ids; `max_tokens` gives the new tokens when the
+/// request does not say, and at most.
 pub fn plan(
     api: Api,
     f: &GenerationFields,
     vocab: usize,
-    max_tokens_limit: usize,
+    max_tokens: MaxTokens,
 ) -> Result<Plan, ApiError> {
     let n = f.n.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
@@ -93,10 +96,11 @@ pub fn plan(
             format!("must be between 1 and {MAX_CHOICES}, got {n}"),
         ));
     }
+    let max_tokens_limit = max_tokens.limit;
     let max_new = f
         .max_completion_tokens
         .or(f.max_tokens)
-        .unwrap_or(max_tokens_limit);
+        .unwrap_or(max_tokens.default);
     if max_new > max_tokens_limit {
         return Err(ApiError::field(
             "max_tokens",
@@ -217,6 +221,20 @@ fn logit_bias(
     Ok(out)
 }
 
+/// New tokens per choice: when a request does not say, and at most.
+#[derive(Clone, Copy, Debug)]
+pub struct MaxTokens {
+    pub default: usize,
+    pub limit: usize,
+}
+
+impl MaxTokens {
+    /// The limit, also the default (the server's `--max-tokens`).
+    pub fn up_to(limit: usize) -> Self {
+        MaxTokens { default: limit, limit }
+    }
+}
+
 /// Choice `i`'s seed: the request's own for the first choice, a distinct one derived from it for the others (so
 /// `n` seeded choices differ and repeat); fresh entropy when the request gives none.
 fn choice_seed(seed: Option<u64>, i: usize) -> u64 {
@@ -262,7 +280,7 @@ mod tests {
     fn choices_get_distinct_reproducible_seeds_and_fresh_ones_without() {
         let f = fields(serde_json::json!({"n": 3, "seed": 5, "temperature": 1.0}));
         let seeds = |f: &GenerationFields| -> Vec<u64> {
-            plan(Api::Chat, f, 100, 64).unwrap().choices.iter().map(|c| c.sampling.seed).collect()
+            plan(Api::Chat, f, 100, MaxTokens::up_to(64)).unwrap().choices.iter().map(|c| c.sampling.seed).collect()
         };
         let a = seeds(&f);
         assert_eq!(a, seeds(&f));
@@ -274,7 +292,7 @@ mod tests {
 
     #[test]
     fn logprobs_bias_and_limits_are_checked() {
-        let p = |v: Value, api| plan(api, &fields(v), 100, 64);
+        let p = |v: Value, api| plan(api, &fields(v), 100, MaxTokens::up_to(64));
         let chat = p(serde_json::json!({"logprobs": true, "top_logprobs": 3}), Api::Chat).unwrap();
         assert_eq!(chat.choices[0].sampling.logprobs, Some(3));
         assert!(chat.choices[0].prompt_logprobs.is_none());

@@ -36,7 +36,7 @@ use crate::runtime::request::GenerationOutput;
 use crate::runtime::service::StreamEvent;
 use choices::{usage, Choice, LogprobWriter};
 use connections::{serve_connections, ConnectionLimits};
-use fields::{check_fields, Plan};
+use fields::{check_fields, MaxTokens, Plan};
 use openai::{
     render_model_template, Api, ApiError, ChatMessage, ChatRequest, ChatTemplate, CompletionRequest,
     GenerationFields,
@@ -88,12 +88,26 @@ async fn models<B: Backend + 'static>(State(app): State<Arc<AppState<B>>>) -> Js
     Json(json!({"object": "list", "data": [ops::model_object(&app.model_name)]}))
 }
 
-/// The prompt of chat messages: `--chat-template`'s patterns, else the model's Jinja template, else IDEFICS'.
+/// The prompt of chat messages as this server renders them.
 fn render_chat<B: Backend + 'static>(
     app: &AppState<B>,
     messages: &[ChatMessage],
 ) -> Result<(String, Vec<String>), ApiError> {
-    match (&app.template, &app.service.pipeline().chat_template) {
+    render_messages(
+        app.template.as_ref(),
+        app.service.pipeline().chat_template.as_ref(),
+        messages,
+    )
+}
+
+/// The prompt text of chat messages (images as markers) and their image URLs: `patterns` (`--chat-template`)
+/// where given, else the model's Jinja template, else IDEFICS' format.
+pub fn render_messages(
+    patterns: Option<&ChatTemplate>,
+    jinja: Option<&crate::io::chat_template::ChatTemplate>,
+    messages: &[ChatMessage],
+) -> Result<(String, Vec<String>), ApiError> {
+    match (patterns, jinja) {
         (Some(patterns), _) => patterns.render(messages),
         (None, Some(jinja)) => render_model_template(jinja, messages),
         (None, None) => ChatTemplate::default().render(messages),
@@ -138,7 +152,11 @@ fn parse_request<T: serde::de::DeserializeOwned>(
     api: Api,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let value: Value = parse_body(body)?;
+    request_of(api, parse_body(body)?)
+}
+
+/// A generation request of `api` from its JSON body, every field checked (`fields::check_fields`).
+pub fn request_of<T: serde::de::DeserializeOwned>(api: Api, value: Value) -> Result<T, ApiError> {
     let Value::Object(fields) = &value else {
         return Err(ApiError::bad("invalid request body: expected a JSON object"));
     };
@@ -156,13 +174,34 @@ impl Drop for GoneOnDrop {
 }
 
 /// What a response is built from beside the engine's events.
-struct Answer {
-    api: Api,
-    id: String,
-    model: String,
-    plan: Plan,
-    prompt_text: String,
-    prompt_ids: Vec<u32>,
+pub struct Answer {
+    pub api: Api,
+    pub id: String,
+    pub model: String,
+    /// Completions' `echo`: the prompt starts each choice's text (and its log-probabilities, when asked).
+    pub echo: bool,
+    /// Whether choices carry log-probabilities.
+    pub logprobs: bool,
+    /// Whether a stream ends with a usage chunk.
+    pub include_usage: bool,
+    pub prompt_text: String,
+    pub prompt_ids: Vec<u32>,
+}
+
+impl Answer {
+    /// The answer to a request of `plan` (its choices apart) on `prompt`.
+    pub fn new(api: Api, id: String, model: String, plan: &Plan, prompt_text: String, prompt_ids: Vec<u32>) -> Self {
+        Answer {
+            api,
+            id,
+            model,
+            echo: plan.echo,
+            logprobs: plan.logprobs,
+            include_usage: plan.include_usage,
+            prompt_text,
+            prompt_ids,
+        }
+    }
 }
 
 /// Checks capacity and parameters, prepares the prompt and images off the async threads, submits one engine
@@ -176,22 +215,16 @@ async fn serve_request<B: Backend + 'static>(
 ) -> Result<Response, ApiError> {
     let slot = Slot::take(app)?;
     let vocab = app.service.pipeline().tokenizer.vocab_size();
-    let plan = fields::plan(api, &fields, vocab, app.limits.max_tokens)?;
+    let plan = fields::plan(api, &fields, vocab, MaxTokens::up_to(app.limits.max_tokens))?;
     let (encoded, pixels) = prepare(app, prompt.clone(), image_urls).await?;
     let receivers = app
         .service
         .submit_choices(encoded.clone(), pixels, plan.choices.clone())
         .map_err(ApiError::from_engine)?;
     let kind = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
-    let answer = Answer {
-        api,
-        id: app.response_id(kind),
-        model: app.model_name.clone(),
-        prompt_ids: encoded.ids,
-        prompt_text: prompt,
-        plan,
-    };
-    if answer.plan.stream {
+    let id = app.response_id(kind);
+    let answer = Answer::new(api, id, app.model_name.clone(), &plan, prompt, encoded.ids);
+    if plan.stream {
         return Ok(stream_response(app.clone(), answer, receivers, slot));
     }
     let mut outputs = Vec::with_capacity(receivers.len());
@@ -199,13 +232,7 @@ async fn serve_request<B: Backend + 'static>(
         outputs.push(collect(events).await?);
     }
     drop(slot);
-    let tok = &app.service.pipeline().tokenizer;
-    let choices = outputs
-        .iter()
-        .enumerate()
-        .map(|(index, out)| answer.choice(tok, index, out))
-        .collect::<Result<Vec<_>, _>>()?;
-    let body = api.response(&answer.id, &answer.model, &choices, usage(&outputs));
+    let body = answer.body(&app.service.pipeline().tokenizer, &outputs)?;
     Ok(Json(body).into_response())
 }
 
@@ -240,23 +267,37 @@ async fn prepare<B: Backend + 'static>(
 }
 
 impl Answer {
+    /// The whole response body of the choices' outputs (in choice order).
+    pub fn body(
+        &self,
+        tok: &crate::io::tokenizer::Tokenizer,
+        outputs: &[GenerationOutput],
+    ) -> Result<Value, ApiError> {
+        let choices = outputs
+            .iter()
+            .enumerate()
+            .map(|(index, out)| self.choice(tok, index, out))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.api.response(&self.id, &self.model, &choices, usage(outputs)))
+    }
+
     /// A finished choice of a whole response.
-    fn choice(
+    pub fn choice(
         &self,
         tok: &crate::io::tokenizer::Tokenizer,
         index: usize,
         out: &GenerationOutput,
     ) -> Result<Choice, ApiError> {
-        let text = match self.plan.echo {
+        let text = match self.echo {
             true => format!("{}{}", self.prompt_text, out.text),
             false => out.text.clone(),
         };
-        let logprobs = match self.plan.logprobs {
+        let logprobs = match self.logprobs {
             false => None,
             true => {
                 let mut w = self.writer(tok);
                 let mut tokens = Vec::new();
-                if self.plan.echo {
+                if self.echo {
                     tokens.extend(prompt_entries(&out.prompt_ids, &out.prompt_logprobs));
                 }
                 tokens.extend(out.logprobs.iter().map(|l| (l.token, Some(l))));
@@ -274,7 +315,7 @@ impl Answer {
     /// The log-probability writer of a choice: echoed completions start at the prompt's first token, the others
     /// after the prompt.
     fn writer<'t>(&self, tok: &'t crate::io::tokenizer::Tokenizer) -> LogprobWriter<'t> {
-        match self.plan.echo {
+        match self.echo {
             true => LogprobWriter::new(tok, self.api, &[]),
             false => LogprobWriter::new(tok, self.api, &self.prompt_ids),
         }
@@ -368,7 +409,7 @@ async fn write_stream(
         })
         .collect();
     for index in 0..choices {
-        match (a.api, a.plan.echo && !a.plan.logprobs) {
+        match (a.api, a.echo && !a.logprobs) {
             (Api::Chat, _) => send(chunk(index, None, None, None)).await?,
             // An echo without log-probabilities starts with the prompt at once; with them, once they are known.
             (Api::Completions, true) => send(chunk(index, Some(&a.prompt_text), None, None)).await?,
@@ -379,7 +420,7 @@ async fn write_stream(
     while let Some((index, e)) = merged.recv().await {
         let s = &mut state[index];
         let pending_logprobs = |s: &mut Streaming| -> Result<Option<Value>, Gone> {
-            if !a.plan.logprobs {
+            if !a.logprobs {
                 return Ok(None);
             }
             let tokens: Vec<_> = s.pending.iter().map(|l| (l.token, Some(l))).collect();
@@ -390,7 +431,7 @@ async fn write_stream(
         match e {
             StreamEvent::Logprobs(lp) => s.pending.push(lp),
             StreamEvent::PromptLogprobs(lps) => {
-                if a.plan.echo {
+                if a.echo {
                     let tokens: Vec<_> = prompt_entries(&a.prompt_ids, &lps).collect();
                     let value = s.writer.write(&tokens).map_err(|_| Gone)?;
                     send(chunk(index, Some(&a.prompt_text), None, Some(value))).await?;
@@ -409,7 +450,7 @@ async fn write_stream(
                 send(chunk(index, None, Some(finish), logprobs)).await?;
                 outputs.insert(index, out);
                 if outputs.len() == choices {
-                    if a.plan.include_usage {
+                    if a.include_usage {
                         let all: Vec<GenerationOutput> =
                             (0..choices).filter_map(|i| outputs.remove(&i)).collect();
                         send(a.api.usage_chunk(&a.id, &a.model, usage(&all))).await?;

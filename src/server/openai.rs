@@ -125,6 +125,7 @@ pub struct StreamOptions {
 pub struct GenerationFields {
     /// The served model's name (or absent); any other is a 404.
     pub model: Option<String>,
+    #[serde(alias = "max_new_tokens")]
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
     pub temperature: Option<f32>,
