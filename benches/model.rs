@@ -32,7 +32,7 @@ struct EndToEnd<'a>(&'a mut Criterion);
 impl BackendCommand for EndToEnd<'_> {
     fn run<B: Backend + 'static>(self, backend: B) -> flamingo::Result<()> {
         let preset = preset();
-        let files = ModelFiles::synthetic(preset, &bundled_model_dir().join("tokenizer.json"))?;
+        let files = ModelFiles::synthetic(preset, &bundled_model_dir().unwrap().join("tokenizer.json"))?;
         end_to_end(
             self.0,
             preset,

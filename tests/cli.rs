@@ -519,3 +519,32 @@ fn batch_takes_openai_batch_api_lines_and_answers_each_under_its_custom_id() {
     assert_eq!(choices[0]["generated_ids"].as_array().unwrap().len(), 3);
     assert_eq!(choices[0]["logprobs"]["tokens"].as_array().unwrap().len(), 3);
 }
+
+/// The binary stands alone: copied out of the tree and run elsewhere with the embedded demo model and picture
+/// (written once into the cache), `flamingo generate` answers as it does in the tree.
+#[test]
+fn an_installed_binary_runs_the_embedded_demo_model_from_any_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("flamingo");
+    std::fs::copy(env!("CARGO_BIN_EXE_flamingo"), &binary).unwrap();
+    let cache = dir.path().join("cache");
+    let run = |embedded: bool| {
+        let mut cmd = Command::new(&binary);
+        cmd.args(["generate", "--device", "cpu", "--json"]).current_dir(dir.path());
+        if embedded {
+            cmd.env("FLAMINGO_BUNDLED_FROM", "embedded").env("XDG_CACHE_HOME", &cache);
+        }
+        json_of(&cmd.output().unwrap())
+    };
+    let in_tree = run(false);
+    let embedded = run(true);
+    assert_eq!(embedded, in_tree);
+    assert!(!embedded["generated_ids"].as_array().unwrap().is_empty());
+    let extracted: Vec<String> = std::fs::read_dir(cache.join("flamingo"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(extracted.iter().any(|n| n.starts_with("demo-model-")), "{extracted:?}");
+    assert!(extracted.iter().any(|n| n.starts_with("example-")), "{extracted:?}");
+    assert_eq!(run(true), in_tree, "a second run uses the extracted copy");
+}

@@ -93,7 +93,7 @@ fn synthetic_sizes_are_the_published_ones() {
 /// Weights are reproducible, never all zero, and keep activations O(1) through the model.
 #[test]
 fn synthetic_tiny_runs_with_bounded_activations() {
-    let tokenizer = bundled_model_dir().join("tokenizer.json");
+    let tokenizer = bundled_model_dir().unwrap().join("tokenizer.json");
     let files = ModelFiles::synthetic(Preset::Tiny, &tokenizer).unwrap();
     let name = "model.layers.0.mlp.up_proj.weight";
     let a = files.store.get_any_shape(name).unwrap();

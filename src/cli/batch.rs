@@ -86,7 +86,7 @@ struct BatchApiLine {
 }
 
 pub fn run(args: BatchArgs) -> Result<()> {
-    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
     with_backend(&args.run.clone(), &dir.clone(), Batch { args, dir })
 }
 

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::backend::Backend;
+use crate::cli::bundled::bundled_example_image;
 use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
 use crate::error::{Error, Result};
 use crate::io::tokenizer::{END_OF_UTTERANCE, IMAGE_TOKEN};
@@ -13,7 +14,6 @@ use crate::runtime::request::GenerationRequest;
 
 /// The picture described when neither `--prompt` nor `--image` is given (the bundled model was trained on such
 /// pictures; see tools/demo_model).
-pub const DEFAULT_IMAGE: &str = "assets/examples/shapes.png";
 
 /// The prompt used when none is given: IDEFICS' instruct format, one `<image>` per image, the user turn closed by
 /// `<end_of_utterance>` where the tokenizer has that token (the instruct checkpoints and the bundled model were
@@ -82,7 +82,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
     with_backend(&args.run.clone(), &dir.clone(), Generate { args, dir })
 }
 
@@ -155,20 +155,6 @@ fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()
         writeln!(stdout).map_err(|e| Error::io("<stdout>", e))?;
     }
     Ok(())
-}
-
-fn bundled_example_image() -> Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_IMAGE);
-    if !path.exists() {
-        return Err(Error::io(
-            &path,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "bundled example image missing",
-            ),
-        ));
-    }
-    Ok(path)
 }
 
 #[cfg(test)]

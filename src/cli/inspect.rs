@@ -56,7 +56,7 @@ pub fn group_thousands(n: u64) -> String {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let dir = args.model.unwrap_or_else(bundled_model_dir);
+    let dir = args.model.map_or_else(bundled_model_dir, Ok)?;
     let files = ModelFiles::open(&dir)?;
     // Loading checks every tensor the config implies (names, shapes, dtypes) without reading the weights.
     let rows = match &files.config {

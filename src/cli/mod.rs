@@ -2,6 +2,7 @@
 
 mod batch;
 mod bench;
+mod bundled;
 mod doctor;
 mod generate;
 mod inspect;

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub use crate::cli::bundled::bundled_model_dir;
+
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::Backend;
@@ -311,7 +313,7 @@ impl ModelArgs {
     pub fn dir(&self) -> PathBuf {
         match &self.synthetic {
             Some(preset) => PathBuf::from(preset.description()),
-            None => self.model.clone().unwrap_or_else(bundled_model_dir),
+            None => self.model.clone().map_or_else(|| bundled_model_dir().unwrap_or_default(), |d| d),
         }
     }
 
@@ -319,16 +321,11 @@ impl ModelArgs {
     pub fn load<B: Backend>(&self, backend: B) -> Result<Pipeline<B>> {
         let files = match (&self.synthetic, &self.model) {
             (Some(SyntheticModel::Idefics(preset)), _) => {
-                ModelFiles::synthetic(*preset, &bundled_model_dir().join("tokenizer.json"))?
+                ModelFiles::synthetic(*preset, &bundled_model_dir()?.join("tokenizer.json"))?
             }
             (Some(SyntheticModel::Mllama11b), _) => ModelFiles::synthetic_mllama_11b()?,
-            (None, dir) => ModelFiles::open(&dir.clone().unwrap_or_else(bundled_model_dir))?,
+            (None, dir) => ModelFiles::open(&dir.clone().map_or_else(bundled_model_dir, Ok)?)?,
         };
         Pipeline::from_files(files, backend, false)
     }
-}
-
-/// The small model bundled with the repository, used when `--model` is not given.
-pub fn bundled_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model")
 }

@@ -61,7 +61,7 @@ struct ScoreRequest {
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
     with_backend(&args.run.clone(), &dir.clone(), Score { args, dir })
 }
 

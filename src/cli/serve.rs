@@ -92,7 +92,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
     with_backend(&args.run.clone(), &dir.clone(), Serve { args, dir })
 }
 

@@ -3,6 +3,7 @@
 //! threads, then share the continuous-batching engine through [`EngineService`]. A response stream dropped by its
 //! client cancels the request in the engine.
 
+mod bodies;
 pub mod choices;
 pub mod connections;
 pub mod fields;
@@ -36,12 +37,11 @@ use crate::runtime::request::GenerationOutput;
 use crate::runtime::service::StreamEvent;
 use choices::{usage, Choice, LogprobWriter};
 use connections::{serve_connections, ConnectionLimits};
-use fields::{check_fields, MaxTokens, Plan};
-use openai::{
-    render_model_template, Api, ApiError, ChatMessage, ChatRequest, ChatTemplate, CompletionRequest,
-    GenerationFields,
-};
+use fields::{MaxTokens, Plan};
+use openai::{Api, ApiError, ChatRequest, CompletionRequest, GenerationFields};
+use bodies::{parse_request, render_chat};
 use state::Slot;
+pub use bodies::{render_messages, request_of};
 pub use state::{Access, AppState, ServerLimits};
 
 pub fn router<B: Backend + 'static>(state: Arc<AppState<B>>) -> Router {
@@ -88,32 +88,6 @@ async fn models<B: Backend + 'static>(State(app): State<Arc<AppState<B>>>) -> Js
     Json(json!({"object": "list", "data": [ops::model_object(&app.model_name)]}))
 }
 
-/// The prompt of chat messages as this server renders them.
-fn render_chat<B: Backend + 'static>(
-    app: &AppState<B>,
-    messages: &[ChatMessage],
-) -> Result<(String, Vec<String>), ApiError> {
-    render_messages(
-        app.template.as_ref(),
-        app.service.pipeline().chat_template.as_ref(),
-        messages,
-    )
-}
-
-/// The prompt text of chat messages (images as markers) and their image URLs: `patterns` (`--chat-template`)
-/// where given, else the model's Jinja template, else IDEFICS' format.
-pub fn render_messages(
-    patterns: Option<&ChatTemplate>,
-    jinja: Option<&crate::io::chat_template::ChatTemplate>,
-    messages: &[ChatMessage],
-) -> Result<(String, Vec<String>), ApiError> {
-    match (patterns, jinja) {
-        (Some(patterns), _) => patterns.render(messages),
-        (None, Some(jinja)) => render_model_template(jinja, messages),
-        (None, None) => ChatTemplate::default().render(messages),
-    }
-}
-
 async fn chat<B: Backend + 'static>(
     State(app): State<Arc<AppState<B>>>,
     body: Result<Bytes, BytesRejection>,
@@ -138,30 +112,6 @@ async fn completions<B: Backend + 'static>(
         serve_request(&app, Api::Completions, prompt, req.images, req.fields).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
-}
-
-/// A generation request's body: a JSON object whose every field this server honours (`fields::check_fields`).
-fn parse_request<T: serde::de::DeserializeOwned>(
-    api: Api,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    request_of(api, parse_body(body)?)
-}
-
-/// A generation request of `api` from its JSON body, every field checked (`fields::check_fields`).
-pub fn request_of<T: serde::de::DeserializeOwned>(api: Api, value: Value) -> Result<T, ApiError> {
-    let Value::Object(fields) = &value else {
-        return Err(ApiError::bad("invalid request body: expected a JSON object"));
-    };
-    check_fields(api, fields)?;
-    serde_json::from_value(value).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
 }
 
 /// Sets its flag when dropped.

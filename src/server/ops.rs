@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::io::tokenizer::{IMAGE_TOKEN, MLLAMA_IMAGE_TOKEN};
 use crate::server::openai::{ApiError, ChatMessage};
 use crate::server::state::AppState;
-use crate::server::{parse_body, render_chat};
+use crate::server::bodies::{parse_body, render_chat};
 
 /// Refuses a request without the server's API key (when it has one) with OpenAI's 401.
 pub async fn require_api_key<B: Backend + 'static>(
