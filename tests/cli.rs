@@ -467,21 +467,24 @@ fn batch_takes_openai_batch_api_lines_and_answers_each_under_its_custom_id() {
     let lines = [chat.to_string(), completion.to_string(), String::new(), refused.to_string(), wrong_url.to_string()];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let output = dir.path().join("out.jsonl");
-    let out = flamingo()
-        .args(["batch", "--device", "cpu", "--model"])
-        .arg(&fx.dir)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let results: Vec<serde_json::Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let batch = || -> Vec<serde_json::Value> {
+        let out = flamingo()
+            .args(["batch", "--device", "cpu", "--model"])
+            .arg(&fx.dir)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let results = batch();
     assert_eq!(results.len(), lines.len(), "one output line per input line");
     let chat = &results[0];
     assert_eq!(chat["custom_id"], "chat-1");
@@ -503,17 +506,7 @@ fn batch_takes_openai_batch_api_lines_and_answers_each_under_its_custom_id() {
     // The file's own format with the server's names.
     let own = serde_json::json!({"prompt": "User: hi\nAssistant:", "max_tokens": 3, "logprobs": 1, "n": 2});
     std::fs::write(&input, own.to_string()).unwrap();
-    let out = flamingo()
-        .args(["batch", "--device", "cpu", "--model"])
-        .arg(&fx.dir)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let r: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap();
+    let r = batch().remove(0);
     let choices = r["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 2);
     assert_eq!(choices[0]["generated_ids"].as_array().unwrap().len(), 3);

@@ -19,7 +19,6 @@
 //! against the input file's folder. Every input line gets its output line: a blank line, one that is not UTF-8 or
 //! not a valid request is answered in place (in the Batch API's shape when the file has Batch API lines).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -29,11 +28,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::cli::jsonl::{read_lines, OrderedOutput};
+use crate::cli::jsonl::{read_lines, LineGroups, LineOutcome, OrderedOutput};
 use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
 use crate::io::image::{decode_bytes, DecodeBudget, PreparedImage};
-use crate::runtime::engine::{Engine, Event};
+use crate::runtime::engine::Engine;
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::request::GenerationOutput;
 use crate::runtime::scheduler::RequestId;
@@ -107,13 +106,6 @@ enum Shape {
     BatchApi { custom_id: String, answer: Answer },
 }
 
-/// A line whose choices are running.
-struct Running {
-    shape: Shape,
-    outputs: Vec<Option<GenerationOutput>>,
-    left: usize,
-}
-
 fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     let mut pipeline = Pipeline::load(&dir, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
@@ -136,13 +128,12 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     let mut out = OrderedOutput::create(&args.output, lines.len(), "requests")?;
     let start = Instant::now();
     let mut engine = Engine::new(&pipeline, config)?;
-    let mut running: HashMap<usize, Running> = HashMap::new();
-    let mut choice_of: HashMap<RequestId, (usize, usize)> = HashMap::new();
+    let mut groups: LineGroups<Shape> = LineGroups::new();
     let (mut next, mut failed, mut prompt_tokens, mut generated_tokens) = (0, 0, 0, 0);
     // Keep the queue about two batches deep so preprocessed images of far-away lines do not pile up in memory.
     let queue_depth = 2 * engine.config().max_seqs;
     while next < lines.len() || engine.pending_requests() > 0 {
-        while next < lines.len() && choice_of.len() < queue_depth {
+        while next < lines.len() && groups.requests() < queue_depth {
             let queued = match &lines[next] {
                 Ok(text) => job.queue(&mut engine, text).map_err(|(mut e, custom_id)| {
                     e.message = format!("line {}: {}", next + 1, e.message);
@@ -151,13 +142,7 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
                 Err(message) => Err((ApiError::bad(message.clone()), None)),
             };
             match queued {
-                Ok((ids, shape)) => {
-                    for (k, &id) in ids.iter().enumerate() {
-                        choice_of.insert(id, (next, k));
-                    }
-                    let n = ids.len();
-                    running.insert(next, Running { shape, outputs: vec![None; n], left: n });
-                }
+                Ok((ids, shape)) => groups.add(next, &ids, shape),
                 Err((error, custom_id)) => {
                     failed += 1;
                     out.record(next, job.refusal(&error, custom_id))?;
@@ -166,41 +151,18 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
             next += 1;
         }
         for event in engine.step()? {
-            let (id, result) = match event {
-                Event::Finished { id, output } => (id, Ok(output)),
-                Event::Failed { id, message } => (id, Err(message)),
-                _ => continue,
-            };
-            // A choice of a line that has failed in this step already is not known any more.
-            let Some((line, k)) = choice_of.remove(&id) else {
-                continue;
-            };
-            let Some(state) = running.get_mut(&line) else {
-                continue;
-            };
-            match result {
-                Ok(output) => {
-                    prompt_tokens += output.prompt_ids.len();
-                    generated_tokens += output.generated_ids.len();
-                    state.outputs[k] = Some(output);
-                    state.left -= 1;
-                    if state.left == 0 {
-                        let done = running.remove(&line).expect("running");
-                        let outputs: Vec<GenerationOutput> = done.outputs.into_iter().flatten().collect();
-                        out.record(line, job.result(done.shape, &outputs))?;
-                    }
+            match groups.take(event, |id| {
+                engine.cancel(id);
+            }) {
+                None => {}
+                Some(LineOutcome::Done(line, shape, outputs)) => {
+                    prompt_tokens += outputs.iter().map(|o| o.prompt_ids.len()).sum::<usize>();
+                    generated_tokens += outputs.iter().map(|o| o.generated_ids.len()).sum::<usize>();
+                    out.record(line, job.result(shape, &outputs))?;
                 }
-                Err(message) => {
-                    // One choice failing fails its line; its other choices are dropped.
-                    let done = running.remove(&line).expect("running");
-                    choice_of.retain(|&other, &mut (l, _)| {
-                        if l == line {
-                            engine.cancel(other);
-                        }
-                        l != line
-                    });
+                Some(LineOutcome::Failed(line, shape, message)) => {
                     failed += 1;
-                    let custom_id = match done.shape {
+                    let custom_id = match shape {
                         Shape::BatchApi { custom_id, .. } => Some(custom_id),
                         Shape::File(_) => None,
                     };

@@ -1,6 +1,8 @@
 //! JSON-lines jobs (`flamingo batch`, `flamingo score`): every input line read as text or as the reason it is no
-//! request, and results written in input order as they complete, one output line per input line.
+//! request, each line's engine requests followed to its result, and results written in input order as they
+//! complete, one output line per input line.
 
+use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -8,6 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::runtime::engine::Event;
+use crate::runtime::request::GenerationOutput;
+use crate::runtime::scheduler::RequestId;
 
 /// Every line of the input: its text, or why it is no request (blank, not UTF-8), answered in place so that output
 /// line N always answers input line N.
@@ -78,5 +83,91 @@ impl OrderedOutput {
         self.out.flush().map_err(|e| Error::io(&self.path, e))?;
         self.progress.finish_and_clear();
         Ok(())
+    }
+}
+
+/// The engine requests each line of a job runs (a batch line's choices, a score line's candidates), with what the
+/// line needs to write its result: a line is done when all of them are, and fails when one fails.
+pub struct LineGroups<P> {
+    member: HashMap<RequestId, (usize, usize)>,
+    lines: HashMap<usize, Group<P>>,
+}
+
+struct Group<P> {
+    payload: P,
+    outputs: Vec<Option<GenerationOutput>>,
+    left: usize,
+}
+
+/// What a finished request means for its line.
+pub enum LineOutcome<P> {
+    /// The line's last request finished: its payload and every output, in request order.
+    Done(usize, P, Vec<GenerationOutput>),
+    /// A request of the line failed; its other requests are cancelled.
+    Failed(usize, P, String),
+}
+
+impl<P> LineGroups<P> {
+    pub fn new() -> Self {
+        LineGroups {
+            member: HashMap::new(),
+            lines: HashMap::new(),
+        }
+    }
+
+    /// Requests queued and not finished.
+    pub fn requests(&self) -> usize {
+        self.member.len()
+    }
+
+    /// Line `line` runs `ids` (in order).
+    pub fn add(&mut self, line: usize, ids: &[RequestId], payload: P) {
+        for (k, &id) in ids.iter().enumerate() {
+            self.member.insert(id, (line, k));
+        }
+        let group = Group {
+            payload,
+            outputs: (0..ids.len()).map(|_| None).collect(),
+            left: ids.len(),
+        };
+        self.lines.insert(line, group);
+    }
+
+    /// Takes an engine event; a finished line comes back. `cancel` drops the other requests of a failed line.
+    pub fn take(
+        &mut self,
+        event: Event,
+        mut cancel: impl FnMut(RequestId),
+    ) -> Option<LineOutcome<P>> {
+        let (id, result) = match event {
+            Event::Finished { id, output } => (id, Ok(output)),
+            Event::Failed { id, message } => (id, Err(message)),
+            _ => return None,
+        };
+        // A request of a line that has failed in this step already is not known any more.
+        let (line, k) = self.member.remove(&id)?;
+        match result {
+            Ok(output) => {
+                let group = self.lines.get_mut(&line)?;
+                group.outputs[k] = Some(output);
+                group.left -= 1;
+                if group.left > 0 {
+                    return None;
+                }
+                let group = self.lines.remove(&line)?;
+                let outputs = group.outputs.into_iter().flatten().collect();
+                Some(LineOutcome::Done(line, group.payload, outputs))
+            }
+            Err(message) => {
+                let group = self.lines.remove(&line)?;
+                self.member.retain(|&other, &mut (l, _)| {
+                    if l == line {
+                        cancel(other);
+                    }
+                    l != line
+                });
+                Some(LineOutcome::Failed(line, group.payload, message))
+            }
+        }
     }
 }

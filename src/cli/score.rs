@@ -14,7 +14,6 @@
 //! and its images run once per line and every candidate forks from them ([`Engine::add_forked`]); the candidates
 //! of many lines run batched.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,10 +21,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::cli::jsonl::{read_lines, OrderedOutput};
+use crate::cli::jsonl::{read_lines, LineGroups, LineOutcome, OrderedOutput};
 use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
-use crate::runtime::engine::{Engine, Event, ForkedRequest};
+use crate::runtime::engine::{Engine, ForkedRequest};
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::scheduler::RequestId;
@@ -76,13 +75,6 @@ impl BackendCommand for Score {
     }
 }
 
-/// A line being scored: its candidates and the scores that have come back.
-struct Line {
-    candidates: Vec<String>,
-    scores: Vec<Option<(f64, usize)>>,
-    left: usize,
-}
-
 fn run_on<B: Backend>(args: ScoreArgs, dir: PathBuf, backend: B) -> Result<()> {
     let mut pipeline = Pipeline::load(&dir, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
@@ -92,23 +84,19 @@ fn run_on<B: Backend>(args: ScoreArgs, dir: PathBuf, backend: B) -> Result<()> {
     let start = Instant::now();
     let mut engine = Engine::new(&pipeline, config)?;
     let base = args.input.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut open: HashMap<usize, Line> = HashMap::new();
-    let mut candidate_of: HashMap<RequestId, (usize, usize)> = HashMap::new();
+    let mut groups: LineGroups<Vec<String>> = LineGroups::new();
     let (mut next, mut candidates, mut failed) = (0, 0, 0);
     // About two batches of candidates queued, so that preprocessed images of far-away lines do not pile up.
     let queue_depth = 2 * engine.config().max_seqs;
     while next < lines.len() || engine.pending_requests() > 0 {
-        while next < lines.len() && candidate_of.len() < queue_depth {
+        while next < lines.len() && groups.requests() < queue_depth {
             let queued = lines[next].as_ref().map_err(String::clone).and_then(|text| {
                 queue(&mut engine, &pipeline, text, &base).map_err(|e| format!("line {}: {e}", next + 1))
             });
             match queued {
                 Ok((ids, line)) => {
                     candidates += ids.len();
-                    for (k, id) in ids.into_iter().enumerate() {
-                        candidate_of.insert(id, (next, k));
-                    }
-                    open.insert(next, line);
+                    groups.add(next, &ids, line);
                 }
                 Err(message) => {
                     failed += 1;
@@ -118,36 +106,14 @@ fn run_on<B: Backend>(args: ScoreArgs, dir: PathBuf, backend: B) -> Result<()> {
             next += 1;
         }
         for event in engine.step()? {
-            let (id, result) = match event {
-                Event::Finished { id, output } => (id, Ok(candidate_score(&output))),
-                Event::Failed { id, message } => (id, Err(message)),
-                _ => continue,
-            };
-            // A candidate of a line that has failed in this step already is not known any more.
-            let Some((line, k)) = candidate_of.remove(&id) else {
-                continue;
-            };
-            let Some(state) = open.get_mut(&line) else {
-                continue;
-            };
-            match result {
-                Ok(score) => {
-                    state.scores[k] = Some(score);
-                    state.left -= 1;
-                    if state.left == 0 {
-                        let done = open.remove(&line).expect("open");
-                        out.record(line, line_result(&done))?;
-                    }
+            match groups.take(event, |id| {
+                engine.cancel(id);
+            }) {
+                None => {}
+                Some(LineOutcome::Done(line, texts, outputs)) => {
+                    out.record(line, line_result(&texts, &outputs))?;
                 }
-                Err(message) => {
-                    // One candidate failing fails its line; the line's other candidates are dropped.
-                    open.remove(&line);
-                    candidate_of.retain(|&other, &mut (l, _)| {
-                        if l == line {
-                            engine.cancel(other);
-                        }
-                        l != line
-                    });
+                Some(LineOutcome::Failed(line, _, message)) => {
                     failed += 1;
                     out.record(line, json!({ "error": format!("line {}: {message}", line + 1) }))?;
                 }
@@ -176,7 +142,7 @@ fn queue<B: Backend>(
     p: &Pipeline<B>,
     text: &str,
     base: &Path,
-) -> Result<(Vec<RequestId>, Line)> {
+) -> Result<(Vec<RequestId>, Vec<String>)> {
     let req: ScoreRequest =
         serde_json::from_str(text).map_err(|e| Error::Invalid(format!("bad request: {e}")))?;
     if req.candidates.is_empty() {
@@ -200,14 +166,8 @@ fn queue<B: Backend>(
         };
         children.push(ForkedRequest { prompt: full, request, scored_from: shared });
     }
-    let n = children.len();
     let ids = engine.add_forked(prefix, pixels, children)?;
-    let line = Line {
-        candidates: req.candidates,
-        scores: vec![None; n],
-        left: n,
-    };
-    Ok((ids, line))
+    Ok((ids, req.candidates))
 }
 
 /// A candidate's summed log-probability and its token count.
@@ -216,12 +176,11 @@ fn candidate_score(out: &GenerationOutput) -> (f64, usize) {
     (sum, out.prompt_logprobs.len())
 }
 
-fn line_result(line: &Line) -> Value {
-    let scores: Vec<(f64, usize)> = line.scores.iter().map(|s| s.expect("all scored")).collect();
+fn line_result(candidates: &[String], outputs: &[GenerationOutput]) -> Value {
+    let scores: Vec<(f64, usize)> = outputs.iter().map(candidate_score).collect();
     let mut ranking: Vec<usize> = (0..scores.len()).collect();
     ranking.sort_by(|&a, &b| scores[b].0.total_cmp(&scores[a].0).then(a.cmp(&b)));
-    let scores: Vec<Value> = line
-        .candidates
+    let scores: Vec<Value> = candidates
         .iter()
         .zip(&scores)
         .map(|(c, &(logprob, tokens))| {
