@@ -153,18 +153,6 @@ impl Tokenizer {
         }
     }
 
-    /// [`Tokenizer::piece`] of every token of `ids` after `before` and the ones before it in `ids`.
-    pub fn pieces(&self, before: &[u32], ids: &[u32]) -> Result<Vec<String>> {
-        let mut all = before.to_vec();
-        ids.iter()
-            .map(|&id| {
-                let piece = self.piece(&all, id);
-                all.push(id);
-                piece
-            })
-            .collect()
-    }
-
     pub fn token(&self, id: u32) -> String {
         self.inner
             .id_to_token(id)

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP server (axum): `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /health`, `GET /metrics`. Requests are prepared (images fetched and decoded, prompt tokenized) on blocking
-//! threads, then share the continuous-batching engine through [`EngineService`]. A response stream dropped by its
+//! `GET /v1/models/{id}`, `POST /tokenize`, `POST /detokenize`, `GET /health`, `GET /metrics`. Requests are prepared
+//! (images fetched and decoded, prompt tokenized) on blocking threads, then share the continuous-batching engine
+//! through [`EngineService`] (a request's `n` choices forked from one prefill). A response stream dropped by its
 //! client cancels the request in the engine.
 
 mod bodies;
