@@ -49,6 +49,7 @@ fn step(seqs: usize, kv_len: usize, q_rows: usize) -> StepLayout {
                 kv_len,
                 block_table: (0..blocks).map(|j| (s * blocks + j) as u32).collect(),
                 image_of_row: vec![(s % 4) as i32; q_rows],
+                decode_from: if q_rows == 1 { kv_len - 1 } else { kv_len },
             })
             .collect(),
     }

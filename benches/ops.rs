@@ -108,6 +108,7 @@ fn layout<B: Backend>(b: &B, seqs: usize, q_rows: usize, kv_len: usize) -> B::La
                 kv_len,
                 block_table: (s * blocks..(s + 1) * blocks).map(|x| x as u32).collect(),
                 image_of_row: vec![0; q_rows],
+                decode_from: if q_rows == 1 { kv_len - 1 } else { kv_len },
             })
             .collect(),
     };

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{one_row_seqs, random_values, RandomWeights};
+use common::{one_row_seqs, prompt_or_decode, random_values, RandomWeights};
 use flamingo::backend::cpu::{CpuBackend, CpuTensor};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
 use flamingo::io::config::{Activation, RopeFrequencies};
@@ -240,6 +240,7 @@ impl PagedFixture {
                         kv_len: self.lens[s],
                         block_table: tables[s].clone(),
                         image_of_row: vec![-1; rows],
+                        decode_from: prompt_or_decode(rows, self.lens[s]),
                     }
                 })
                 .collect(),

@@ -202,6 +202,7 @@ fn sixty_four_requests_batched_give_what_each_gives_alone() {
             max_seqs: 64,
             max_step_tokens: 512,
             decode_graphs: true,
+            prefix_cache: true,
         };
         let (batched, stats) = run_engine(&p, config, &cases, None);
         assert_eq!(stats.preemptions, 0, "{name}: the pool was big enough");
@@ -232,6 +233,7 @@ fn padded_decode_steps_give_the_tokens_of_unpadded_ones() {
             max_seqs: n,
             max_step_tokens: 1024,
             decode_graphs: true,
+            prefix_cache: true,
         };
         let (want, unpadded) = run_engine(&plain, config.clone(), &cases, None);
         let (got, padded) = run_engine(&padding, config, &cases, None);
@@ -256,6 +258,7 @@ fn a_kv_pool_too_small_for_all_forces_preemption_and_changes_nothing() {
         max_seqs: 32,
         max_step_tokens: 64,
         decode_graphs: true,
+        prefix_cache: true,
     };
     let (batched, stats) = run_engine(&p, config, &cases, None);
     assert!(stats.preemptions > 0, "the pool was meant to run dry");
@@ -276,6 +279,7 @@ fn random_arrivals_and_limits_lose_or_duplicate_nothing() {
             max_seqs: rng.random_range(1..=8),
             max_step_tokens: rng.random_range(1..=48),
             decode_graphs: true,
+            prefix_cache: true,
         };
         let (got, _) = run_engine(&p, config.clone(), &cases, Some(&mut rng));
         assert_same(&format!("seed {seed} {config:?}"), &got, &alone);
@@ -293,6 +297,7 @@ fn requests_the_engine_could_never_run_are_refused_up_front() {
         max_seqs: 4,
         max_step_tokens: 64,
         decode_graphs: true,
+        prefix_cache: true,
     };
     let mut engine = Engine::new(&p, config).unwrap();
     let err = engine
@@ -363,6 +368,7 @@ fn requests_forked_from_a_shared_prefix_give_what_each_gives_alone() {
             max_seqs,
             max_step_tokens: 24,
             decode_graphs: true,
+            prefix_cache: true,
         };
         let mut engine = Engine::new(&p, config).unwrap();
         let ids = engine.add_forked(prefix.clone(), pixels.clone(), children.clone()).unwrap();

@@ -16,7 +16,7 @@ mod common;
 use std::io::Write;
 use std::time::Instant;
 
-use common::{assert_close, greedy, one_row_seqs, random_values, Fixture, RandomWeights, FIXTURES};
+use common::{assert_close, greedy, one_row_seqs, prompt_or_decode, random_values, Fixture, RandomWeights, FIXTURES};
 use flamingo::backend::cpu::{CpuBackend, CpuLayout, CpuTensor, CpuWeight};
 use flamingo::backend::cuda::{
     cublas_library, device_count, CeilingSizes, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
@@ -466,6 +466,7 @@ impl Paged {
                     kv_len: self.lens[s],
                     block_table: self.tables[s].clone(),
                     image_of_row: vec![-1; q_rows(s)],
+                    decode_from: prompt_or_decode(q_rows(s), self.lens[s]),
                 })
                 .collect(),
         }
@@ -655,6 +656,7 @@ fn warm_decode_steps_make_no_device_allocation() {
         max_seqs: 2,
         max_step_tokens: 256,
         decode_graphs: true,
+        prefix_cache: true,
     };
     let mut engine = Engine::new(&p, config).unwrap();
     // The golden continuation has 8 tokens and no end-of-sequence: step 1 is the prefill, 2..8 decode.
@@ -795,6 +797,7 @@ fn cuda_graph_replays_give_the_eager_tokens() {
             max_seqs: 11,
             max_step_tokens: 512,
             decode_graphs,
+            prefix_cache: true,
         };
         let mut engine = Engine::new(&p, config).unwrap();
         for i in 0..11u64 {
@@ -1009,6 +1012,7 @@ fn decode_step(lens: &[usize], mut next_block: impl FnMut() -> u32) -> StepLayou
             kv_len: len,
             block_table: (0..len.div_ceil(BLOCK)).map(|_| next_block()).collect(),
             image_of_row: vec![-1],
+            decode_from: 0,
         })
         .collect();
     StepLayout {
@@ -1321,6 +1325,7 @@ fn logprobs_and_forked_choices_on_the_device_match_the_cpu() {
             max_seqs: 4,
             max_step_tokens: 256,
             decode_graphs: true,
+            prefix_cache: true,
         };
         let mut engine = Engine::new(p, config).unwrap();
         let ids = engine.add_forked(prefix.clone(), pixels, children.to_vec()).unwrap();
@@ -1359,4 +1364,23 @@ fn logprobs_and_forked_choices_on_the_device_match_the_cpu() {
         .fold(0f32, f32::max);
     let _ = writeln!(std::io::stderr(), "prompt logprobs: largest CPU / device difference {worst:.2e} nats");
     assert!(worst < 5e-2, "{worst}");
+}
+
+/// Prefix caching and the media cache by content on the device: 200 requests from shared few-shot prefixes, with
+/// arrivals interleaved and pools small enough to preempt and evict, give the same bits with and without the
+/// caches (a position's attention path depends on its kind, never on how it was scheduled).
+#[test]
+fn prefix_cache_on_the_device_gives_the_same_bits_as_without() {
+    use common::shared_prefixes::{assert_same_outputs, image_variants, run_interleaved, shared_prefix_cases, tight_config};
+    let fx = Fixture::load("tiny-idefics-a");
+    let p = Pipeline::load(&fx.dir, gpu(), false).unwrap();
+    let images = image_variants(&fx.golden_pixels()[0]);
+    let cases = shared_prefix_cases(&p, &images, 200, 17);
+    let (uncached, plain) = run_interleaved(&p, tight_config(30, false), &cases, 5);
+    let (cached, stats) = run_interleaved(&p, tight_config(30, true), &cases, 5);
+    assert_same_outputs("device, cached vs uncached", &cached, &uncached);
+    let c = stats.cache;
+    assert!(c.prefix_hit_rows * 4 > c.admitted_rows && c.media_hits * 2 > c.admitted_images, "{c:?}");
+    assert!(c.block_evictions > 0 && stats.preemptions > 0 && plain.preemptions > 0, "{c:?} {plain:?}");
+    assert!(stats.recorded_steps > 0, "decode steps ran from recordings too");
 }

@@ -90,6 +90,7 @@ fn forty_eight_mixed_requests_batched_match_each_alone_and_encode_each_image_onc
         max_seqs: 16,
         max_step_tokens: 96,
         decode_graphs: true,
+        prefix_cache: true,
     };
     let mut engine = Engine::new(&p, config).unwrap();
     let ids: Vec<_> = cases

@@ -103,6 +103,7 @@ fn run(l: &Loaded, ids: &[u32], images: &[PreparedImage], new_tokens: usize) -> 
             kv_len,
             block_table: block_table.clone(),
             image_of_row,
+            decode_from: ids.len(),
         }],
     };
     let prefill = step(ids.len(), ids.len(), image_of_token.clone());

@@ -28,6 +28,11 @@ pub struct SeqStep {
     pub block_table: Vec<u32>,
     /// Per row: the media-cache image slot the row attends to in cross-attention, -1 for none.
     pub image_of_row: Vec<i32>,
+    /// The first position of a generated token (the prompt's length): where a backend has two attention paths,
+    /// rows before it take the prefill path and rows from it the decode path, whatever chunk they come in, so a
+    /// position's K/V are the same bits however the step was scheduled (chunked, preempted and recomputed, or
+    /// after a prefix-cache hit). A step of decodes only has it at most `kv_len - 1`.
+    pub decode_from: usize,
 }
 
 /// The host-side description of one decoder step over a batch of sequences and the paged KV cache. Each backend

@@ -178,11 +178,12 @@ fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
     let per_s = |x: usize| x as f64 / seconds.max(1e-9);
     eprintln!(
         "{n} requests ({failed} failed) in {seconds:.2} s: {:.1} requests/s, prompt {:.0} tokens/s, \
-         generated {:.0} tokens/s, {} preemptions",
+         generated {:.0} tokens/s, {} preemptions; {}",
         per_s(n),
         per_s(prompt_tokens),
         per_s(generated_tokens),
         engine.preemptions(),
+        engine.stats().cache_summary(),
     );
     Ok(())
 }

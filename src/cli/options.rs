@@ -58,6 +58,10 @@ pub struct EngineOptions {
     /// Launch every decode step's kernels one by one instead of replaying recorded steps (CUDA graphs).
     #[arg(long)]
     pub no_cuda_graphs: bool,
+    /// Compute every prompt and image anew: no prefix caching (full prompt blocks reused across requests by the
+    /// content of their tokens and images) and no media cache by content (an image encoded once while cached).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 impl EngineOptions {
@@ -96,6 +100,7 @@ impl EngineOptions {
             config.media_slots = n;
         }
         config.decode_graphs = !self.no_cuda_graphs;
+        config.prefix_cache = !self.no_prefix_cache;
         let (blocks, tokens, width) = p.model().media_layout();
         let slot_bytes = 2 * blocks * tokens * width * p.backend.activation_width();
         check_caches_fit(p, &config, block_bytes, slot_bytes)?;

@@ -125,12 +125,12 @@ fn run_on<B: Backend>(args: ScoreArgs, dir: PathBuf, backend: B) -> Result<()> {
     let stats = engine.stats();
     eprintln!(
         "{} lines ({failed} failed), {candidates} candidates in {seconds:.2} s: {:.1} candidates/s; \
-         {} prompt rows shared, {} images encoded, {} preemptions",
+         {} prompt rows shared by forks, {} preemptions; {}",
         out.len(),
         candidates as f64 / seconds.max(1e-9),
         stats.shared_prefix_rows,
-        stats.images_encoded,
         stats.preemptions,
+        stats.cache_summary(),
     );
     Ok(())
 }

@@ -91,8 +91,31 @@ pub fn store_images<B: Backend>(
     joins_previous: &[bool],
     slots: &[u32],
 ) {
+    encode_images_into(model, b, media, images, slots);
+    set_image_views(model, media, images, joins_previous, slots);
+}
+
+/// Encodes images (of any requests) and stores every cross-attention block's K/V at `slots`, one per image.
+pub fn encode_images_into<B: Backend>(
+    model: &dyn Model<B>,
+    b: &B,
+    media: &mut MediaCache<B>,
+    images: &[PreparedImage],
+    slots: &[u32],
+) {
     let states = model.encode_images(b, images);
     media.write(b, &model.cross_kv(b, &states), slots);
+}
+
+/// Sets what rows seeing each image (in its slot) attend to: its visible tokens, after the previous image's when
+/// `joins_previous`.
+pub fn set_image_views<B: Backend>(
+    model: &dyn Model<B>,
+    media: &mut MediaCache<B>,
+    images: &[PreparedImage],
+    joins_previous: &[bool],
+    slots: &[u32],
+) {
     for (i, image) in images.iter().enumerate() {
         let after = (i > 0 && joins_previous[i]).then(|| slots[i - 1]);
         let rows = model.visible_tokens(image);

@@ -324,6 +324,8 @@ pub fn bench_engine<'p, B: Backend>(
             max_seqs: seqs,
             max_step_tokens: 2048,
             decode_graphs,
+            // The workloads repeat one prompt to time its computation: nothing may come from a cache.
+            prefix_cache: false,
         },
     )
 }

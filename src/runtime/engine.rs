@@ -21,17 +21,20 @@ use std::collections::HashMap;
 use crate::io::image::PreparedImage;
 use crate::backend::cpu::sampling::token_logprobs;
 use crate::backend::{Backend, RowSampling, Sampled, SeqStep, StepLayout, TokenLogprobs};
+use crate::cache::content::{image_key, ContentKey};
 use crate::cache::kv_cache::PagedKvCache;
 use crate::cache::media_cache::MediaCache;
 use crate::error::{Error, Result};
 use crate::io::prompt::EncodedPrompt;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::sampling::{Sampler, MAX_TOP_LOGPROBS};
-use crate::model::store_images;
+use crate::model::{encode_images_into, set_image_views};
 use crate::runtime::pipeline::Pipeline;
 use crate::runtime::recorded::{decode_shape, padded, recorded_logits, MAX_RECORDED_SEQS};
 use crate::runtime::request::{FinishReason, GenerationOutput, GenerationRequest};
-use crate::runtime::scheduler::{Fork, Limits, MediaJob, RequestId, Scheduler, SeqState, StepPlan};
+use crate::runtime::scheduler::{
+    CacheStats, Fork, Limits, MediaJob, RequestId, Scheduler, SeqState, StepPlan,
+};
 use crate::runtime::stream::TextStream;
 
 /// Capacity and batching limits of an engine.
@@ -49,6 +52,9 @@ pub struct EngineConfig {
     pub max_step_tokens: usize,
     /// Whether decode steps are recorded once per batch size and replayed (CUDA graphs), where the backend can.
     pub decode_graphs: bool,
+    /// Whether prompt blocks and images are cached by content and reused across requests (prefix caching and the
+    /// media cache by content); outputs are the same bits either way.
+    pub prefix_cache: bool,
 }
 
 impl EngineConfig {
@@ -69,6 +75,7 @@ impl EngineConfig {
             max_seqs,
             max_step_tokens: 2048,
             decode_graphs: true,
+            prefix_cache: true,
         }
     }
 }
@@ -81,6 +88,7 @@ impl EngineConfig {
             media_slots: self.media_slots,
             max_seqs: self.max_seqs,
             max_step_tokens: self.max_step_tokens,
+            prefix_cache: self.prefix_cache,
         }
     }
 }
@@ -101,6 +109,35 @@ pub struct EngineStats {
     pub images_encoded: usize,
     /// Prompt rows that requests forked from a shared prefix did not compute (their shared KV blocks' rows).
     pub shared_prefix_rows: usize,
+    /// KV blocks holding cached prompt content (in use or idle).
+    pub kv_blocks_cached: usize,
+    /// What the prefix and media caches saved.
+    pub cache: CacheStats,
+}
+
+impl EngineStats {
+    /// Prompt rows not computed: prefix-cache hits and the rows forks shared.
+    pub fn prefill_rows_saved(&self) -> usize {
+        self.cache.prefix_hit_rows + self.shared_prefix_rows
+    }
+
+    /// One line on what the caches saved, for the summaries of `batch`, `score` and `bench`.
+    pub fn cache_summary(&self) -> String {
+        let c = &self.cache;
+        let pct = |hits: usize, of: usize| 100.0 * hits as f64 / of.max(1) as f64;
+        format!(
+            "prefix cache {} of {} prompt rows ({:.1}%), media cache {} of {} images ({:.1}%), {} prefill rows \
+             saved, {} images encoded",
+            c.prefix_hit_rows,
+            c.admitted_rows,
+            pct(c.prefix_hit_rows, c.admitted_rows),
+            c.media_hits,
+            c.admitted_images,
+            pct(c.media_hits, c.admitted_images),
+            self.prefill_rows_saved(),
+            self.images_encoded,
+        )
+    }
 }
 
 /// What the engine reports after a step.
@@ -312,6 +349,8 @@ impl<'p, B: Backend> Engine<'p, B> {
             recorded_steps: self.recorded_steps,
             images_encoded: self.images_encoded,
             shared_prefix_rows: self.shared_prefix_rows,
+            kv_blocks_cached: blocks.cached_blocks(),
+            cache: s.cache_stats(),
         }
     }
 
@@ -436,6 +475,7 @@ impl<'p, B: Backend> Engine<'p, B> {
                 shared_blocks: f.shared_blocks,
                 max_new_tokens: f.request.tokens_to_run(),
                 capacity: f.capacity,
+                reusable: reusable_positions(&f.prompt, &f.request, f.scored_from),
             };
             if let Err(e) = self.scheduler.fork(parent, f.id, fork) {
                 events.push(Event::Failed { id: f.id, message: e.to_string() });
@@ -462,12 +502,15 @@ impl<'p, B: Backend> Engine<'p, B> {
     ) -> Result<RequestId> {
         self.check_request(&prompt, pixels.len(), request)?;
         let capacity = self.pipeline.positions_for(&prompt, request.tokens_to_run());
+        let image_keys = image_keys(&pixels, &prompt.joins_previous);
+        let reusable = reusable_positions(&prompt, request, 1);
         let mut state = self.new_request(&prompt, pixels, request);
         state.joins_previous = prompt.joins_previous;
         let id = self.scheduler.add(
             prompt.ids,
             prompt.image_of_token,
-            state.pixels.len(),
+            image_keys,
+            reusable,
             request.tokens_to_run(),
             capacity,
         )?;
@@ -556,13 +599,15 @@ impl<'p, B: Backend> Engine<'p, B> {
         Ok(())
     }
 
-    /// Vision encoder, resampler and cross-attention K/V of the images of the requests given: one K/V projection
-    /// per block for all of them, into the media slots the scheduler gave them.
+    /// Vision encoder, resampler and cross-attention K/V of the images of the requests given that their slots do
+    /// not hold already: one K/V projection per block for all of them, into the media slots the scheduler gave
+    /// them; then what every row seeing each image attends to.
     fn encode_media(&mut self, jobs: &[MediaJob]) {
         let (p, b) = (self.pipeline, &self.pipeline.backend);
         let mut images = Vec::new();
         let mut joins = Vec::new();
         let mut slots = Vec::new();
+        let mut encode = Vec::new();
         for job in jobs {
             let request = self
                 .requests
@@ -571,12 +616,20 @@ impl<'p, B: Backend> Engine<'p, B> {
             images.append(&mut request.pixels);
             joins.append(&mut request.joins_previous);
             slots.extend_from_slice(&job.slots);
+            encode.extend_from_slice(&job.encode);
         }
-        if images.is_empty() {
+        set_image_views(p.model(), &mut self.media, &images, &joins, &slots);
+        let (fresh, fresh_slots): (Vec<PreparedImage>, Vec<u32>) = images
+            .into_iter()
+            .zip(slots)
+            .zip(encode)
+            .filter_map(|(image_slot, e)| e.then_some(image_slot))
+            .unzip();
+        if fresh.is_empty() {
             return;
         }
-        store_images(p.model(), b, &mut self.media, &images, &joins, &slots);
-        self.images_encoded += images.len();
+        encode_images_into(p.model(), b, &mut self.media, &fresh, &fresh_slots);
+        self.images_encoded += fresh.len();
     }
 
     /// Runs the planned rows through the model and samples the sequences whose pending tokens are all computed.
@@ -652,7 +705,8 @@ impl<'p, B: Backend> Engine<'p, B> {
     ) -> Result<(Option<B::Tensor>, Option<B::Tensor>)> {
         let decode_only = inputs.sample_rows.len() == inputs.ids.len()
             && inputs.ids.len() <= MAX_RECORDED_SEQS
-            && inputs.scored.is_empty();
+            && inputs.scored.is_empty()
+            && inputs.seqs.iter().all(|s| s.kv_len > s.decode_from);
         if decode_only {
             if let Some(logits) = self.recorded_logits(inputs) {
                 self.recorded_steps += 1;
@@ -793,6 +847,25 @@ impl<'p, B: Backend> Engine<'p, B> {
             },
         });
         Ok(())
+    }
+}
+
+/// The content key of each image (after the one before it where they are seen together).
+fn image_keys(pixels: &[PreparedImage], joins_previous: &[bool]) -> Vec<ContentKey> {
+    let mut keys: Vec<ContentKey> = Vec::with_capacity(pixels.len());
+    for (image, &joins) in pixels.iter().zip(joins_previous) {
+        let after = keys.last().filter(|_| joins);
+        keys.push(image_key(&image.pixels, image.tiles, after));
+    }
+    keys
+}
+
+/// Positions of `prompt` that may come from the prefix cache: all of it, except the rows whose logits give the
+/// prompt log-probabilities the request reports (from token `scored_from` on).
+fn reusable_positions(prompt: &EncodedPrompt, request: &GenerationRequest, scored_from: usize) -> usize {
+    match request.prompt_logprobs {
+        Some(_) => scored_from.max(1) - 1,
+        None => prompt.ids.len(),
     }
 }
 

@@ -30,6 +30,7 @@ impl<B: Backend> Pipeline<B> {
             max_seqs: 1,
             max_step_tokens: self.model().context_len().max(1),
             decode_graphs: true,
+            prefix_cache: true,
         };
         let mut engine = Engine::new(self, config)?;
         engine.add_request(prompt.clone(), pixels, req)?;

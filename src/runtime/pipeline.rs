@@ -377,6 +377,7 @@ impl<B: Backend> Pipeline<B> {
                 kv_len: n,
                 block_table: vec![0],
                 image_of_row: prompt.image_of_token.clone(),
+                decode_from: n,
             }],
         };
         let layout = b.layout(&step);

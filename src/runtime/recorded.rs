@@ -40,6 +40,7 @@ pub fn padded(
             kv_len: 1,
             block_table: vec![pad],
             image_of_row: vec![-1],
+            decode_from: 0,
         });
     }
     (ids, StepLayout { block_size, seqs }, real)

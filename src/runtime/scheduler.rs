@@ -7,17 +7,27 @@
 //! 2. admits waiting requests first come, first served, while the KV pool can hold their tokens, the media cache
 //!    their images, and the batch has room; a request admitted for the first time takes its media slots, and the
 //!    plan asks for its images to be encoded into them (they stay for the request's life, preemption included);
+//!    with the caches on, an image whose content a slot already holds shares that slot and is not encoded again,
+//!    and the longest run of the prompt's full blocks already cached (same tokens, same images, same prefix:
+//!    their [`block_key`]s) is shared instead of computed, so only the rest counts against the step's budget;
 //! 3. chooses the step's rows under a token budget: every running sequence that is decoding contributes its one
 //!    new token, then prompts contribute chunks (chunked prefill) in arrival order;
 //! 4. grows block tables; when the pool runs dry the newest running sequence is preempted: its blocks are freed
 //!    and it goes back to the queue in its arrival place, to be recomputed from its prompt and the tokens it has
 //!    generated (overload slows requests down and never fails or loses one).
 //!
+//! After each step ([`Scheduler::commit`]) the prompt blocks that have become full are named by their content key:
+//! when their holders finish they stay cached, idle, until the pool needs the room (least recently used first).
+//! Only blocks of prompt rows are named and reused, as only prompt rows are looked up: a row is computed by the same
+//! attention path whether it came from the cache or not ([`SeqStep::decode_from`]), so outputs are the same bits
+//! with and without the cache.
+//!
 //! One cohesive thing over 500 lines: the policy (half the file) and its unit tests (the other half).
 
 use std::collections::VecDeque;
 
 use crate::backend::SeqStep;
+use crate::cache::content::{block_key, ContentKey};
 use crate::cache::pool::{BlockPool, SlotPool};
 use crate::error::{Error, Result};
 
@@ -36,6 +46,25 @@ pub struct Limits {
     pub max_seqs: usize,
     /// Rows (prompt and decode tokens together) per step at most.
     pub max_step_tokens: usize,
+    /// Whether full prompt blocks and images are cached by content and reused across requests.
+    pub prefix_cache: bool,
+}
+
+/// What the caches saved since the scheduler started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Rows admitted requests had to compute (pending at admission, before cache hits).
+    pub admitted_rows: usize,
+    /// Of those, rows found in the prefix cache and not computed.
+    pub prefix_hit_rows: usize,
+    /// Images of requests admitted for the first time.
+    pub admitted_images: usize,
+    /// Of those, images whose content a media slot already held (not encoded again).
+    pub media_hits: usize,
+    /// Idle cached blocks whose content was dropped to make room.
+    pub block_evictions: usize,
+    /// Idle cached images whose slot was taken for another.
+    pub media_evictions: usize,
 }
 
 /// A request as the scheduler sees it: its tokens, how many are computed, and what it holds.
@@ -52,10 +81,17 @@ pub struct SeqState {
     pub block_table: Vec<u32>,
     /// Media-cache slot of each of the request's images, taken at first admission and kept until the end.
     pub media_slots: Vec<u32>,
-    pub num_images: usize,
+    /// The content key of each of the request's images (see `cache::content::image_key`).
+    pub image_keys: Vec<ContentKey>,
     pub max_new_tokens: usize,
     /// Positions the sequence may use: prompt + new tokens, within the model's context.
     pub capacity: usize,
+    /// Positions that may come from the prefix cache (rows whose logits the request reports must be computed).
+    pub reusable: usize,
+    /// The content key of each full block of the prompt (none with the prefix cache off).
+    block_keys: Vec<ContentKey>,
+    /// Blocks of the block table already named in the pool (or found there).
+    named_blocks: usize,
 }
 
 impl SeqState {
@@ -73,8 +109,26 @@ impl SeqState {
         self.tokens.len() - self.computed
     }
 
+    pub fn num_images(&self) -> usize {
+        self.image_keys.len()
+    }
+
     fn has_media_slots(&self) -> bool {
-        self.media_slots.len() == self.num_images
+        self.media_slots.len() == self.num_images()
+    }
+
+    /// The content keys of the prompt's full blocks: each block's tokens, the images its rows see, its parent's.
+    fn prompt_block_keys(&self, block_size: usize) -> Vec<ContentKey> {
+        let mut keys: Vec<ContentKey> = Vec::with_capacity(self.prompt_len / block_size);
+        for j in 0..self.prompt_len / block_size {
+            let rows = j * block_size..(j + 1) * block_size;
+            let images = self.image_of_token[rows.clone()]
+                .iter()
+                .map(|&img| usize::try_from(img).ok().map(|i| self.image_keys[i]));
+            let key = block_key(keys.last(), &self.tokens[rows], images);
+            keys.push(key);
+        }
+        keys
     }
 
     /// The media slot its image `img` is in (-1: no image).
@@ -93,13 +147,17 @@ pub struct Fork {
     pub shared_blocks: usize,
     pub max_new_tokens: usize,
     pub capacity: usize,
+    /// Positions it may take from the prefix cache when it is admitted again after a preemption.
+    pub reusable: usize,
 }
 
-/// A request admitted for the first time: its images are to be encoded into these slots, one per image in order.
+/// A request admitted for the first time: its images go into these slots, one per image in order; those marked
+/// `encode` are to be encoded, the others' slots already hold their content (the media cache by content).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MediaJob {
     pub id: RequestId,
     pub slots: Vec<u32>,
+    pub encode: Vec<bool>,
 }
 
 /// One sequence's rows in a step.
@@ -135,6 +193,7 @@ pub struct Scheduler {
     running: Vec<SeqState>,
     next_id: RequestId,
     preemptions: usize,
+    stats: CacheStats,
 }
 
 impl Scheduler {
@@ -153,6 +212,7 @@ impl Scheduler {
             running: Vec::new(),
             next_id: 0,
             preemptions: 0,
+            stats: CacheStats::default(),
         })
     }
 
@@ -177,21 +237,32 @@ impl Scheduler {
         self.preemptions
     }
 
-    /// Queues a request of `prompt` tokens (each attending to the image `image_of_token` gives, -1 for none)
-    /// that may use `capacity` positions; refuses one it could never run: more images than the media cache holds,
-    /// more positions than the whole KV pool.
+    /// What the prefix and media caches saved so far.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            block_evictions: self.blocks.evictions(),
+            media_evictions: self.media.evictions(),
+            ..self.stats
+        }
+    }
+
+    /// Queues a request of `prompt` tokens (each attending to the image `image_of_token` gives, -1 for none, of
+    /// the images keyed `image_keys`) that may use `capacity` positions, of which the first `reusable` may come
+    /// from the prefix cache; refuses one it could never run: more images than the media cache holds, more
+    /// positions than the whole KV pool.
     pub fn add(
         &mut self,
         prompt: Vec<u32>,
         image_of_token: Vec<i32>,
-        num_images: usize,
+        image_keys: Vec<ContentKey>,
+        reusable: usize,
         max_new_tokens: usize,
         capacity: usize,
     ) -> Result<RequestId> {
-        self.check_fits(num_images, capacity)?;
+        self.check_fits(image_keys.len(), capacity)?;
         let id = self.next_id;
         self.next_id += 1;
-        self.waiting.push_back(SeqState {
+        let seq = SeqState {
             id,
             prompt_len: prompt.len(),
             tokens: prompt,
@@ -199,11 +270,23 @@ impl Scheduler {
             computed: 0,
             block_table: Vec::new(),
             media_slots: Vec::new(),
-            num_images,
+            image_keys,
             max_new_tokens,
             capacity,
-        });
+            reusable,
+            block_keys: Vec::new(),
+            named_blocks: 0,
+        };
+        let seq = self.with_block_keys(seq);
+        self.waiting.push_back(seq);
         Ok(id)
+    }
+
+    fn with_block_keys(&self, mut seq: SeqState) -> SeqState {
+        if self.limits.prefix_cache {
+            seq.block_keys = seq.prompt_block_keys(self.limits.block_size);
+        }
+        seq
     }
 
     /// Refuses a request it could never run: more images than the media cache holds, more positions than the
@@ -253,10 +336,10 @@ impl Scheduler {
         let p = self.running_mut(parent);
         let block_table = p.block_table[..shared].to_vec();
         let media_slots = p.media_slots.clone();
-        let num_images = p.num_images;
+        let image_keys = p.image_keys.clone();
         self.blocks.share(&block_table);
         self.media.share(&media_slots);
-        let seq = SeqState {
+        let seq = self.with_block_keys(SeqState {
             id,
             prompt_len: child.prompt.len(),
             tokens: child.prompt,
@@ -264,10 +347,13 @@ impl Scheduler {
             computed: shared * bs,
             block_table,
             media_slots,
-            num_images,
+            image_keys,
             max_new_tokens: child.max_new_tokens,
             capacity: child.capacity,
-        };
+            reusable: child.reusable,
+            block_keys: Vec::new(),
+            named_blocks: shared,
+        });
         if runs_now {
             self.running.push(seq);
         } else {
@@ -294,10 +380,19 @@ impl Scheduler {
         }
     }
 
-    /// Records that `plan`'s rows ran: their K/V are in the cache.
+    /// Records that `plan`'s rows ran: their K/V are in the cache, and the prompt blocks they filled are named.
     pub fn commit(&mut self, plan: &StepPlan) {
+        let bs = self.limits.block_size;
         for s in &plan.seqs {
-            self.running_mut(s.id).computed += s.step.q_rows;
+            let i = self.running_index(s.id);
+            let seq = &mut self.running[i];
+            seq.computed += s.step.q_rows;
+            let full = (seq.computed / bs).min(seq.block_keys.len());
+            for j in seq.named_blocks..full {
+                self.blocks
+                    .name(seq.block_table[j], seq.block_keys[j], &seq.tokens[j * bs..(j + 1) * bs]);
+            }
+            seq.named_blocks = seq.named_blocks.max(full);
         }
     }
 
@@ -359,42 +454,108 @@ impl Scheduler {
     fn admit(&mut self) -> Vec<MediaJob> {
         let mut jobs = Vec::new();
         while self.running.len() < self.limits.max_seqs {
-            let Some(seq) = self.waiting.front_mut() else {
+            let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            let media_needed = if seq.has_media_slots() {
-                0
-            } else {
-                seq.num_images
-            };
-            let fits = |blocks: &mut BlockPool, seq: &mut SeqState| {
-                blocks.grow(&mut seq.block_table, seq.tokens.len())
-            };
-            if self.media.available() < media_needed {
+            let first_admission = !seq.has_media_slots();
+            let Some(fresh) = self.take_media(&mut seq) else {
+                self.waiting.push_front(seq);
                 break;
-            }
-            if !fits(&mut self.blocks, seq) {
+            };
+            let pending = seq.pending();
+            let hits = self.take_cached_prefix(&mut seq);
+            if !self.blocks.grow(&mut seq.block_table, seq.tokens.len()) {
                 // Waiting forks may hold shared blocks; they give them up before admission stalls, so that
                 // blocks are only ever held by sequences that can run (no deadlock).
-                if !self.unshare_waiting() {
-                    break;
-                }
-                let seq = self.waiting.front_mut().expect("front exists");
-                if !fits(&mut self.blocks, seq) {
+                if !self.unshare_waiting() || !self.blocks.grow(&mut seq.block_table, seq.tokens.len()) {
+                    self.give_back_admission(&mut seq, hits, first_admission);
+                    self.waiting.push_front(seq);
                     break;
                 }
             }
-            let mut seq = self.waiting.pop_front().expect("front exists");
-            if !seq.has_media_slots() {
-                seq.media_slots = self.media.allocate(media_needed).expect("checked free");
+            self.stats.admitted_rows += pending;
+            self.stats.prefix_hit_rows += hits * self.limits.block_size;
+            if first_admission {
+                self.stats.admitted_images += fresh.len();
+                self.stats.media_hits += fresh.iter().filter(|&&f| !f).count();
+                self.name_media(&seq, &fresh);
                 jobs.push(MediaJob {
                     id: seq.id,
                     slots: seq.media_slots.clone(),
+                    encode: fresh,
                 });
             }
             self.running.push(seq);
         }
         jobs
+    }
+
+    /// Gives `seq` (admitted for the first time) a media slot per image: the slot already holding its content where
+    /// the cache has it, else a free one; returns which slots are fresh (to be encoded), or `None` (and nothing
+    /// taken) when too few are free. A sequence that has its slots takes none (all are kept, not fresh).
+    fn take_media(&mut self, seq: &mut SeqState) -> Option<Vec<bool>> {
+        if seq.has_media_slots() {
+            return Some(Vec::new());
+        }
+        let mut fresh = Vec::with_capacity(seq.num_images());
+        for key in &seq.image_keys {
+            let found = self.limits.prefix_cache.then(|| self.media.lookup(key)).flatten();
+            match found.or_else(|| self.media.allocate(1).map(|u| u[0])) {
+                Some(slot) => {
+                    seq.media_slots.push(slot);
+                    fresh.push(found.is_none());
+                }
+                None => {
+                    self.media.release(&mut seq.media_slots);
+                    return None;
+                }
+            }
+        }
+        Some(fresh)
+    }
+
+    /// Names the fresh media slots of an admitted sequence by their images' content (once they are to be encoded).
+    fn name_media(&mut self, seq: &SeqState, fresh: &[bool]) {
+        if !self.limits.prefix_cache {
+            return;
+        }
+        for ((&slot, key), _) in seq.media_slots.iter().zip(&seq.image_keys).zip(fresh).filter(|(_, &f)| f) {
+            self.media.name(slot, *key);
+        }
+    }
+
+    /// Shares the longest run of `seq`'s first prompt blocks the cache holds (never its last row, whose logits it
+    /// needs, nor rows past `reusable`) into its empty block table; returns how many.
+    fn take_cached_prefix(&mut self, seq: &mut SeqState) -> usize {
+        if !seq.block_table.is_empty() {
+            return 0;
+        }
+        let bs = self.limits.block_size;
+        let most = (seq.reusable.min(seq.tokens.len() - 1) / bs).min(seq.block_keys.len());
+        for j in 0..most {
+            let tokens = &seq.tokens[j * bs..(j + 1) * bs];
+            match self.blocks.lookup(&seq.block_keys[j], tokens) {
+                Some(block) => seq.block_table.push(block),
+                None => break,
+            }
+        }
+        let hits = seq.block_table.len();
+        seq.computed = hits * bs;
+        seq.named_blocks = hits;
+        hits
+    }
+
+    /// Undoes what an admission that does not fit took: the cached blocks it found, and the media slots of a
+    /// first admission.
+    fn give_back_admission(&mut self, seq: &mut SeqState, hits: usize, first_admission: bool) {
+        if hits > 0 {
+            self.blocks.release(&mut seq.block_table);
+            seq.computed = 0;
+            seq.named_blocks = 0;
+        }
+        if first_admission {
+            self.media.release(&mut seq.media_slots);
+        }
     }
 
     /// Each running sequence's rows for this step: decodes first (one row each), then prompt chunks in arrival
@@ -433,14 +594,15 @@ impl Scheduler {
         rows
     }
 
-    /// Releases the blocks of every waiting sequence but the first (forks waiting with shared blocks: they will
-    /// compute their prompts whole); whether any was released.
+    /// Releases the blocks of every waiting sequence but the one being admitted (out of the queue: forks waiting
+    /// with shared blocks, which will compute their prompts whole); whether any was released.
     fn unshare_waiting(&mut self) -> bool {
         let mut released = false;
-        for seq in self.waiting.iter_mut().skip(1) {
+        for seq in self.waiting.iter_mut() {
             if !seq.block_table.is_empty() {
                 self.blocks.release(&mut seq.block_table);
                 seq.computed = 0;
+                seq.named_blocks = 0;
                 released = true;
             }
         }
@@ -452,6 +614,7 @@ impl Scheduler {
         let mut seq = self.running.remove(i);
         self.blocks.release(&mut seq.block_table);
         seq.computed = 0;
+        seq.named_blocks = 0;
         let at = self
             .waiting
             .iter()
@@ -477,6 +640,7 @@ impl Scheduler {
                             .iter()
                             .map(|&img| seq.slot_of(img))
                             .collect(),
+                        decode_from: seq.prompt_len,
                     },
                     sampled: range.end == seq.tokens.len(),
                 }
@@ -496,6 +660,7 @@ mod tests {
             media_slots: 3,
             max_seqs: 4,
             max_step_tokens,
+            prefix_cache: false,
         }
     }
 
@@ -505,7 +670,8 @@ mod tests {
         s.add(
             vec![7; n],
             image_of.collect(),
-            images,
+            (0..images as u8).map(|i| [i; 32]).collect(),
+            n,
             new_tokens,
             n + new_tokens,
         )
@@ -560,7 +726,8 @@ mod tests {
             plan.encode,
             vec![MediaJob {
                 id: a,
-                slots: vec![1, 0]
+                slots: vec![0, 1],
+                encode: vec![true, true],
             }]
         );
         assert_eq!(
@@ -570,8 +737,8 @@ mod tests {
         );
         assert_eq!(
             plan.seqs[0].step.image_of_row[..3],
-            [-1, 1, 1],
-            "image 0 is in slot 1"
+            [-1, 0, 0],
+            "image 0 is in slot 0"
         );
         assert_eq!(s.waiting(), 2);
         run(&mut s, &plan);
@@ -617,13 +784,13 @@ mod tests {
     #[test]
     fn requests_that_can_never_run_are_refused_and_empty_ones_finish_at_once() {
         let mut s = Scheduler::new(limits(3, 64)).unwrap();
-        let err = s.add(vec![1; 4], vec![-1; 4], 4, 1, 5).unwrap_err();
+        let err = s.add(vec![1; 4], vec![-1; 4], vec![[0; 32]; 4], 4, 1, 5).unwrap_err();
         assert!(
             err.to_string()
                 .contains("more than the media cache holds (3)"),
             "{err}"
         );
-        let err = s.add(vec![1; 4], vec![-1; 4], 0, 9, 13).unwrap_err();
+        let err = s.add(vec![1; 4], vec![-1; 4], Vec::new(), 4, 9, 13).unwrap_err();
         assert!(
             err.to_string()
                 .contains("needs 4 KV blocks, more than the pool's 3"),
@@ -668,6 +835,7 @@ mod tests {
             shared_blocks: 2,
             max_new_tokens: 1,
             capacity: 14,
+            reusable: 10,
         };
         s.fork(parent, child, fork.clone()).unwrap();
         s.finish(parent);
@@ -688,5 +856,114 @@ mod tests {
         let [child] = s.reserve_ids(1)[..] else { unreachable!() };
         prompt[1] = 9;
         assert!(s.fork(parent, child, Fork { prompt, ..fork }).is_err());
+    }
+
+    fn cached_limits(kv_blocks: usize) -> Limits {
+        Limits {
+            prefix_cache: true,
+            ..limits(kv_blocks, 64)
+        }
+    }
+
+    /// A request of `tokens` whose image (keyed `image`) is seen from position `image_from` on.
+    fn add_seen(s: &mut Scheduler, tokens: &[u32], image: Option<(u8, usize)>, new_tokens: usize) -> RequestId {
+        let image_of = (0..tokens.len()).map(|t| match image {
+            Some((_, from)) if t >= from => 0,
+            _ => -1,
+        });
+        let keys = image.map(|(k, _)| vec![[k; 32]]).unwrap_or_default();
+        let n = tokens.len();
+        s.add(tokens.to_vec(), image_of.collect(), keys, n, new_tokens, n + new_tokens)
+            .unwrap()
+    }
+
+    /// Runs every step until nothing is left to run; returns the rows each request computed.
+    fn drain(s: &mut Scheduler) -> HashMap<RequestId, usize> {
+        let mut computed = HashMap::new();
+        for _ in 0..100 {
+            let plan = s.schedule();
+            if plan.seqs.is_empty() {
+                return computed;
+            }
+            for q in &plan.seqs {
+                *computed.entry(q.id).or_default() += q.step.q_rows;
+            }
+            run(s, &plan);
+            for q in plan.seqs.iter().filter(|q| q.sampled) {
+                let seq = s.running.iter().find(|r| r.id == q.id).unwrap();
+                if seq.is_full() {
+                    s.finish(q.id);
+                }
+            }
+        }
+        panic!("the scheduler never drained");
+    }
+
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_prompt_seen_before_reuses_its_full_blocks_and_computes_only_the_rest() {
+        let mut s = Scheduler::new(cached_limits(16)).unwrap();
+        let prompt: Vec<u32> = (0..11).collect();
+        let a = add_seen(&mut s, &prompt, Some((1, 5)), 1);
+        let plan = s.schedule();
+        assert_eq!(plan.encode[0].encode, vec![true]);
+        drain(&mut s);
+        assert_eq!(s.blocks().cached_blocks(), 2, "the prompt's two full blocks");
+        let b = add_seen(&mut s, &prompt, Some((1, 5)), 1);
+        let plan = s.schedule();
+        assert_eq!(plan.encode[0].encode, vec![false], "the image's slot still holds it");
+        assert_eq!(rows(&plan), vec![(b, 3)], "positions 8 .. 11 only");
+        assert!(plan.seqs[0].sampled);
+        drain(&mut s);
+        // One pixel more or less is another key: blocks before the image's first row are shared, none after.
+        let c = add_seen(&mut s, &prompt, Some((2, 5)), 1);
+        let plan = s.schedule();
+        assert_eq!(plan.encode[0].encode, vec![true]);
+        assert_eq!(rows(&plan), vec![(c, 7)], "block 0 (no image) is shared, block 1 sees the other image");
+        drain(&mut s);
+        // The last row is always computed (its logits give the next token), even when every block is cached.
+        let d = add_seen(&mut s, &prompt[..8], Some((1, 5)), 1);
+        assert_eq!(rows(&s.schedule()), vec![(d, 4)]);
+        let stats = s.cache_stats();
+        assert_eq!((stats.admitted_images, stats.media_hits), (4, 2));
+        assert_eq!((stats.admitted_rows, stats.prefix_hit_rows), (11 * 3 + 8, 8 + 4 + 4));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn rows_a_request_scores_are_never_taken_from_the_cache() {
+        let mut s = Scheduler::new(cached_limits(16)).unwrap();
+        let prompt: Vec<u32> = (0..13).collect();
+        add_seen(&mut s, &prompt, None, 1);
+        drain(&mut s);
+        let scored = s
+            .add(prompt.clone(), vec![-1; 13], Vec::new(), 5, 1, 14)
+            .unwrap();
+        assert_eq!(rows(&s.schedule()), vec![(scored, 9)], "block 0 only: position 5 on is scored");
+    }
+
+    #[test]
+    fn idle_cached_blocks_are_evicted_oldest_first_and_never_while_held() {
+        let mut s = Scheduler::new(cached_limits(6)).unwrap();
+        let first: Vec<u32> = (0..9).collect();
+        let second: Vec<u32> = (100..109).collect();
+        add_seen(&mut s, &first, None, 1);
+        drain(&mut s);
+        add_seen(&mut s, &second, None, 1);
+        drain(&mut s);
+        assert_eq!(s.blocks().cached_blocks(), 4, "both prompts' two full blocks, idle");
+        // Three blocks: the two empty ones, then the block idle the longest (the first prompt's last).
+        let long = add_seen(&mut s, &(200..211).collect::<Vec<_>>(), None, 1);
+        assert_eq!(rows(&s.schedule()), vec![(long, 11)]);
+        assert_eq!(s.cache_stats().block_evictions, 1);
+        drain(&mut s);
+        let again = add_seen(&mut s, &second, None, 1);
+        assert_eq!(rows(&s.schedule()), vec![(again, 1)], "the second prompt is still cached whole");
+        drain(&mut s);
+        let first_again = add_seen(&mut s, &first, None, 1);
+        assert_eq!(rows(&s.schedule()), vec![(first_again, 5)], "the first prompt's first block only");
+        drain(&mut s);
+        assert_eq!(s.blocks().free_blocks(), 6, "nothing is held once all finish");
     }
 }

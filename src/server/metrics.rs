@@ -93,6 +93,25 @@ pub async fn render<B: Backend + 'static>(
         &[("", stats.preemptions as f64)],
     );
     metric(
+        "kv_blocks_cached",
+        "gauge",
+        "KV-cache blocks holding cached prompt content (in use or idle).",
+        &[("", stats.kv_blocks_cached as f64)],
+    );
+    let cache = &stats.cache;
+    for (name, help, value) in [
+        ("prefix_cache_queries_total", "Prompt rows admitted requests had to compute before the prefix cache.", cache.admitted_rows),
+        ("prefix_cache_hits_total", "Prompt rows found in the prefix cache (not computed).", cache.prefix_hit_rows),
+        ("prefill_rows_saved_total", "Prompt rows not computed: prefix-cache hits and rows shared by forks.", stats.prefill_rows_saved()),
+        ("kv_block_evictions_total", "Idle cached KV blocks dropped to make room.", cache.block_evictions),
+        ("media_cache_queries_total", "Images of admitted requests.", cache.admitted_images),
+        ("media_cache_evictions_total", "Idle cached images whose slot was taken for another.", cache.media_evictions),
+        ("media_cache_hits_total", "Images whose K/V the media cache held already (not encoded again).", cache.media_hits),
+        ("images_encoded_total", "Images run through the vision tower.", stats.images_encoded),
+    ] {
+        metric(name, "counter", help, &[("", value as f64)]);
+    }
+    metric(
         "recorded_steps_total",
         "counter",
         "Decode steps run from a recording (CUDA graph replays).",

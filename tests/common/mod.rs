@@ -2,6 +2,8 @@
 //! float64; never regenerated from this engine).
 #![allow(dead_code)]
 
+pub mod shared_prefixes;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -219,6 +221,7 @@ pub fn one_row_seqs(
                 kv_len: position(r) + 1,
                 block_table: vec![0],
                 image_of_row: vec![image(r)],
+                decode_from: 0,
             })
             .collect(),
     }
@@ -229,5 +232,15 @@ pub fn greedy(n: usize) -> flamingo::runtime::request::GenerationRequest {
     flamingo::runtime::request::GenerationRequest {
         max_new_tokens: n,
         ..Default::default()
+    }
+}
+
+/// `SeqStep::decode_from` of a step computing the last `q_rows` of `kv_len` positions: a decode when it is one row,
+/// else a prompt chunk.
+pub fn prompt_or_decode(q_rows: usize, kv_len: usize) -> usize {
+    if q_rows == 1 {
+        kv_len - 1
+    } else {
+        kv_len
     }
 }

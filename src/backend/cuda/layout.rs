@@ -1,10 +1,12 @@
 //! The step layout on the device: a decoder step's rows, positions, KV slots, image slots and attention groups as
 //! the kernels read them, uploaded once per step (or written into a recorded step's buffer before each replay).
 //!
-//! Paged self-attention splits a step's sequences in two, by their own shape only (so a row's path never depends
-//! on what else is in the step): decode sequences (one new row), which `paged_attention_d*` reads straight from
-//! the pools through the block tables, and prefill sequences (several rows), whose pages are gathered for one
-//! varlen `attention_d*` launch (see `ops/attention.rs`).
+//! Paged self-attention splits a step's rows in two by the kind of position each is (never by the chunk it came
+//! in, nor by what else is in the step), so a position's K/V are the same bits however the scheduler chunks,
+//! preempts or serves it from the prefix cache: prompt rows (before [`SeqStep::decode_from`](crate::backend::SeqStep::decode_from)) run as prefill parts,
+//! whose pages are gathered for one varlen `attention_d*` launch, and generated-token rows as decode parts of one
+//! query each, which `paged_attention_d*` reads straight from the pools through the block tables (see
+//! `ops/attention.rs`).
 
 use std::sync::OnceLock;
 
@@ -20,7 +22,36 @@ pub(in crate::backend::cuda) struct RowSet {
     pub(in crate::backend::cuda) first: Option<usize>,
 }
 
-/// Sequences run through `attention_d*` as one varlen batch.
+/// Consecutive rows of one sequence that one attention path computes: `q_rows` rows from step row `first_row`,
+/// the last at position `kv_len - 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::backend::cuda) struct AttnPart {
+    seq: usize,
+    first_row: usize,
+    q_rows: usize,
+    kv_len: usize,
+}
+
+/// The step's rows as prefill parts (each sequence's prompt rows) and decode parts (one per generated-token row).
+fn attention_parts(step: &StepLayout, starts: &[usize]) -> (Vec<AttnPart>, Vec<AttnPart>) {
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for (seq, (s, &start)) in step.seqs.iter().zip(starts).enumerate() {
+        let first_pos = s.kv_len - s.q_rows;
+        let prompt_rows = s.decode_from.clamp(first_pos, s.kv_len) - first_pos;
+        if prompt_rows > 0 {
+            prefill.push(AttnPart { seq, first_row: start, q_rows: prompt_rows, kv_len: first_pos + prompt_rows });
+        }
+        decode.extend((prompt_rows..s.q_rows).map(|r| AttnPart {
+            seq,
+            first_row: start + r,
+            q_rows: 1,
+            kv_len: first_pos + r + 1,
+        }));
+    }
+    (prefill, decode)
+}
+
+/// Parts run through `attention_d*` as one varlen batch.
 pub(in crate::backend::cuda) struct FlashGroup {
     pub(in crate::backend::cuda) rows: RowSet,
     pub(in crate::backend::cuda) seqs: usize,
@@ -33,7 +64,7 @@ pub(in crate::backend::cuda) struct FlashGroup {
     _buf: Buffer,
 }
 
-/// Decode sequences as `paged_attention_d*` reads them.
+/// Decode parts as `paged_attention_d*` reads them.
 pub(in crate::backend::cuda) struct DecodeGroup {
     pub(in crate::backend::cuda) rows: RowSet,
     pub(in crate::backend::cuda) kv_lens: u64,
@@ -86,8 +117,6 @@ fn row_set(rows: &[usize], buf: &Buffer, offset: usize) -> RowSet {
 /// One decoder step as the kernels read it. Built once per step by [`Backend::layout`](crate::backend::Backend).
 pub struct CudaLayout {
     pub(in crate::backend::cuda) step: StepLayout,
-    /// Row index of each sequence's first row.
-    pub(in crate::backend::cuda) starts: Vec<usize>,
     buf: Buffer,
     positions: usize,
     slots: usize,
@@ -95,18 +124,20 @@ pub struct CudaLayout {
     max_slot: usize,
     pub(in crate::backend::cuda) prefill: Option<FlashGroup>,
     pub(in crate::backend::cuda) decode: Option<DecodeGroup>,
-    /// The decode sequences as flash sequences, built on first use (head dims `paged_attention_d*` lacks).
-    pub(in crate::backend::cuda) decode_flash: OnceLock<FlashGroup>,
+    decode_parts: Vec<AttnPart>,
+    /// The decode parts as flash sequences, built on first use (head dims `paged_attention_d*` lacks).
+    decode_flash: OnceLock<FlashGroup>,
 }
 
 /// A step's int32 arrays before upload, and where each part sits in them.
 pub(in crate::backend::cuda) struct LayoutPlan {
     arrays: Arrays,
-    starts: Vec<usize>,
     positions: usize,
     slots: usize,
     images: usize,
     max_slot: usize,
+    prefill_parts: Vec<AttnPart>,
+    decode_parts: Vec<AttnPart>,
     decode: Option<DecodePlan>,
 }
 
@@ -133,20 +164,22 @@ impl LayoutPlan {
                 .iter()
                 .flat_map(|s| s.image_of_row.iter().copied()),
         );
-        let dec: Vec<usize> = (0..step.seqs.len())
-            .filter(|&i| step.seqs[i].q_rows == 1)
-            .collect();
-        let decode = match dec.is_empty() {
+        let (prefill_parts, decode_parts) = attention_parts(step, &starts);
+        if shape.is_some() && !prefill_parts.is_empty() {
+            return Err("a recorded decode step runs generated-token rows only".into());
+        }
+        let decode = match decode_parts.is_empty() {
             true => None,
-            false => Some(plan_decode(&mut a, step, &starts, &dec, shape)?),
+            false => Some(plan_decode(&mut a, step, &decode_parts, shape)?),
         };
         Ok(LayoutPlan {
             arrays: a,
-            starts,
             positions,
             slots,
             images,
             max_slot,
+            prefill_parts,
+            decode_parts,
             decode,
         })
     }
@@ -176,21 +209,25 @@ impl CudaLayout {
         plan: LayoutPlan,
         buf: Buffer,
     ) -> CudaLayout {
-        let pre: Vec<usize> = (0..step.seqs.len())
-            .filter(|&i| step.seqs[i].q_rows != 1)
-            .collect();
+        let pre = &plan.prefill_parts;
         CudaLayout {
-            prefill: (!pre.is_empty()).then(|| flash_group(b, step, &plan.starts, &pre)),
+            prefill: (!pre.is_empty()).then(|| flash_group(b, step, pre)),
             decode: plan.decode.map(|p| p.resolve(&buf)),
+            decode_parts: plan.decode_parts,
             decode_flash: OnceLock::new(),
             step: step.clone(),
-            starts: plan.starts,
             buf,
             positions: plan.positions,
             slots: plan.slots,
             images: plan.images,
             max_slot: plan.max_slot,
         }
+    }
+
+    /// The decode parts as one flash varlen batch (for head dims `paged_attention_d*` lacks), built once.
+    pub(in crate::backend::cuda) fn decode_as_flash(&self, b: &CudaBackend) -> &FlashGroup {
+        self.decode_flash
+            .get_or_init(|| flash_group(b, &self.step, &self.decode_parts))
     }
 
     /// Device address of element `offset` of the layout's int32 arrays.
@@ -246,22 +283,18 @@ impl DecodePlan {
     }
 }
 
-/// The decode sequences' arrays; a `shape` fixes the block-table width and the longest length (so the split count)
+/// The decode parts' arrays; a `shape` fixes the block-table width and the longest length (so the split count)
 /// whatever the sequences' own, for a recorded step.
 fn plan_decode(
     a: &mut Arrays,
     step: &StepLayout,
-    starts: &[usize],
-    seqs: &[usize],
+    parts: &[AttnPart],
     shape: Option<&DecodeShape>,
 ) -> Result<DecodePlan, String> {
-    let rows: Vec<usize> = seqs.iter().map(|&s| starts[s]).collect();
-    let longest_table = seqs
-        .iter()
-        .map(|&s| step.seqs[s].block_table.len())
-        .max()
-        .unwrap_or(0);
-    let longest = seqs.iter().map(|&s| step.seqs[s].kv_len).max().unwrap_or(0);
+    let rows: Vec<usize> = parts.iter().map(|p| p.first_row).collect();
+    let table_of = |p: &AttnPart| &step.seqs[p.seq].block_table;
+    let longest_table = parts.iter().map(|p| table_of(p).len()).max().unwrap_or(0);
+    let longest = parts.iter().map(|p| p.kv_len).max().unwrap_or(0);
     let (max_blocks, max_kv) = match shape {
         Some(f) if longest_table > f.table_width || longest > f.max_kv => {
             return Err(format!(
@@ -274,9 +307,9 @@ fn plan_decode(
         None => (longest_table.max(1), longest),
     };
     let rows_at = a.push(rows.iter().copied());
-    let kv_lens = a.push(seqs.iter().map(|&s| step.seqs[s].kv_len));
-    let table = seqs.iter().flat_map(|&s| {
-        let t = &step.seqs[s].block_table;
+    let kv_lens = a.push(parts.iter().map(|p| p.kv_len));
+    let table = parts.iter().flat_map(|p| {
+        let t = table_of(p);
         (0..max_blocks).map(move |j| t.get(j).map_or(0, |&b| b as usize))
     });
     let block_table = a.push(table);
@@ -290,34 +323,30 @@ fn plan_decode(
     })
 }
 
-/// The sequences `seqs` of the step as one flash varlen batch, uploaded in its own buffer.
-pub(in crate::backend::cuda) fn flash_group(
-    b: &CudaBackend,
-    step: &StepLayout,
-    starts: &[usize],
-    seqs: &[usize],
-) -> FlashGroup {
+/// The attention `parts` of the step as one flash varlen batch, uploaded in its own buffer.
+fn flash_group(b: &CudaBackend, step: &StepLayout, parts: &[AttnPart]) -> FlashGroup {
     let mut a = Arrays::default();
-    let rows: Vec<usize> = seqs
+    let rows: Vec<usize> = parts
         .iter()
-        .flat_map(|&s| starts[s]..starts[s] + step.seqs[s].q_rows)
+        .flat_map(|p| p.first_row..p.first_row + p.q_rows)
         .collect();
     let rows_at = a.push(rows.iter().copied());
-    let cu_q = a.prefix_sums(seqs.iter().map(|&s| step.seqs[s].q_rows));
-    let cu_k = a.prefix_sums(seqs.iter().map(|&s| step.seqs[s].kv_len));
+    let cu_q = a.prefix_sums(parts.iter().map(|p| p.q_rows));
+    let cu_k = a.prefix_sums(parts.iter().map(|p| p.kv_len));
     let key_slots = a.push(
-        seqs.iter()
-            .flat_map(|&s| (0..step.seqs[s].kv_len).map(move |p| step.slot(s, p))),
+        parts
+            .iter()
+            .flat_map(|p| (0..p.kv_len).map(move |pos| step.slot(p.seq, pos))),
     );
     let buf = b.upload_i32(&a.0);
     FlashGroup {
         rows: row_set(&rows, &buf, rows_at),
-        seqs: seqs.len(),
-        max_q: seqs.iter().map(|&s| step.seqs[s].q_rows).max().unwrap_or(0),
+        seqs: parts.len(),
+        max_q: parts.iter().map(|p| p.q_rows).max().unwrap_or(0),
         cu_q: device_ptr(&buf, cu_q),
         cu_k: device_ptr(&buf, cu_k),
         key_slots: device_ptr(&buf, key_slots),
-        keys: seqs.iter().map(|&s| step.seqs[s].kv_len).sum(),
+        keys: parts.iter().map(|p| p.kv_len).sum(),
         _buf: buf,
     }
 }
@@ -339,6 +368,7 @@ mod tests {
                     kv_len: len,
                     block_table: (next - blocks..next).collect(),
                     image_of_row: vec![-1],
+                    decode_from: 0,
                 }
             })
             .collect();

@@ -19,7 +19,7 @@ use crate::backend::cuda::launchers::Kernel;
 use crate::backend::cuda::launchers::{
     AttentionBf16, CopyRowsBf16, PagedAttentionBf16, PagedAttentionCombineBf16,
 };
-use crate::backend::cuda::layout::{flash_group, CudaLayout, DecodeGroup, FlashGroup, RowSet};
+use crate::backend::cuda::layout::{CudaLayout, DecodeGroup, FlashGroup, RowSet};
 
 /// Keys per flash-decoding split: fixed, so a row's reduction order depends on its own length only.
 const DECODE_SPLIT: usize = 256;
@@ -168,12 +168,7 @@ pub(in crate::backend::cuda) fn paged_attention(
                 &out,
             );
         } else {
-            let fg = layout.decode_flash.get_or_init(|| {
-                let seqs: Vec<usize> = (0..layout.step.seqs.len())
-                    .filter(|&s| layout.step.seqs[s].q_rows == 1)
-                    .collect();
-                flash_group(b, &layout.step, &layout.starts, &seqs)
-            });
+            let fg = layout.decode_as_flash(b);
             gathered_attention(b, q, [k_pool, v_pool], heads, fg, &out);
         }
     }
