@@ -333,10 +333,23 @@ fn batch_of_64_gives_what_generate_gives_alone_also_when_preempting() {
             "--max-step-tokens",
             "40",
         ][..],
+        &[
+            "--no-prefix-cache",
+            "--kv-blocks",
+            "12",
+            "--block-size",
+            "4",
+            "--max-step-tokens",
+            "40",
+        ][..],
     ] {
         let (results, summary) = run_batch(&fx.dir, 64, &[], flags);
         let preempted = !summary.contains(" 0 preemptions");
         assert_eq!(preempted, !flags.is_empty(), "{flags:?}: {summary}");
+        // 64 requests cycling through a few prompts: with the caches, prompt blocks and images are reused.
+        let cache_off = flags.contains(&"--no-prefix-cache");
+        assert_eq!(summary.contains("prefix cache 0 of"), cache_off, "{flags:?}: {summary}");
+        assert_eq!(summary.contains("media cache 0 of"), cache_off, "{flags:?}: {summary}");
         assert_eq!(results.len(), 64, "{flags:?}: one result per request");
         for (i, r) in results.iter().enumerate() {
             let want = &alone[i % BATCH_REQUESTS.len()];

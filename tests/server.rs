@@ -301,6 +301,10 @@ fn thirty_two_concurrent_clients_all_get_complete_answers() {
     assert_eq!(server.metric("flamingo_requests_in_flight"), 0.0);
     assert!(server.metric("flamingo_generation_tokens_total") > 0.0);
     assert!(server.metric("flamingo_step_seconds_count") > 0.0);
+    // The same chat 33 times: the prompt's full blocks are computed once while they stay cached.
+    let hits = server.metric("flamingo_prefix_cache_hits_total");
+    assert!(hits > 0.0 && hits < server.metric("flamingo_prefix_cache_queries_total"), "{hits}");
+    assert!(server.metric("flamingo_prefill_rows_saved_total") >= hits);
 }
 
 #[test]

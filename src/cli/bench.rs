@@ -1,5 +1,6 @@
 //! `flamingo bench`: time to first token, decode latency, throughput under concurrency and vision encoder speed,
-//! each beside its roofline floor from ceilings measured in the same run (see `perf::bench`). `--json` prints one
+//! each beside its roofline floor from ceilings measured in the same run, and the few-shot workloads with the
+//! prefix and media caches beside without (see `perf::bench`). `--json` prints one
 //! object with every figure.
 
 use std::io::Write;
@@ -37,14 +38,20 @@ pub struct BenchArgs {
     /// Launch every decode step's kernels one by one instead of replaying recorded steps (CUDA graphs).
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Support pictures of the few-shot workloads (k captioned pictures, then a query), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [4, 8])]
+    shots: Vec<usize>,
+    /// Queries behind each few-shot workload's support set (0: no few-shot figures).
+    #[arg(long, default_value_t = 16)]
+    few_shot_queries: usize,
     #[command(flatten)]
     run: RunOptions,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.concurrency.contains(&0) || args.new_tokens == 0 {
+    if args.concurrency.contains(&0) || args.new_tokens == 0 || args.shots.contains(&0) {
         return Err(Error::Invalid(
-            "--concurrency values and --new-tokens must be positive".into(),
+            "--concurrency values, --shots values and --new-tokens must be positive".into(),
         ));
     }
     with_backend(&args.run.clone(), &args.model.dir(), args)
@@ -66,6 +73,8 @@ fn bench<B: Backend>(args: &BenchArgs, backend: B) -> Result<()> {
         vision_images: args.vision_images,
         repeats: args.repeats,
         decode_graphs: !args.no_cuda_graphs,
+        shots: args.shots.clone(),
+        few_shot_queries: args.few_shot_queries,
     };
     let report = crate::perf::bench::run(&pipeline, &opts, &args.model.name(), |what| {
         if !args.json {
@@ -125,6 +134,39 @@ fn table(r: &BenchReport) -> String {
                 t.concurrency, t.new_tokens
             ),
             &t.output_tokens_per_s,
+        );
+    }
+    if !r.few_shot.is_empty() {
+        s += &format!(
+            "\n{:<34} {:>18} {:>18} {:>9}\n",
+            "few-shot (queries alone / all)", "cached", "uncached", "ratio"
+        );
+    }
+    for f in &r.few_shot {
+        let (c, u) = (&f.cached, &f.uncached);
+        let name = format!("{}-shot, {} tokens", f.shots, f.prompt_tokens);
+        s += &format!(
+            "{:<34} {:>18} {:>18} {:>8.2}x\n",
+            format!("{name}: time to first token"),
+            format!("{:.2} ms", c.time_to_first_token_ms),
+            format!("{:.2} ms", u.time_to_first_token_ms),
+            f.ttft_speedup
+        );
+        s += &format!(
+            "{:<34} {:>18} {:>18} {:>8.2}x\n",
+            format!("{} queries x {} tokens", f.queries, f.new_tokens),
+            format!("{:.2} req/s", c.requests_per_s),
+            format!("{:.2} req/s", u.requests_per_s),
+            f.throughput_speedup
+        );
+        s += &format!(
+            "{:<34} prefix hits {:.1}%, media hits {:.1}%, {} prefill rows saved, {} of {} images encoded\n",
+            "  caches",
+            100.0 * c.prefix_hit_rate,
+            100.0 * c.media_hit_rate,
+            c.prefill_rows_saved,
+            c.images_encoded,
+            u.images_encoded,
         );
     }
     s

@@ -2,7 +2,13 @@
 //! beside its roofline floor (`perf::floors`) computed from ceilings measured in the same run.
 //!
 //! Every request is one image plus `prompt_tokens` text tokens (random ids, fixed seed) and generates exactly its
-//! `new_tokens` (end-of-sequence ignored), so every run does the same work whatever the weights.
+//! `new_tokens` (end-of-sequence ignored), so every run does the same work whatever the weights. These workloads
+//! run with the prefix cache off (they repeat one prompt to time its computation).
+//!
+//! The few-shot workload is the in-context evaluation Flamingo models are used for: `k` support pictures with
+//! their captions, then a query picture, many queries behind one support set. It runs twice side by side, with the
+//! prefix and media caches and without, each engine warmed by one query: time to first token of a query alone,
+//! and throughput of all queries at once.
 
 use std::time::Instant;
 
@@ -36,6 +42,10 @@ pub struct BenchOptions {
     pub repeats: usize,
     /// Whether decode steps replay recordings (CUDA graphs) where the backend has them.
     pub decode_graphs: bool,
+    /// Support pictures of each few-shot workload (none: no few-shot figures).
+    pub shots: Vec<usize>,
+    /// Queries behind each few-shot workload's support set.
+    pub few_shot_queries: usize,
 }
 
 impl Default for BenchOptions {
@@ -48,6 +58,8 @@ impl Default for BenchOptions {
             vision_images: 16,
             repeats: 5,
             decode_graphs: true,
+            shots: vec![4, 8],
+            few_shot_queries: 16,
         }
     }
 }
@@ -119,6 +131,38 @@ pub struct BenchReport {
     pub throughput: Vec<Throughput>,
     /// Whether decode steps replayed recordings (CUDA graphs): asked for, and the backend records.
     pub decode_graphs: bool,
+    pub few_shot: Vec<FewShotReport>,
+}
+
+/// One few-shot workload, with the caches and without, and how they compare.
+#[derive(Clone, Debug, Serialize)]
+pub struct FewShotReport {
+    pub shots: usize,
+    pub queries: usize,
+    /// Tokens per query prompt, image tokens included.
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub cached: FewShotRun,
+    pub uncached: FewShotRun,
+    /// Time to first token without the caches over with them.
+    pub ttft_speedup: f64,
+    /// Throughput with the caches over without them.
+    pub throughput_speedup: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FewShotRun {
+    /// Median over the queries, each alone behind the (warm) support set.
+    pub time_to_first_token_ms: f64,
+    /// All queries at once.
+    pub requests_per_s: f64,
+    pub output_tokens_per_s: f64,
+    /// Prompt rows found in the prefix cache, of the rows admitted requests had to compute.
+    pub prefix_hit_rate: f64,
+    /// Images found in the media cache, of the images of admitted requests.
+    pub media_hit_rate: f64,
+    pub prefill_rows_saved: usize,
+    pub images_encoded: usize,
 }
 
 /// A benchmark request: the family's prompt of one image followed by random text ids (below the special tokens).
@@ -269,6 +313,116 @@ pub fn run<B: Backend>(
         ),
         throughput,
         decode_graphs: opts.decode_graphs && b.new_step_graphs(p.model().head_dim()).is_some(),
+        few_shot: opts
+            .shots
+            .iter()
+            .filter(|_| opts.few_shot_queries > 0)
+            .map(|&k| {
+                progress(&format!("{k}-shot, with the caches and without"));
+                few_shot(p, opts, k)
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// `k` support pictures with captions, then a query picture: the family's image marker and plain text.
+fn few_shot_text<B: Backend>(p: &Pipeline<B>, k: usize) -> String {
+    let marker = match &p.family {
+        Family::Idefics(_) => "<image>",
+        Family::Mllama(_) => "<|image|>",
+    };
+    let mut text: String = (0..k)
+        .map(|i| format!("{marker}Caption: a photograph of the object numbered {i}, seen from the side.\n"))
+        .collect();
+    text += &format!("{marker}Caption:");
+    text
+}
+
+/// A picture for the few-shot workloads, random in the normalised range from `seed`, shaped as `bench_pixels`.
+fn picture<B: Backend>(p: &Pipeline<B>, seed: u64) -> Result<PreparedImage> {
+    let mut image = bench_pixels(p)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    image.pixels.iter_mut().for_each(|v| *v = rng.random_range(-1.8..2.1));
+    Ok(image)
+}
+
+/// The `k`-shot workload with the caches and without, side by side.
+fn few_shot<B: Backend>(p: &Pipeline<B>, opts: &BenchOptions, k: usize) -> Result<FewShotReport> {
+    let prompt = p.prompt_for(&few_shot_text(p, k), k + 1)?;
+    p.check_prompt(&prompt)?;
+    let support: Vec<PreparedImage> = (0..k as u64).map(|i| picture(p, 100 + i)).collect::<Result<_>>()?;
+    let queries: Vec<Vec<PreparedImage>> = (0..opts.few_shot_queries as u64)
+        .map(|q| {
+            let mut images = support.clone();
+            images.push(picture(p, 1000 + q)?);
+            Ok(images)
+        })
+        .collect::<Result<_>>()?;
+    let new_tokens = opts.new_tokens.min(16);
+    let uncached = few_shot_run(p, opts, &prompt, &queries, new_tokens, false)?;
+    let cached = few_shot_run(p, opts, &prompt, &queries, new_tokens, true)?;
+    Ok(FewShotReport {
+        shots: k,
+        queries: queries.len(),
+        prompt_tokens: prompt.ids.len(),
+        new_tokens,
+        ttft_speedup: uncached.time_to_first_token_ms / cached.time_to_first_token_ms,
+        throughput_speedup: cached.requests_per_s / uncached.requests_per_s,
+        cached,
+        uncached,
+    })
+}
+
+/// One engine (caches on or off) warmed by the first query: each query alone to its first token, then all of
+/// them at once generating `new_tokens` each.
+fn few_shot_run<B: Backend>(
+    p: &Pipeline<B>,
+    opts: &BenchOptions,
+    prompt: &EncodedPrompt,
+    queries: &[Vec<PreparedImage>],
+    new_tokens: usize,
+    prefix_cache: bool,
+) -> Result<FewShotRun> {
+    let c = queries.len();
+    let positions = prompt.ids.len() + new_tokens;
+    let config = EngineConfig {
+        prefix_cache,
+        media_slots: c * queries[0].len(),
+        ..bench_config(c, positions, opts.decode_graphs)
+    };
+    let mut e = Engine::new(p, config)?;
+    let run = |e: &mut Engine<B>, images: &[Vec<PreparedImage>], new: usize| -> Result<(f64, usize)> {
+        for q in images {
+            e.add_request(prompt.clone(), q.clone(), &bench_request(new))?;
+        }
+        let mut tokens = 0;
+        let mut result = Ok(());
+        let seconds = time(&p.backend, || {
+            result = e.run_to_completion(|event| {
+                if let Event::Finished { output, .. } = event {
+                    tokens += output.generated_ids.len();
+                }
+            })
+        });
+        result.map(|_| (seconds, tokens))
+    };
+    run(&mut e, &queries[..1], 1)?;
+    let mut ttft = queries
+        .iter()
+        .map(|q| run(&mut e, std::slice::from_ref(q), 1).map(|(s, _)| s))
+        .collect::<Result<Vec<f64>>>()?;
+    ttft.sort_by(f64::total_cmp);
+    let (seconds, tokens) = run(&mut e, queries, new_tokens)?;
+    let stats = e.stats();
+    let rate = |hits: usize, of: usize| hits as f64 / of.max(1) as f64;
+    Ok(FewShotRun {
+        time_to_first_token_ms: ttft[ttft.len() / 2] * 1e3,
+        requests_per_s: c as f64 / seconds,
+        output_tokens_per_s: tokens as f64 / seconds,
+        prefix_hit_rate: rate(stats.cache.prefix_hit_rows, stats.cache.admitted_rows),
+        media_hit_rate: rate(stats.cache.media_hits, stats.cache.admitted_images),
+        prefill_rows_saved: stats.prefill_rows_saved(),
+        images_encoded: stats.images_encoded,
     })
 }
 
@@ -314,20 +468,22 @@ pub fn bench_engine<'p, B: Backend>(
     positions: usize,
     decode_graphs: bool,
 ) -> Result<Engine<'p, B>> {
+    Engine::new(p, bench_config(seqs, positions, decode_graphs))
+}
+
+/// The limits of [`bench_engine`].
+fn bench_config(seqs: usize, positions: usize, decode_graphs: bool) -> EngineConfig {
     let block_size = 16;
-    Engine::new(
-        p,
-        EngineConfig {
-            block_size,
-            kv_blocks: seqs * positions.div_ceil(block_size),
-            media_slots: seqs,
-            max_seqs: seqs,
-            max_step_tokens: 2048,
-            decode_graphs,
-            // The workloads repeat one prompt to time its computation: nothing may come from a cache.
-            prefix_cache: false,
-        },
-    )
+    EngineConfig {
+        block_size,
+        kv_blocks: seqs * positions.div_ceil(block_size),
+        media_slots: seqs,
+        max_seqs: seqs,
+        max_step_tokens: 2048,
+        decode_graphs,
+        // The workloads repeat one prompt to time its computation: nothing may come from a cache.
+        prefix_cache: false,
+    }
 }
 
 /// A request that generates exactly `new_tokens` tokens, whatever they are.
