@@ -319,37 +319,27 @@ fn run_batch(
     (results, stderr.to_string())
 }
 
+/// Limits small enough to preempt, after `--no-prefix-cache` (`TIGHT[1..]`: with the caches).
+const TIGHT: [&str; 7] = ["--no-prefix-cache", "--kv-blocks", "12", "--block-size", "4", "--max-step-tokens", "40"];
+
 #[test]
 fn batch_of_64_gives_what_generate_gives_alone_also_when_preempting() {
     let fx = Fixture::load("tiny-idefics-a");
     let alone = generate_alone(&fx.dir);
     for flags in [
         &[][..],
-        &[
-            "--kv-blocks",
-            "12",
-            "--block-size",
-            "4",
-            "--max-step-tokens",
-            "40",
-        ][..],
-        &[
-            "--no-prefix-cache",
-            "--kv-blocks",
-            "12",
-            "--block-size",
-            "4",
-            "--max-step-tokens",
-            "40",
-        ][..],
+        &TIGHT[1..],
+        &TIGHT[..],
     ] {
         let (results, summary) = run_batch(&fx.dir, 64, &[], flags);
         let preempted = !summary.contains(" 0 preemptions");
         assert_eq!(preempted, !flags.is_empty(), "{flags:?}: {summary}");
-        // 64 requests cycling through a few prompts: with the caches, prompt blocks and images are reused.
+        // 64 requests cycling through a few prompts: with the caches, images are reused, and prompt blocks too
+        // once requests are admitted after others have run (at the default limits all start in the first step).
         let cache_off = flags.contains(&"--no-prefix-cache");
-        assert_eq!(summary.contains("prefix cache 0 of"), cache_off, "{flags:?}: {summary}");
         assert_eq!(summary.contains("media cache 0 of"), cache_off, "{flags:?}: {summary}");
+        let no_prefix_hits = summary.contains("prefix cache 0 of");
+        assert!(no_prefix_hits == cache_off || flags.is_empty(), "{flags:?}: {summary}");
         assert_eq!(results.len(), 64, "{flags:?}: one result per request");
         for (i, r) in results.iter().enumerate() {
             let want = &alone[i % BATCH_REQUESTS.len()];

@@ -7,6 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::fixture_dir;
+use common::shared_prefixes::assert_same_outputs as assert_same;
 use flamingo::io::image::PreparedImage;
 use flamingo::backend::cpu::CpuBackend;
 use flamingo::backend::Backend;
@@ -171,22 +172,6 @@ fn run_engine<B: Backend>(
         })
         .collect();
     (ordered, stats)
-}
-
-fn assert_same(what: &str, got: &[GenerationOutput], want: &[GenerationOutput]) {
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.generated_ids, w.generated_ids, "{what}: request {i} ids");
-        assert_eq!(g.text, w.text, "{what}: request {i} text");
-        assert_eq!(
-            g.finish_reason, w.finish_reason,
-            "{what}: request {i} finish"
-        );
-        assert_eq!(g.logprobs, w.logprobs, "{what}: request {i} logprobs");
-        assert_eq!(
-            g.prompt_logprobs, w.prompt_logprobs,
-            "{what}: request {i} prompt logprobs"
-        );
-    }
 }
 
 #[test]

@@ -1,10 +1,10 @@
 //! Llama 3.2 Vision through the continuous-batching engine on the CPU backend: 48 mixed requests (text only, one
 //! image, two images apart or consecutive) batched together give each request's single-run ids, and every
-//! image's vision tower and cross-attention K/V run exactly once.
+//! image's vision tower and cross-attention K/V run exactly once (with the media cache, once per picture).
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use common::fixture_dir;
 use flamingo::backend::cpu::CpuBackend;
@@ -12,7 +12,7 @@ use flamingo::backend::Backend;
 use flamingo::io::image::PreparedImage;
 use flamingo::io::prompt::EncodedPrompt;
 use flamingo::model::sampling::SamplingParams;
-use flamingo::runtime::engine::{Engine, EngineConfig, Event};
+use flamingo::runtime::engine::{Engine, EngineConfig, EngineStats, Event};
 use flamingo::runtime::pipeline::Pipeline;
 use flamingo::runtime::request::GenerationRequest;
 
@@ -83,6 +83,32 @@ fn forty_eight_mixed_requests_batched_match_each_alone_and_encode_each_image_onc
                 .generated_ids
         })
         .collect();
+    let images: usize = cases.iter().map(|c| c.images.len()).sum();
+    // A picture directly after another is seen with it: a media slot of its own.
+    let base = prompts();
+    let pictures: HashSet<(Option<&str>, &str)> = cases
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let files = &base[i % base.len()].1;
+            let after = |j: usize| c.prompt.joins_previous[j].then(|| files[j - 1]);
+            (0..files.len()).map(|j| (after(j), files[j])).collect::<Vec<_>>()
+        })
+        .collect();
+    for (prefix_cache, encoded) in [(false, images), (true, pictures.len())] {
+        let (outputs, stats) = run_batched(&p, &cases, prefix_cache);
+        for (i, (got, want)) in outputs.iter().zip(&alone).enumerate() {
+            assert_eq!(got, want, "request {i} ({:?}) batched vs alone, caches {prefix_cache}", cases[i].prompt.text);
+        }
+        assert_eq!(stats.preemptions, 0, "the pool holds every request: no recomputation");
+        // Once per request's image, or with the media cache once per picture and what it directly follows.
+        assert_eq!(stats.images_encoded, encoded, "every image's K/V is computed once, caches {prefix_cache}");
+        assert_eq!(stats.recorded_steps, 0, "mllama reads the host layout: decode steps are not replayed");
+    }
+}
+
+/// Every case batched in one engine; the generated ids in the cases' order and the engine's figures.
+fn run_batched(p: &Pipeline<CpuBackend>, cases: &[Case], prefix_cache: bool) -> (Vec<Vec<u32>>, EngineStats) {
     let config = EngineConfig {
         block_size: 8,
         kv_blocks: 512,
@@ -90,9 +116,9 @@ fn forty_eight_mixed_requests_batched_match_each_alone_and_encode_each_image_onc
         max_seqs: 16,
         max_step_tokens: 96,
         decode_graphs: true,
-        prefix_cache: true,
+        prefix_cache,
     };
-    let mut engine = Engine::new(&p, config).unwrap();
+    let mut engine = Engine::new(p, config).unwrap();
     let ids: Vec<_> = cases
         .iter()
         .map(|c| engine.add_request(c.prompt.clone(), c.images.clone(), &c.request).unwrap())
@@ -110,14 +136,8 @@ fn forty_eight_mixed_requests_batched_match_each_alone_and_encode_each_image_onc
             | Event::PromptLogprobs { .. } => {}
         })
         .unwrap();
-    for (i, (id, want)) in ids.iter().zip(&alone).enumerate() {
-        assert_eq!(&outputs[id], want, "request {i} ({:?}) batched vs alone", cases[i].prompt.text);
-    }
-    let stats = engine.stats();
-    assert_eq!(stats.preemptions, 0, "the pool holds every request: no recomputation");
-    let images: usize = cases.iter().map(|c| c.images.len()).sum();
-    assert_eq!(stats.images_encoded, images, "every image's K/V is computed once");
-    assert_eq!(stats.recorded_steps, 0, "mllama reads the host layout: decode steps are not replayed");
+    let ordered = ids.iter().map(|id| outputs.remove(id).expect("every request finishes")).collect();
+    (ordered, engine.stats())
 }
 
 #[test]

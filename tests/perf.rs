@@ -241,8 +241,23 @@ fn bench_json_of(model: &[&str]) -> serde_json::Value {
         figure(&r["output_tokens_per_s"]);
         assert!(r["seconds"].is_number());
     }
-    assert_positive_numbers("bench", &v);
+    let mut rest = v.clone();
+    for run in rest["few_shot"].as_array_mut().expect("few-shot runs") {
+        assert_cache_figures_only_with_the_caches(run);
+    }
+    assert_positive_numbers("bench", &rest);
     v
+}
+
+/// A k-shot run's cache figures: zero without the caches (then taken out of `run`), positive with them.
+fn assert_cache_figures_only_with_the_caches(run: &mut serde_json::Value) {
+    let uncached = run["uncached"].as_object_mut().expect("an uncached run");
+    for key in ["prefix_hit_rate", "media_hit_rate", "prefill_rows_saved"] {
+        let x = uncached.remove(key).and_then(|x| x.as_f64());
+        assert_eq!(x, Some(0.0), "uncached {key} in {run}");
+    }
+    let cached = &run["cached"];
+    assert!(cached["images_encoded"].as_f64() < run["uncached"]["images_encoded"].as_f64(), "{run}");
 }
 
 /// `flamingo profile` on the tiny synthetic model on the CPU, with `args`.

@@ -3,7 +3,8 @@
 //!
 //! - An image's key hashes its decoded, preprocessed pixels (the exact f32 bits the vision tower reads), its tile
 //!   grid, and, when it is seen together with the image before it (consecutive image tokens), that image's key: two
-//!   images differing in one pixel never share a key.
+//!   images differing in one pixel never share a key. The same picture directly after another is a slot of its
+//!   own, since a slot's view (what rows seeing it attend to) names the slot before it.
 //! - A KV block's key hashes its parent block's key (so it names the whole prefix up to it), its token ids, and per
 //!   row the key of the image the row attends to (a zero key for none): a row's K/V depend on nothing else.
 

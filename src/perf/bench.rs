@@ -351,19 +351,24 @@ fn few_shot<B: Backend>(p: &Pipeline<B>, opts: &BenchOptions, k: usize) -> Resul
     let prompt = p.prompt_for(&few_shot_text(p, k), k + 1)?;
     p.check_prompt(&prompt)?;
     let support: Vec<PreparedImage> = (0..k as u64).map(|i| picture(p, 100 + i)).collect::<Result<_>>()?;
-    let queries: Vec<Vec<PreparedImage>> = (0..opts.few_shot_queries as u64)
-        .map(|q| {
-            let mut images = support.clone();
-            images.push(picture(p, 1000 + q)?);
-            Ok(images)
-        })
-        .collect::<Result<_>>()?;
+    // Query pictures never seen before: one to warm the engine, a set timed alone, another all at once.
+    let queries = |first_seed: u64, n: usize| -> Result<Vec<Vec<PreparedImage>>> {
+        (0..n as u64)
+            .map(|q| {
+                let mut images = support.clone();
+                images.push(picture(p, first_seed + q)?);
+                Ok(images)
+            })
+            .collect()
+    };
+    let n = opts.few_shot_queries;
+    let queries = [queries(3000, 1)?, queries(1000, n)?, queries(2000, n)?];
     let new_tokens = opts.new_tokens.min(16);
     let uncached = few_shot_run(p, opts, &prompt, &queries, new_tokens, false)?;
     let cached = few_shot_run(p, opts, &prompt, &queries, new_tokens, true)?;
     Ok(FewShotReport {
         shots: k,
-        queries: queries.len(),
+        queries: opts.few_shot_queries,
         prompt_tokens: prompt.ids.len(),
         new_tokens,
         ttft_speedup: uncached.time_to_first_token_ms / cached.time_to_first_token_ms,
@@ -373,21 +378,21 @@ fn few_shot<B: Backend>(p: &Pipeline<B>, opts: &BenchOptions, k: usize) -> Resul
     })
 }
 
-/// One engine (caches on or off) warmed by the first query: each query alone to its first token, then all of
-/// them at once generating `new_tokens` each.
+/// One engine (caches on or off) warmed by the `warm` queries: each query of `alone` by itself to its first
+/// token, then all of `together` at once generating `new_tokens` each.
 fn few_shot_run<B: Backend>(
     p: &Pipeline<B>,
     opts: &BenchOptions,
     prompt: &EncodedPrompt,
-    queries: &[Vec<PreparedImage>],
+    [warm, alone, together]: &[Vec<Vec<PreparedImage>>; 3],
     new_tokens: usize,
     prefix_cache: bool,
 ) -> Result<FewShotRun> {
-    let c = queries.len();
+    let c = together.len();
     let positions = prompt.ids.len() + new_tokens;
     let config = EngineConfig {
         prefix_cache,
-        media_slots: c * queries[0].len(),
+        media_slots: c * together[0].len(),
         ..bench_config(c, positions, opts.decode_graphs)
     };
     let mut e = Engine::new(p, config)?;
@@ -395,24 +400,15 @@ fn few_shot_run<B: Backend>(
         for q in images {
             e.add_request(prompt.clone(), q.clone(), &bench_request(new))?;
         }
-        let mut tokens = 0;
-        let mut result = Ok(());
-        let seconds = time(&p.backend, || {
-            result = e.run_to_completion(|event| {
-                if let Event::Finished { output, .. } = event {
-                    tokens += output.generated_ids.len();
-                }
-            })
-        });
-        result.map(|_| (seconds, tokens))
+        timed_to_completion(p, e)
     };
-    run(&mut e, &queries[..1], 1)?;
-    let mut ttft = queries
+    run(&mut e, warm, 1)?;
+    let mut ttft = alone
         .iter()
         .map(|q| run(&mut e, std::slice::from_ref(q), 1).map(|(s, _)| s))
         .collect::<Result<Vec<f64>>>()?;
     ttft.sort_by(f64::total_cmp);
-    let (seconds, tokens) = run(&mut e, queries, new_tokens)?;
+    let (seconds, tokens) = run(&mut e, together, new_tokens)?;
     let stats = e.stats();
     let rate = |hits: usize, of: usize| hits as f64 / of.max(1) as f64;
     Ok(FewShotRun {
@@ -508,6 +504,11 @@ fn generate<B: Backend>(
     for _ in 0..c {
         e.add_request(prompt.clone(), vec![pixels.clone()], &bench_request(new))?;
     }
+    timed_to_completion(p, &mut e)
+}
+
+/// Seconds for the engine to finish every request it has, and the tokens they generated.
+fn timed_to_completion<B: Backend>(p: &Pipeline<B>, e: &mut Engine<B>) -> Result<(f64, usize)> {
     let mut tokens = 0;
     let mut result = Ok(());
     let seconds = time(&p.backend, || {
@@ -517,8 +518,7 @@ fn generate<B: Backend>(
             }
         })
     });
-    result?;
-    Ok((seconds, tokens))
+    result.map(|_| (seconds, tokens))
 }
 
 /// Seconds per token of one request decoding `tokens` tokens after its prefill.
