@@ -1,7 +1,7 @@
 //! Softmax attention on the CPU, f32 scores with the maximum subtracted.
 //!
 //! Where every query row sees the same keys (the vision encoder), [`full`] runs each head as two register-tiled
-//! products (`dot::broadcast_product`): scores `Q K^T`, the softmax, then `P V`. Elsewhere (causal, paged and cross-attention, whose rows see
+//! products (`dot::product`): scores `Q K^T`, the softmax, then `P V`. Elsewhere (causal, paged and cross-attention, whose rows see
 //! different keys) one query row at a time ([`per_row_head`] and [`attend`]). Either way a row's result is summed
 //! in an order fixed by its own keys, whatever rows share the call.
 
@@ -24,18 +24,17 @@ pub fn full<'a>(
     heads: usize,
     scale: f32,
 ) -> Option<Vec<f32>> {
-    if !dot::available() {
-        return None;
-    }
     #[cfg(target_arch = "x86_64")]
-    return Some(tiled(q, rows, n, key, heads, scale));
-    #[cfg(not(target_arch = "x86_64"))]
+    if let Some(isa) = dot::isa() {
+        return Some(tiled(isa, q, rows, n, key, heads, scale));
+    }
     None
 }
 
-/// [`full`] on AVX2 and FMA.
+/// [`full`] on AVX2 and FMA or AVX-512.
 #[cfg(target_arch = "x86_64")]
 fn tiled<'a>(
+    isa: dot::Isa,
     q: &[f32],
     rows: usize,
     n: usize,
@@ -75,12 +74,12 @@ fn tiled<'a>(
         let (kt, vh) = &operands[h];
         let mut p = vec![0f32; m * n];
         let dst = &dst;
-        // SAFETY: `full` checked AVX2 and FMA; `p` is [m, n]; the output window is rows r0..r0+m, columns of
-        // head h, which no other task writes.
+        // SAFETY: the CPU has `isa`; `p` is [m, n]; the output window is rows r0..r0+m, columns of head h, which
+        // no other task writes.
         unsafe {
-            dot::broadcast_product(&qh, m, d, kt, n, p.as_mut_ptr(), n);
+            dot::product(isa, &qh, m, &dot::Rhs::row_major(kt, d, n), p.as_mut_ptr(), n);
             p.chunks_mut(n).for_each(|row| softmax(row, scale));
-            dot::broadcast_product(&p, m, n, vh, d, dst.0.add(r0 * width + h * d), width);
+            dot::product(isa, &p, m, &dot::Rhs::row_major(vh, n, d), dst.0.add(r0 * width + h * d), width);
         }
     });
     out

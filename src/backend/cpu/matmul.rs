@@ -1,25 +1,41 @@
-//! `y = x @ W^T` with W in its stored dtype: the output columns are split into blocks across threads; each block
-//! widens its rows of W to f32 (or borrows them in place when W is aligned f32) and multiplies every row of x by it,
-//! one row at a time, while the block stays in cache. Peak extra memory is one block of W per thread.
+//! `y = x @ W^T` with W in its stored dtype: the output columns are split into blocks of whole panels across
+//! threads; each block reads W's packed panels (an f32 weight's, packed once: `CpuWeight::f32_panels`) or packs
+//! its rows of a 16-bit weight into a per-thread buffer, in their dtype, and multiplies every row of x by them
+//! while the block stays in cache (`dot::product`, which widens 16-bit values as it loads them). Extra memory: a
+//! packed copy of each f32 weight, one block per thread for 16-bit ones.
 //!
-//! Batch invariance: `gemm` sums in a different order depending on how many rows it is given (a single row takes
-//! a GEMV path, and the blocking of larger products depends on their size), so a row's result would change with
-//! the rows around it. On CPUs with AVX2 and FMA the block product is our own (`dot.rs`), whose summation order per
-//! element is fixed; elsewhere `gemm` is called on exactly one row at a time. Either way, over column blocks whose
-//! width depends only on `n` and `k`, every row's result is the same whatever the batch
-//! (`tests/batch_invariance.rs`).
+//! Batch invariance: on CPUs with AVX2 and FMA (or AVX-512) the product is our own, whose summation order per
+//! element is fixed (one chain of fused multiply-adds over k, whatever the tile, the batch or the instruction set);
+//! elsewhere `gemm` is called on exactly one row at a time over column blocks whose width depends only on `n` and
+//! `k` (`gemm` sums in a different order depending on how many rows it is given). Either way every row's result
+//! is the same whatever the batch (`tests/batch_invariance.rs`).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::dot;
+use super::dot::{self, PANEL};
 use super::weight::CpuWeight;
+use crate::io::safetensors::DType;
 
-/// Columns per block: enough blocks to keep every thread busy, few enough that each block's `gemm` is efficient.
+/// Panels per block of the product for `m` rows: enough blocks to keep every thread busy, a block small enough to
+/// stay in L2 while every row of x passes over it, and at least the panels one tile of so few rows reads at once
+/// (8 for a decode step's 1 or 2 rows: see `dot`).
+fn block_panels(panels: usize, k: usize, m: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = panels.div_ceil(threads * 4);
+    let by_cache = (512 << 10) / (4 * PANEL * k.max(1));
+    let tile = match m {
+        1..=2 => 8,
+        3..=6 => 4,
+        _ => 2,
+    };
+    by_threads.min(by_cache).max(tile).min(panels)
+}
+
+/// Columns per block of the `gemm` fallback: enough blocks for every thread, each under ~1 MiB when widened.
 fn block_cols(n: usize, k: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_threads = n.div_ceil(threads * 4);
-    // Keep a widened block under ~1 MiB so it stays in L2 while every row of x passes over it.
     let by_cache = ((1 << 20) / (4 * k.max(1))).max(8);
     by_threads.clamp(8, by_cache.max(8)).min(n.max(1))
 }
@@ -39,31 +55,75 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
     if m == 0 || n == 0 {
         return out;
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(isa) = dot::isa() {
+        panel_product(isa, x, m, k, w, &mut out);
+        return out;
+    }
+    row_by_row_gemm(x, m, k, w, &mut out);
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// A block of a 16-bit weight packed for the product, reused by every product this thread runs.
+    static PACKED_BLOCK: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`matmul_t`] by our tiled product, in blocks of whole panels across threads.
+#[cfg(target_arch = "x86_64")]
+fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, out: &mut [f32]) {
+    let n = w.rows;
+    let count = n.div_ceil(PANEL);
+    let per_block = block_panels(count, k, m);
+    let f32_panels = w.f32_panels();
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..count.div_ceil(per_block)).into_par_iter().for_each(|blk| {
+        let p0 = blk * per_block;
+        let c0 = p0 * PANEL;
+        let cols = (per_block * PANEL).min(n - c0);
+        let at = BlockOut { dst: &dst, c0, n };
+        if let Some(all) = f32_panels {
+            return at.product(isa, x, m, &dot::Rhs::packed(&all[p0 * k * PANEL..], k, cols));
+        }
+        PACKED_BLOCK.with_borrow_mut(|bits| {
+            w.pack_bits16(c0, cols, bits);
+            match w.dtype() {
+                DType::BF16 => at.product(isa, x, m, &dot::Rhs::packed(bytemuck::cast_slice::<_, half::bf16>(bits), k, cols)),
+                _ => at.product(isa, x, m, &dot::Rhs::packed(bytemuck::cast_slice::<_, half::f16>(bits), k, cols)),
+            }
+        });
+    });
+}
+
+/// Where one block's columns go: columns `c0 ..` of the `[m, n]` output.
+#[cfg(target_arch = "x86_64")]
+struct BlockOut<'a> {
+    dst: &'a OutPtr,
+    c0: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl BlockOut<'_> {
+    fn product<T: dot::PanelValue>(&self, isa: dot::Isa, x: &[f32], m: usize, b: &dot::Rhs<T>) {
+        // SAFETY: the CPU has `isa` (`dot::isa`); the output window is rows 0..m, columns c0..c0+cols of the
+        // [m, n] output, which no other block writes.
+        unsafe { dot::product(isa, x, m, b, self.dst.0.add(self.c0), self.n) };
+    }
+}
+
+/// [`matmul_t`] by `gemm`, one row at a time (CPUs without AVX2 and FMA).
+fn row_by_row_gemm(x: &[f32], m: usize, k: usize, w: &CpuWeight, out: &mut [f32]) {
+    let n = w.rows;
     let nb = block_cols(n, k);
     let dst = OutPtr(out.as_mut_ptr());
-    let stored = w.as_f32();
-    let fma = dot::available();
     (0..n.div_ceil(nb)).into_par_iter().for_each(|b| {
         let n0 = b * nb;
         let cols = nb.min(n - n0);
-        let widened;
-        let rows: &[f32] = match stored {
-            Some(all) => &all[n0 * k..(n0 + cols) * k],
-            None => {
-                let mut buf = vec![0f32; cols * k];
-                w.widen_rows(n0, &mut buf);
-                widened = buf;
-                &widened
-            }
-        };
+        let mut rows = vec![0f32; cols * k];
+        w.widen_rows(n0, &mut rows);
         let dst = &dst;
-        #[cfg(target_arch = "x86_64")]
-        if fma {
-            // SAFETY: `fma` says the CPU has AVX2 and FMA; the output window is rows 0..m, columns n0..n0+cols of
-            // the [m, n] output, which no other task writes.
-            unsafe { dot::block_product(x, m, k, rows, cols, dst.0.add(n0), n) };
-            return;
-        }
         for r in 0..m {
             // SAFETY: lhs is row r of x ([1, k]), rhs is W^T viewed through strides (element (kk, j) at
             // j*k + kk), dst is the [1, cols] window at column n0 of row r of the [m, n] output; all in bounds, and
@@ -93,5 +153,4 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
             }
         }
     });
-    out
 }

@@ -1,5 +1,12 @@
-//! A checkpoint tensor left where it is (in the memory map) and widened to f32 on demand.
+//! A checkpoint tensor left where it is (in the memory map) and widened to f32 on demand. For the matrix product
+//! an f32 weight is packed once, on first use, into the product's panels (`dot::pack`); a 16-bit one is packed
+//! block by block as each product runs (`dot::pack_bits16`), so that its memory stays the mapped file's.
 
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::dot::{self, PANEL};
 use crate::io::safetensors::{DType, TensorRef};
 
 pub struct CpuWeight {
@@ -7,6 +14,8 @@ pub struct CpuWeight {
     /// `[shape[0], product(rest)]`, or `[1, n]` for a vector.
     pub rows: usize,
     pub cols: usize,
+    /// An f32 weight's rows packed as panels of the product's right-hand side, made on first use.
+    panels: OnceLock<Vec<f32>>,
 }
 
 impl CpuWeight {
@@ -16,7 +25,7 @@ impl CpuWeight {
             [n] => (1, *n),
             [r, rest @ ..] => (*r, rest.iter().product()),
         };
-        CpuWeight { tensor, rows, cols }
+        CpuWeight { tensor, rows, cols, panels: OnceLock::new() }
     }
 
     pub fn numel(&self) -> usize {
@@ -29,6 +38,37 @@ impl CpuWeight {
             return None;
         }
         bytemuck::try_cast_slice(self.tensor.bytes()).ok()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.tensor.dtype
+    }
+
+    /// An f32 weight's rows as packed panels ([`dot::pack`]), made on the first call (in parallel, a panel per
+    /// task); `None` for a 16-bit weight ([`CpuWeight::pack_bits16`]).
+    pub fn f32_panels(&self) -> Option<&[f32]> {
+        let stored = self.as_f32()?;
+        Some(self.panels.get_or_init(|| {
+            let (k, per_panel) = (self.cols, self.cols * PANEL);
+            let mut out = vec![0f32; self.rows.div_ceil(PANEL) * per_panel];
+            out.par_chunks_mut(per_panel).enumerate().for_each(|(p, panel)| {
+                let first = p * PANEL;
+                dot::pack(|j, kk| stored[(first + j) * k + kk], k, PANEL.min(self.rows - first), panel);
+            });
+            out
+        }))
+    }
+
+    /// Rows `start .. start + rows` of a 16-bit weight packed as panels of its bits into `out` (resized).
+    pub fn pack_bits16(&self, start: usize, rows: usize, out: &mut Vec<u16>) {
+        assert_eq!(self.tensor.dtype.size(), 2, "{}: a 16-bit weight", self.tensor.name);
+        let k = self.cols;
+        out.resize(rows.div_ceil(PANEL) * k * PANEL, 0);
+        let bytes = &self.tensor.bytes()[2 * start * k..2 * (start + rows) * k];
+        match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            Ok(bits) if cfg!(target_endian = "little") => dot::pack_bits16(bits, k, rows, out),
+            _ => dot::pack(|j, kk| u16::from_le_bytes([bytes[2 * (j * k + kk)], bytes[2 * (j * k + kk) + 1]]), k, rows, out),
+        }
     }
 
     /// Widens rows `start .. start + out.len() / cols` into `out`.
