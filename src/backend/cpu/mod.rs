@@ -2,6 +2,7 @@
 //! It is the reference every other backend is tested against, and a working fallback. This file is one cohesive
 //! thing: the `Backend` implementation, op by op (the heavy kernels live in `attention`, `matmul`, `dot`).
 
+mod activation;
 mod attention;
 mod ceilings;
 mod dot;
@@ -77,10 +78,6 @@ fn head_of_row<'a>(
     (&k.data[o..o + d], &v.data[o..o + d])
 }
 
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 fn gelu_tanh(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
     0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
@@ -136,8 +133,13 @@ impl Backend for CpuBackend {
         std::mem::size_of::<f32>()
     }
 
+    /// A matrix in f32 is packed for the product here, at load, so that no request pays for it.
     fn load_weight(&self, t: &TensorRef) -> Result<CpuWeight> {
-        Ok(CpuWeight::new(t.clone()))
+        let w = CpuWeight::new(t.clone());
+        if t.shape.len() >= 2 {
+            w.f32_panels();
+        }
+        Ok(w)
     }
 
     fn from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
@@ -317,7 +319,7 @@ impl Backend for CpuBackend {
 
     fn activate(&self, x: &mut CpuTensor, act: Activation) {
         let f: fn(f32) -> f32 = match act {
-            Activation::Gelu => gelu,
+            Activation::Gelu => return activation::gelu_in_place(&mut x.data),
             Activation::GeluTanh => gelu_tanh,
             Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
             Activation::Relu => |v| v.max(0.0),

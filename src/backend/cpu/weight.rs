@@ -1,5 +1,6 @@
 //! A checkpoint tensor left where it is (in the memory map) and widened to f32 on demand. For the matrix product
-//! an f32 weight is packed once, on first use, into the product's panels (`dot::pack`); a 16-bit one is packed
+//! an f32 matrix is packed once (at load: `CpuBackend::load_weight`) into the product's panels (`dot::pack`), in
+//! parallel with every thread; a 16-bit one is packed
 //! block by block as each product runs (`dot::pack_bits16`), so that its memory stays the mapped file's.
 
 use std::sync::OnceLock;
@@ -14,7 +15,7 @@ pub struct CpuWeight {
     /// `[shape[0], product(rest)]`, or `[1, n]` for a vector.
     pub rows: usize,
     pub cols: usize,
-    /// An f32 weight's rows packed as panels of the product's right-hand side, made on first use.
+    /// An f32 weight's rows packed as panels of the product's right-hand side, made once.
     panels: OnceLock<Vec<f32>>,
 }
 
@@ -44,8 +45,8 @@ impl CpuWeight {
         self.tensor.dtype
     }
 
-    /// An f32 weight's rows as packed panels ([`dot::pack`]), made on the first call (in parallel, a panel per
-    /// task); `None` for a 16-bit weight ([`CpuWeight::pack_bits16`]).
+    /// An f32 weight's rows as packed panels ([`dot::pack`]), made on the first call (a panel per task); `None`
+    /// for a 16-bit weight ([`CpuWeight::pack_bits16`]).
     pub fn f32_panels(&self) -> Option<&[f32]> {
         let stored = self.as_f32()?;
         Some(self.panels.get_or_init(|| {
