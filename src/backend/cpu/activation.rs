@@ -87,14 +87,14 @@ fn horner<const N: usize>(z: f32, c: &[f32; N]) -> f32 {
     c.iter().rev().fold(0.0, |acc, &ci| acc * z + ci)
 }
 
-/// `e^y` for `y` in [-100, 0] (below -87, where f32 leaves the normal range, the result is e^-87 ~ 1.6e-38):
+/// `e^y` for `y <= 0` (below -87, where f32 leaves the normal range, the result is e^-87 ~ 1.6e-38; NaN stays NaN):
 /// `2^n e^r` with `|r| <= ln2 / 2` and e^r by its Taylor series to r^7 (error < 3e-9).
 #[inline(always)]
-fn exp_negative(y: f32) -> f32 {
+pub fn exp_negative(y: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let y = y.max(-87.0);
+    let y = if y < -87.0 { -87.0 } else { y }; // not `max`, which would turn NaN into e^-87
     let n = (y * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (y - n * LN2_HI) - n * LN2_LO;
     const TAYLOR: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
@@ -133,5 +133,10 @@ mod tests {
         let slow: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
         assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "vector vs scalar bits");
         assert!(gelu(f32::NAN).is_nan());
+        assert!(exp_negative(f32::NAN).is_nan());
+        for y in [0.0, -1e-3, -0.5, -1.0, -10.0, -80.0] {
+            let (got, want) = (exp_negative(y) as f64, (y as f64).exp());
+            assert!((got - want).abs() <= 2e-7 * want, "exp({y}) = {got}, want {want}");
+        }
     }
 }

@@ -73,26 +73,38 @@ thread_local! {
 /// [`matmul_t`] by our tiled product, in blocks of whole panels across threads.
 #[cfg(target_arch = "x86_64")]
 fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, out: &mut [f32]) {
-    let n = w.rows;
-    let count = n.div_ceil(PANEL);
-    let per_block = block_panels(count, k, m);
-    let f32_panels = w.f32_panels();
-    let dst = OutPtr(out.as_mut_ptr());
-    (0..count.div_ceil(per_block)).into_par_iter().for_each(|blk| {
-        let p0 = blk * per_block;
-        let c0 = p0 * PANEL;
-        let cols = (per_block * PANEL).min(n - c0);
-        let at = BlockOut { dst: &dst, c0, n };
-        if let Some(all) = f32_panels {
-            return at.product(isa, x, m, &dot::Rhs::packed(&all[p0 * k * PANEL..], k, cols));
-        }
+    if let Some(panels) = w.f32_panels() {
+        return packed_product(isa, x, m, k, panels, w.rows, out);
+    }
+    for_each_block(w.rows, k, m, out, |c0, cols, at| {
         PACKED_BLOCK.with_borrow_mut(|bits| {
             w.pack_bits16(c0, cols, bits);
             match w.dtype() {
                 DType::BF16 => at.product(isa, x, m, &dot::Rhs::packed(bytemuck::cast_slice::<_, half::bf16>(bits), k, cols)),
                 _ => at.product(isa, x, m, &dot::Rhs::packed(bytemuck::cast_slice::<_, half::f16>(bits), k, cols)),
             }
-        });
+        })
+    });
+}
+
+/// `out = x @ W^T` for `x` `[m, k]` and W `[n, k]` packed as f32 `panels` ([`dot::pack`]).
+#[cfg(target_arch = "x86_64")]
+pub fn packed_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, panels: &[f32], n: usize, out: &mut [f32]) {
+    for_each_block(n, k, m, out, |c0, cols, at| {
+        at.product(isa, x, m, &dot::Rhs::packed(&panels[c0 * k..], k, cols))
+    });
+}
+
+/// Runs `block(c0, cols, out)` for every block of whole panels of the `[m, n]` output, in parallel.
+#[cfg(target_arch = "x86_64")]
+fn for_each_block(n: usize, k: usize, m: usize, out: &mut [f32], block: impl Fn(usize, usize, &BlockOut) + Sync) {
+    let count = n.div_ceil(PANEL);
+    let per_block = block_panels(count, k, m);
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..count.div_ceil(per_block)).into_par_iter().for_each(|blk| {
+        let c0 = blk * per_block * PANEL;
+        let cols = (per_block * PANEL).min(n - c0);
+        block(c0, cols, &BlockOut { dst: &dst, c0, n });
     });
 }
 
