@@ -144,13 +144,24 @@ pub struct Rhs<'a, T = f32> {
     panel_stride: usize,
     /// Every panel is whole (zero-padded past `cols`), so a tile may read all of the last one.
     padded: bool,
+    /// Added to every result of column c (the product's epilogue: a linear layer's bias), after its sum.
+    bias: Option<&'a [f32]>,
 }
 
 impl<'a, T: PanelValue> Rhs<'a, T> {
     /// Packed panels (see [`pack`]): `cols.div_ceil(PANEL)` panels of `[k, PANEL]`, the last zero-padded.
     pub fn packed(data: &'a [T], k: usize, cols: usize) -> Self {
         assert!(data.len() >= cols.div_ceil(PANEL) * k * PANEL, "packed panels of {cols} columns");
-        Rhs { data, k, cols, row_stride: PANEL, panel_stride: k * PANEL, padded: true }
+        Rhs { data, k, cols, row_stride: PANEL, panel_stride: k * PANEL, padded: true, bias: None }
+    }
+
+    /// The same, with `bias[c]` (where there is one) added to each result of column `c` as it is stored: the
+    /// same bits as adding it afterwards, without another pass over the output.
+    pub fn with_bias(self, bias: Option<&'a [f32]>) -> Self {
+        if let Some(b) = bias {
+            assert!(b.len() >= self.cols, "a bias of {} for {} columns", b.len(), self.cols);
+        }
+        Rhs { bias, ..self }
     }
 
     /// Panels a tile may read whole.
@@ -171,7 +182,7 @@ impl<'a> Rhs<'a, f32> {
     /// A row-major `[k, cols]` matrix, read in place.
     pub fn row_major(data: &'a [f32], k: usize, cols: usize) -> Self {
         assert!(data.len() >= k * cols, "a [{k}, {cols}] matrix");
-        Rhs { data, k, cols, row_stride: cols, panel_stride: PANEL, padded: false }
+        Rhs { data, k, cols, row_stride: cols, panel_stride: PANEL, padded: false, bias: None }
     }
 }
 
@@ -327,23 +338,28 @@ unsafe fn scalar_columns<T: PanelValue>(xs: &[f32], rows: usize, b: &Rhs<T>, fro
     for c in from..b.cols {
         for i in 0..rows {
             let xi = &xs[i * b.k..(i + 1) * b.k];
-            let s = (0..b.k).fold(0f32, |s, kk| xi[kk].mul_add(b.at(kk, c), s));
+            let s = (0..b.k).fold(0f32, |s, kk| xi[kk].mul_add(b.at(kk, c), s)) + b.bias.map_or(0.0, |v| v[c]);
             // SAFETY: row i < rows, column c < cols.
             unsafe { *out.add(i * ld + c) = s };
         }
     }
 }
 
-/// Writes a tile's rows to `out`: only their first `cols` columns (the rest are a padded panel's zeros).
+/// Writes a tile's rows to `out`: only their first `cols` columns (the rest are a padded panel's zeros), with
+/// `bias` (from the tile's first column) added.
 ///
 /// # Safety
 /// `out` valid for the tile's rows of `cols.min(W)` at stride `ld`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store_tile<const W: usize>(tile: &[[f32; W]], cols: usize, out: *mut f32, ld: usize) {
-    for (i, row) in tile.iter().enumerate() {
+unsafe fn store_tile<const W: usize>(tile: &mut [[f32; W]], cols: usize, bias: Option<&[f32]>, out: *mut f32, ld: usize) {
+    let cols = cols.min(W);
+    for (i, row) in tile.iter_mut().enumerate() {
+        if let Some(bias) = bias {
+            row[..cols].iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
         // SAFETY: within the caller's promise.
-        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(i * ld), cols.min(W)) };
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(i * ld), cols) };
     }
 }
 
@@ -362,12 +378,12 @@ macro_rules! strip_of_panels {
                 if p + $P <= whole {
                     let mut acc = [[0f32; { $P * PANEL }]; $R];
                     $tile::<T, $R, $P, { $P * PANEL }>(xs.as_ptr(), b.k, at, b.row_stride, b.panel_stride, &mut acc);
-                    store_tile(&acc, b.cols - c0, out.add(c0), ld);
+                    store_tile(&mut acc, b.cols - c0, b.bias.map(|v| &v[c0..]), out.add(c0), ld);
                     p += $P;
                 } else {
                     let mut acc = [[0f32; PANEL]; $R];
                     $tile::<T, $R, 1, PANEL>(xs.as_ptr(), b.k, at, b.row_stride, b.panel_stride, &mut acc);
-                    store_tile(&acc, b.cols - c0, out.add(c0), ld);
+                    store_tile(&mut acc, b.cols - c0, b.bias.map(|v| &v[c0..]), out.add(c0), ld);
                     p += 1;
                 }
             }
@@ -511,6 +527,10 @@ mod tests {
             for &isa in &isas {
                 for (form, b) in [("packed", Rhs::packed(&panels, k, cols)), ("row-major", Rhs::row_major(&wt, k, cols))] {
                     let all = run(isa, &x, m, &b);
+                    let bias = values(cols, 9);
+                    let biased = run(isa, &x, m, &b.with_bias(Some(&bias)));
+                    let added: Vec<f32> = all.iter().enumerate().map(|(i, v)| v + bias[i % cols]).collect();
+                    assert_eq!(biased, added, "{isa:?} {form} {m}x{k}x{cols}: the bias epilogue");
                     for r in 0..m {
                         let alone = run(isa, &x[r * k..(r + 1) * k], 1, &b);
                         assert_eq!(alone, all[r * cols..(r + 1) * cols], "{isa:?} {form} {m}x{k}x{cols} row {r}");

@@ -46,8 +46,8 @@ pub(super) struct OutPtr(pub(super) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// `x` is `[m, k]` row-major, `w` is `[n, k]`; returns `[m, n]`.
-pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
+/// `x` is `[m, k]` row-major, `w` is `[n, k]`; returns `[m, n]`, with `bias[j]` added to column j.
+pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight, bias: Option<&[f32]>) -> Vec<f32> {
     let n = w.rows;
     assert_eq!(w.cols, k, "inner dimensions differ");
     assert_eq!(x.len(), m * k);
@@ -57,10 +57,13 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight) -> Vec<f32> {
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = dot::isa() {
-        panel_product(isa, x, m, k, w, &mut out);
+        panel_product(isa, x, m, k, w, bias, &mut out);
         return out;
     }
     row_by_row_gemm(x, m, k, w, &mut out);
+    if let Some(b) = bias {
+        out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
     out
 }
 
@@ -72,16 +75,25 @@ thread_local! {
 
 /// [`matmul_t`] by our tiled product, in blocks of whole panels across threads.
 #[cfg(target_arch = "x86_64")]
-fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, out: &mut [f32]) {
-    if let Some(panels) = w.f32_panels() {
-        return packed_product(isa, x, m, k, panels, w.rows, out);
-    }
+#[allow(clippy::too_many_arguments)]
+fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    let f32_panels = w.f32_panels();
     for_each_block(w.rows, k, m, out, |c0, cols, at| {
+        let bias = bias.map(|v| &v[c0..c0 + cols]);
+        if let Some(panels) = f32_panels {
+            return at.product(isa, x, m, &dot::Rhs::packed(&panels[c0 * k..], k, cols).with_bias(bias));
+        }
         PACKED_BLOCK.with_borrow_mut(|bits| {
             w.pack_bits16(c0, cols, bits);
             match w.dtype() {
-                DType::BF16 => at.product(isa, x, m, &dot::Rhs::packed(bytemuck::cast_slice::<_, half::bf16>(bits), k, cols)),
-                _ => at.product(isa, x, m, &dot::Rhs::packed(bytemuck::cast_slice::<_, half::f16>(bits), k, cols)),
+                DType::BF16 => {
+                    let b = dot::Rhs::packed(bytemuck::cast_slice::<_, half::bf16>(bits), k, cols);
+                    at.product(isa, x, m, &b.with_bias(bias))
+                }
+                _ => {
+                    let b = dot::Rhs::packed(bytemuck::cast_slice::<_, half::f16>(bits), k, cols);
+                    at.product(isa, x, m, &b.with_bias(bias))
+                }
             }
         })
     });

@@ -263,12 +263,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
-        let mut y = matmul::matmul_t(&x.data, x.rows, x.cols, w);
-        if let Some(b) = bias {
-            let b = b.to_vec();
-            y.par_chunks_mut(w.rows)
-                .for_each(|row| row.iter_mut().zip(&b).for_each(|(v, b)| *v += b));
-        }
+        let bias = bias.map(CpuWeight::to_vec);
+        let y = matmul::matmul_t(&x.data, x.rows, x.cols, w, bias.as_deref());
         tensor(y, x.rows, w.rows)
     }
 
