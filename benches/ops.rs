@@ -6,7 +6,7 @@
 //!
 //! On the CPU the shapes are those of `cpu-mid` (hidden 1024) and the largest sizes are left out, so
 //! `cargo bench --bench ops` takes minutes; on a GPU (`FLAMINGO_BENCH_DEVICE=cuda`, once the CUDA backend is in
-//! this build) they are idefics-9b's and idefics-80b's. Linear weights are bf16, as checkpoints ship.
+//! this build) they are idefics-9b's and idefics-80b's. Linear weights are bf16, as checkpoints ship, and f32.
 
 mod common;
 
@@ -116,18 +116,21 @@ fn layout<B: Backend>(b: &B, seqs: usize, q_rows: usize, kv_len: usize) -> B::La
 }
 
 fn linear<B: Backend>(c: &mut Criterion, b: &B, s: &Shapes, preset: Preset, cfg: &IdeficsConfig) {
-    let mut g = group(c, &format!("linear_bf16/{}", preset.name()));
-    for (name, n, k) in linear_shapes(cfg) {
-        let w = weight(b, "w.weight", DType::BF16, &[n, k]);
-        for &m in s.gemm_rows {
-            let x = activation(b, m, k, 1);
-            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-            g.bench_function(format!("{name}_{n}x{k}/m{m}"), |bench| {
-                bench.iter_custom(|iters| common::timed(b, iters, || b.linear(&x, &w, None)))
-            });
+    // bf16 as checkpoints ship; f32 (packed once at load on the CPU) as the cpu-mid comparison with PyTorch runs.
+    for (label, dtype) in [("bf16", DType::BF16), ("f32", DType::F32)] {
+        let mut g = group(c, &format!("linear_{label}/{}", preset.name()));
+        for (name, n, k) in linear_shapes(cfg) {
+            let w = weight(b, "w.weight", dtype, &[n, k]);
+            for &m in s.gemm_rows {
+                let x = activation(b, m, k, 1);
+                g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+                g.bench_function(format!("{name}_{n}x{k}/m{m}"), |bench| {
+                    bench.iter_custom(|iters| common::timed(b, iters, || b.linear(&x, &w, None)))
+                });
+            }
         }
+        g.finish();
     }
-    g.finish();
 }
 
 fn attention<B: Backend>(
