@@ -29,6 +29,9 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
+    #[error("{path}: not a PyTorch checkpoint this engine can read: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
     #[error("tensor `{name}` not found in {searched}")]
     MissingTensor { name: String, searched: String },
 

@@ -7,5 +7,6 @@ pub mod image;
 pub mod mllama_config;
 pub mod mllama_image;
 pub mod prompt;
+pub mod pytorch;
 pub mod safetensors;
 pub mod tokenizer;

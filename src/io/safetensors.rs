@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::io::pytorch::StoredTensor;
 
 /// Storage dtypes the engine reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,10 +146,15 @@ struct ShardIndex {
 }
 
 impl WeightStore {
-    /// Maps `model.safetensors`, or every shard that `model.safetensors.index.json` names.
+    /// Maps `model.safetensors`, or every shard that `model.safetensors.index.json` names; where there are none,
+    /// the same for PyTorch's `pytorch_model.bin` (and its index).
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
+        let pytorch = !dir.join("model.safetensors").exists()
+            && !dir.join("model.safetensors.index.json").exists()
+            && (dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists());
+        let base = if pytorch { "pytorch_model.bin" } else { "model.safetensors" };
+        let index_path = dir.join(format!("{base}.index.json"));
+        let single = dir.join(base);
         if index_path.exists() {
             let index: ShardIndex = crate::io::config::read_json(&index_path)?;
             let mut shards: Vec<String> = index.weight_map.values().cloned().collect();
@@ -192,18 +198,19 @@ impl WeightStore {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for path in paths {
-            let (mmap, data_start, metadata) = map_file(path)?;
+            let (mmap, tensors) = if crate::io::pytorch::is_checkpoint(path) {
+                (map_checkpoint(path)?, crate::io::pytorch::read_state_dict(path)?)
+            } else {
+                let (mmap, data_start, metadata) = map_file(path)?;
+                (mmap, safetensors_entries(data_start, &metadata))
+            };
             let file = files.len();
-            for (name, info) in metadata.tensors() {
-                let (s, e) = info.data_offsets;
+            for t in tensors {
+                let name = t.name;
                 let entry = Entry {
-                    source: Source::File {
-                        file,
-                        start: data_start + s,
-                        len: e - s,
-                    },
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
+                    source: Source::File { file, start: t.start, len: t.len },
+                    dtype: t.dtype,
+                    shape: t.shape,
                 };
                 if entries.insert(name.clone(), entry).is_some() {
                     return Err(Error::Safetensors {
@@ -362,6 +369,29 @@ impl WeightStore {
 
 /// Maps one file and parses (and validates) its header: returns the mapping, the offset where tensor data
 /// starts, and the header.
+/// A safetensors file's tensors, where they lie in the file.
+fn safetensors_entries(data_start: usize, metadata: &safetensors::tensor::Metadata) -> Vec<StoredTensor> {
+    metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| StoredTensor {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: data_start + info.data_offsets.0,
+            len: info.data_offsets.1 - info.data_offsets.0,
+        })
+        .collect()
+}
+
+/// Maps a PyTorch checkpoint, whose tensors `pytorch::read_state_dict` locates.
+fn map_checkpoint(path: &Path) -> Result<Mmap> {
+    crate::io::files::regular_file(path, u64::MAX)?;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: as in `map_file`.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
 fn map_file(path: &Path) -> Result<(Mmap, usize, safetensors::tensor::Metadata)> {
     crate::io::files::regular_file(path, u64::MAX)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
