@@ -213,9 +213,11 @@ impl WeightStore {
                     shape: t.shape,
                 };
                 if entries.insert(name.clone(), entry).is_some() {
-                    return Err(Error::Safetensors {
-                        path: path.clone(),
-                        message: format!("tensor `{name}` appears in more than one file"),
+                    let (path, message) = (path.clone(), format!("tensor `{name}` appears in more than one file"));
+                    return Err(if crate::io::pytorch::is_checkpoint(&path) {
+                        Error::Checkpoint { path, message }
+                    } else {
+                        Error::Safetensors { path, message }
                     });
                 }
             }

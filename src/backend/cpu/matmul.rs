@@ -86,14 +86,8 @@ fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, bi
         PACKED_BLOCK.with_borrow_mut(|bits| {
             w.pack_bits16(c0, cols, bits);
             match w.dtype() {
-                DType::BF16 => {
-                    let b = dot::Rhs::packed(bytemuck::cast_slice::<_, half::bf16>(bits), k, cols);
-                    at.product(isa, x, m, &b.with_bias(bias))
-                }
-                _ => {
-                    let b = dot::Rhs::packed(bytemuck::cast_slice::<_, half::f16>(bits), k, cols);
-                    at.product(isa, x, m, &b.with_bias(bias))
-                }
+                DType::BF16 => at.product_bits::<half::bf16>(isa, x, m, bits, k, cols, bias),
+                _ => at.product_bits::<half::f16>(isa, x, m, bits, k, cols, bias),
             }
         })
     });
@@ -134,6 +128,22 @@ impl BlockOut<'_> {
         // SAFETY: the CPU has `isa` (`dot::isa`); the output window is rows 0..m, columns c0..c0+cols of the
         // [m, n] output, which no other block writes.
         unsafe { dot::product(isa, x, m, b, self.dst.0.add(self.c0), self.n) };
+    }
+
+    /// [`BlockOut::product`] on a block of 16-bit panels packed as `bits` ([`CpuWeight::pack_bits16`]), read as `T`.
+    #[allow(clippy::too_many_arguments)]
+    fn product_bits<T: dot::PanelValue + bytemuck::Pod>(
+        &self,
+        isa: dot::Isa,
+        x: &[f32],
+        m: usize,
+        bits: &[u16],
+        k: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+    ) {
+        let b = dot::Rhs::packed(bytemuck::cast_slice::<u16, T>(bits), k, cols).with_bias(bias);
+        self.product(isa, x, m, &b);
     }
 }
 
