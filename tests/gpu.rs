@@ -24,7 +24,7 @@ use flamingo::backend::cuda::{
 use flamingo::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
 use flamingo::io::config::{Activation, Llama3Scaling, RopeFrequencies};
 use flamingo::model::sampling::SamplingParams;
-use flamingo::perf::profile::{profile_steps, Profiled};
+use flamingo::perf::profile::{profile_steps, Profiled, Workload};
 use flamingo::runtime::engine::{Engine, EngineConfig, Event};
 use flamingo::runtime::pipeline::Pipeline;
 use rand::{Rng, SeedableRng};
@@ -879,7 +879,12 @@ fn profile_times_every_op_on_the_device_clock() {
     let b = gpu();
     let fx = Fixture::load("tiny-idefics-a");
     let p = Pipeline::load(&fx.dir, Profiled::new(b), false).unwrap();
-    profile_steps(&p, 8, 2, 6).unwrap();
+    let workload = Workload {
+        prompt_tokens: 8,
+        batch: 2,
+        decode_steps: 6,
+    };
+    profile_steps(&p, &workload, 1).unwrap();
     let prof = &p.backend;
     let records = prof.records();
     for phase in ["prefill", "decode"] {

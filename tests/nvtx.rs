@@ -75,7 +75,18 @@ fn a_tool_sees_the_phases_as_nested_ranges() {
     let lines: Vec<&str> = text.lines().collect();
     // The program's tables: CORE, CUDA, OPENCL, CUDART, CORE2, SYNC slot counts as NVTX v3 defines them.
     assert_eq!(lines[0], "modules 16 9 15 7 16 7");
+    // The workload runs twice: as phase "warm-up", then measured.
     let want = [
+        "push warm-up",
+        "push vision",
+        "pop",
+        "pop",
+        "push warm-up",
+        "push warm-up step 1",
+        "pop",
+        "push warm-up step 2",
+        "pop",
+        "pop",
         "push prefill",
         "push vision",
         "pop",

@@ -350,3 +350,51 @@ fn profile_prints_op_tables_and_writes_a_trace() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("prefill:") && text.contains("decode:") && text.contains("linear "));
 }
+
+/// Each op's calls in one phase of a `flamingo profile --json` run, by op.
+fn calls_by_op(v: &serde_json::Value, phase: &str) -> std::collections::BTreeMap<String, u64> {
+    v["phases"][phase]["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["op"].as_str().unwrap().to_string(), o["calls"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn profile_repeats_reports_one_pass_not_their_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let once = json_of(&profile_tiny(&["--decode-steps", "2", "--json"]));
+    let thrice = json_of(&profile_tiny(&[
+        "--decode-steps",
+        "2",
+        "--repeats",
+        "3",
+        "--json",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    for phase in ["prefill", "decode"] {
+        assert_eq!(calls_by_op(&thrice, phase), calls_by_op(&once, phase), "{phase}");
+    }
+    // The trace keeps every pass: the warm-up and three measured ones.
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let count = |name: &str| {
+        trace["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["cat"] == "phase" && e["name"] == name)
+            .count()
+    };
+    assert_eq!((count("warm-up"), count("prefill"), count("decode")), (3, 3, 6));
+}
+
+#[test]
+fn profile_refuses_zero_repeats() {
+    let out = profile_tiny(&["--repeats", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--repeats must be positive"), "{err}");
+}

@@ -235,6 +235,31 @@ pub trait Backend: Send + Sync {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Self::Tensor;
+    /// `act(x @ w^T + bias)` (an MLP's first projection): a backend that can applies the activation as the
+    /// product's results are stored, with the bits of `linear` then `activate`.
+    fn linear_activate(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        act: Activation,
+    ) -> Self::Tensor {
+        let mut y = self.linear(x, w, bias);
+        self.activate(&mut y, act);
+        y
+    }
+    /// `acc += x @ w^T + bias` (a residual branch's last projection): a backend that can adds the product's
+    /// results to `acc` as they are stored, with the bits of `linear` then `add_assign`.
+    fn linear_add(
+        &self,
+        acc: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) {
+        let y = self.linear(x, w, bias);
+        self.add_assign(acc, &y);
+    }
     /// `acc += x`.
     fn add_assign(&self, acc: &mut Self::Tensor, x: &Self::Tensor);
     /// `acc += tanh(alpha) * x`, alpha a scalar or one value per column.

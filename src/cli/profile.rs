@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::backend::{Backend, Ceilings};
 use crate::cli::options::{with_backend, BackendCommand, ModelArgs, RunOptions};
 use crate::error::{Error, Result};
-use crate::perf::profile::{profile_steps, OpRow, Profiled};
+use crate::perf::profile::{profile_steps, OpRow, Profiled, Workload};
 
 #[derive(clap::Args, Debug)]
 pub struct ProfileArgs {
@@ -22,6 +22,10 @@ pub struct ProfileArgs {
     /// Requests prefilled and decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Measured passes of the workload (after one warm-up pass); each op's row and each phase's wall time is its
+    /// fastest pass, so a noisy machine's slow moments do not make the table.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
     /// Write a Chrome trace (JSON; open in Perfetto or chrome://tracing) of every op here.
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -38,6 +42,9 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     if args.batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
+    if args.repeats == 0 {
+        return Err(Error::Invalid("--repeats must be positive".into()));
+    }
     with_backend(&args.run.clone(), &args.model.dir(), args)
 }
 
@@ -49,7 +56,12 @@ impl BackendCommand for ProfileArgs {
 
 fn profile<B: Backend>(args: &ProfileArgs, backend: B) -> Result<()> {
     let p = args.model.load(Profiled::new(backend))?;
-    profile_steps(&p, args.prompt_tokens, args.batch, args.decode_steps)?;
+    let workload = Workload {
+        prompt_tokens: args.prompt_tokens,
+        batch: args.batch,
+        decode_steps: args.decode_steps,
+    };
+    profile_steps(&p, &workload, args.repeats)?;
     let b = &p.backend;
     let ceilings = b.measure_ceilings();
     if let Some(path) = &args.trace {
@@ -87,13 +99,14 @@ fn json<B: Backend>(b: &Profiled<B>, ceilings: &Ceilings) -> serde_json::Value {
 
 fn tables<B: Backend>(args: &ProfileArgs, b: &Profiled<B>, ceilings: &Ceilings) -> String {
     let mut s = format!(
-        "{} on {}: batch {}, 1 image + {} text tokens, {} decode steps\n\
+        "{} on {}: batch {}, 1 image + {} text tokens, {} decode steps, fastest of {} pass(es) after a warm-up\n\
          ceilings: copy {:.1} GB/s, matmul {:.1} GFLOP/s ({})\n",
         args.model.name(),
         b.device_name(),
         args.batch,
         args.prompt_tokens,
         args.decode_steps,
+        args.repeats,
         ceilings.copy_bytes_per_s / 1e9,
         ceilings.matmul_flops_per_s / 1e9,
         ceilings.method,

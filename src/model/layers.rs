@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::io::config::Activation;
 use crate::io::safetensors::WeightStore;
 
 /// `Ok(Some(load()))` when `present`, else `Ok(None)`: for parts a config option switches on.
@@ -118,6 +119,16 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
         b.linear(x, &self.weight, self.bias.as_ref())
     }
+
+    /// `act(forward(x))`, fused where the backend can.
+    pub fn forward_activated(&self, b: &B, x: &B::Tensor, act: Activation) -> B::Tensor {
+        b.linear_activate(x, &self.weight, self.bias.as_ref(), act)
+    }
+
+    /// `residual += forward(x)`, fused where the backend can.
+    pub fn forward_into(&self, b: &B, x: &B::Tensor, residual: &mut B::Tensor) {
+        b.linear_add(residual, x, &self.weight, self.bias.as_ref())
+    }
 }
 
 pub struct LayerNorm<B: Backend> {
@@ -160,8 +171,16 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
-        let act = b.swiglu(&self.gate_proj.forward(b, x), &self.up_proj.forward(b, x));
-        self.down_proj.forward(b, &act)
+        self.down_proj.forward(b, &self.gated(b, x))
+    }
+
+    /// `residual += forward(x)`, the down projection adding as it stores where the backend can.
+    pub fn forward_into(&self, b: &B, x: &B::Tensor, residual: &mut B::Tensor) {
+        self.down_proj.forward_into(b, &self.gated(b, x), residual)
+    }
+
+    fn gated(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.swiglu(&self.gate_proj.forward(b, x), &self.up_proj.forward(b, x))
     }
 }
 

@@ -69,8 +69,8 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         b.write_kv(k_pool, layout, &k);
         b.write_kv(v_pool, layout, &v);
         let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);
-        b.add_assign(h, &self.o_proj.forward(b, &a));
-        let m = self.mlp.forward(b, &self.post_attention_layernorm.forward(b, h));
-        b.add_assign(h, &m);
+        self.o_proj.forward_into(b, &a, h);
+        let x = self.post_attention_layernorm.forward(b, h);
+        self.mlp.forward_into(b, &x, h);
     }
 }

@@ -10,8 +10,12 @@
 //! made with numpy in float64, rounded to f32.
 //!
 //! Every element is computed by the same operations wherever it sits: the result does not depend on the batch.
+//! The other activations (tanh GELU, QuickGELU, ReLU) share the pass (`activate_in_place`) and the per-element
+//! code a matrix product's epilogue runs (`activate_all`).
 
 use rayon::prelude::*;
+
+use crate::io::config::Activation;
 
 /// `erf(u) / u` on `u^2` in [0, 0.81], lowest order first.
 const ERF_OVER_U: [f32; 6] = [
@@ -41,25 +45,65 @@ const T_ERFCX: [f32; 11] = [
 /// Elements per task: large enough that threads do not contend, small enough to share a row's work.
 const CHUNK: usize = 1 << 14;
 
-/// `x = gelu(x)` for every element, in parallel.
-pub fn gelu_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(gelu_chunk);
+/// `x = act(x)` for every element, in parallel.
+pub fn activate_in_place(x: &mut [f32], act: Activation) {
+    x.par_chunks_mut(CHUNK).for_each(|chunk| activate_chunk(chunk, act));
 }
 
-fn gelu_chunk(x: &mut [f32]) {
+fn activate_chunk(x: &mut [f32], act: Activation) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { gelu_chunk_avx2(x) };
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { activate_chunk_avx512(x, act) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { activate_chunk_avx2(x, act) };
+        }
     }
-    x.iter_mut().for_each(|v| *v = gelu(*v));
+    activate_all(x, act);
 }
 
-/// [`gelu_chunk`] compiled for AVX2 (the same operations, 8 lanes at a time: the same bits).
+/// [`activate_chunk`] compiled for AVX-512 (the same operations, 16 lanes at a time: the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn activate_chunk_avx512(x: &mut [f32], act: Activation) {
+    activate_all(x, act);
+}
+
+/// [`activate_chunk`] compiled for AVX2 (8 lanes at a time: the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn gelu_chunk_avx2(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = gelu(*v));
+unsafe fn activate_chunk_avx2(x: &mut [f32], act: Activation) {
+    activate_all(x, act);
+}
+
+/// `x = act(x)`, element by element, in the vector width of the caller's target features: every path that
+/// applies an activation (this module's pass, a matrix product's epilogue) runs this, so they give the same bits.
+#[inline(always)]
+pub fn activate_all(x: &mut [f32], act: Activation) {
+    // A `for` loop, not `Iterator::for_each`: that is a function of its own, which the compiler may leave
+    // un-inlined and so compiled without the caller's vector features.
+    #[inline(always)]
+    fn each(x: &mut [f32], f: impl Fn(f32) -> f32) {
+        for v in x {
+            *v = f(*v);
+        }
+    }
+    match act {
+        Activation::Gelu => each(x, gelu),
+        Activation::GeluTanh => each(x, gelu_tanh),
+        Activation::QuickGelu => each(x, |v| v / (1.0 + (-1.702 * v).exp())),
+        Activation::Relu => each(x, |v| v.max(0.0)),
+    }
+}
+
+/// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
 }
 
 /// The exact GELU of one value.
@@ -129,7 +173,7 @@ mod tests {
         }
         assert!(worst > 0.0, "a real comparison");
         let mut fast = xs.clone();
-        gelu_in_place(&mut fast);
+        activate_in_place(&mut fast, Activation::Gelu);
         let slow: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
         assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "vector vs scalar bits");
         assert!(gelu(f32::NAN).is_nan());

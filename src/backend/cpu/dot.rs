@@ -14,6 +14,9 @@
 
 use std::sync::OnceLock;
 
+use super::activation;
+use crate::io::config::Activation;
+
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
     __m256, __m512, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm512_fmadd_ps,
@@ -144,24 +147,36 @@ pub struct Rhs<'a, T = f32> {
     panel_stride: usize,
     /// Every panel is whole (zero-padded past `cols`), so a tile may read all of the last one.
     padded: bool,
-    /// Added to every result of column c (the product's epilogue: a linear layer's bias), after its sum.
-    bias: Option<&'a [f32]>,
+    /// What is done with each sum as it is stored.
+    epilogue: Epilogue<'a>,
+}
+
+/// What a product does with each element's sum as its tile is stored, while the tile is still in L1: add the
+/// column's bias, apply an activation, then write the result or add it to what the output holds (a residual). The
+/// same operations in the same order as separate passes over the output would run (`bias`, `activate`,
+/// `add_assign`), so the same bits, without reading and writing the output again for each.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// `bias[c]` added to every sum of column `c`.
+    pub bias: Option<&'a [f32]>,
+    pub activation: Option<Activation>,
+    /// `out += result` instead of `out = result`.
+    pub accumulate: bool,
 }
 
 impl<'a, T: PanelValue> Rhs<'a, T> {
     /// Packed panels (see [`pack`]): `cols.div_ceil(PANEL)` panels of `[k, PANEL]`, the last zero-padded.
     pub fn packed(data: &'a [T], k: usize, cols: usize) -> Self {
         assert!(data.len() >= cols.div_ceil(PANEL) * k * PANEL, "packed panels of {cols} columns");
-        Rhs { data, k, cols, row_stride: PANEL, panel_stride: k * PANEL, padded: true, bias: None }
+        Rhs { data, k, cols, row_stride: PANEL, panel_stride: k * PANEL, padded: true, epilogue: Epilogue::default() }
     }
 
-    /// The same, with `bias[c]` (where there is one) added to each result of column `c` as it is stored: the
-    /// same bits as adding it afterwards, without another pass over the output.
-    pub fn with_bias(self, bias: Option<&'a [f32]>) -> Self {
-        if let Some(b) = bias {
+    /// The same, with `epilogue` applied to each result as it is stored.
+    pub fn with_epilogue(self, epilogue: Epilogue<'a>) -> Self {
+        if let Some(b) = epilogue.bias {
             assert!(b.len() >= self.cols, "a bias of {} for {} columns", b.len(), self.cols);
         }
-        Rhs { bias, ..self }
+        Rhs { epilogue, ..self }
     }
 
     /// Panels a tile may read whole.
@@ -182,7 +197,7 @@ impl<'a> Rhs<'a, f32> {
     /// A row-major `[k, cols]` matrix, read in place.
     pub fn row_major(data: &'a [f32], k: usize, cols: usize) -> Self {
         assert!(data.len() >= k * cols, "a [{k}, {cols}] matrix");
-        Rhs { data, k, cols, row_stride: cols, panel_stride: PANEL, padded: false, bias: None }
+        Rhs { data, k, cols, row_stride: cols, panel_stride: PANEL, padded: false, epilogue: Epilogue::default() }
     }
 }
 
@@ -293,11 +308,12 @@ fn transpose8_in_lanes(a: [std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64
     }
 }
 
-/// `out[r * ld + c] = x[r] . b[:, c]` for `r < m`, `c < b.cols`; `x` is `[m, b.k]` row-major.
+/// `out[r * ld + c] = x[r] . b[:, c]` for `r < m`, `c < b.cols`, through `b`'s epilogue; `x` is `[m, b.k]`
+/// row-major.
 ///
 /// # Safety
-/// The CPU must have `isa` ([`isa`]); `out` must be valid for writes at `r * ld + c` for every `r < m`,
-/// `c < b.cols`.
+/// The CPU must have `isa` ([`isa`]); `out` must be valid for reads and writes at `r * ld + c` for every `r < m`,
+/// `c < b.cols` (and hold initialised values there when the epilogue accumulates).
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn product<T: PanelValue>(isa: Isa, x: &[f32], m: usize, b: &Rhs<T>, out: *mut f32, ld: usize) {
     let k = b.k;
@@ -338,28 +354,57 @@ unsafe fn scalar_columns<T: PanelValue>(xs: &[f32], rows: usize, b: &Rhs<T>, fro
     for c in from..b.cols {
         for i in 0..rows {
             let xi = &xs[i * b.k..(i + 1) * b.k];
-            let s = (0..b.k).fold(0f32, |s, kk| xi[kk].mul_add(b.at(kk, c), s)) + b.bias.map_or(0.0, |v| v[c]);
+            let mut s = [(0..b.k).fold(0f32, |s, kk| xi[kk].mul_add(b.at(kk, c), s))];
             // SAFETY: row i < rows, column c < cols.
-            unsafe { *out.add(i * ld + c) = s };
+            unsafe { finish(&b.epilogue, c, &mut s, out.add(i * ld + c)) };
         }
     }
 }
 
-/// Writes a tile's rows to `out`: only their first `cols` columns (the rest are a padded panel's zeros), with
-/// `bias` (from the tile's first column) added.
+/// Stores a tile of columns `c0 ..` through the epilogue: only their first `cols` columns (the rest are a padded
+/// panel's zeros).
 ///
 /// # Safety
 /// `out` valid for the tile's rows of `cols.min(W)` at stride `ld`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store_tile<const W: usize>(tile: &mut [[f32; W]], cols: usize, bias: Option<&[f32]>, out: *mut f32, ld: usize) {
+unsafe fn store_tile<const W: usize>(tile: &mut [[f32; W]], e: &Epilogue, c0: usize, cols: usize, out: *mut f32, ld: usize) {
     let cols = cols.min(W);
     for (i, row) in tile.iter_mut().enumerate() {
-        if let Some(bias) = bias {
-            row[..cols].iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-        }
         // SAFETY: within the caller's promise.
-        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(i * ld), cols) };
+        unsafe { finish(e, c0, &mut row[..cols], out.add(i * ld)) };
+    }
+}
+
+/// Runs the epilogue on `sums`, one output row's results for columns `c0 ..`, and stores them at `out`.
+///
+/// # Safety
+/// `out` valid for reads and writes of `sums.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn finish(e: &Epilogue, c0: usize, sums: &mut [f32], out: *mut f32) {
+    // SAFETY: the caller's promise.
+    finish_row(e, c0, sums, unsafe { std::slice::from_raw_parts_mut(out, sums.len()) });
+}
+
+/// Runs the epilogue on `sums`, one output row's results for columns `c0 ..`, and stores them in `dst`.
+#[inline(always)]
+pub fn finish_row(e: &Epilogue, c0: usize, sums: &mut [f32], dst: &mut [f32]) {
+    // `for` loops, which inline into the caller's vector features (see `activation::activate_all`).
+    if let Some(bias) = e.bias {
+        for (v, b) in sums.iter_mut().zip(&bias[c0..]) {
+            *v += b;
+        }
+    }
+    if let Some(act) = e.activation {
+        activation::activate_all(sums, act);
+    }
+    if e.accumulate {
+        for (o, v) in dst.iter_mut().zip(sums.iter()) {
+            *o += v;
+        }
+    } else {
+        dst.copy_from_slice(sums);
     }
 }
 
@@ -378,12 +423,12 @@ macro_rules! strip_of_panels {
                 if p + $P <= whole {
                     let mut acc = [[0f32; { $P * PANEL }]; $R];
                     $tile::<T, $R, $P, { $P * PANEL }>(xs.as_ptr(), b.k, at, b.row_stride, b.panel_stride, &mut acc);
-                    store_tile(&mut acc, b.cols - c0, b.bias.map(|v| &v[c0..]), out.add(c0), ld);
+                    store_tile(&mut acc, &b.epilogue, c0, b.cols - c0, out.add(c0), ld);
                     p += $P;
                 } else {
                     let mut acc = [[0f32; PANEL]; $R];
                     $tile::<T, $R, 1, PANEL>(xs.as_ptr(), b.k, at, b.row_stride, b.panel_stride, &mut acc);
-                    store_tile(&mut acc, b.cols - c0, b.bias.map(|v| &v[c0..]), out.add(c0), ld);
+                    store_tile(&mut acc, &b.epilogue, c0, b.cols - c0, out.add(c0), ld);
                     p += 1;
                 }
             }
@@ -527,10 +572,7 @@ mod tests {
             for &isa in &isas {
                 for (form, b) in [("packed", Rhs::packed(&panels, k, cols)), ("row-major", Rhs::row_major(&wt, k, cols))] {
                     let all = run(isa, &x, m, &b);
-                    let bias = values(cols, 9);
-                    let biased = run(isa, &x, m, &b.with_bias(Some(&bias)));
-                    let added: Vec<f32> = all.iter().enumerate().map(|(i, v)| v + bias[i % cols]).collect();
-                    assert_eq!(biased, added, "{isa:?} {form} {m}x{k}x{cols}: the bias epilogue");
+                    check_epilogues(isa, &x, m, &b, &all);
                     for r in 0..m {
                         let alone = run(isa, &x[r * k..(r + 1) * k], 1, &b);
                         assert_eq!(alone, all[r * cols..(r + 1) * cols], "{isa:?} {form} {m}x{k}x{cols} row {r}");
@@ -577,6 +619,29 @@ mod tests {
             pack_bits16(&rows, k, cols, &mut fast);
             pack(|j, kk| rows[j * k + kk], k, cols, &mut slow);
             assert_eq!(fast, slow, "k {k}, {cols} columns");
+        }
+    }
+
+    /// Every epilogue gives the bits of separate passes: the bias added, the activation applied (the backend's
+    /// own pass), the result added to what the output held.
+    fn check_epilogues(isa: Isa, x: &[f32], m: usize, b: &Rhs<f32>, plain: &[f32]) {
+        let bias = values(b.cols, 9);
+        let residual = values(m * b.cols, 11);
+        for activation in [None, Some(Activation::Gelu), Some(Activation::QuickGelu), Some(Activation::Relu)] {
+            for accumulate in [false, true] {
+                let e = Epilogue { bias: Some(&bias), activation, accumulate };
+                let mut got = if accumulate { residual.clone() } else { vec![f32::NAN; plain.len()] };
+                // SAFETY: the CPU has `isa`; `got` is [m, cols].
+                unsafe { product(isa, x, m, &b.with_epilogue(e), got.as_mut_ptr(), b.cols) };
+                let mut want: Vec<f32> = plain.iter().enumerate().map(|(i, v)| v + bias[i % b.cols]).collect();
+                if let Some(act) = activation {
+                    activation::activate_in_place(&mut want, act);
+                }
+                if accumulate {
+                    want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
+                }
+                assert_eq!(got, want, "{isa:?} {m}x{}x{}: {activation:?}, accumulate {accumulate}", b.k, b.cols);
+            }
         }
     }
 

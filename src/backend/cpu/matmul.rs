@@ -13,7 +13,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::dot::{self, PANEL};
+use super::dot::{self, Epilogue, PANEL};
 use super::weight::CpuWeight;
 use crate::io::safetensors::DType;
 
@@ -48,23 +48,30 @@ unsafe impl Sync for OutPtr {}
 
 /// `x` is `[m, k]` row-major, `w` is `[n, k]`; returns `[m, n]`, with `bias[j]` added to column j.
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &CpuWeight, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0f32; m * w.rows];
+    matmul_t_into(x, m, k, w, Epilogue { bias, ..Epilogue::default() }, &mut out);
+    out
+}
+
+/// `out = epilogue(x @ W^T)` for `out` `[m, n]` (`x` `[m, k]` row-major, `w` `[n, k]`): the bias, activation and
+/// residual add ([`Epilogue`]) applied as each tile is stored.
+pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: &CpuWeight, epilogue: Epilogue, out: &mut [f32]) {
     let n = w.rows;
     assert_eq!(w.cols, k, "inner dimensions differ");
     assert_eq!(x.len(), m * k);
-    let mut out = vec![0f32; m * n];
+    assert_eq!(out.len(), m * n);
     if m == 0 || n == 0 {
-        return out;
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = dot::isa() {
-        panel_product(isa, x, m, k, w, bias, &mut out);
-        return out;
+        return panel_product(isa, x, m, k, w, epilogue, out);
     }
-    row_by_row_gemm(x, m, k, w, &mut out);
-    if let Some(b) = bias {
-        out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-    }
-    out
+    let mut sums = vec![0f32; m * n];
+    row_by_row_gemm(x, m, k, w, &mut sums);
+    sums.par_chunks_mut(n)
+        .zip(out.par_chunks_mut(n))
+        .for_each(|(row, dst)| dot::finish_row(&epilogue, 0, row, dst));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -76,18 +83,18 @@ thread_local! {
 /// [`matmul_t`] by our tiled product, in blocks of whole panels across threads.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+fn panel_product(isa: dot::Isa, x: &[f32], m: usize, k: usize, w: &CpuWeight, epilogue: Epilogue, out: &mut [f32]) {
     let f32_panels = w.f32_panels();
     for_each_block(w.rows, k, m, out, |c0, cols, at| {
-        let bias = bias.map(|v| &v[c0..c0 + cols]);
+        let e = Epilogue { bias: epilogue.bias.map(|v| &v[c0..c0 + cols]), ..epilogue };
         if let Some(panels) = f32_panels {
-            return at.product(isa, x, m, &dot::Rhs::packed(&panels[c0 * k..], k, cols).with_bias(bias));
+            return at.product(isa, x, m, &dot::Rhs::packed(&panels[c0 * k..], k, cols).with_epilogue(e));
         }
         PACKED_BLOCK.with_borrow_mut(|bits| {
             w.pack_bits16(c0, cols, bits);
             match w.dtype() {
-                DType::BF16 => at.product_bits::<half::bf16>(isa, x, m, bits, k, cols, bias),
-                _ => at.product_bits::<half::f16>(isa, x, m, bits, k, cols, bias),
+                DType::BF16 => at.product_bits::<half::bf16>(isa, x, m, bits, k, cols, e),
+                _ => at.product_bits::<half::f16>(isa, x, m, bits, k, cols, e),
             }
         })
     });
@@ -140,9 +147,9 @@ impl BlockOut<'_> {
         bits: &[u16],
         k: usize,
         cols: usize,
-        bias: Option<&[f32]>,
+        epilogue: Epilogue,
     ) {
-        let b = dot::Rhs::packed(bytemuck::cast_slice::<u16, T>(bits), k, cols).with_bias(bias);
+        let b = dot::Rhs::packed(bytemuck::cast_slice::<u16, T>(bits), k, cols).with_epilogue(epilogue);
         self.product(isa, x, m, &b);
     }
 }

@@ -15,6 +15,7 @@ pub use weight::CpuWeight;
 use rayon::prelude::*;
 
 use super::{nothing_to_sample, Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
+use self::dot::Epilogue;
 use crate::error::{Error, Result};
 use crate::io::config::{Activation, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
@@ -76,11 +77,6 @@ fn head_of_row<'a>(
     let kv_heads = k.cols / d;
     let o = row * k.cols + h / (heads / kv_heads) * d;
     (&k.data[o..o + d], &v.data[o..o + d])
-}
-
-fn gelu_tanh(x: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
 }
 
 fn silu(x: f32) -> f32 {
@@ -268,6 +264,21 @@ impl Backend for CpuBackend {
         tensor(y, x.rows, w.rows)
     }
 
+    fn linear_activate(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, act: Activation) -> CpuTensor {
+        let bias = bias.map(CpuWeight::to_vec);
+        let epilogue = Epilogue { bias: bias.as_deref(), activation: Some(act), accumulate: false };
+        let mut y = vec![0f32; x.rows * w.rows];
+        matmul::matmul_t_into(&x.data, x.rows, x.cols, w, epilogue, &mut y);
+        tensor(y, x.rows, w.rows)
+    }
+
+    fn linear_add(&self, acc: &mut CpuTensor, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) {
+        assert_eq!((acc.rows, acc.cols), (x.rows, w.rows), "a residual for the product's output");
+        let bias = bias.map(CpuWeight::to_vec);
+        let epilogue = Epilogue { bias: bias.as_deref(), activation: None, accumulate: true };
+        matmul::matmul_t_into(&x.data, x.rows, x.cols, w, epilogue, &mut acc.data);
+    }
+
     fn add_assign(&self, acc: &mut CpuTensor, x: &CpuTensor) {
         assert_eq!((acc.rows, acc.cols), (x.rows, x.cols));
         acc.data.iter_mut().zip(&x.data).for_each(|(a, b)| *a += b);
@@ -314,13 +325,7 @@ impl Backend for CpuBackend {
     }
 
     fn activate(&self, x: &mut CpuTensor, act: Activation) {
-        let f: fn(f32) -> f32 = match act {
-            Activation::Gelu => return activation::gelu_in_place(&mut x.data),
-            Activation::GeluTanh => gelu_tanh,
-            Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
-            Activation::Relu => |v| v.max(0.0),
-        };
-        x.data.par_iter_mut().for_each(|v| *v = f(*v));
+        activation::activate_in_place(&mut x.data, act);
     }
 
     fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {

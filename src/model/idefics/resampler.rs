@@ -89,11 +89,10 @@ impl<B: Backend> IdeficsPerceiverResampler<B> {
                 k_lat = kn.forward(b, &k_lat);
             }
             let a = b.resampler_attention(&q, &k_ctx, &v_ctx, &k_lat, &v_lat, self.heads);
-            b.add_assign(&mut latents, &blk.output_proj.forward(b, &a));
+            blk.output_proj.forward_into(b, &a, &mut latents);
             let x = blk.mlp_ln.forward(b, &latents);
-            let mut m = blk.mlp_fc.forward(b, &x);
-            b.activate(&mut m, crate::io::config::Activation::Relu);
-            b.add_assign(&mut latents, &blk.mlp_c_proj.forward(b, &m));
+            let m = blk.mlp_fc.forward_activated(b, &x, crate::io::config::Activation::Relu);
+            blk.mlp_c_proj.forward_into(b, &m, &mut latents);
         }
         self.layer_norm.forward(b, &latents)
     }

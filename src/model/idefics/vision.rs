@@ -88,11 +88,10 @@ impl<B: Backend> IdeficsVisionTransformer<B> {
             layer.v_proj.forward(b, &x),
         );
         let a = b.attention(&q, &k, &v, self.cfg.num_attention_heads);
-        b.add_assign(&mut h, &layer.out_proj.forward(b, &a));
+        layer.out_proj.forward_into(b, &a, &mut h);
         let x = layer.layer_norm2.forward(b, &h);
-        let mut m = layer.fc1.forward(b, &x);
-        b.activate(&mut m, self.cfg.activation());
-        b.add_assign(&mut h, &layer.fc2.forward(b, &m));
+        let m = layer.fc1.forward_activated(b, &x, self.cfg.activation());
+        layer.fc2.forward_into(b, &m, &mut h);
         h
     }
 }

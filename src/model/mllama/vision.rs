@@ -263,8 +263,7 @@ impl<B: Backend> MllamaVisionModel<B> {
             Some((g, _)) => b.add_gated(&mut h, &attn, g),
             None => b.add_assign(&mut h, &attn),
         }
-        let mut m = layer.fc1.forward(b, &layer.post_attention_layernorm.forward(b, &h));
-        b.activate(&mut m, Activation::Gelu);
+        let m = layer.fc1.forward_activated(b, &layer.post_attention_layernorm.forward(b, &h), Activation::Gelu);
         let m = layer.fc2.forward(b, &m);
         match &layer.gates {
             Some((_, g)) => b.add_gated(&mut h, &m, g),

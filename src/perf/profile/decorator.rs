@@ -8,6 +8,7 @@
 //! The `impl Backend` is generated from the trait (`build/profiled.rs`); written here are the timing, the ops that
 //! wrap what they return (`*_profiled`), and the records' table and trace (through `report`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -33,6 +34,7 @@ struct Pending<T> {
 /// The span running now: where it starts on both clocks, and its ops so far.
 struct Open<T> {
     name: String,
+    pass: usize,
     start_us: f64,
     origin: T,
     ops: Vec<Pending<T>>,
@@ -44,6 +46,8 @@ pub struct Profiled<B: Backend> {
     records: Mutex<Vec<Record>>,
     spans: Mutex<Vec<Span>>,
     open: Mutex<Option<Open<B::Timestamp>>>,
+    /// The measured pass of the workload running now (`next_pass`).
+    pass: AtomicUsize,
 }
 
 impl<B: Backend> Profiled<B> {
@@ -54,7 +58,13 @@ impl<B: Backend> Profiled<B> {
             records: Mutex::new(Vec::new()),
             spans: Mutex::new(Vec::new()),
             open: Mutex::new(None),
+            pass: AtomicUsize::new(0),
         }
+    }
+
+    /// Ops from now on belong to the next pass of the workload: a table keeps each op's fastest pass.
+    pub fn next_pass(&self) {
+        self.pass.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The backend being profiled.
@@ -75,6 +85,7 @@ impl<B: Backend> Profiled<B> {
         let origin = self.inner.timestamp();
         let previous = self.open.lock().expect("open span lock").replace(Open {
             name: name.to_string(),
+            pass: self.pass.load(Ordering::Relaxed),
             start_us,
             origin,
             ops: Vec::new(),
@@ -96,12 +107,14 @@ impl<B: Backend> Profiled<B> {
             duration_us: self.inner.elapsed_us(&p.start, &p.end),
             op: p.op,
             phase: span.name.clone(),
+            pass: span.pass,
             flops: p.cost.flops,
             bytes: p.cost.bytes,
         });
         self.records.lock().expect("records lock").extend(records);
         self.spans.lock().expect("spans lock").push(Span {
             name: span.name,
+            pass: span.pass,
             start_us: span.start_us,
             end_us,
         });

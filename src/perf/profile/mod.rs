@@ -8,5 +8,5 @@ pub mod report;
 pub mod work;
 
 pub use decorator::Profiled;
-pub use driver::profile_steps;
+pub use driver::{profile_steps, Workload};
 pub use report::OpRow;

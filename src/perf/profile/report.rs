@@ -1,6 +1,7 @@
 //! What a profile says: the per-op table of a phase (calls, time, share of the phase's wall time, achieved
 //! bandwidth and FLOP rate against the measured ceilings) and a Chrome trace (opens in Perfetto or
-//! chrome://tracing).
+//! chrome://tracing). Where the workload was measured more than once (`flamingo profile --repeats`), a phase's
+//! wall time is its fastest pass's, and each op's row is the op's fastest pass (the passes run the same calls).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,8 @@ pub struct Record {
     /// The op, with its detail where calls differ (`linear 4096x11008`): one row of the table each.
     pub op: String,
     pub phase: String,
+    /// Which measured pass of the workload it ran in.
+    pub pass: usize,
     /// Microseconds since the profiler started: the span's start on the host clock plus the op's start after it
     /// on the device's clock.
     pub start_us: f64,
@@ -26,6 +29,7 @@ pub struct Record {
 #[derive(Clone, Debug)]
 pub struct Span {
     pub name: String,
+    pub pass: usize,
     pub start_us: f64,
     pub end_us: f64,
 }
@@ -45,21 +49,21 @@ pub struct OpRow {
     pub share_of_matmul: f64,
 }
 
-/// Wall time of a phase, microseconds (all its spans).
+/// Wall time of a phase, microseconds: all its spans in a pass, the fastest pass.
 pub fn phase_us(spans: &[Span], phase: &str) -> f64 {
-    spans
-        .iter()
-        .filter(|s| s.name == phase)
-        .map(|s| s.end_us - s.start_us)
-        .sum()
+    let mut by_pass: BTreeMap<usize, f64> = BTreeMap::new();
+    for s in spans.iter().filter(|s| s.name == phase) {
+        *by_pass.entry(s.pass).or_default() += s.end_us - s.start_us;
+    }
+    by_pass.into_values().reduce(f64::min).unwrap_or(0.0)
 }
 
 /// Per-op table of one phase, ops in order of total time.
 pub fn table(records: &[Record], spans: &[Span], phase: &str, ceilings: &Ceilings) -> Vec<OpRow> {
     let wall_us = phase_us(spans, phase);
-    let mut by_op: BTreeMap<String, OpRow> = BTreeMap::new();
+    let mut by_pass_and_op: BTreeMap<(usize, String), OpRow> = BTreeMap::new();
     for r in records.iter().filter(|r| r.phase == phase) {
-        let row = by_op.entry(r.op.clone()).or_insert_with(|| OpRow {
+        let row = by_pass_and_op.entry((r.pass, r.op.clone())).or_insert_with(|| OpRow {
             op: r.op.clone(),
             ..OpRow::default()
         });
@@ -68,7 +72,16 @@ pub fn table(records: &[Record], spans: &[Span], phase: &str, ceilings: &Ceiling
         row.flops += r.flops;
         row.bytes += r.bytes;
     }
-    let mut rows: Vec<OpRow> = by_op.into_values().collect();
+    let mut fastest: BTreeMap<String, OpRow> = BTreeMap::new();
+    for row in by_pass_and_op.into_values() {
+        match fastest.get(&row.op) {
+            Some(best) if best.total_us <= row.total_us => {}
+            _ => {
+                fastest.insert(row.op.clone(), row);
+            }
+        }
+    }
+    let mut rows: Vec<OpRow> = fastest.into_values().collect();
     for row in &mut rows {
         let seconds = row.total_us * 1e-6;
         row.share_of_phase = row.total_us / wall_us;

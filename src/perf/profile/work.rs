@@ -112,6 +112,22 @@ pub fn linear<B: Backend>(b: &B, x: &B::Tensor, w: &Weight<B>, bias: Option<&Wei
     }
 }
 
+pub fn linear_activate<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    w: &Weight<B>,
+    bias: Option<&Weight<B>>,
+    _: Activation,
+) -> Cost {
+    linear(b, x, w, bias)
+}
+
+/// The product's, plus reading the residual it adds to.
+pub fn linear_add<B: Backend>(b: &B, acc: &B::Tensor, x: &B::Tensor, w: &Weight<B>, bias: Option<&Weight<B>>) -> Cost {
+    let cost = linear(b, x, w, bias);
+    Cost { bytes: cost.bytes + act(b, numel(b, acc)), ..cost }
+}
+
 pub fn add_assign<B: Backend>(b: &B, _acc: &B::Tensor, x: &B::Tensor) -> Cost {
     Cost::moves(3.0 * act(b, numel(b, x)))
 }
