@@ -6,6 +6,7 @@ pub mod files;
 pub mod image;
 pub mod mllama_config;
 pub mod mllama_image;
+pub mod openflamingo_config;
 pub mod prompt;
 pub mod pytorch;
 pub mod safetensors;

@@ -100,6 +100,31 @@ impl TensorRef {
             })
     }
 
+    /// Rows `range` of its leading dimension (a fused projection's part, e.g. open_clip's `in_proj_weight`).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> TensorRef {
+        let row_bytes = self.shape[1..].iter().product::<usize>() * self.dtype.size();
+        assert!(range.end <= self.shape[0], "rows {range:?} of {} in {}", self.shape[0], self.name);
+        let (from, len) = (range.start * row_bytes, range.len() * row_bytes);
+        let data = match &self.data {
+            Data::Mapped { mmap, start, .. } => Data::Mapped { mmap: mmap.clone(), start: start + from, len },
+            Data::Owned { .. } => {
+                let mut part = vec![0u32; len.div_ceil(4)];
+                bytemuck::cast_slice_mut::<u32, u8>(&mut part)[..len]
+                    .copy_from_slice(&self.bytes()[from..from + len]);
+                Data::Owned { words: Arc::new(part), len }
+            }
+        };
+        let mut shape = self.shape.clone();
+        shape[0] = range.len();
+        TensorRef {
+            name: format!("{}[{}..{}]", self.name, range.start, range.end),
+            path: self.path.clone(),
+            dtype: self.dtype,
+            shape,
+            data,
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.data {
             Data::Mapped { mmap, start, len } => &mmap[*start..*start + *len],
@@ -232,6 +257,33 @@ impl WeightStore {
             description,
             generator: None,
         })
+    }
+
+    /// One namespace over several stores, as a model assembled from parts loads them: each part's tensors whose
+    /// names start with its `strip` prefix, renamed to `add` + the rest of the name (others dropped), parts in
+    /// order, a later part's tensor replacing an earlier one's of the same name (OpenFlamingo's
+    /// `load_state_dict(checkpoint, strict=False)` over the language model it wraps).
+    pub fn merged(parts: Vec<(WeightStore, &str, &str)>, description: String) -> Self {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (store, strip, add) in parts {
+            assert!(store.generator.is_none(), "generated stores are not merged");
+            let first_file = files.len();
+            files.extend(store.files);
+            for (name, mut entry) in store.entries {
+                let Some(rest) = name.strip_prefix(strip) else { continue };
+                if let Source::File { file, .. } = &mut entry.source {
+                    *file += first_file;
+                }
+                entries.insert(format!("{add}{rest}"), entry);
+            }
+        }
+        WeightStore {
+            files,
+            entries,
+            description,
+            generator: None,
+        }
     }
 
     /// A store of the given tensors whose bytes `generator` writes each time one is asked for (nothing is kept, so

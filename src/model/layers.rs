@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::config::Activation;
-use crate::io::safetensors::WeightStore;
+use crate::io::safetensors::{TensorRef, WeightStore};
 
 /// `Ok(Some(load()))` when `present`, else `Ok(None)`: for parts a config option switches on.
 pub fn optional<T>(present: bool, load: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
@@ -59,20 +59,27 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// weights are finite by construction).
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<B::Weight> {
         let t = self.store.get(name, shape)?;
-        if self.check_finite {
-            if let Some(i) = t.first_non_finite() {
-                return Err(Error::Safetensors {
-                    path: t.path.to_path_buf(),
-                    message: format!(
-                        "tensor {name} holds a NaN or infinite value (element {i}); the checkpoint is corrupt \
-                         (--skip-weight-check loads it anyway)"
-                    ),
-                });
-            }
-        }
+        self.check_finite(&t)?;
         let w = self.backend.load_weight(&t)?;
         self.progress.inc(1);
         Ok(w)
+    }
+
+    fn check_finite(&self, t: &TensorRef) -> Result<()> {
+        if !self.check_finite {
+            return Ok(());
+        }
+        match t.first_non_finite() {
+            Some(i) => Err(Error::Safetensors {
+                path: t.path.to_path_buf(),
+                message: format!(
+                    "tensor {} holds a NaN or infinite value (element {i}); the checkpoint is corrupt \
+                     (--skip-weight-check loads it anyway)",
+                    t.name
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear<B>> {
@@ -87,6 +94,27 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             weight: self.weight(&format!("{prefix}.weight"), &[out, inp])?,
             bias: Some(self.weight(&format!("{prefix}.bias"), &[out])?),
         })
+    }
+
+    /// Rows `range` of the stored `[rows, cols]` `weight` (and `bias`) as one linear: a part of a fused projection
+    /// (open_clip's `in_proj`, q|k|v; OpenFlamingo's `to_kv`, k|v).
+    pub fn linear_rows(
+        &self,
+        (weight, bias): (&str, Option<&str>),
+        (rows, cols): (usize, usize),
+        range: std::ops::Range<usize>,
+    ) -> Result<Linear<B>> {
+        let part = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+            let t = self.store.get(name, shape)?.rows(range.clone());
+            self.check_finite(&t)?;
+            self.backend.load_weight(&t)
+        };
+        let linear = Linear {
+            weight: part(weight, &[rows, cols])?,
+            bias: bias.map(|name| part(name, &[rows])).transpose()?,
+        };
+        self.progress.inc(1);
+        Ok(linear)
     }
 
     pub fn layer_norm(&self, prefix: &str, width: usize, eps: f32) -> Result<LayerNorm<B>> {
@@ -151,6 +179,69 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
         b.rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// A CLIP ViT (IDEFICS' and OpenFlamingo's vision towers): the patch convolution (no bias) as one product, the
+/// class token first, learned positions, a pre-LayerNorm, then pre-LN encoder layers. Each family's loader names
+/// its weights and says which of the output tokens it feeds on.
+pub struct ClipVisionTransformer<B: Backend> {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub heads: usize,
+    pub activation: Activation,
+    /// `[D, 3, patch, patch]`.
+    pub patch_embedding: B::Weight,
+    pub class_embedding: B::Weight,
+    /// `[1 + patches, D]`.
+    pub position_embedding: B::Weight,
+    pub pre_layernorm: LayerNorm<B>,
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+impl<B: Backend> ClipVisionTransformer<B> {
+    /// One image's pixels `[3, S, S]` (S = image_size) to the last layer's tokens `[1 + patches, D]`, class token
+    /// first.
+    pub fn forward(&self, b: &B, pixels: &[f32]) -> B::Tensor {
+        let (size, patch) = (self.image_size, self.patch_size);
+        let grid = size / patch;
+        let patches = b.from_host(im2col(pixels, size, patch), grid * grid, 3 * patch * patch);
+        let embedded = b.linear(&patches, &self.patch_embedding, None);
+        let class = b.weight_to_tensor(&self.class_embedding);
+        let mut h = b.concat_rows(&class, &embedded);
+        b.add_assign(&mut h, &b.weight_to_tensor(&self.position_embedding));
+        let mut h = self.pre_layernorm.forward(b, &h);
+        for layer in &self.layers {
+            h = layer.forward(b, h, self.heads, self.activation);
+        }
+        h
+    }
+}
+
+/// A CLIP ViT encoder layer (pre-LN; IDEFICS' and OpenFlamingo's vision towers): `h += out(attn(ln1 h))`,
+/// `h += fc2(act(fc1(ln2 h)))`, every projection with a bias. Each family's loader names its weights.
+pub struct ClipEncoderLayer<B: Backend> {
+    pub layer_norm1: LayerNorm<B>,
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    pub layer_norm2: LayerNorm<B>,
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> ClipEncoderLayer<B> {
+    /// Runs the layer on one image's tokens `h` `[T, D]` (full attention, `heads` heads).
+    pub fn forward(&self, b: &B, mut h: B::Tensor, heads: usize, act: Activation) -> B::Tensor {
+        let x = self.layer_norm1.forward(b, &h);
+        let (q, k, v) = (self.q_proj.forward(b, &x), self.k_proj.forward(b, &x), self.v_proj.forward(b, &x));
+        let a = b.attention(&q, &k, &v, heads);
+        self.out_proj.forward_into(b, &a, &mut h);
+        let x = self.layer_norm2.forward(b, &h);
+        let m = self.fc1.forward_activated(b, &x, act);
+        self.fc2.forward_into(b, &m, &mut h);
+        h
     }
 }
 

@@ -1,7 +1,8 @@
-//! The models, one folder per family, names mirroring transformers': `idefics` (IDEFICS 9B/80B and their
-//! instruct models), `mllama` (Llama 3.2 Vision 11B/90B). `layers` holds what families share (weight loading, linear, norm and MLP layers) and `llama` the LLaMA decoder
-//! layer both families' language models use, `sampling`
-//! the token-choice rules the runtime applies to every family's logits.
+//! The models, one folder per family, names mirroring transformers' (or the family's own code): `idefics` (IDEFICS
+//! 9B/80B and their instruct models), `mllama` (Llama 3.2 Vision 11B/90B), `openflamingo` (OpenFlamingo 3B/4B/9B).
+//! `layers` holds what families share (weight loading, linear, norm and MLP layers, the CLIP ViT), `llama` the LLaMA
+//! decoder layer both IDEFICS and Llama 3.2 Vision use, `sampling` the token-choice rules the runtime applies to
+//! every family's logits.
 //!
 //! Everything is computed through the [`Backend`] trait; a model never names a backend. The runtime drives every
 //! family through one interface, [`Model`].
@@ -10,6 +11,7 @@ pub mod idefics;
 pub mod layers;
 pub mod llama;
 pub mod mllama;
+pub mod openflamingo;
 pub mod sampling;
 pub mod synthetic;
 
