@@ -80,3 +80,61 @@ fn open_clip_configs_read_in_both_layouts_and_unsupported_towers_are_refused() {
         assert!(err.contains(&format!("vision_cfg.{field}")) && err.contains("open_clip_config.json"), "{err}");
     }
 }
+
+/// The fixture's image files in prompt order, as golden.json lists them.
+fn image_files(name: &str) -> Vec<std::path::PathBuf> {
+    let dir = fixture_dir(name);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+    let images = meta["images"].as_array().unwrap();
+    images.iter().map(|i| dir.join(i["file_in_fixture"].as_str().unwrap())).collect()
+}
+
+#[test]
+fn pixel_values_from_the_image_files_match_open_clips_transform() {
+    use flamingo::io::image::{decode, read_image_file, DecodeLimits};
+    use flamingo::io::openflamingo_image::preprocess;
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let vision = OpenClipConfig::from_file(&OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap().vision_config).unwrap();
+        let golden = fx.get("pixel_values");
+        let per_image = golden.shape[3..].iter().product::<usize>();
+        for (i, path) in image_files(name).iter().enumerate() {
+            let limits = DecodeLimits::pixels(1 << 24);
+            let img = decode(&read_image_file(path, 1 << 24).unwrap(), path, &limits).unwrap();
+            let got = preprocess(&img, vision.vision.image_size).pixels;
+            let want = &golden.data[i * per_image..(i + 1) * per_image];
+            // One level of 255 in the normalised units (the smallest std is 0.261).
+            let level = 1.0 / 255.0 / 0.261;
+            let worst = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0f64, f64::max);
+            let jpeg = path.extension().is_some_and(|e| e == "jpg");
+            // PNG: exact up to f32 rounding; JPEG: decoders may differ from libjpeg by a level or two.
+            let bound = if jpeg { 2.0 * level } else { 1e-5 };
+            eprintln!("{name} {}: max |error| {worst:.2e} ({:.2} levels)", path.display(), worst / level);
+            assert!(worst <= bound, "{name} {}: max |error| {worst:.3e} over {bound:.1e}", path.display());
+        }
+    }
+}
+
+/// Partial transparency, which the fixtures' RGBA image lacks: resized premultiplied as Pillow resizes RGBA, alpha
+/// then dropped (`scripts/make-rgba-resize-reference.py` wrote Pillow's result).
+#[test]
+fn a_translucent_image_is_resized_premultiplied_as_pillow_does() {
+    use flamingo::io::image::{decode, decode_rgb, read_image_file, DecodeLimits};
+    use flamingo::io::openflamingo_image::{preprocess, OPENAI_MEAN, OPENAI_STD};
+    let dir = fixture_dir("rgba-resize");
+    let limits = DecodeLimits::pixels(1 << 20);
+    let read = |f: &str| read_image_file(&dir.join(f), 1 << 20).unwrap();
+    let input = decode(&read("input_37x23_rgba.png"), &dir, &limits).unwrap();
+    assert!(input.color().has_alpha());
+    let expected = decode_rgb(&read("expected_32x32_rgb.png"), &dir, &limits).unwrap();
+    let got = preprocess(&input, 32).pixels;
+    let n = 32 * 32;
+    let want: Vec<f32> = (0..3 * n)
+        .map(|i| {
+            let (c, p) = (i / n, i % n);
+            (expected.data[p * 3 + c] as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c]
+        })
+        .collect();
+    let differing = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+    assert_eq!(differing, 0, "{differing} of {} values differ from Pillow's", want.len());
+}

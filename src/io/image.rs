@@ -165,6 +165,11 @@ pub fn load_rgb(path: &Path, limits: &DecodeLimits) -> Result<Rgb8> {
 /// such an image needs, so a frame larger than its header says, or metadata chunks that inflate, are refused
 /// while decoding instead of allocated. `source` names it in errors (a file, or e.g. a request's image part).
 pub fn decode_rgb(bytes: &[u8], source: &Path, limits: &DecodeLimits) -> Result<Rgb8> {
+    decode(bytes, source, limits).map(to_rgb)
+}
+
+/// [`decode_rgb`] keeping the image in the decoder's own form (with its alpha channel, where it has one).
+pub fn decode(bytes: &[u8], source: &Path, limits: &DecodeLimits) -> Result<DynamicImage> {
     let err = |message: String| Error::Image {
         path: source.to_path_buf(),
         message,
@@ -208,7 +213,7 @@ pub fn decode_rgb(bytes: &[u8], source: &Path, limits: &DecodeLimits) -> Result<
         )),
         e => err(format!("cannot decode: {e}")),
     })?;
-    Ok(to_rgb(decoded))
+    Ok(decoded)
 }
 
 pub fn to_rgb(img: DynamicImage) -> Rgb8 {
@@ -334,20 +339,31 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One separable pass over an interleaved 3-channel image: along x when `horizontal`, else along y.
-fn resample_pass(src: &Rgb8, out_w: usize, out_h: usize, horizontal: bool, filter: Filter) -> Rgb8 {
+/// An 8-bit image of `channels` interleaved channels, row-major: what the resampler works on (RGB, or
+/// premultiplied RGBA).
+#[derive(Clone, Debug)]
+pub struct Interleaved8 {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub data: Vec<u8>,
+}
+
+/// One separable pass over an interleaved image: along x when `horizontal`, else along y.
+fn resample_pass(src: &Interleaved8, out_w: usize, out_h: usize, horizontal: bool, filter: Filter) -> Interleaved8 {
     let coeffs = if horizontal {
         precompute_coeffs(src.width, out_w, filter)
     } else {
         precompute_coeffs(src.height, out_h, filter)
     };
-    let mut data = vec![0u8; out_w * out_h * 3];
+    let ch = src.channels;
+    let mut data = vec![0u8; out_w * out_h * ch];
     for y in 0..out_h {
         for x in 0..out_w {
             let o = if horizontal { x } else { y };
             let (min, len) = coeffs.bounds[o];
             let k = &coeffs.weights[o * coeffs.ksize..o * coeffs.ksize + len];
-            for c in 0..3 {
+            for c in 0..ch {
                 let mut acc: i64 = 1 << (PRECISION_BITS - 1);
                 for (i, &w) in k.iter().enumerate() {
                     let (sx, sy) = if horizontal {
@@ -355,22 +371,24 @@ fn resample_pass(src: &Rgb8, out_w: usize, out_h: usize, horizontal: bool, filte
                     } else {
                         (x, min + i)
                     };
-                    acc += src.data[(sy * src.width + sx) * 3 + c] as i64 * w as i64;
+                    acc += src.data[(sy * src.width + sx) * ch + c] as i64 * w as i64;
                 }
-                data[(y * out_w + x) * 3 + c] = clip8(acc);
+                data[(y * out_w + x) * ch + c] = clip8(acc);
             }
         }
     }
-    Rgb8 {
+    Interleaved8 {
         width: out_w,
         height: out_h,
+        channels: ch,
         data,
     }
 }
 
-/// Pillow's `Image.resize((w, h), filter)`: horizontal pass first, each pass only where the size changes.
-pub fn resize(img: &Rgb8, out_w: usize, out_h: usize, filter: Filter) -> Rgb8 {
-    let mut cur = img.clone();
+/// Pillow's `Image.resize((w, h), filter)` of an interleaved image: horizontal pass first, each pass only where
+/// the size changes.
+pub fn resize_interleaved(img: Interleaved8, out_w: usize, out_h: usize, filter: Filter) -> Interleaved8 {
+    let mut cur = img;
     if out_w != cur.width {
         cur = resample_pass(&cur, out_w, cur.height, true, filter);
     }
@@ -378,6 +396,22 @@ pub fn resize(img: &Rgb8, out_w: usize, out_h: usize, filter: Filter) -> Rgb8 {
         cur = resample_pass(&cur, out_w, out_h, false, filter);
     }
     cur
+}
+
+/// Pillow's `Image.resize((w, h), filter)` of an RGB image.
+pub fn resize(img: &Rgb8, out_w: usize, out_h: usize, filter: Filter) -> Rgb8 {
+    let view = Interleaved8 {
+        width: img.width,
+        height: img.height,
+        channels: 3,
+        data: img.data.clone(),
+    };
+    let out = resize_interleaved(view, out_w, out_h, filter);
+    Rgb8 {
+        width: out.width,
+        height: out.height,
+        data: out.data,
+    }
 }
 
 /// Resized, rescaled and normalised pixels, [3, size, size] channel-major: what the vision encoder reads.

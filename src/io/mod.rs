@@ -7,6 +7,7 @@ pub mod image;
 pub mod mllama_config;
 pub mod mllama_image;
 pub mod openflamingo_config;
+pub mod openflamingo_image;
 pub mod prompt;
 pub mod pytorch;
 pub mod safetensors;
