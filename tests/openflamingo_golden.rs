@@ -138,3 +138,57 @@ fn a_translucent_image_is_resized_premultiplied_as_pillow_does() {
     let differing = got.iter().zip(&want).filter(|(g, w)| g != w).count();
     assert_eq!(differing, 0, "{differing} of {} values differ from Pillow's", want.len());
 }
+
+#[test]
+fn the_three_decoders_configs_read_as_their_code_reads_them() {
+    use flamingo::io::openflamingo_config::{DecoderConfig, MptFlavour};
+    let lang = |name: &str| OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap().lang_dir.join("config.json");
+    let DecoderConfig::Mpt(a) = DecoderConfig::from_file(&lang("tiny-openflamingo-a")).unwrap() else { panic!("a is MPT") };
+    assert_eq!((a.flavour, a.d_model, a.n_heads, a.n_layers, a.mlp_width, a.qk_ln, a.biases), (MptFlavour::Transformers, 48, 4, 4, 192, false, false));
+    assert_eq!(a.alibi_slopes(), [0.25, 0.0625, 0.015625, 0.00390625]);
+    let DecoderConfig::GptNeox(b) = DecoderConfig::from_file(&lang("tiny-openflamingo-b")).unwrap() else { panic!("b is GPT-NeoX") };
+    assert_eq!((b.head_dim(), b.rotary_ndims, b.use_parallel_residual, b.intermediate_size), (12, 12, false, 192));
+    let DecoderConfig::Mpt(c) = DecoderConfig::from_file(&lang("tiny-openflamingo-c")).unwrap() else { panic!("c is MosaicGPT") };
+    assert_eq!((c.flavour, c.d_model, c.n_layers, c.mlp_width, c.qk_ln, c.biases), (MptFlavour::MosaicGpt, 32, 3, 128, true, false));
+}
+
+#[test]
+fn alibi_slopes_of_a_non_power_of_two_head_count_interleave_as_transformers_does() {
+    use flamingo::io::openflamingo_config::{DecoderConfig, MptFlavour};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let config = |kind: &str, heads: usize| {
+        format!(r#"{{"model_type": "{kind}", "d_model": {}, "n_heads": {heads}, "n_layers": 1, "max_seq_len": 8, "vocab_size": 8, "alibi": true}}"#, 8 * heads)
+    };
+    std::fs::write(&path, config("mpt", 6)).unwrap();
+    let DecoderConfig::Mpt(m) = DecoderConfig::from_file(&path).unwrap() else { panic!() };
+    let powers: Vec<f64> = m.alibi_slopes().iter().map(|s| -s.log2()).collect();
+    assert_eq!(powers, [2.0, 4.0, 6.0, 8.0, 1.0, 3.0]);
+    std::fs::write(&path, config("mosaic_gpt", 6)).unwrap();
+    let DecoderConfig::Mpt(m) = DecoderConfig::from_file(&path).unwrap() else { panic!() };
+    assert_eq!(m.flavour, MptFlavour::MosaicGpt);
+    let powers: Vec<f64> = m.alibi_slopes().iter().map(|s| -s.log2()).collect();
+    let want: Vec<f64> = (1..=6).map(|h| h as f64 * 8.0 / 6.0).collect();
+    assert!(powers.iter().zip(&want).all(|(p, w)| (p - w).abs() < 1e-12), "{powers:?}");
+}
+
+#[test]
+fn decoder_options_the_engine_cannot_honour_are_refused_by_field() {
+    use flamingo::io::openflamingo_config::DecoderConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let mpt = r#""model_type": "mpt", "d_model": 16, "n_heads": 2, "n_layers": 1, "max_seq_len": 8, "vocab_size": 8"#;
+    let neox = r#""model_type": "gpt_neox", "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 64, "max_position_embeddings": 8, "vocab_size": 8"#;
+    for (config, field) in [
+        (format!(r#"{{{mpt}, "attn_config": {{"alibi": false}}}}"#), "attn_config.alibi"),
+        (format!(r#"{{{mpt}, "attn_config": {{"clip_qkv": 6.0}}}}"#), "attn_config.clip_qkv"),
+        (format!(r#"{{{mpt}, "attn_config": {{"attn_type": "grouped_query_attention"}}}}"#), "attn_config.attn_type"),
+        (format!(r#"{{{neox}, "hidden_act": "gelu_new"}}"#), "hidden_act"),
+        (format!(r#"{{{neox}, "rotary_pct": 0.375}}"#), "rotary_pct"),
+        (r#"{"model_type": "llama"}"#.to_string(), "model_type"),
+    ] {
+        std::fs::write(&path, &config).unwrap();
+        let err = DecoderConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains(field) && err.contains("config.json"), "{config}: {err}");
+    }
+}

@@ -263,3 +263,317 @@ impl OpenClipConfig {
         Ok(())
     }
 }
+
+/// The language model OpenFlamingo wraps, from its directory's `config.json` (`model_type`): MPT as transformers
+/// reads it (`mpt`, OpenFlamingo-9B's MPT-7B), MosaicGPT as the hub code of mpt-1b-redpajama-200b reads it
+/// (`mosaic_gpt`, OpenFlamingo-3B), or GPT-NeoX (`gpt_neox`, OpenFlamingo-4B's RedPajama-INCITE-3B).
+#[derive(Clone, Debug)]
+pub enum DecoderConfig {
+    Mpt(MptConfig),
+    GptNeox(GptNeoxConfig),
+}
+
+/// Which code's names and rules an MPT checkpoint follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MptFlavour {
+    /// transformers' `MptForCausalLM`: `norm_1`, `ffn.up_proj`, `norm_f`; no biases at all (its LayerNorms' biases
+    /// are removed whatever `no_bias` says); the ALiBi slopes of the next power of two of heads, interleaved.
+    Transformers,
+    /// MosaicGPT: `ln_1`, `mlp.mlp_up`, `ln_f`, optional q/k LayerNorm over all of `d_model`; `no_bias` strips the
+    /// linears' and the LayerNorms' biases; slopes `2^(-8h/H)`, not interleaved.
+    MosaicGpt,
+}
+
+/// An MPT decoder (ALiBi, no position embeddings, tied embeddings).
+#[derive(Clone, Debug)]
+pub struct MptConfig {
+    pub path: PathBuf,
+    pub flavour: MptFlavour,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_layers: usize,
+    pub max_seq_len: usize,
+    pub vocab_size: usize,
+    /// The feed-forward's hidden width: transformers' MPT always takes 4 x d_model; MosaicGPT `mlp_ratio` x.
+    pub mlp_width: usize,
+    pub alibi_bias_max: f64,
+    /// MosaicGPT's `attn_qk_ln`.
+    pub qk_ln: bool,
+    /// Whether linears and LayerNorms have biases (MosaicGPT with `no_bias: false`).
+    pub biases: bool,
+    /// Scores are `q k^T * softmax_scale` (default `1 / sqrt(head_dim)`).
+    pub softmax_scale: Option<f64>,
+    pub layer_norm_eps: f64,
+}
+
+impl MptConfig {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Each head's ALiBi slope: its score for key j from query i gains `slope * (j - i)`.
+    pub fn alibi_slopes(&self) -> Vec<f64> {
+        let slopes = |n: usize| -> Vec<f64> {
+            (1..=n).map(|h| 2f64.powf(-(h as f64) * self.alibi_bias_max / n as f64)).collect()
+        };
+        let h = self.n_heads;
+        match self.flavour {
+            MptFlavour::MosaicGpt => slopes(h),
+            MptFlavour::Transformers => {
+                let n2 = h.next_power_of_two();
+                let all = slopes(n2);
+                if n2 == h {
+                    return all;
+                }
+                all.iter().skip(1).step_by(2).chain(all.iter().step_by(2)).take(h).copied().collect()
+            }
+        }
+    }
+}
+
+/// A GPT-NeoX decoder (rotary on the first `rotary_ndims` of each head, biases, untied `embed_out`).
+#[derive(Clone, Debug)]
+pub struct GptNeoxConfig {
+    pub path: PathBuf,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    /// `int(head_dim * rotary_pct)`, as transformers computes it.
+    pub rotary_ndims: usize,
+    pub rotary_emb_base: f64,
+    pub layer_norm_eps: f64,
+    pub use_parallel_residual: bool,
+}
+
+impl GptNeoxConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[derive(Deserialize)]
+struct RawMptAttn {
+    #[serde(default = "yes")]
+    alibi: bool,
+    #[serde(default = "eight")]
+    alibi_bias_max: f64,
+    #[serde(default)]
+    qk_ln: bool,
+    clip_qkv: Option<f64>,
+    softmax_scale: Option<f64>,
+    #[serde(default)]
+    prefix_lm: bool,
+    #[serde(default)]
+    attn_uses_sequence_id: bool,
+    attn_type: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn eight() -> f64 {
+    8.0
+}
+
+/// The fields of transformers' `MptConfig` and of MosaicGPT's config (flat `attn_*` and `alibi*` fields) the
+/// engine reads; the rest (initialisation, dropout, the attention implementation) do not change the computation.
+#[derive(Deserialize)]
+struct RawMpt {
+    d_model: usize,
+    n_heads: usize,
+    n_layers: usize,
+    max_seq_len: usize,
+    vocab_size: usize,
+    #[serde(default)]
+    no_bias: bool,
+    mlp_ratio: Option<usize>,
+    #[serde(default = "eps")]
+    layer_norm_epsilon: f64,
+    attn_config: Option<RawMptAttn>,
+    // MosaicGPT's flat spellings.
+    alibi: Option<bool>,
+    alibi_bias_max: Option<f64>,
+    attn_qk_ln: Option<bool>,
+    attn_clip_qkv: Option<f64>,
+    softmax_scale: Option<f64>,
+    prefix_lm: Option<bool>,
+    attn_uses_sequence_id: Option<bool>,
+}
+
+fn eps() -> f64 {
+    1e-5
+}
+
+#[derive(Deserialize)]
+struct RawNeox {
+    hidden_size: usize,
+    num_attention_heads: usize,
+    num_hidden_layers: usize,
+    intermediate_size: usize,
+    max_position_embeddings: usize,
+    vocab_size: usize,
+    #[serde(default = "quarter")]
+    rotary_pct: f64,
+    #[serde(default = "ten_thousand")]
+    rotary_emb_base: f64,
+    #[serde(default = "eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "yes")]
+    use_parallel_residual: bool,
+    #[serde(default = "gelu")]
+    hidden_act: String,
+    rope_scaling: Option<serde_json::Value>,
+}
+
+fn quarter() -> f64 {
+    0.25
+}
+
+fn ten_thousand() -> f64 {
+    10_000.0
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+
+impl DecoderConfig {
+    /// Reads `config.json` of the language model's directory.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Probe {
+            model_type: Option<String>,
+        }
+        let value: serde_json::Value = read_json(path)?;
+        let probe: Probe = typed(value.clone(), path)?;
+        match probe.model_type.as_deref() {
+            Some("mpt") => mpt(typed(value, path)?, path, MptFlavour::Transformers).map(DecoderConfig::Mpt),
+            Some("mosaic_gpt") => mpt(typed(value, path)?, path, MptFlavour::MosaicGpt).map(DecoderConfig::Mpt),
+            Some("gpt_neox") => neox(typed(value, path)?, path).map(DecoderConfig::GptNeox),
+            other => Err(Error::config(
+                path,
+                "model_type",
+                format!("{other:?} is not a language model OpenFlamingo ships with (mpt, mosaic_gpt, gpt_neox)"),
+            )),
+        }
+    }
+}
+
+/// A config read once as JSON, taken as `T`.
+fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value, path: &Path) -> Result<T> {
+    serde_json::from_value(value).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
+fn mpt(raw: RawMpt, path: &Path, flavour: MptFlavour) -> Result<MptConfig> {
+    let bad = |field: &str, msg: String| Err(Error::config(path, field, msg));
+    let attn = raw.attn_config.as_ref();
+    let (alibi, alibi_bias_max, qk_ln, clip_qkv, softmax_scale, prefix_lm, sequence_id) = match flavour {
+        MptFlavour::Transformers => match attn {
+            Some(a) => (a.alibi, a.alibi_bias_max, a.qk_ln, a.clip_qkv, a.softmax_scale, a.prefix_lm, a.attn_uses_sequence_id),
+            None => (true, 8.0, false, None, None, false, false),
+        },
+        MptFlavour::MosaicGpt => (
+            raw.alibi.unwrap_or(false),
+            raw.alibi_bias_max.unwrap_or(8.0),
+            raw.attn_qk_ln.unwrap_or(false),
+            raw.attn_clip_qkv,
+            raw.softmax_scale,
+            raw.prefix_lm.unwrap_or(false),
+            raw.attn_uses_sequence_id.unwrap_or(false),
+        ),
+    };
+    let field = |transformers: &str, mosaic: &str| match flavour {
+        MptFlavour::Transformers => format!("attn_config.{transformers}"),
+        MptFlavour::MosaicGpt => mosaic.to_string(),
+    };
+    if !alibi {
+        return bad(&field("alibi", "alibi"), "false: learned position embeddings are not supported (OpenFlamingo's MPTs use ALiBi)".into());
+    }
+    if clip_qkv.is_some() {
+        return bad(&field("clip_qkv", "attn_clip_qkv"), "set: clipping q/k/v is not supported".into());
+    }
+    if prefix_lm || sequence_id {
+        let name = if prefix_lm { field("prefix_lm", "prefix_lm") } else { field("attn_uses_sequence_id", "attn_uses_sequence_id") };
+        return bad(&name, "true: only causal attention over one sequence is supported".into());
+    }
+    if let Some(kind) = attn.and_then(|a| a.attn_type.as_deref()).filter(|&k| k != "multihead_attention") {
+        return bad("attn_config.attn_type", format!("{kind:?}: only multihead_attention is supported"));
+    }
+    if flavour == MptFlavour::Transformers && qk_ln {
+        return bad("attn_config.qk_ln", "true: transformers' MPT ignores it while MPT's hub code applies it; convert the checkpoint to say which".into());
+    }
+    for (name, v) in [("d_model", raw.d_model), ("n_heads", raw.n_heads), ("n_layers", raw.n_layers), ("max_seq_len", raw.max_seq_len), ("vocab_size", raw.vocab_size)] {
+        if v == 0 {
+            return bad(name, "must be positive".into());
+        }
+    }
+    if raw.d_model % raw.n_heads != 0 {
+        return bad("n_heads", format!("{} does not divide d_model {}", raw.n_heads, raw.d_model));
+    }
+    let mlp_width = match flavour {
+        MptFlavour::Transformers => 4 * raw.d_model,
+        MptFlavour::MosaicGpt => raw.mlp_ratio.unwrap_or(4) * raw.d_model,
+    };
+    Ok(MptConfig {
+        path: path.to_path_buf(),
+        flavour,
+        d_model: raw.d_model,
+        n_heads: raw.n_heads,
+        n_layers: raw.n_layers,
+        max_seq_len: raw.max_seq_len,
+        vocab_size: raw.vocab_size,
+        mlp_width,
+        alibi_bias_max,
+        qk_ln,
+        biases: flavour == MptFlavour::MosaicGpt && !raw.no_bias,
+        softmax_scale,
+        layer_norm_eps: raw.layer_norm_epsilon,
+    })
+}
+
+fn neox(raw: RawNeox, path: &Path) -> Result<GptNeoxConfig> {
+    let bad = |field: &str, msg: String| Err(Error::config(path, field, msg));
+    for (name, v) in [
+        ("hidden_size", raw.hidden_size),
+        ("num_attention_heads", raw.num_attention_heads),
+        ("num_hidden_layers", raw.num_hidden_layers),
+        ("intermediate_size", raw.intermediate_size),
+        ("max_position_embeddings", raw.max_position_embeddings),
+        ("vocab_size", raw.vocab_size),
+    ] {
+        if v == 0 {
+            return bad(name, "must be positive".into());
+        }
+    }
+    if raw.hidden_size % raw.num_attention_heads != 0 {
+        return bad("num_attention_heads", format!("{} does not divide hidden_size {}", raw.num_attention_heads, raw.hidden_size));
+    }
+    if raw.hidden_act != "gelu" {
+        return bad("hidden_act", format!("{:?}: only \"gelu\" (exact) is supported", raw.hidden_act));
+    }
+    if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        return bad("rope_scaling", "set: scaled rotary positions are not supported".into());
+    }
+    let head_dim = raw.hidden_size / raw.num_attention_heads;
+    let rotary_ndims = (head_dim as f64 * raw.rotary_pct) as usize;
+    if !(0.0..=1.0).contains(&raw.rotary_pct) || rotary_ndims % 2 != 0 {
+        return bad("rotary_pct", format!("{} of head_dim {head_dim} gives {rotary_ndims} rotary dims: expected an even number up to head_dim", raw.rotary_pct));
+    }
+    Ok(GptNeoxConfig {
+        path: path.to_path_buf(),
+        hidden_size: raw.hidden_size,
+        num_attention_heads: raw.num_attention_heads,
+        num_hidden_layers: raw.num_hidden_layers,
+        intermediate_size: raw.intermediate_size,
+        max_position_embeddings: raw.max_position_embeddings,
+        vocab_size: raw.vocab_size,
+        rotary_ndims,
+        rotary_emb_base: raw.rotary_emb_base,
+        layer_norm_eps: raw.layer_norm_eps,
+        use_parallel_residual: raw.use_parallel_residual,
+    })
+}
