@@ -323,7 +323,10 @@ fn rope_matches_cpu() {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 64.0,
         }),
+        rotary_dims: None,
     };
+    // GPT-NeoX's partial rotary (Pythia: rotary_pct 0.25 of 128; 0.5 of an odd-sized head of 24).
+    let partial = |dims| RopeFrequencies { rotary_dims: Some(dims), ..RopeFrequencies::plain(10000.0) };
     // Query heads, key heads (fewer: GQA), head dim, frequencies.
     let cases = [
         (4, 2, 16, RopeFrequencies::plain(10000.0)),
@@ -331,6 +334,9 @@ fn rope_matches_cpu() {
         (2, 1, 128, RopeFrequencies::plain(10000.0)),
         (4, 1, 16, llama3),
         (8, 2, 128, llama3),
+        (4, 4, 128, partial(32)),
+        (3, 3, 24, partial(12)),
+        (2, 2, 12, partial(12)),
     ];
     for (i, &(heads, kv_heads, d, freqs)) in cases.iter().enumerate() {
         let step = one_row_seqs(0..257, |r| (r * 37) % 1000, |_| -1);

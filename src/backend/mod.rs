@@ -279,7 +279,8 @@ pub trait Backend: Send + Sync {
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
     /// Rotary embedding (rotate-half layout) of every head of a step's queries `q` and keys `k` (in one pass: the
     /// angles are shared), each row at its position in the layout; `k` may have fewer heads than `q` (GQA).
-    /// `freqs` gives each pair's inverse frequency (theta, and llama3 scaling where the model has it).
+    /// `freqs` gives each pair's inverse frequency (theta, and llama3 scaling where the model has it) and how many
+    /// of each head's dims rotate (GPT-NeoX's partial rotary: the rest pass through unchanged).
     fn rope(
         &self,
         q: &mut Self::Tensor,

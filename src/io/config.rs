@@ -119,22 +119,30 @@ pub struct Llama3Scaling {
     pub original_max_position_embeddings: f64,
 }
 
-/// How RoPE turns a position into angles: `inv_freq(i)` for pair `i` of a `head_dim`-wide head.
+/// How RoPE turns a position into angles: `inv_freq(i)` for pair `i` of the rotating dims of a head.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RopeFrequencies {
     pub theta: f64,
     pub llama3: Option<Llama3Scaling>,
+    /// Only the first this many dims of each head rotate, the rest pass through (GPT-NeoX's
+    /// `int(head_dim * rotary_pct)`); `None`: the whole head.
+    pub rotary_dims: Option<usize>,
 }
 
 impl RopeFrequencies {
     pub fn plain(theta: f64) -> Self {
-        RopeFrequencies { theta, llama3: None }
+        RopeFrequencies { theta, llama3: None, rotary_dims: None }
     }
 
-    /// transformers' `_compute_llama3_parameters` (modeling_rope_utils.py): long wavelengths divided by `factor`,
-    /// short ones kept, a smooth blend between.
-    pub fn inv_freq(&self, i: usize, head_dim: usize) -> f64 {
-        let inv = 1.0 / self.theta.powf(2.0 * i as f64 / head_dim as f64);
+    /// The dims of a `head_dim`-wide head that rotate (rotate-half pairs `i` and `i + rotating / 2`).
+    pub fn rotating(&self, head_dim: usize) -> usize {
+        self.rotary_dims.unwrap_or(head_dim)
+    }
+
+    /// `1 / theta^(2i / rotating)`; with llama3 scaling, transformers' `_compute_llama3_parameters`
+    /// (modeling_rope_utils.py): long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    pub fn inv_freq(&self, i: usize, rotating: usize) -> f64 {
+        let inv = 1.0 / self.theta.powf(2.0 * i as f64 / rotating as f64);
         let Some(s) = self.llama3 else { return inv };
         let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
         let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;

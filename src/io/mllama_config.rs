@@ -114,7 +114,7 @@ impl MllamaTextConfig {
             high_freq_factor: r.high_freq_factor.unwrap_or(4.0),
             original_max_position_embeddings: r.original_max_position_embeddings.unwrap_or(8192.0),
         });
-        RopeFrequencies { theta, llama3 }
+        RopeFrequencies { theta, llama3, rotary_dims: None }
     }
 }
 

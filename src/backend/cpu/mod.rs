@@ -536,9 +536,11 @@ impl Backend for CpuBackend {
 fn rope_rotate(x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, freqs: &RopeFrequencies) {
     assert_eq!(layout.rows.len(), x.rows, "RoPE rows do not match the step");
     assert_eq!(x.cols % head_dim, 0);
-    let half = head_dim / 2;
+    let rotating = freqs.rotating(head_dim);
+    assert!(rotating % 2 == 0 && rotating <= head_dim, "{rotating} rotary dims of a {head_dim}-wide head");
+    let half = rotating / 2;
     let inv_freq: Vec<f64> = (0..half)
-        .map(|i| freqs.inv_freq(i, head_dim))
+        .map(|i| freqs.inv_freq(i, rotating))
         .collect();
     let cols = x.cols;
     x.data
@@ -560,4 +562,33 @@ fn rope_rotate(x: &mut CpuTensor, head_dim: usize, layout: &CpuLayout, freqs: &R
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partial rotary (GPT-NeoX): the first `rotary_dims` of each head rotate exactly as a head of that width
+    /// would, at every position; the other dims pass through untouched.
+    #[test]
+    fn partial_rotary_rotates_the_leading_dims_as_a_narrower_head_and_keeps_the_rest() {
+        let (head_dim, rot, heads, rows) = (24, 12, 3, 5);
+        let layout = CpuLayout {
+            step: StepLayout { block_size: 16, seqs: Vec::new() },
+            rows: (0..rows).map(|r| (0, 7 * r + 3)).collect(),
+            image_of_row: Vec::new(),
+        };
+        let values: Vec<f32> = (0..rows * heads * head_dim).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let mut x = tensor(values.clone(), rows, heads * head_dim);
+        let partial = RopeFrequencies { rotary_dims: Some(rot), ..RopeFrequencies::plain(10000.0) };
+        rope_rotate(&mut x, head_dim, &layout, &partial);
+        let narrow: Vec<f32> = values.chunks(head_dim).flat_map(|h| h[..rot].to_vec()).collect();
+        let mut want = tensor(narrow, rows, heads * rot);
+        rope_rotate(&mut want, rot, &layout, &RopeFrequencies::plain(10000.0));
+        for (i, (head, orig)) in x.data.chunks(head_dim).zip(values.chunks(head_dim)).enumerate() {
+            assert_eq!(head[..rot], want.data[i * rot..(i + 1) * rot], "head {i}: rotary dims");
+            assert_eq!(head[rot..], orig[rot..], "head {i}: pass-through dims");
+            assert_ne!(head[..rot], orig[..rot], "head {i}: rotated");
+        }
+    }
 }

@@ -14,11 +14,12 @@ pub(in crate::backend::cuda) fn rope(
     layout: &CudaLayout,
     freqs: &RopeFrequencies,
 ) {
+    let rotating = freqs.rotating(head_dim);
     for x in [&*q, &*k] {
         assert_eq!(x.rows, layout.rows(), "RoPE rows do not match the step");
         assert!(
-            head_dim % 2 == 0 && head_dim <= 512 && x.cols % head_dim == 0,
-            "RoPE head_dim {head_dim} for width {}",
+            rotating % 2 == 0 && rotating <= head_dim && rotating <= 512 && x.cols % head_dim == 0,
+            "RoPE of {rotating} dims of head_dim {head_dim} for width {}",
             x.cols
         );
     }
@@ -30,6 +31,7 @@ pub(in crate::backend::cuda) fn rope(
         n_heads_q: q.cols / head_dim,
         n_heads_k: k.cols / head_dim,
         head_dim,
+        rot_dim: rotating,
         ldq: q.cols,
         ldk: k.cols,
         theta: freqs.theta as f32,
