@@ -95,7 +95,7 @@ fn ops(c: &mut Criterion) {
         let q = random(&b, 6, seqs * q_rows, D);
         g.throughput(Throughput::Bytes((2 * seqs * kv * D * 2) as u64));
         g.bench_function(name, |bench| {
-            bench.iter_custom(timed(&b, || b.paged_attention(&q, &k, &v, HEADS, &layout)))
+            bench.iter_custom(timed(&b, || b.paged_attention(&q, &k, &v, HEADS, &layout, None)))
         });
     }
 

@@ -148,7 +148,7 @@ fn attention<B: Backend>(
         g.throughput(Throughput::Elements((2 * len * len * width) as u64));
         g.bench_function(format!("prefill_causal/{len}"), |bench| {
             bench.iter_custom(|iters| {
-                common::timed(b, iters, || b.paged_attention(&q, &pool, &pool, heads, &l))
+                common::timed(b, iters, || b.paged_attention(&q, &pool, &pool, heads, &l, None))
             })
         });
     }
@@ -160,7 +160,7 @@ fn attention<B: Backend>(
         g.throughput(Throughput::BytesDecimal(kv_bytes as u64));
         g.bench_function(format!("decode_paged/{seqs}x{ctx}"), |bench| {
             bench.iter_custom(|iters| {
-                common::timed(b, iters, || b.paged_attention(&q, &pool, &pool, heads, &l))
+                common::timed(b, iters, || b.paged_attention(&q, &pool, &pool, heads, &l, None))
             })
         });
     }

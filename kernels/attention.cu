@@ -8,20 +8,22 @@
 // Alignment: every ld % 8 == 0 and every base pointer 16-byte aligned (16-byte loads/stores).
 //
 // attention_d{64,80,96,128}_bf16(o, q, k, v, cu_q, cu_k, n_seqs, n_heads, n_kv_heads,
-//                                  ldq, ldk, ldv, ldo, causal, scale)
+//                                  ldq, ldk, ldv, ldo, causal, scale, alibi_n, alibi_max, alibi_interleave)
 //   Variable-length batch: sequence b owns query rows cu_q[b] .. cu_q[b+1] and key/value rows
 //   cu_k[b] .. cu_k[b+1] (int32 prefix offsets, n_seqs + 1 entries each). With Tq, Tk its
 //   lengths, query i (0-based) sits at absolute position i + Tk - Tq (the queries are the last Tq
 //   of the Tk positions: prefill after a cached prefix, chunked prefill); causal = 1 lets it see
 //   keys j <= i + Tk - Tq, causal = 0 sees all Tk keys (ViT encoder). A query that sees no key
 //   outputs 0. o: [total queries, ldo].
+//   alibi_n > 0 (MPT's ALiBi): the score of query i (absolute position p) for key j gains
+//   alibi_slope(h, alibi_n, alibi_max, alibi_interleave) * (j - p) (flash_common.cuh); alibi_n = 0: none.
 //   Launch: grid = (ceil(max_Tq / 64), n_heads, n_seqs), block = (128, 1, 1), dynamic smem = 0
 //   (static: 16 KiB for D=64, 22 KiB D=80, 26 KiB D=96, 32 KiB D=128).
 //   Causal blocks are visited longest-first (blockIdx.x reversed) to balance the tail.
 //
 // paged_attention_d{16,32,64,128}_bf16(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table,
 //                            max_blocks, block_size, seq_stride, n_heads, n_kv_heads, ldq, ldkv,
-//                            split_size, scale)
+//                            split_size, scale, alibi_n, alibi_max, alibi_interleave)
 //   One query per sequence: q [n_seqs, ldq]. Sequence b attends to its kv_lens[b] cached
 //   positions. Cache row of (b, pos):
 //     block_table == null (contiguous): row = b * seq_stride + pos
@@ -29,7 +31,8 @@
 //   k_cache, v_cache: [rows, ldkv]. Split-KV: split s covers positions [s*split_size,
 //   (s+1)*split_size); it writes its un-normalised partial output and (max, sum) in the log2
 //   domain: o_part [n_seqs, n_heads, n_splits, D] f32, ml_part [n_seqs, n_heads, n_splits, 2] f32.
-//   Empty splits (past kv_len) write m = -inf, l = 0, o = 0.
+//   Empty splits (past kv_len) write m = -inf, l = 0, o = 0. ALiBi as for attention_d*: the query sits at
+//   position kv_len - 1.
 //   Launch: grid = (n_heads, n_seqs, n_splits), n_splits >= ceil(max kv_len / split_size) (a recorded
 //   CUDA-graph step launches the count of its fixed shape; the extra splits are empty);
 //   block = (128, 1, 1), dynamic smem = 0. D/8 lanes per key, 16-byte loads (ldkv % 8 == 0, 16-byte
@@ -53,7 +56,7 @@
 template <int D>
 FE_DEVICE void flash_prefill(bf16* o, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, const int* cu_k,
                              int n_seqs, int n_heads, int n_kv_heads, int ldq, int ldk, int ldv, int ldo, int causal,
-                             float scale) {
+                             float scale, int alibi_n, float alibi_max, int alibi_interleave) {
   const int b = blockIdx.z, h = blockIdx.y;
   if (b >= n_seqs || h >= n_heads || n_kv_heads <= 0 || n_heads % n_kv_heads) return;
   const int qt = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
@@ -73,6 +76,8 @@ FE_DEVICE void flash_prefill(bf16* o, const bf16* q, const bf16* k, const bf16* 
   a.q_rows = min(FLASH_BQ, Tq - q0);
   a.scale_log2 = scale * FE_LOG2E;
   const int shift = Tk - Tq + q0;  // absolute position of tile row 0
+  a.alibi_log2 = alibi_n > 0 ? alibi_slope(h, alibi_n, alibi_max, alibi_interleave) * FE_LOG2E : 0.f;
+  a.qpos0 = shift;
   flash_attention_tile<D>(a, [&](int r) {
     if (!causal) return KeyRange{0, Tk};
     return KeyRange{0, max(0, min(Tk, shift + r + 1))};
@@ -83,8 +88,10 @@ FE_DEVICE void flash_prefill(bf16* o, const bf16* q, const bf16* k, const bf16* 
   extern "C" __global__ void FLASH_LAUNCH_BOUNDS attention_d##D##_bf16(                          \
       bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,             \
       const int* __restrict__ cu_q, const int* __restrict__ cu_k, int n_seqs, int n_heads, int n_kv_heads,     \
-      int ldq, int ldk, int ldv, int ldo, int causal, float scale) {                                           \
-    flash_prefill<D>(o, q, k, v, cu_q, cu_k, n_seqs, n_heads, n_kv_heads, ldq, ldk, ldv, ldo, causal, scale); \
+      int ldq, int ldk, int ldv, int ldo, int causal, float scale, int alibi_n, float alibi_max,                \
+      int alibi_interleave) {                                                                                  \
+    flash_prefill<D>(o, q, k, v, cu_q, cu_k, n_seqs, n_heads, n_kv_heads, ldq, ldk, ldv, ldo, causal, scale,    \
+                     alibi_n, alibi_max, alibi_interleave);                                                    \
   }
 FLASH_PREFILL(64)
 FLASH_PREFILL(80)
@@ -100,7 +107,8 @@ FLASH_PREFILL(128)
 template <int D>
 FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const bf16* k_cache, const bf16* v_cache,
                             const int* kv_lens, const int* block_table, int max_blocks, int block_size, long long seq_stride,
-                            int n_heads, int n_kv_heads, int ldq, int ldkv, int split_size, float scale) {
+                            int n_heads, int n_kv_heads, int ldq, int ldkv, int split_size, float scale, int alibi_n,
+                            float alibi_max, int alibi_interleave) {
   static_assert(D % 8 == 0 && D <= 128 && 32 % (D / 8) == 0, "decode: head_dim 8, 16, 32, 64 or 128");
   constexpr int GL = D / 8;                  // lanes per key (8 elements each)
   constexpr int NG = DEC_THREADS / GL;       // key groups per block
@@ -120,6 +128,8 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
   const float sl2 = scale * FE_LOG2E;
 #pragma unroll
   for (int j = 0; j < 8; ++j) qv[j] *= sl2;
+  // ALiBi: key pos gains slope * (pos - (len - 1)), in the log2 domain like the scores.
+  const float alibi_log2 = alibi_n > 0 ? alibi_slope(h, alibi_n, alibi_max, alibi_interleave) * FE_LOG2E : 0.f;
 
   auto cache_row = [&](int pos) -> long long {
     if (!block_table) return (long long)b * seq_stride + pos;
@@ -157,6 +167,7 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
 #pragma unroll
       for (int off = GL / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (live) {
+        dot = fmaf(alibi_log2, (float)(p0 + u * NG - (len - 1)), dot);
         const float m_new = fmaxf(m, dot);
         const float corr = exp2f(m - m_new), p = exp2f(dot - m_new);
         l = l * corr + p;
@@ -200,9 +211,11 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
       float* __restrict__ o_part, float* __restrict__ ml_part, const bf16* __restrict__ q,                       \
       const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache, const int* __restrict__ kv_lens,       \
       const int* __restrict__ block_table, int max_blocks, int block_size, long long seq_stride, int n_heads,    \
-      int n_kv_heads, int ldq, int ldkv, int split_size, float scale) {                                          \
+      int n_kv_heads, int ldq, int ldkv, int split_size, float scale, int alibi_n, float alibi_max,            \
+      int alibi_interleave) {                                                                                    \
     decode_split<D>(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table, max_blocks, block_size,          \
-                    seq_stride, n_heads, n_kv_heads, ldq, ldkv, split_size, scale);                              \
+                    seq_stride, n_heads, n_kv_heads, ldq, ldkv, split_size, scale, alibi_n, alibi_max,          \
+                    alibi_interleave);                                                                           \
   }
 DECODE_ATTN(16)
 DECODE_ATTN(32)

@@ -19,6 +19,8 @@
 //     the union of the intervals, tiles aligned to multiples of 64 keys, so a row's result does not
 //     depend on the other rows of its block. A row with an empty interval (or only masked keys)
 //     outputs exactly 0.
+//   * a position bias: with alibi_log2 != 0 (ALiBi, MPT) row r's score for key j gains
+//     slope * (j - qpos0 - r); 0 adds exactly nothing.
 // Per-head q/k norms (IDEFICS qk_layer_norms) are separate norm.cu launches before these kernels.
 // Requirements: D in {64, 80, 96, 128}; every row stride (ldq, ldk, ldv, ldo) % 8 == 0 and every
 // base pointer 16-byte aligned (16-byte cp.async and stores; a violation faults loudly).
@@ -46,7 +48,17 @@ struct FlashArgs {
   int n_a;            // keys [0, n_a) come from source a
   int q_rows;         // valid query rows in this tile (1..64)
   float scale_log2;   // softmax scale * log2(e)
+  float alibi_log2;   // ALiBi slope of this head * log2(e); 0: no position bias
+  int qpos0;          // with ALiBi: key index of tile row 0's own position (row r scores key j + slope * (j - qpos0 - r))
 };
+
+// ALiBi slope of head h (src/io/config.rs::Alibi::slope): 2^(-bias_max (k + 1) / n), k = h, or interleaved (odd k
+// first, then even) when transformers' MPT rounds the head count up to the power of two n.
+FE_DEVICE float alibi_slope(int h, int n, float bias_max, int interleave) {
+  const int half = n / 2;
+  const int k = interleave ? (h < half ? 2 * h + 1 : 2 * (h - half)) : h;
+  return exp2f(-bias_max * (float)(k + 1) / (float)n);
+}
 
 struct KeyRange {
   int lo, hi;  // allowed keys [lo, hi)
@@ -96,9 +108,11 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
 
   // ---- key intervals: this thread's two rows (g, g+8 of its warp) and the block's union ----
   KeyRange rr[2];
+  int qpos[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = warp * 16 + g + 8 * h;
+    qpos[h] = a.qpos0 + r;
     rr[h] = r < a.q_rows ? range(r) : KeyRange{0, 0};
     if (rr[h].hi <= rr[h].lo) rr[h] = KeyRange{FLASH_INT_MAX, 0};  // empty: neutral for the union
   }
@@ -201,7 +215,8 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
         const int h = e >> 1;
         const int key = k0 + nt * 8 + 2 * t + (e & 1);
         const bool ok = key >= rr[h].lo && key < rr[h].hi;
-        s[nt][e] = ok ? s[nt][e] * a.scale_log2 : FE_NEG_INF;
+        const float bias = a.alibi_log2 * (float)(key - qpos[h]);
+        s[nt][e] = ok ? fmaf(s[nt][e], a.scale_log2, bias) : FE_NEG_INF;
         mx[h] = fmaxf(mx[h], s[nt][e]);
       }
     float corr[2], m_use[2];
@@ -290,5 +305,7 @@ FE_DEVICE FlashArgs flash_args_default() {
   a.n_a = 0;
   a.q_rows = 0;
   a.scale_log2 = 0.f;
+  a.alibi_log2 = 0.f;
+  a.qpos0 = 0;
   return a;
 }

@@ -9,7 +9,7 @@ mod common;
 use common::{one_row_seqs, prompt_or_decode, random_values, RandomWeights};
 use flamingo::backend::cpu::{CpuBackend, CpuTensor};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
-use flamingo::io::config::{Activation, RopeFrequencies};
+use flamingo::io::config::{Activation, Alibi, RopeFrequencies};
 
 const ROWS: usize = 300;
 
@@ -248,8 +248,15 @@ impl PagedFixture {
     }
 }
 
+/// With and without ALiBi (3 heads: transformers' MPT rounds to 4 and interleaves the slopes).
 #[test]
 fn paged_attention_equals_attention_over_contiguous_keys() {
+    for alibi in [None, Some(Alibi { n: 4, bias_max: 8.0, interleave: true })] {
+        paged_attention_over_contiguous_keys(alibi.as_ref());
+    }
+}
+
+fn paged_attention_over_contiguous_keys(alibi: Option<&Alibi>) {
     let b = CpuBackend::new();
     let fx = PagedFixture::new(&b);
     let all: Vec<usize> = (0..fx.lens.len()).collect();
@@ -263,6 +270,7 @@ fn paged_attention_equals_attention_over_contiguous_keys() {
             &v,
             HEADS,
             &b.layout(&fx.layout(&tables, &all, None)),
+            alibi,
         )
     };
     let (paged, in_order) = (run(true), run(false));
@@ -289,6 +297,7 @@ fn paged_attention_equals_attention_over_contiguous_keys() {
                             .map(|(a, b)| *a as f64 * *b as f64)
                             .sum::<f64>()
                             / (HEAD_DIM as f64).sqrt()
+                            + alibi.map_or(0.0, |a| a.slope(h)) * (j as f64 - i as f64)
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -301,7 +310,7 @@ fn paged_attention_equals_attention_over_contiguous_keys() {
                     let got = out[(row0 + i) * w + h * HEAD_DIM + d] as f64;
                     assert!(
                         (got - want).abs() < 1e-5,
-                        "sequence {s} row {i} head {h} dim {d}: {got} vs {want}"
+                        "{alibi:?} sequence {s} row {i} head {h} dim {d}: {got} vs {want}"
                     );
                 }
             }
@@ -323,7 +332,7 @@ fn paged_attention_rows_do_not_depend_on_the_batch_or_the_chunk() {
         &k,
         &v,
         HEADS,
-        &b.layout(&fx.layout(&tables, &all, None)),
+        &b.layout(&fx.layout(&tables, &all, None)), None,
     );
     let start_of = |s: usize| fx.lens[..s].iter().sum::<usize>();
     // Sequence 3 alone, then with sequence 1 before it: the same rows.
@@ -336,7 +345,7 @@ fn paged_attention_rows_do_not_depend_on_the_batch_or_the_chunk() {
             &k,
             &v,
             HEADS,
-            &b.layout(&fx.layout(&tables, &seqs, None)),
+            &b.layout(&fx.layout(&tables, &seqs, None)), None,
         );
         let offset = b.dims(&q_part).0 - fx.lens[3];
         assert_eq!(
@@ -352,7 +361,7 @@ fn paged_attention_rows_do_not_depend_on_the_batch_or_the_chunk() {
         &k,
         &v,
         HEADS,
-        &b.layout(&fx.layout(&tables, &all, Some(1))),
+        &b.layout(&fx.layout(&tables, &all, Some(1))), None,
     );
     assert_eq!(
         bits(&b, &decode),

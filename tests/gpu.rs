@@ -22,7 +22,7 @@ use flamingo::backend::cuda::{
     cublas_library, device_count, CeilingSizes, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
 };
 use flamingo::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
-use flamingo::io::config::{Activation, Llama3Scaling, RopeFrequencies};
+use flamingo::io::config::{Activation, Alibi, Llama3Scaling, RopeFrequencies};
 use flamingo::model::sampling::SamplingParams;
 use flamingo::perf::profile::{profile_steps, Profiled, Workload};
 use flamingo::runtime::engine::{Engine, EngineConfig, Event};
@@ -515,13 +515,18 @@ fn paged_attention_matches_cpu() {
         let step = paged.step(&paged.all(), q_rows);
         let q = p.tensor(s + 5, step.rows(), heads * d);
         let l = p.layout(&step);
-        p.check(
-            &format!("paged_attention d={d} heads {heads}/{kv_heads}"),
-            &(
-                p.cpu.paged_attention(&q.0, &k.0, &v.0, heads, &l.0),
-                p.gpu.paged_attention(&q.1, &k.1, &v.1, heads, &l.1),
-            ),
-        );
+        // ALiBi as transformers' MPT has it (slopes of the next power of two, interleaved) and as MosaicGPT does.
+        let mpt = Alibi { n: heads.next_power_of_two(), bias_max: 8.0, interleave: !heads.is_power_of_two() };
+        let mosaic = Alibi { n: heads, bias_max: 8.0, interleave: false };
+        for alibi in [None, Some(mpt), Some(mosaic)] {
+            p.check(
+                &format!("paged_attention d={d} heads {heads}/{kv_heads} {alibi:?}"),
+                &(
+                    p.cpu.paged_attention(&q.0, &k.0, &v.0, heads, &l.0, alibi.as_ref()),
+                    p.gpu.paged_attention(&q.1, &k.1, &v.1, heads, &l.1, alibi.as_ref()),
+                ),
+            );
+        }
     }
 }
 
@@ -596,7 +601,7 @@ fn rows_are_bit_identical_in_batches_of_1_3_and_64() {
             &kp,
             &vp,
             heads,
-            &b.layout(&paged.step(&seqs, |_| 1)),
+            &b.layout(&paged.step(&seqs, |_| 1)), None,
         )
     });
 }
@@ -1059,10 +1064,10 @@ fn recorded_steps_in_a_fixed_shape_equal_eager_steps() {
             0,
             &b.from_host(random_values(310 + round as u64, 4 * w), 4, w),
         );
-        let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&step)));
+        let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&step), None));
         let recorded = b
             .run_recorded(&mut graphs, &[0; 4], &step, shape, 4, &mut |layout| {
-                Ok(b.paged_attention(&q, &kp, &vp, heads, layout))
+                Ok(b.paged_attention(&q, &kp, &vp, heads, layout, None))
             })
             .unwrap();
         assert_eq!(
@@ -1096,7 +1101,7 @@ fn recording_refuses_what_a_graph_cannot_replay() {
         decode_step(lens, || next.next().unwrap())
     };
     let mut graphs = b.new_step_graphs(d).expect("head dim 64 can be recorded");
-    let attend = |layout: &CudaLayout| Ok(b.paged_attention(&q, &kp, &vp, heads, layout));
+    let attend = |layout: &CudaLayout| Ok(b.paged_attention(&q, &kp, &vp, heads, layout, None));
 
     let too_long = step(&[2 * BLOCK + 1, 1]);
     let err = b
@@ -1117,7 +1122,7 @@ fn recording_refuses_what_a_graph_cannot_replay() {
         .expect("a host copy while recording is refused");
     assert!(err.to_string().contains("host-to-device copy"), "{err}");
 
-    let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&fits)));
+    let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&fits), None));
     for round in 0..2 {
         let recorded = b
             .run_recorded(&mut graphs, &[0; 2], &fits, shape, 2, &mut |l| attend(l))
@@ -1143,7 +1148,7 @@ fn another_backend_works_while_one_records() {
     };
     let mut next = 0u32..;
     let step = decode_step(&[7, BLOCK + 1], || next.next().unwrap());
-    let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&step)));
+    let eager = b.to_host(&b.paged_attention(&q, &kp, &vp, heads, &b.layout(&step), None));
     let mut graphs = b.new_step_graphs(d).expect("head dim 64 can be recorded");
     let recorded = b
         .run_recorded(&mut graphs, &[0; 2], &step, shape, 2, &mut |l| {
@@ -1157,7 +1162,7 @@ fn another_backend_works_while_one_records() {
                 y.len() == 3 * 40 && y.iter().all(|v| v.is_finite()),
                 "the other backend ran while this one recorded"
             );
-            Ok(b.paged_attention(&q, &kp, &vp, heads, l))
+            Ok(b.paged_attention(&q, &kp, &vp, heads, l, None))
         })
         .expect("the recording survives another backend's work");
     assert_eq!(b.to_host(&recorded), eager);

@@ -13,7 +13,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
-use crate::io::config::{Activation, RopeFrequencies};
+use crate::io::config::{Activation, Alibi, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 
 /// One sequence's share of a batched decoder step: its new rows are contiguous in the step's activations, in
@@ -301,7 +301,8 @@ pub trait Backend: Send + Sync {
         heads: usize,
     ) -> Self::Tensor;
     /// Causal self-attention of a decoder step: each row of `q` attends to positions `0 ..=` its own of its
-    /// sequence, read from the paged pools `k_pool`, `v_pool` through the layout's block tables.
+    /// sequence, read from the paged pools `k_pool`, `v_pool` through the layout's block tables; with `alibi`
+    /// (MPT), each score gains its head's slope times the key's position minus the query's.
     fn paged_attention(
         &self,
         q: &Self::Tensor,
@@ -309,6 +310,7 @@ pub trait Backend: Send + Sync {
         v_pool: &Self::Tensor,
         heads: usize,
         layout: &Self::Layout,
+        alibi: Option<&Alibi>,
     ) -> Self::Tensor;
     /// IDEFICS cross-attention: each row attends to the `per_image` key rows of its image slot `j` in the layout
     /// (rows `j*per_image ..` of the media pools); rows with slot -1 produce zeros (the cross-attention gate).

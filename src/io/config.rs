@@ -159,6 +159,28 @@ impl RopeFrequencies {
     }
 }
 
+/// ALiBi (MPT): head `h`'s score for key `j` from the query at position `i` gains `slope(h) * (j - i)`. The
+/// slopes are `2^(-bias_max * (k + 1) / n)`, `k = h`, or with `interleave` (transformers' MPT where the head count
+/// is not a power of two: `n` is the next one) the odd `k` first, then the even ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Alibi {
+    pub n: usize,
+    pub bias_max: f64,
+    pub interleave: bool,
+}
+
+impl Alibi {
+    pub fn slope(&self, h: usize) -> f64 {
+        let half = self.n / 2;
+        let k = match self.interleave {
+            true if h < half => 2 * h + 1,
+            true => 2 * (h - half),
+            false => h,
+        };
+        2f64.powf(-self.bias_max * (k + 1) as f64 / self.n as f64)
+    }
+}
+
 /// The cross-attention gates' shape: one scalar per gate, or one value per hidden unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlphaType {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::config::read_json;
+use crate::io::config::{read_json, Alibi};
 use crate::io::safetensors::WeightStore;
 
 /// Where OpenFlamingo's three parts are.
@@ -311,21 +311,14 @@ impl MptConfig {
         self.d_model / self.n_heads
     }
 
-    /// Each head's ALiBi slope: its score for key j from query i gains `slope * (j - i)`.
-    pub fn alibi_slopes(&self) -> Vec<f64> {
-        let slopes = |n: usize| -> Vec<f64> {
-            (1..=n).map(|h| 2f64.powf(-(h as f64) * self.alibi_bias_max / n as f64)).collect()
-        };
+    /// The heads' ALiBi slopes as its code computes them.
+    pub fn alibi(&self) -> Alibi {
         let h = self.n_heads;
         match self.flavour {
-            MptFlavour::MosaicGpt => slopes(h),
+            MptFlavour::MosaicGpt => Alibi { n: h, bias_max: self.alibi_bias_max, interleave: false },
             MptFlavour::Transformers => {
-                let n2 = h.next_power_of_two();
-                let all = slopes(n2);
-                if n2 == h {
-                    return all;
-                }
-                all.iter().skip(1).step_by(2).chain(all.iter().step_by(2)).take(h).copied().collect()
+                let n = h.next_power_of_two();
+                Alibi { n, bias_max: self.alibi_bias_max, interleave: n != h }
             }
         }
     }

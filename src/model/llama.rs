@@ -68,7 +68,7 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         b.rope(&mut q, &mut k, self.head_dim, layout, &self.rope);
         b.write_kv(k_pool, layout, &k);
         b.write_kv(v_pool, layout, &v);
-        let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout);
+        let a = b.paged_attention(&q, k_pool, v_pool, self.heads, layout, None);
         self.o_proj.forward_into(b, &a, h);
         let x = self.post_attention_layernorm.forward(b, h);
         self.mlp.forward_into(b, &x, h);

@@ -120,6 +120,30 @@ pub fn attend<'a>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    attend_scored(n, key, |_, k| scale * lane_dot(q, k), scores, out)
+}
+
+/// [`attend`] with `bias(j)` added to key `j`'s scaled score (ALiBi).
+pub fn attend_biased<'a>(
+    q: &[f32],
+    n: usize,
+    key: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    scale: f32,
+    bias: impl Fn(usize) -> f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_scored(n, key, |j, k| scale * lane_dot(q, k) + bias(j), scores, out)
+}
+
+/// The softmax-weighted sum of the values, key `j` scored `score(j, k_j)`.
+fn attend_scored<'a>(
+    n: usize,
+    key: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    score: impl Fn(usize, &[f32]) -> f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     out.fill(0.0);
     if n == 0 {
         return;
@@ -128,7 +152,7 @@ pub fn attend<'a>(
     let mut max = f32::NEG_INFINITY;
     for j in 0..n {
         let (k, _) = key(j);
-        let s = scale * lane_dot(q, k);
+        let s = score(j, k);
         max = max.max(s);
         scores.push(s);
     }

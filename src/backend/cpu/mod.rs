@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::{nothing_to_sample, Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
 use self::dot::Epilogue;
 use crate::error::{Error, Result};
-use crate::io::config::{Activation, RopeFrequencies};
+use crate::io::config::{Activation, Alibi, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 
 /// A row-major `[rows, cols]` f32 tensor.
@@ -414,6 +414,7 @@ impl Backend for CpuBackend {
         v_pool: &CpuTensor,
         heads: usize,
         layout: &CpuLayout,
+        alibi: Option<&Alibi>,
     ) -> CpuTensor {
         assert_eq!(
             layout.rows.len(),
@@ -422,10 +423,17 @@ impl Backend for CpuBackend {
         );
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
+        let slopes: Vec<f32> = (0..heads).map(|h| alibi.map_or(0.0, |a| a.slope(h) as f32)).collect();
         let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
             let (seq, pos) = layout.rows[i];
             let key = |j: usize| head_of_row(k_pool, v_pool, layout.step.slot(seq, j), (h, heads), d);
-            attention::attend(qh, pos + 1, key, scale, scores, out);
+            match alibi {
+                None => attention::attend(qh, pos + 1, key, scale, scores, out),
+                Some(_) => {
+                    let bias = |j: usize| slopes[h] * (j as f32 - pos as f32);
+                    attention::attend_biased(qh, pos + 1, key, scale, bias, scores, out)
+                }
+            }
         });
         tensor(out, q.rows, q.cols)
     }

@@ -53,7 +53,7 @@ use ops::{
 
 use super::{Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
 use crate::error::{Error, Result};
-use crate::io::config::{Activation, RopeFrequencies};
+use crate::io::config::{Activation, Alibi, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 
 impl CudaBackend {
@@ -231,8 +231,9 @@ impl Backend for CudaBackend {
         v_pool: &CudaTensor,
         heads: usize,
         layout: &CudaLayout,
+        alibi: Option<&Alibi>,
     ) -> CudaTensor {
-        attention::paged_attention(self, q, k_pool, v_pool, heads, layout)
+        attention::paged_attention(self, q, k_pool, v_pool, heads, layout, alibi)
     }
 
     fn cross_attention(

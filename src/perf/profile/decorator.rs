@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, Ceilings, DecodeShape, RowSampling, Sampled, StepLayout};
 use crate::error::Result;
-use crate::io::config::{Activation, RopeFrequencies};
+use crate::io::config::{Activation, Alibi, RopeFrequencies};
 use crate::io::safetensors::{DType, TensorRef};
 use crate::perf::profile::report::{self, OpRow, Record, Span};
 use crate::perf::profile::work::{self, Cost, ProfiledLayout, ProfiledWeight};

@@ -3,7 +3,7 @@
 //! `work::<op>` before timing the op of the same name; every timed `Backend` op has one here, or the build fails.
 
 use crate::backend::{Backend, RowSampling};
-use crate::io::config::{Activation, RopeFrequencies};
+use crate::io::config::{Activation, Alibi, RopeFrequencies};
 
 /// A weight with what the cost model needs to know of it.
 pub struct ProfiledWeight<W> {
@@ -187,6 +187,7 @@ pub fn paged_attention<B: Backend>(
     _v_pool: &B::Tensor,
     _heads: usize,
     layout: &Layout<B>,
+    _alibi: Option<&Alibi>,
 ) -> Cost {
     let (rows, w) = b.dims(q);
     // Each row attends to the positions up to its own; each sequence's cached K/V is read once.

@@ -20,6 +20,7 @@ use crate::backend::cuda::launchers::{
     AttentionBf16, CopyRowsBf16, PagedAttentionBf16, PagedAttentionCombineBf16,
 };
 use crate::backend::cuda::layout::{CudaLayout, DecodeGroup, FlashGroup, RowSet};
+use crate::io::config::Alibi;
 
 /// Keys per flash-decoding split: fixed, so a row's reduction order depends on its own length only.
 const DECODE_SPLIT: usize = 256;
@@ -134,6 +135,9 @@ pub(in crate::backend::cuda) fn attention(
         ldo: ld,
         causal: 0,
         scale: scale(d),
+        alibi_n: 0,
+        alibi_max: 0.0,
+        alibi_interleave: 0,
     };
     run_query_tiles(b, &kernel, q.rows, heads);
     unpadded(b, o, heads, d, dk)
@@ -147,6 +151,7 @@ pub(in crate::backend::cuda) fn paged_attention(
     v_pool: &CudaTensor,
     heads: usize,
     layout: &CudaLayout,
+    alibi: Option<&Alibi>,
 ) -> CudaTensor {
     assert_eq!(q.rows, layout.rows(), "query rows do not match the step");
     assert!(heads > 0 && q.cols % heads == 0, "paged attention: widths");
@@ -154,7 +159,7 @@ pub(in crate::backend::cuda) fn paged_attention(
     let d = q.cols / heads;
     kv_heads(heads, d, k_pool, v_pool, "paged attention");
     if let Some(g) = &layout.prefill {
-        gathered_attention(b, q, [k_pool, v_pool], heads, g, &out);
+        gathered_attention(b, q, [k_pool, v_pool], heads, g, &out, alibi);
     }
     if let Some(g) = &layout.decode {
         if PagedAttentionBf16::D.contains(&d) {
@@ -166,10 +171,11 @@ pub(in crate::backend::cuda) fn paged_attention(
                 g,
                 layout.step.block_size,
                 &out,
+                alibi,
             );
         } else {
             let fg = layout.decode_as_flash(b);
-            gathered_attention(b, q, [k_pool, v_pool], heads, fg, &out);
+            gathered_attention(b, q, [k_pool, v_pool], heads, fg, &out, alibi);
         }
     }
     out
@@ -183,6 +189,7 @@ fn gathered_attention(
     heads: usize,
     g: &FlashGroup,
     out: &CudaTensor,
+    alibi: Option<&Alibi>,
 ) {
     let d = q.cols / heads;
     let kv = k_pool.cols / d;
@@ -230,6 +237,9 @@ fn gathered_attention(
         ldo: ld,
         causal: 1,
         scale: scale(d),
+        alibi_n: alibi.map_or(0, |a| a.n),
+        alibi_max: alibi.map_or(0.0, |a| a.bias_max as f32),
+        alibi_interleave: alibi.is_some_and(|a| a.interleave) as usize,
     };
     let grid = (
         g.max_q.div_ceil(FLASH_BQ) as u32,
@@ -249,6 +259,7 @@ fn paged_decode(
     g: &DecodeGroup,
     block_size: usize,
     out: &CudaTensor,
+    alibi: Option<&Alibi>,
 ) {
     let d = q.cols / heads;
     let n = g.rows.n;
@@ -274,6 +285,9 @@ fn paged_decode(
         ldkv: k_pool.cols,
         split_size: DECODE_SPLIT,
         scale: scale(d),
+        alibi_n: alibi.map_or(0, |a| a.n),
+        alibi_max: alibi.map_or(0.0, |a| a.bias_max as f32),
+        alibi_interleave: alibi.is_some_and(|a| a.interleave) as usize,
     };
     b.run(&kernel, (heads as u32, n as u32, splits as u32), 128);
     // Staged or in place, the output rows are q.cols wide (no padding on this path).
