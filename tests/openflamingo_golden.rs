@@ -182,6 +182,7 @@ fn decoder_options_the_engine_cannot_honour_are_refused_by_field() {
     for (config, field) in [
         (format!(r#"{{{mpt}, "attn_config": {{"alibi": false}}}}"#), "attn_config.alibi"),
         (format!(r#"{{{mpt}, "attn_config": {{"clip_qkv": 6.0}}}}"#), "attn_config.clip_qkv"),
+        (format!(r#"{{{mpt}, "attn_config": {{"softmax_scale": 0.5}}}}"#), "attn_config.softmax_scale"),
         (format!(r#"{{{mpt}, "attn_config": {{"attn_type": "grouped_query_attention"}}}}"#), "attn_config.attn_type"),
         (format!(r#"{{{neox}, "hidden_act": "gelu_new"}}"#), "hidden_act"),
         (format!(r#"{{{neox}, "rotary_pct": 0.375}}"#), "rotary_pct"),
@@ -190,5 +191,48 @@ fn decoder_options_the_engine_cannot_honour_are_refused_by_field() {
         std::fs::write(&path, &config).unwrap();
         let err = DecoderConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains(field) && err.contains("config.json"), "{config}: {err}");
+    }
+}
+
+/// Each MPT (a) and MosaicGPT (c, q/k LayerNorm) block on its golden input (the gated block's output where the
+/// layer has one, else the previous layer's), against the golden output, on one prefill step of the prompt.
+#[test]
+fn mpt_and_mosaic_gpt_blocks_match_openflamingo_layer_by_layer() {
+    use flamingo::backend::{SeqStep, StepLayout};
+    use flamingo::cache::kv_cache::PagedKvCache;
+    use flamingo::io::openflamingo_config::DecoderConfig;
+    use flamingo::model::openflamingo::mpt::MptBlock;
+    let b = CpuBackend::new();
+    for name in ["tiny-openflamingo-a", "tiny-openflamingo-c"] {
+        let fx = Fixture::load(name);
+        let parts = OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap();
+        let DecoderConfig::Mpt(cfg) = DecoderConfig::from_file(&parts.lang_dir.join("config.json")).unwrap() else {
+            panic!("{name}: an MPT decoder")
+        };
+        let store = parts.open_store().unwrap();
+        let l = WeightLoader::new(&store, &b, false);
+        let (t, d, block) = (fx.get("input_ids").data.len(), cfg.d_model, 16);
+        let step = StepLayout {
+            block_size: block,
+            seqs: vec![SeqStep {
+                q_rows: t,
+                kv_len: t,
+                block_table: (0..t.div_ceil(block) as u32).collect(),
+                image_of_row: vec![-1; t],
+                decode_from: t,
+            }],
+        };
+        let layout = b.layout(&step);
+        for i in 0..cfg.n_layers {
+            let layer = MptBlock::load(&l, &format!("lang_encoder.transformer.blocks.{i}"), &cfg).unwrap();
+            let input = fx.tensors.get(&format!("xattn_output.{i}")).unwrap_or_else(|| fx.get(&format!("hidden_states.{i}")));
+            let mut h = b.from_host(input.data.iter().map(|&v| v as f32).collect(), t, d);
+            let mut kv = PagedKvCache::new(&b, 1, t.div_ceil(block), block, d);
+            let (k_pool, v_pool) = kv.layer_mut(0);
+            layer.forward(&b, &mut h, &layout, k_pool, v_pool);
+            let want = &fx.get(&format!("hidden_states.{}", i + 1)).data;
+            let err = assert_close(&format!("{name} layer {i}"), &b.to_host(&h), want, 1e-4);
+            eprintln!("{name} layer {i}: {err:.2e} x max|ref|");
+        }
     }
 }

@@ -301,8 +301,6 @@ pub struct MptConfig {
     pub qk_ln: bool,
     /// Whether linears and LayerNorms have biases (MosaicGPT with `no_bias: false`).
     pub biases: bool,
-    /// Scores are `q k^T * softmax_scale` (default `1 / sqrt(head_dim)`).
-    pub softmax_scale: Option<f64>,
     pub layer_norm_eps: f64,
 }
 
@@ -486,6 +484,9 @@ fn mpt(raw: RawMpt, path: &Path, flavour: MptFlavour) -> Result<MptConfig> {
     if !alibi {
         return bad(&field("alibi", "alibi"), "false: learned position embeddings are not supported (OpenFlamingo's MPTs use ALiBi)".into());
     }
+    if softmax_scale.is_some() {
+        return bad(&field("softmax_scale", "softmax_scale"), "set: only the default 1/sqrt(head_dim) is supported".into());
+    }
     if clip_qkv.is_some() {
         return bad(&field("clip_qkv", "attn_clip_qkv"), "set: clipping q/k/v is not supported".into());
     }
@@ -523,7 +524,6 @@ fn mpt(raw: RawMpt, path: &Path, flavour: MptFlavour) -> Result<MptConfig> {
         alibi_bias_max,
         qk_ln,
         biases: flavour == MptFlavour::MosaicGpt && !raw.no_bias,
-        softmax_scale,
         layer_norm_eps: raw.layer_norm_epsilon,
     })
 }

@@ -100,6 +100,18 @@ impl TensorRef {
             })
     }
 
+    /// An f32 tensor of zeros, standing for a weight a checkpoint leaves out (MPT's LayerNorms without a bias).
+    pub fn zeros(name: &str, shape: &[usize]) -> TensorRef {
+        let len = shape.iter().product::<usize>() * 4;
+        TensorRef {
+            name: name.to_string(),
+            path: Arc::new(PathBuf::from("<zeros>")),
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            data: Data::Owned { words: Arc::new(vec![0; len / 4]), len },
+        }
+    }
+
     /// Rows `range` of its leading dimension (a fused projection's part, e.g. open_clip's `in_proj_weight`).
     pub fn rows(&self, range: std::ops::Range<usize>) -> TensorRef {
         let row_bytes = self.shape[1..].iter().product::<usize>() * self.dtype.size();

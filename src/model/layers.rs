@@ -125,6 +125,15 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         })
     }
 
+    /// A LayerNorm with a weight and no bias (MPT): the bias a zero vector, which adds exactly nothing.
+    pub fn layer_norm_without_bias(&self, prefix: &str, width: usize, eps: f32) -> Result<LayerNorm<B>> {
+        Ok(LayerNorm {
+            weight: self.weight(&format!("{prefix}.weight"), &[width])?,
+            bias: self.backend.load_weight(&TensorRef::zeros(&format!("{prefix}.bias"), &[width]))?,
+            eps,
+        })
+    }
+
     pub fn rms_norm(&self, prefix: &str, width: usize, eps: f32) -> Result<RmsNorm<B>> {
         Ok(RmsNorm {
             weight: self.weight(&format!("{prefix}.weight"), &[width])?,

@@ -1,7 +1,9 @@
 //! OpenFlamingo (open_flamingo 2.0.1 `src/`), one file per part, names as in its code and open_clip's: `vision`
-//! (open_clip's `VisionTransformer`), `perceiver` (`PerceiverResampler`). The gated cross-attention blocks and the
-//! MPT, MosaicGPT and GPT-NeoX decoders it wraps come next (issue 21); until then this family encodes images only.
+//! (open_clip's `VisionTransformer`), `perceiver` (`PerceiverResampler`), `mpt` (the MPT and MosaicGPT decoder
+//! block). The gated cross-attention block, the GPT-NeoX block and the model that ties them into the engine come
+//! next (issue 21).
 
+pub mod mpt;
 pub mod perceiver;
 pub mod vision;
 
