@@ -194,45 +194,95 @@ fn decoder_options_the_engine_cannot_honour_are_refused_by_field() {
     }
 }
 
-/// Each MPT (a) and MosaicGPT (c, q/k LayerNorm) block on its golden input (the gated block's output where the
-/// layer has one, else the previous layer's), against the golden output, on one prefill step of the prompt.
+/// One prefill step of the whole prompt of `t` rows, one sequence.
+fn prompt_step(t: usize, block: usize) -> flamingo::backend::StepLayout {
+    flamingo::backend::StepLayout {
+        block_size: block,
+        seqs: vec![flamingo::backend::SeqStep {
+            q_rows: t,
+            kv_len: t,
+            block_table: (0..t.div_ceil(block) as u32).collect(),
+            image_of_row: vec![-1; t],
+            decode_from: t,
+        }],
+    }
+}
+
+/// Runs `layer(i, h, layout, k_pool, v_pool)` for every decoder layer of fixture `name` on its golden input (the
+/// gated block's output where the layer has one, else the previous layer's output) and checks the golden output.
+fn each_layer_matches(
+    name: &str,
+    layers: usize,
+    width: usize,
+    layer: impl Fn(usize, &mut flamingo::backend::cpu::CpuTensor, &flamingo::backend::cpu::CpuLayout, &mut flamingo::backend::cpu::CpuTensor, &mut flamingo::backend::cpu::CpuTensor),
+) {
+    use flamingo::cache::kv_cache::PagedKvCache;
+    let b = CpuBackend::new();
+    let fx = Fixture::load(name);
+    let (t, block) = (fx.get("input_ids").data.len(), 16);
+    let layout = b.layout(&prompt_step(t, block));
+    for i in 0..layers {
+        let input = fx.tensors.get(&format!("xattn_output.{i}")).unwrap_or_else(|| fx.get(&format!("hidden_states.{i}")));
+        let mut h = b.from_host(input.data.iter().map(|&v| v as f32).collect(), t, width);
+        let mut kv = PagedKvCache::new(&b, 1, t.div_ceil(block), block, width);
+        let (k_pool, v_pool) = kv.layer_mut(0);
+        layer(i, &mut h, &layout, k_pool, v_pool);
+        let want = &fx.get(&format!("hidden_states.{}", i + 1)).data;
+        let err = assert_close(&format!("{name} layer {i}"), &b.to_host(&h), want, 1e-4);
+        eprintln!("{name} layer {i}: {err:.2e} x max|ref|");
+    }
+}
+
+fn decoder_config(name: &str) -> flamingo::io::openflamingo_config::DecoderConfig {
+    let parts = OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap();
+    flamingo::io::openflamingo_config::DecoderConfig::from_file(&parts.lang_dir.join("config.json")).unwrap()
+}
+
+fn store(name: &str) -> flamingo::io::safetensors::WeightStore {
+    OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap().open_store().unwrap()
+}
+
+/// Every MPT (a) and MosaicGPT (c, q/k LayerNorm) block, with ALiBi.
 #[test]
 fn mpt_and_mosaic_gpt_blocks_match_openflamingo_layer_by_layer() {
-    use flamingo::backend::{SeqStep, StepLayout};
-    use flamingo::cache::kv_cache::PagedKvCache;
     use flamingo::io::openflamingo_config::DecoderConfig;
     use flamingo::model::openflamingo::mpt::MptBlock;
     let b = CpuBackend::new();
     for name in ["tiny-openflamingo-a", "tiny-openflamingo-c"] {
-        let fx = Fixture::load(name);
-        let parts = OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap();
-        let DecoderConfig::Mpt(cfg) = DecoderConfig::from_file(&parts.lang_dir.join("config.json")).unwrap() else {
-            panic!("{name}: an MPT decoder")
-        };
-        let store = parts.open_store().unwrap();
+        let DecoderConfig::Mpt(cfg) = decoder_config(name) else { panic!("{name}: an MPT decoder") };
+        let store = store(name);
         let l = WeightLoader::new(&store, &b, false);
-        let (t, d, block) = (fx.get("input_ids").data.len(), cfg.d_model, 16);
-        let step = StepLayout {
-            block_size: block,
-            seqs: vec![SeqStep {
-                q_rows: t,
-                kv_len: t,
-                block_table: (0..t.div_ceil(block) as u32).collect(),
-                image_of_row: vec![-1; t],
-                decode_from: t,
-            }],
-        };
-        let layout = b.layout(&step);
-        for i in 0..cfg.n_layers {
+        each_layer_matches(name, cfg.n_layers, cfg.d_model, |i, h, layout, k, v| {
             let layer = MptBlock::load(&l, &format!("lang_encoder.transformer.blocks.{i}"), &cfg).unwrap();
-            let input = fx.tensors.get(&format!("xattn_output.{i}")).unwrap_or_else(|| fx.get(&format!("hidden_states.{i}")));
-            let mut h = b.from_host(input.data.iter().map(|&v| v as f32).collect(), t, d);
-            let mut kv = PagedKvCache::new(&b, 1, t.div_ceil(block), block, d);
-            let (k_pool, v_pool) = kv.layer_mut(0);
-            layer.forward(&b, &mut h, &layout, k_pool, v_pool);
-            let want = &fx.get(&format!("hidden_states.{}", i + 1)).data;
-            let err = assert_close(&format!("{name} layer {i}"), &b.to_host(&h), want, 1e-4);
-            eprintln!("{name} layer {i}: {err:.2e} x max|ref|");
-        }
+            layer.forward(&b, h, layout, k, v);
+        });
     }
+}
+
+/// Every GPT-NeoX layer of b (RedPajama-INCITE-3B's shape: rotary over the whole head, sequential residual, f16
+/// weights), and the same layers with a partial rotary and the parallel residual, which must differ.
+#[test]
+fn gpt_neox_layers_match_openflamingo_layer_by_layer() {
+    use flamingo::io::openflamingo_config::DecoderConfig;
+    use flamingo::model::openflamingo::gpt_neox::GptNeoxLayer;
+    let name = "tiny-openflamingo-b";
+    let b = CpuBackend::new();
+    let DecoderConfig::GptNeox(cfg) = decoder_config(name) else { panic!("{name}: a GPT-NeoX decoder") };
+    let store = store(name);
+    let l = WeightLoader::new(&store, &b, false);
+    each_layer_matches(name, cfg.num_hidden_layers, cfg.hidden_size, |i, h, layout, k, v| {
+        let layer = GptNeoxLayer::load(&l, &format!("lang_encoder.gpt_neox.layers.{i}"), &cfg).unwrap();
+        let input = b.to_host(h);
+        layer.forward(&b, h, layout, k, v);
+        // Pythia's options on the same weights change the result (so the golden match above depends on them).
+        for other in [
+            flamingo::io::openflamingo_config::GptNeoxConfig { rotary_ndims: cfg.rotary_ndims / 2, ..cfg.clone() },
+            flamingo::io::openflamingo_config::GptNeoxConfig { use_parallel_residual: true, ..cfg.clone() },
+        ] {
+            let variant = GptNeoxLayer::load(&l, &format!("lang_encoder.gpt_neox.layers.{i}"), &other).unwrap();
+            let mut x = b.from_host(input.clone(), h.rows, h.cols);
+            variant.forward(&b, &mut x, layout, k, v);
+            assert_ne!(b.to_host(&x), b.to_host(h), "layer {i}: {other:?} gave the same output");
+        }
+    });
 }

@@ -137,6 +137,32 @@ impl TensorRef {
         }
     }
 
+    /// Rows of several ranges of its leading dimension, in order, as one tensor (GPT-NeoX's fused
+    /// `query_key_value`, whose q, k and v rows interleave by head): one range stays mapped, several are copied.
+    pub fn rows_of(&self, ranges: &[std::ops::Range<usize>]) -> TensorRef {
+        if let [one] = ranges {
+            return self.rows(one.clone());
+        }
+        let parts: Vec<TensorRef> = ranges.iter().map(|r| self.rows(r.clone())).collect();
+        let len: usize = parts.iter().map(|p| p.bytes().len()).sum();
+        let mut words = vec![0u32; len.div_ceil(4)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len];
+        let mut at = 0;
+        for p in &parts {
+            bytes[at..at + p.bytes().len()].copy_from_slice(p.bytes());
+            at += p.bytes().len();
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = ranges.iter().map(|r| r.len()).sum();
+        TensorRef {
+            name: format!("{}[{} row ranges]", self.name, ranges.len()),
+            path: self.path.clone(),
+            dtype: self.dtype,
+            shape,
+            data: Data::Owned { words: Arc::new(words), len },
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.data {
             Data::Mapped { mmap, start, len } => &mmap[*start..*start + *len],

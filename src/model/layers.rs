@@ -100,12 +100,22 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// (open_clip's `in_proj`, q|k|v; OpenFlamingo's `to_kv`, k|v).
     pub fn linear_rows(
         &self,
-        (weight, bias): (&str, Option<&str>),
-        (rows, cols): (usize, usize),
+        names: (&str, Option<&str>),
+        shape: (usize, usize),
         range: std::ops::Range<usize>,
     ) -> Result<Linear<B>> {
+        self.linear_row_ranges(names, shape, &[range])
+    }
+
+    /// [`WeightLoader::linear_rows`] of several row ranges, in order (GPT-NeoX's per-head q|k|v).
+    pub fn linear_row_ranges(
+        &self,
+        (weight, bias): (&str, Option<&str>),
+        (rows, cols): (usize, usize),
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<Linear<B>> {
         let part = |name: &str, shape: &[usize]| -> Result<B::Weight> {
-            let t = self.store.get(name, shape)?.rows(range.clone());
+            let t = self.store.get(name, shape)?.rows_of(ranges);
             self.check_finite(&t)?;
             self.backend.load_weight(&t)
         };
