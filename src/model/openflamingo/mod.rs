@@ -1,8 +1,9 @@
 //! OpenFlamingo (open_flamingo 2.0.1 `src/`), one file per part, names as in its code and open_clip's: `vision`
 //! (open_clip's `VisionTransformer`), `perceiver` (`PerceiverResampler`), `mpt` (the MPT and MosaicGPT decoder
-//! block), `gpt_neox` (the GPT-NeoX layer). The gated cross-attention block and the model that ties them into the
-//! engine come next (issue 21).
+//! block), `gpt_neox` (the GPT-NeoX layer), `cross_attention` (`GatedCrossAttentionBlock`). The model that ties
+//! them into the engine comes next (issue 21).
 
+pub mod cross_attention;
 pub mod gpt_neox;
 pub mod mpt;
 pub mod perceiver;
