@@ -81,13 +81,7 @@ fn open_clip_configs_read_in_both_layouts_and_unsupported_towers_are_refused() {
     }
 }
 
-/// The fixture's image files in prompt order, as golden.json lists them.
-fn image_files(name: &str) -> Vec<std::path::PathBuf> {
-    let dir = fixture_dir(name);
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    let images = meta["images"].as_array().unwrap();
-    images.iter().map(|i| dir.join(i["file_in_fixture"].as_str().unwrap())).collect()
-}
+use common::openflamingo::image_files;
 
 #[test]
 fn pixel_values_from_the_image_files_match_open_clips_transform() {
@@ -331,67 +325,20 @@ fn gated_cross_attention_blocks_match_openflamingo() {
     }
 }
 
-/// The whole model on the CPU, from the image files: the prompt's prefill through the media and KV caches as the
-/// engine drives a model, every hidden state, the final norm and the logits against OpenFlamingo's, and greedy
-/// decoding with the cache reproducing OpenFlamingo's generated ids.
+/// The whole model on the CPU, from the image files: every hidden state, the final norm and the logits against
+/// OpenFlamingo's, and greedy decoding with the cache reproducing OpenFlamingo's generated ids.
 #[test]
 fn the_whole_model_from_the_image_files_gives_openflamingos_logits_and_greedy_ids() {
-    use flamingo::backend::{SeqStep, StepLayout};
-    use flamingo::io::image::{decode, read_image_file, DecodeLimits};
-    use flamingo::io::openflamingo_config::DecoderConfig;
-    use flamingo::model::openflamingo::OpenFlamingo;
-    use flamingo::model::{store_images, Model};
     let b = CpuBackend::new();
     for name in FIXTURES {
         let fx = Fixture::load(name);
-        let parts = OpenFlamingoParts::locate(&fixture_dir(name), None, None).unwrap();
-        let vision = OpenClipConfig::from_file(&parts.vision_config).unwrap();
-        let decoder = DecoderConfig::from_file(&parts.lang_dir.join("config.json")).unwrap();
-        let model = OpenFlamingo::load(&b, &parts.open_store().unwrap(), &vision, &decoder, false).unwrap();
-        let limits = DecodeLimits::pixels(1 << 24);
-        let images: Vec<_> = image_files(name)
-            .iter()
-            .map(|p| {
-                let img = decode(&read_image_file(p, 1 << 24).unwrap(), p, &limits).unwrap();
-                flamingo::io::openflamingo_image::preprocess(&img, vision.vision.image_size)
-            })
-            .collect();
-        let slots: Vec<u32> = (0..images.len() as u32).collect();
-        let mut media = model.new_media_cache(&b, images.len());
-        store_images(&model, &b, &mut media, &images, &vec![false; images.len()], &slots);
-        let ids = fx.ids("input_ids");
-        let seen: Vec<i32> = fx.get("text_time").data.iter().map(|&t| t as i32 - 1).collect();
-        let last_image = images.len() as i32 - 1;
-        let (block, generated) = (16, fx.ids("generated_ids"));
-        let total = ids.len() + generated.len();
-        let mut kv = model.new_kv_cache(&b, total.div_ceil(block), block);
-        let table: Vec<u32> = (0..total.div_ceil(block) as u32).collect();
-        let step_of = |q_rows: usize, kv_len: usize, image_of_row: Vec<i32>| StepLayout {
-            block_size: block,
-            seqs: vec![SeqStep { q_rows, kv_len, block_table: table.clone(), image_of_row, decode_from: ids.len() }],
-        };
-        let step = step_of(ids.len(), ids.len(), seen);
-        let mut hidden = Vec::new();
-        let h = model.forward(&b, &ids, &step, &b.layout(&step), &mut kv, &media, Some(&mut hidden)).unwrap();
-        for (i, hs) in hidden.iter().enumerate() {
-            assert_close(&format!("{name} hidden_states.{i}"), &b.to_host(hs), &fx.get(&format!("hidden_states.{i}")).data, 1e-4);
+        let run = common::openflamingo::run_whole_model(&b, name);
+        for (i, hs) in run.hidden_states.iter().enumerate() {
+            assert_close(&format!("{name} hidden_states.{i}"), hs, &fx.get(&format!("hidden_states.{i}")).data, 1e-4);
         }
-        assert_close(&format!("{name} final norm"), &b.to_host(&h), &fx.get("final_norm").data, 1e-4);
-        let logits = b.to_host(&model.logits(&b, &h));
-        let err = assert_close(&format!("{name} logits"), &logits, &fx.get("logits").data, 1e-3);
-        // Greedy decoding through the KV cache: each new token sees the last image.
-        let vocab = model.vocab_rows();
-        let argmax = |row: &[f32]| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best }) as u32;
-        let mut next = argmax(&logits[(ids.len() - 1) * vocab..]);
-        let mut got = vec![next];
-        while got.len() < generated.len() {
-            let len = ids.len() + got.len();
-            let step = step_of(1, len, vec![last_image]);
-            let h = model.forward(&b, &[next], &step, &b.layout(&step), &mut kv, &media, None).unwrap();
-            next = argmax(&b.to_host(&model.logits(&b, &h)));
-            got.push(next);
-        }
-        assert_eq!(got, generated, "{name}: greedy ids");
-        eprintln!("{name}: logits {err:.2e} x max|ref|, {} greedy ids equal", got.len());
+        assert_close(&format!("{name} final norm"), &run.final_norm, &fx.get("final_norm").data, 1e-4);
+        let err = assert_close(&format!("{name} logits"), &run.logits, &fx.get("logits").data, 1e-3);
+        assert_eq!(run.greedy_ids, fx.ids("generated_ids"), "{name}: greedy ids");
+        eprintln!("{name}: logits {err:.2e} x max|ref|, {} greedy ids equal", run.greedy_ids.len());
     }
 }

@@ -2,6 +2,7 @@
 //! float64; never regenerated from this engine).
 #![allow(dead_code)]
 
+pub mod openflamingo;
 pub mod shared_prefixes;
 
 use std::collections::HashMap;
