@@ -30,11 +30,6 @@ pub struct OpenFlamingoParts {
 pub const OPEN_CLIP_WEIGHTS: &str = "open_clip_pytorch_model.bin";
 
 impl OpenFlamingoParts {
-    /// Whether `dir` is an OpenFlamingo folder (it holds `checkpoint.pt` and no `config.json` of its own).
-    pub fn is_openflamingo_dir(dir: &Path) -> bool {
-        dir.join("checkpoint.pt").is_file() && !dir.join("config.json").exists()
-    }
-
     /// The parts of the OpenFlamingo folder `dir`: `lang` (the language model's directory) and `vision` (open_clip's
     /// weights file, or the folder holding it) where given, else its one subfolder with a `config.json` and its one
     /// subfolder with an `open_clip_pytorch_model.bin`.

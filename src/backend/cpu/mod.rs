@@ -423,13 +423,13 @@ impl Backend for CpuBackend {
         );
         let d = q.cols / heads;
         let scale = (d as f32).powf(-0.5);
-        let slopes: Vec<f32> = (0..heads).map(|h| alibi.map_or(0.0, |a| a.slope(h) as f32)).collect();
+        let slopes: Option<Vec<f32>> = alibi.map(|a| (0..heads).map(|h| a.slope(h) as f32).collect());
         let out = attention::per_row_head(&q.data, q.rows, heads, d, |i, h, qh, out, scores| {
             let (seq, pos) = layout.rows[i];
             let key = |j: usize| head_of_row(k_pool, v_pool, layout.step.slot(seq, j), (h, heads), d);
-            match alibi {
+            match &slopes {
                 None => attention::attend(qh, pos + 1, key, scale, scores, out),
-                Some(_) => {
+                Some(slopes) => {
                     let bias = |j: usize| slopes[h] * (j as f32 - pos as f32);
                     attention::attend_biased(qh, pos + 1, key, scale, bias, scores, out)
                 }
