@@ -256,6 +256,35 @@ fn completions_take_raw_prompts_with_image_markers() {
     assert_eq!(server.get("/health"), r#"{"status":"ok"}"#);
 }
 
+/// OpenFlamingo's few-shot evaluation prompt with its two images as data URLs: the completion is OpenFlamingo's
+/// greedy text, streamed or not, and `/tokenize` counts the prompt as its tokenizer does (no BOS).
+#[test]
+fn openflamingo_completions_give_openflamingos_greedy_text() {
+    let server = Server::start_model("tiny-openflamingo-b", &[]);
+    let fx = Fixture::load("tiny-openflamingo-b");
+    let meta: Value = serde_json::from_slice(&std::fs::read(fx.dir.join("golden.json")).unwrap()).unwrap();
+    let images: Vec<String> = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| data_url(&fx.dir.join(i["file_in_fixture"].as_str().unwrap())))
+        .collect();
+    let body = json!({"prompt": meta["prompt"], "images": images, "max_tokens": 10, "temperature": 0});
+    let got = server.post_json("/v1/completions", &body);
+    assert_eq!(got["choices"][0]["text"], meta["generated_text"], "{got}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = server.stream("/v1/completions", &streamed);
+    let text: String = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str::<Value>(c).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, meta["generated_text"].as_str().unwrap());
+    let tokens = server.post_json("/tokenize", &json!({"prompt": meta["prompt"]}));
+    let want: Vec<u64> = fx.ids("input_ids").iter().map(|&i| i as u64).collect();
+    assert_eq!(tokens["tokens"], json!(want));
+}
+
 #[test]
 fn thirty_two_concurrent_clients_all_get_complete_answers() {
     let server = Server::start(&[]);

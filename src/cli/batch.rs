@@ -29,11 +29,11 @@ use serde_json::{json, Value};
 
 use crate::backend::Backend;
 use crate::cli::jsonl::{read_lines, LineGroups, LineOutcome, OrderedOutput};
-use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
+use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, OpenFlamingoPartsArgs, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
 use crate::io::image::{decode_bytes, DecodeBudget, PreparedImage};
 use crate::runtime::engine::Engine;
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{ModelPaths, Pipeline};
 use crate::runtime::request::GenerationOutput;
 use crate::runtime::scheduler::RequestId;
 use crate::server::fields::{plan, MaxTokens};
@@ -43,9 +43,12 @@ use crate::server::{render_messages, request_of, Answer};
 
 #[derive(clap::Args, Debug)]
 pub struct BatchArgs {
-    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the binary).
+    /// A Hugging Face model directory (IDEFICS, Llama 3.2 Vision) or an OpenFlamingo folder (its checkpoint.pt;
+    /// default: the small IDEFICS model bundled with the repository).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    parts: OpenFlamingoPartsArgs,
     /// Requests, one JSON object per line.
     #[arg(long)]
     input: PathBuf,
@@ -85,18 +88,18 @@ struct BatchApiLine {
 }
 
 pub fn run(args: BatchArgs) -> Result<()> {
-    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
-    with_backend(&args.run.clone(), &dir.clone(), Batch { args, dir })
+    let paths = args.parts.paths(&args.model.clone().map_or_else(bundled_model_dir, Ok)?);
+    with_backend(&args.run.clone(), &paths.clone(), Batch { args, paths })
 }
 
 struct Batch {
     args: BatchArgs,
-    dir: PathBuf,
+    paths: ModelPaths,
 }
 
 impl BackendCommand for Batch {
     fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
-        run_on(self.args, self.dir, backend)
+        run_on(self.args, self.paths, backend)
     }
 }
 
@@ -106,8 +109,8 @@ enum Shape {
     BatchApi { custom_id: String, answer: Answer },
 }
 
-fn run_on<B: Backend>(args: BatchArgs, dir: PathBuf, backend: B) -> Result<()> {
-    let mut pipeline = Pipeline::load(&dir, backend, false)?;
+fn run_on<B: Backend>(args: BatchArgs, paths: ModelPaths, backend: B) -> Result<()> {
+    let mut pipeline = Pipeline::load_paths(&paths, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
     let config = args.engine.config(&pipeline)?;
     let lines = read_lines(&args.input)?;

@@ -54,7 +54,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "--concurrency values, --shots values and --new-tokens must be positive".into(),
         ));
     }
-    with_backend(&args.run.clone(), &args.model.dir(), args)
+    with_backend(&args.run.clone(), &args.model.paths(), args)
 }
 
 impl BackendCommand for BenchArgs {

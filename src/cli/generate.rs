@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use crate::backend::Backend;
 use crate::cli::bundled::bundled_example_image;
-use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, RunOptions};
+use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, OpenFlamingoPartsArgs, RunOptions};
 use crate::error::{Error, Result};
 use crate::io::tokenizer::{END_OF_UTTERANCE, IMAGE_TOKEN};
 use crate::model::sampling::SamplingParams;
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{ModelPaths, Pipeline};
 use crate::runtime::request::GenerationRequest;
 
 /// The picture described when neither `--prompt` nor `--image` is given (the bundled model was trained on such
@@ -31,10 +31,12 @@ pub fn describe_prompt(num_images: usize, end_of_utterance: bool) -> String {
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A Hugging Face model directory: IDEFICS or Llama 3.2 Vision (default: the small IDEFICS model bundled with
-    /// the repository).
+    /// A Hugging Face model directory (IDEFICS, Llama 3.2 Vision) or an OpenFlamingo folder (its checkpoint.pt;
+    /// default: the small IDEFICS model bundled with the repository).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    parts: OpenFlamingoPartsArgs,
     /// Prompt text exactly as the model's processor takes it: IDEFICS text with `<image>` where each image goes,
     /// Llama 3.2 Vision's rendered chat with `<|image|>` (default: describe the image). With --chat: the user's
     /// message.
@@ -82,27 +84,27 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
-    with_backend(&args.run.clone(), &dir.clone(), Generate { args, dir })
+    let paths = args.parts.paths(&args.model.clone().map_or_else(bundled_model_dir, Ok)?);
+    with_backend(&args.run.clone(), &paths.clone(), Generate { args, paths })
 }
 
 struct Generate {
     args: GenerateArgs,
-    dir: PathBuf,
+    paths: ModelPaths,
 }
 
 impl BackendCommand for Generate {
     fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
-        run_on(self.args, self.dir, backend)
+        run_on(self.args, self.paths, backend)
     }
 }
 
-fn run_on<B: Backend>(args: GenerateArgs, dir: PathBuf, backend: B) -> Result<()> {
+fn run_on<B: Backend>(args: GenerateArgs, paths: ModelPaths, backend: B) -> Result<()> {
     let images = match (&args.prompt, args.images.is_empty()) {
         (None, true) => vec![bundled_example_image()?],
         _ => args.images.clone(),
     };
-    let mut pipeline = Pipeline::load(&dir, backend, !args.json)?;
+    let mut pipeline = Pipeline::load_paths(&paths, backend, !args.json)?;
     let prompt = match &args.prompt {
         Some(p) => p.clone(),
         None => describe_prompt(

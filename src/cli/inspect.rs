@@ -5,19 +5,25 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::backend::cpu::CpuBackend;
-use crate::cli::options::bundled_model_dir;
+use crate::cli::options::{bundled_model_dir, OpenFlamingoPartsArgs};
 use crate::error::Result;
 use crate::model::idefics::Idefics;
 use crate::io::config::IdeficsConfig;
 use crate::io::mllama_config::MllamaConfig;
+use crate::io::openflamingo_config::{DecoderConfig, OpenFlamingoConfig};
 use crate::model::mllama::Mllama;
+use crate::model::openflamingo::OpenFlamingo;
+use crate::model::Model;
 use crate::runtime::pipeline::{FamilyConfig, ModelFiles};
 
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the bundled model).
+    /// A Hugging Face model directory (IDEFICS, Llama 3.2 Vision) or an OpenFlamingo folder (default: the bundled
+    /// model).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    parts: OpenFlamingoPartsArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -25,7 +31,7 @@ pub struct InspectArgs {
 
 /// The part of the model a tensor belongs to, for the parameter breakdown.
 fn part_of(name: &str) -> &'static str {
-    const PARTS: [(&str, &str); 8] = [
+    const PARTS: [(&str, &str); 14] = [
         ("model.vision_model.", "vision encoder"),
         ("model.perceiver_resampler.", "perceiver resampler"),
         ("model.gated_cross_attn_layers.", "gated cross-attention"),
@@ -33,8 +39,18 @@ fn part_of(name: &str) -> &'static str {
         ("model.embed_tokens.", "embeddings"),
         ("model.norm.", "final norm"),
         ("lm_head.", "lm head"),
+        ("vision_encoder.", "vision encoder"),
+        ("perceiver.", "perceiver resampler"),
+        ("lang_encoder.transformer.wte.", "embeddings"),
+        ("lang_encoder.gpt_neox.embed_in.", "embeddings"),
+        ("lang_encoder.embed_out.", "lm head"),
+        ("lang_encoder.", "language model"),
         ("", "other"),
     ];
+    // OpenFlamingo's gated blocks live inside the language model's layers.
+    if name.contains(".gated_cross_attn_layer.") {
+        return "gated cross-attention";
+    }
     PARTS
         .iter()
         .find(|(p, _)| name.starts_with(p))
@@ -57,7 +73,7 @@ pub fn group_thousands(n: u64) -> String {
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let dir = args.model.map_or_else(bundled_model_dir, Ok)?;
-    let files = ModelFiles::open(&dir)?;
+    let files = ModelFiles::open_paths(&args.parts.paths(&dir))?;
     // Loading checks every tensor the config implies (names, shapes, dtypes) without reading the weights.
     let rows = match &files.config {
         FamilyConfig::Idefics(c) => {
@@ -67,6 +83,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
         FamilyConfig::Mllama(c) => {
             Mllama::load(&CpuBackend::new(), &files.store, c, false)?;
             c.embedding_rows()
+        }
+        FamilyConfig::OpenFlamingo(c) => {
+            OpenFlamingo::load(&CpuBackend::new(), &files.store, &c.vision, &c.decoder, false)?.vocab_rows()
         }
     };
     let summary = files.store.summary();
@@ -108,6 +127,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     match c {
         FamilyConfig::Idefics(c) => print_idefics(c),
         FamilyConfig::Mllama(c) => print_mllama(c),
+        FamilyConfig::OpenFlamingo(c) => print_openflamingo(c),
     }
     println!(
         "parameters: {} in {} tensors",
@@ -172,6 +192,30 @@ fn print_idefics(c: &IdeficsConfig) {
         c.cross_layer_interval,
         c.alpha_type,
         c.qk_layer_norms
+    );
+}
+
+fn print_openflamingo(c: &OpenFlamingoConfig) {
+    let p = &c.parts;
+    println!("checkpoint: {}", p.checkpoint.display());
+    println!("language model: {}", p.lang_dir.display());
+    println!("vision tower: {} ({})", p.vision_weights.display(), p.vision_config.display());
+    match &c.decoder {
+        DecoderConfig::Mpt(d) => println!(
+            "decoder: {:?} MPT, {} layers, d_model {}, {} heads x {}, MLP {}, ALiBi (max bias {}), qk LayerNorm {}, context {}",
+            d.flavour, d.n_layers, d.d_model, d.n_heads, d.head_dim(), d.mlp_width, d.alibi_bias_max, d.qk_ln, d.max_seq_len
+        ),
+        DecoderConfig::GptNeox(d) => println!(
+            "decoder: GPT-NeoX, {} layers, hidden {}, {} heads x {} (rotary on {} dims, base {}), MLP {}, parallel residual {}, context {}",
+            d.num_hidden_layers, d.hidden_size, d.num_attention_heads, d.head_dim(), d.rotary_ndims,
+            d.rotary_emb_base, d.intermediate_size, d.use_parallel_residual, d.max_position_embeddings
+        ),
+    }
+    let v = &c.vision.vision;
+    println!(
+        "vision: open_clip ViT, {} layers, width {}, {} heads, MLP {}, image {} / patch {} -> {} patch tokens, {}",
+        v.layers, v.width, v.heads(), v.mlp_width(), v.image_size, v.patch_size, v.patch_tokens(),
+        if c.vision.quick_gelu { "QuickGELU" } else { "GELU" }
     );
 }
 

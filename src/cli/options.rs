@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::WeightStore;
 use crate::model::idefics::synthetic::{Preset, PRESET_NAMES};
 use crate::runtime::engine::EngineConfig;
-use crate::runtime::pipeline::{ModelFiles, Pipeline};
+use crate::runtime::pipeline::{ModelFiles, ModelPaths, Pipeline};
 
 /// Options every command that runs a model takes.
 #[derive(clap::Args, Clone, Debug)]
@@ -195,9 +195,9 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Runs `cmd` on the backend `opts.device` names; `model_dir`'s weights size the CUDA weight arena (one
+/// Runs `cmd` on the backend `opts.device` names; the model's weights size the CUDA weight arena (one
 /// allocation). `auto` takes CUDA device 0 when there is one, else the CPU; either way stderr says which device.
-pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
+pub fn with_backend(opts: &RunOptions, model: &ModelPaths, cmd: impl BackendCommand) -> Result<()> {
     if opts.skip_weight_check {
         crate::model::layers::skip_weight_check();
     }
@@ -218,7 +218,7 @@ pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendComman
         Device::Auto if cuda::device_count() > 0 => {
             let b = CudaBackend::new(0)?;
             eprintln!("note: --device auto: {}", b.summary());
-            return run_cuda(b, model_dir, cmd);
+            return run_cuda(b, model, cmd);
         }
         Device::Auto => {
             eprintln!("note: --device auto: no CUDA device, running on the CPU");
@@ -231,15 +231,15 @@ pub fn with_backend(opts: &RunOptions, model_dir: &Path, cmd: impl BackendComman
             // Which device, as the driver names it: a simulated one (tools/cudasim) says so here.
             let b = CudaBackend::new(n)?;
             eprintln!("note: --device cuda:{n}: {}", b.summary());
-            run_cuda(b, model_dir, cmd)
+            run_cuda(b, model, cmd)
         }
         _ => cmd.run(CpuBackend::new()),
     }
 }
 
-fn run_cuda(backend: CudaBackend, model_dir: &Path, cmd: impl BackendCommand) -> Result<()> {
-    // A directory that does not open is reported by the command itself, with its own message.
-    if let Ok(store) = WeightStore::open_dir(model_dir) {
+fn run_cuda(backend: CudaBackend, model: &ModelPaths, cmd: impl BackendCommand) -> Result<()> {
+    // A model that does not open is reported by the command itself, with its own message.
+    if let Ok(store) = model.open_weights() {
         backend.reserve_weights(bf16_bytes(&store));
     }
     cmd.run(backend)
@@ -293,11 +293,38 @@ impl SyntheticModel {
     }
 }
 
+/// Where an OpenFlamingo folder's other parts are, when they are not its only subfolders of their kind.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct OpenFlamingoPartsArgs {
+    /// OpenFlamingo: the language model's Hugging Face directory (default: the one subfolder of --model with a
+    /// config.json).
+    #[arg(long)]
+    pub lang_model: Option<PathBuf>,
+    /// OpenFlamingo: open_clip's open_clip_pytorch_model.bin, or the folder holding it beside its model config
+    /// (default: the one subfolder of --model that holds it).
+    #[arg(long)]
+    pub vision_model: Option<PathBuf>,
+}
+
+impl OpenFlamingoPartsArgs {
+    /// The model at `dir` with these parts.
+    pub fn paths(&self, dir: &Path) -> ModelPaths {
+        ModelPaths {
+            dir: dir.to_path_buf(),
+            lang_model: self.lang_model.clone(),
+            vision_model: self.vision_model.clone(),
+        }
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).
+    /// A Hugging Face model directory (IDEFICS, Llama 3.2 Vision) or an OpenFlamingo folder (default: the small
+    /// model bundled with the repository).
     #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub parts: OpenFlamingoPartsArgs,
     /// Random weights at a real configuration, no download: tiny, cpu-mid, idefics-9b, idefics-80b or mllama-11b.
     #[arg(long)]
     pub synthetic: Option<SyntheticModel>,
@@ -313,12 +340,12 @@ impl ModelArgs {
         }
     }
 
-    /// The directory whose weights size the CUDA weight arena (a synthetic model has none: its weights are
+    /// The model whose weights size the CUDA weight arena (a synthetic model has none: its weights are
     /// allocated one by one).
-    pub fn dir(&self) -> PathBuf {
+    pub fn paths(&self) -> ModelPaths {
         match &self.synthetic {
-            Some(preset) => PathBuf::from(preset.description()),
-            None => self.model.clone().map_or_else(|| bundled_model_dir().unwrap_or_default(), |d| d),
+            Some(preset) => ModelPaths::dir(Path::new(&preset.description())),
+            None => self.parts.paths(&self.model.clone().map_or_else(|| bundled_model_dir().unwrap_or_default(), |d| d)),
         }
     }
 
@@ -329,7 +356,7 @@ impl ModelArgs {
                 ModelFiles::synthetic(*preset, &bundled_model_dir()?.join("tokenizer.json"))?
             }
             (Some(SyntheticModel::Mllama11b), _) => ModelFiles::synthetic_mllama_11b()?,
-            (None, dir) => ModelFiles::open(&dir.clone().map_or_else(bundled_model_dir, Ok)?)?,
+            (None, dir) => ModelFiles::open_paths(&self.parts.paths(&dir.clone().map_or_else(bundled_model_dir, Ok)?))?,
         };
         Pipeline::from_files(files, backend, false)
     }

@@ -45,7 +45,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     if args.repeats == 0 {
         return Err(Error::Invalid("--repeats must be positive".into()));
     }
-    with_backend(&args.run.clone(), &args.model.dir(), args)
+    with_backend(&args.run.clone(), &args.model.paths(), args)
 }
 
 impl BackendCommand for ProfileArgs {

@@ -22,18 +22,21 @@ use serde_json::{json, Value};
 
 use crate::backend::Backend;
 use crate::cli::jsonl::{read_lines, LineGroups, LineOutcome, OrderedOutput};
-use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions};
+use crate::cli::options::{bundled_model_dir, with_backend, BackendCommand, OpenFlamingoPartsArgs, EngineOptions, RunOptions};
 use crate::error::{Error, Result};
 use crate::runtime::engine::{Engine, ForkedRequest};
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{ModelPaths, Pipeline};
 use crate::runtime::request::{GenerationOutput, GenerationRequest};
 use crate::runtime::scheduler::RequestId;
 
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {
-    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the binary).
+    /// A Hugging Face model directory (IDEFICS, Llama 3.2 Vision) or an OpenFlamingo folder (its checkpoint.pt;
+    /// default: the small IDEFICS model bundled with the repository).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    parts: OpenFlamingoPartsArgs,
     /// One JSON object per line: `images` (paths, relative to this file's folder), `prompt`, `candidates`.
     #[arg(long)]
     input: PathBuf,
@@ -60,23 +63,23 @@ struct ScoreRequest {
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
-    with_backend(&args.run.clone(), &dir.clone(), Score { args, dir })
+    let paths = args.parts.paths(&args.model.clone().map_or_else(bundled_model_dir, Ok)?);
+    with_backend(&args.run.clone(), &paths.clone(), Score { args, paths })
 }
 
 struct Score {
     args: ScoreArgs,
-    dir: PathBuf,
+    paths: ModelPaths,
 }
 
 impl BackendCommand for Score {
     fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
-        run_on(self.args, self.dir, backend)
+        run_on(self.args, self.paths, backend)
     }
 }
 
-fn run_on<B: Backend>(args: ScoreArgs, dir: PathBuf, backend: B) -> Result<()> {
-    let mut pipeline = Pipeline::load(&dir, backend, false)?;
+fn run_on<B: Backend>(args: ScoreArgs, paths: ModelPaths, backend: B) -> Result<()> {
+    let mut pipeline = Pipeline::load_paths(&paths, backend, false)?;
     pipeline.max_image_pixels = args.max_image_pixels;
     let config = args.engine.config(&pipeline)?;
     let lines = read_lines(&args.input)?;

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::cli::options::{
-    bundled_model_dir, with_backend, BackendCommand, EngineOptions, RunOptions,
+    bundled_model_dir, with_backend, BackendCommand, OpenFlamingoPartsArgs, EngineOptions, RunOptions,
 };
 use crate::error::{Error, Result};
 use crate::io::image::{decode_bytes, DecodeBudget};
-use crate::runtime::pipeline::Pipeline;
+use crate::runtime::pipeline::{ModelPaths, Pipeline};
 use crate::runtime::service::EngineService;
 use crate::server::connections::{default_max_connections, ConnectionLimits};
 use crate::server::images::{canonical_root, ImagePolicy};
@@ -19,9 +19,12 @@ use crate::server::{check_cors_origins, serve, Access, AppState, ServerLimits};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// A Hugging Face model directory, IDEFICS or Llama 3.2 Vision (default: the small model bundled with the repository).
+    /// A Hugging Face model directory (IDEFICS, Llama 3.2 Vision) or an OpenFlamingo folder (its checkpoint.pt;
+    /// default: the small IDEFICS model bundled with the repository).
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    parts: OpenFlamingoPartsArgs,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// 0 picks a free port (printed on stderr).
@@ -92,23 +95,23 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let dir = args.model.clone().map_or_else(bundled_model_dir, Ok)?;
-    with_backend(&args.run.clone(), &dir.clone(), Serve { args, dir })
+    let paths = args.parts.paths(&args.model.clone().map_or_else(bundled_model_dir, Ok)?);
+    with_backend(&args.run.clone(), &paths.clone(), Serve { args, paths })
 }
 
 struct Serve {
     args: ServeArgs,
-    dir: PathBuf,
+    paths: ModelPaths,
 }
 
 impl BackendCommand for Serve {
     fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
-        run_on(self.args, self.dir, backend)
+        run_on(self.args, self.paths, backend)
     }
 }
 
-fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Result<()> {
-    let pipeline = Arc::new(Pipeline::load(&dir, backend, true)?);
+fn run_on<B: Backend + 'static>(args: ServeArgs, paths: ModelPaths, backend: B) -> Result<()> {
+    let pipeline = Arc::new(Pipeline::load_paths(&paths, backend, true)?);
     let config = args.engine.config(&pipeline)?;
     let template = args
         .chat_template
@@ -135,7 +138,7 @@ fn run_on<B: Backend + 'static>(args: ServeArgs, dir: PathBuf, backend: B) -> Re
         max_body_bytes: args.max_body_bytes,
     };
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
-        let name = dir.canonicalize().unwrap_or(dir.clone());
+        let name = paths.dir.canonicalize().unwrap_or(paths.dir.clone());
         name.file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });

@@ -156,8 +156,13 @@ pub fn max_file_bytes(limits: &DecodeLimits) -> u64 {
 
 /// Decodes PNG, JPEG, WebP or GIF (first frame) and converts it to RGB, within `limits`.
 pub fn load_rgb(path: &Path, limits: &DecodeLimits) -> Result<Rgb8> {
+    load_image(path, limits).map(to_rgb)
+}
+
+/// [`load_rgb`] keeping the image in the decoder's own form (with its alpha channel, where it has one).
+pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<DynamicImage> {
     let bytes = read_image_file(path, max_file_bytes(limits))?;
-    decode_rgb(&bytes, path, limits)
+    decode(&bytes, path, limits)
 }
 
 /// Decodes an encoded image (PNG, JPEG, WebP, GIF; format from its bytes) to RGB. Refuses empty images and ones

@@ -85,6 +85,71 @@ impl OpenFlamingoParts {
     }
 }
 
+/// An OpenFlamingo model's parts and their configs, read and checked before any weight is touched.
+#[derive(Clone, Debug)]
+pub struct OpenFlamingoConfig {
+    pub parts: OpenFlamingoParts,
+    pub vision: OpenClipConfig,
+    pub decoder: DecoderConfig,
+}
+
+impl OpenFlamingoConfig {
+    /// Whether `dir` is an OpenFlamingo folder: a `checkpoint.pt` and no Hugging Face `config.json` of its own.
+    pub fn is_openflamingo_dir(dir: &Path) -> bool {
+        dir.join("checkpoint.pt").is_file() && !dir.join("config.json").exists()
+    }
+
+    /// The parts of `dir` ([`OpenFlamingoParts::locate`]) and their configs.
+    pub fn open(dir: &Path, lang: Option<&Path>, vision: Option<&Path>) -> Result<Self> {
+        let parts = OpenFlamingoParts::locate(dir, lang, vision)?;
+        Ok(OpenFlamingoConfig {
+            vision: OpenClipConfig::from_file(&parts.vision_config)?,
+            decoder: DecoderConfig::from_file(&parts.lang_config())?,
+            parts,
+        })
+    }
+
+    /// Whether the language model's tokenizer files declare a pad token (`special_tokens_map.json` or
+    /// `tokenizer_config.json`): OpenFlamingo adds `<PAD>` only when they do not.
+    pub fn declares_pad_token(&self) -> Result<bool> {
+        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+            let path = self.parts.lang_dir.join(name);
+            if path.is_file() {
+                let value: serde_json::Value = read_json(&path)?;
+                if !value.get("pad_token").unwrap_or(&serde_json::Value::Null).is_null() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+impl OpenFlamingoParts {
+    /// The language model's `config.json`.
+    pub fn lang_config(&self) -> PathBuf {
+        self.lang_dir.join("config.json")
+    }
+}
+
+impl DecoderConfig {
+    /// The `config.json` it was read from.
+    pub fn path(&self) -> &Path {
+        match self {
+            DecoderConfig::Mpt(c) => &c.path,
+            DecoderConfig::GptNeox(c) => &c.path,
+        }
+    }
+
+    /// The decoder's context: positions a sequence may use.
+    pub fn context_len(&self) -> usize {
+        match self {
+            DecoderConfig::Mpt(c) => c.max_seq_len,
+            DecoderConfig::GptNeox(c) => c.max_position_embeddings,
+        }
+    }
+}
+
 fn not_found(path: &Path, message: &str) -> Error {
     Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, message.to_string()))
 }

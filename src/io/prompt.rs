@@ -1,4 +1,5 @@
-//! Prompts exactly as `IdeficsProcessor` builds them, and the image-attention map of the resulting tokens.
+//! Prompts exactly as each family's processor builds them (`IdeficsProcessor`, `MllamaProcessor`, OpenFlamingo's
+//! tokenizer call), and the image-attention map of the resulting tokens.
 
 use crate::error::{Error, Result};
 use crate::io::tokenizer::{Tokenizer, END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, MLLAMA_IMAGE_TOKEN};
@@ -139,6 +140,28 @@ pub fn encode_mllama_prompt(tok: &Tokenizer, text: &str, num_images: usize) -> R
         image_of_token,
         num_images,
         joins_previous,
+    })
+}
+
+/// OpenFlamingo's prompt as its evaluation code builds it: the text as given, few-shot examples as
+/// `<image>text<|endofchunk|>`, tokenized with no BOS. Each token's cross-attention sees only the latest image at or
+/// before it (`media_locations` cumulated into `text_time`, `only_attend_immediate_media`), none before the first;
+/// consecutive images are never seen together.
+pub fn encode_openflamingo_prompt(tok: &Tokenizer, text: &str, num_images: usize) -> Result<EncodedPrompt> {
+    let ids = tok.encode(text)?;
+    let found = ids.iter().filter(|&&id| id == tok.image_id).count();
+    if found != num_images {
+        return Err(Error::Prompt(format!(
+            "the prompt has {found} `{IMAGE_TOKEN}` token(s) but {num_images} image(s) were given; put one `{IMAGE_TOKEN}` where each image belongs"
+        )));
+    }
+    let (image_of_token, _) = mllama_image_attention(&ids, tok.image_id);
+    Ok(EncodedPrompt {
+        text: text.to_string(),
+        ids,
+        image_of_token,
+        num_images,
+        joins_previous: vec![false; num_images],
     })
 }
 

@@ -1,6 +1,6 @@
 //! `tokenizer.json` through the tokenizers crate, plus the ids of the tokens a model family gives a meaning to
 //! (IDEFICS: `<image>`, `<fake_token_around_image>`, `<end_of_utterance>`; Llama 3.2 Vision: `<|image|>` and the
-//! eos ids of `generation_config.json`).
+//! eos ids of `generation_config.json`; OpenFlamingo: `<image>` and `<|endofchunk|>`).
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +11,11 @@ pub const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
 pub const END_OF_UTTERANCE: &str = "<end_of_utterance>";
 
 pub const MLLAMA_IMAGE_TOKEN: &str = "<|image|>";
+
+/// OpenFlamingo's end of an image's text chunk: its few-shot separator, and where generation stops.
+pub const END_OF_CHUNK: &str = "<|endofchunk|>";
+/// The pad token OpenFlamingo adds to a tokenizer that has none (the GPT-NeoX-20B tokenizers of all its models).
+pub const OPENFLAMINGO_PAD: &str = "<PAD>";
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -112,6 +117,40 @@ impl Tokenizer {
             fake_image_id: Some(fake_image_id),
             stop_ids: std::iter::once(eos_id).chain(end_of_utterance_id).collect(),
             banned_ids: vec![image_id, fake_image_id],
+        })
+    }
+
+    /// OpenFlamingo's tokenizer: the language model's `tokenizer.json` with what `create_model_and_transforms`
+    /// adds (factory.py L49-55): `<|endofchunk|>` and `<image>` as special tokens, then `<PAD>` when the tokenizer
+    /// has no pad token (`has_pad`, from its special_tokens_map.json) — at the ids the vocabulary's end gives them,
+    /// as transformers does. Files saved after OpenFlamingo's additions already have them and are kept as they
+    /// are. No BOS is added to prompts; `<|endofchunk|>` stops generation (Flamingo.generate's eos); `<image>` is
+    /// never generated (only the prompt builder places it, with its image).
+    pub fn openflamingo(path: &Path, has_pad: bool) -> Result<Self> {
+        let mut inner = open(path)?;
+        let special = |t: &str| tokenizers::AddedToken::from(t.to_string(), true);
+        for token in [END_OF_CHUNK, IMAGE_TOKEN] {
+            if inner.token_to_id(token).is_none() {
+                inner.add_special_tokens(&[special(token)]);
+            }
+        }
+        if !has_pad && inner.token_to_id(OPENFLAMINGO_PAD).is_none() {
+            inner.add_special_tokens(&[special(OPENFLAMINGO_PAD)]);
+        }
+        let id = |t: &str| inner.token_to_id(t).expect("added above");
+        let (end_of_chunk, image_id) = (id(END_OF_CHUNK), id(IMAGE_TOKEN));
+        let bos_token = "<|endoftext|>".to_string();
+        Ok(Tokenizer {
+            bos_id: inner.token_to_id(&bos_token).unwrap_or(0),
+            bos_token,
+            inner,
+            path: path.to_path_buf(),
+            eos_id: end_of_chunk,
+            image_id,
+            fake_image_id: None,
+            end_of_utterance_id: None,
+            stop_ids: vec![end_of_chunk],
+            banned_ids: vec![image_id],
         })
     }
 

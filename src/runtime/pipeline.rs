@@ -6,20 +6,24 @@
 
 use std::path::{Path, PathBuf};
 
+use image::DynamicImage;
+
 use crate::backend::{Backend, SeqStep, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::chat_template::ChatTemplate;
 use crate::io::config::{GenerationConfig, IdeficsConfig, PreprocessorConfig};
-use crate::io::image::{load_rgb, preprocess, DecodeLimits, PreparedImage, Rgb8, DEFAULT_MAX_PIXELS};
+use crate::io::image::{load_image, preprocess, to_rgb, DecodeLimits, PreparedImage, DEFAULT_MAX_PIXELS};
 use crate::io::mllama_config::{model_type, MllamaConfig, MllamaPreprocessorConfig};
-use crate::io::mllama_image;
-use crate::io::prompt::{encode_mllama_prompt, encode_prompt, EncodedPrompt};
+use crate::io::openflamingo_config::{OpenFlamingoConfig, OpenFlamingoParts};
+use crate::io::prompt::{encode_mllama_prompt, encode_openflamingo_prompt, encode_prompt, EncodedPrompt};
+use crate::io::{mllama_image, openflamingo_image};
 use crate::io::safetensors::WeightStore;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::idefics::synthetic::Preset;
 use crate::model::idefics::Idefics;
 use crate::model::mllama::synthetic as mllama_synthetic;
 use crate::model::mllama::Mllama;
+use crate::model::openflamingo::OpenFlamingo;
 use crate::model::{store_images, Model};
 use crate::cache::media_cache::MediaCache;
 
@@ -27,12 +31,14 @@ use crate::cache::media_cache::MediaCache;
 pub enum Family<B: Backend> {
     Idefics(Idefics<B>),
     Mllama(Mllama<B>),
+    OpenFlamingo(OpenFlamingo<B>),
 }
 
-/// A family's `config.json`.
+/// A family's `config.json` (OpenFlamingo: its parts' configs).
 pub enum FamilyConfig {
     Idefics(IdeficsConfig),
     Mllama(MllamaConfig),
+    OpenFlamingo(OpenFlamingoConfig),
 }
 
 impl FamilyConfig {
@@ -41,29 +47,63 @@ impl FamilyConfig {
         match self {
             FamilyConfig::Idefics(_) => "idefics",
             FamilyConfig::Mllama(_) => "mllama",
+            FamilyConfig::OpenFlamingo(_) => "openflamingo",
         }
     }
 
+    /// The config.json that sizes the model (OpenFlamingo: its language model's).
     pub fn path(&self) -> &Path {
         match self {
             FamilyConfig::Idefics(c) => &c.path,
             FamilyConfig::Mllama(c) => &c.path,
+            FamilyConfig::OpenFlamingo(c) => c.decoder.path(),
         }
     }
 }
 
-/// A family's image preprocessing (`preprocessor_config.json`).
+/// A family's image preprocessing (`preprocessor_config.json`; OpenFlamingo: open_clip's eval transform at the
+/// vision tower's image size).
 pub enum Preprocessor {
     Idefics(PreprocessorConfig),
     Mllama(MllamaPreprocessorConfig),
+    OpenFlamingo { image_size: usize },
 }
 
 impl Preprocessor {
-    /// An RGB image as the family's processor prepares it.
-    pub fn prepare(&self, img: &Rgb8) -> PreparedImage {
+    /// A decoded image as the family's processor prepares it (IDEFICS and Llama 3.2 Vision composite alpha over
+    /// white first; open_clip resizes in the file's own mode, then drops alpha).
+    pub fn prepare(&self, img: DynamicImage) -> PreparedImage {
         match self {
-            Preprocessor::Idefics(c) => PreparedImage::whole(preprocess(img, c)),
-            Preprocessor::Mllama(c) => mllama_image::preprocess(img, c),
+            Preprocessor::Idefics(c) => PreparedImage::whole(preprocess(&to_rgb(img), c)),
+            Preprocessor::Mllama(c) => mllama_image::preprocess(&to_rgb(img), c),
+            Preprocessor::OpenFlamingo { image_size } => openflamingo_image::preprocess(&img, *image_size),
+        }
+    }
+}
+
+/// Where a model's files are: a Hugging Face model directory, or an OpenFlamingo folder (`checkpoint.pt`) whose
+/// language model and open_clip tower are given, or found as its subfolders.
+#[derive(Clone, Debug, Default)]
+pub struct ModelPaths {
+    pub dir: PathBuf,
+    /// OpenFlamingo: the language model's Hugging Face directory (`--lang-model`).
+    pub lang_model: Option<PathBuf>,
+    /// OpenFlamingo: open_clip's weights file or the folder holding it (`--vision-model`).
+    pub vision_model: Option<PathBuf>,
+}
+
+impl ModelPaths {
+    /// A directory with nothing given beside it.
+    pub fn dir(dir: &Path) -> Self {
+        ModelPaths { dir: dir.to_path_buf(), ..Default::default() }
+    }
+
+    /// Every weight of the model, mapped, not read (to size a device's weight arena before loading).
+    pub fn open_weights(&self) -> Result<WeightStore> {
+        match OpenFlamingoConfig::is_openflamingo_dir(&self.dir) {
+            true => OpenFlamingoParts::locate(&self.dir, self.lang_model.as_deref(), self.vision_model.as_deref())?
+                .open_store(),
+            false => WeightStore::open_dir(&self.dir),
         }
     }
 }
@@ -96,11 +136,30 @@ pub struct ModelFiles {
 
 impl ModelFiles {
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_paths(&ModelPaths::dir(dir))
+    }
+
+    /// The model at `paths`: an OpenFlamingo folder, else a Hugging Face directory of a family its config.json
+    /// names.
+    pub fn open_paths(paths: &ModelPaths) -> Result<Self> {
+        let dir = paths.dir.as_path();
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
+        }
+        if OpenFlamingoConfig::is_openflamingo_dir(dir) {
+            return Self::openflamingo(paths);
+        }
+        if let Some(flag) = [("--lang-model", &paths.lang_model), ("--vision-model", &paths.vision_model)]
+            .into_iter()
+            .find_map(|(flag, given)| given.as_ref().map(|_| flag))
+        {
+            return Err(Error::Invalid(format!(
+                "{flag} is for OpenFlamingo folders (a checkpoint.pt and no config.json); {} is not one",
+                dir.display()
+            )));
         }
         let config_path = dir.join("config.json");
         let (config, preprocessor, tokenizer) = match model_type(&config_path)?.as_str() {
@@ -169,6 +228,22 @@ impl ModelFiles {
         ))
     }
 
+    /// OpenFlamingo: the configs of its three parts, the language model's tokenizer with OpenFlamingo's added
+    /// tokens, open_clip's preprocessing, and one store of every part's tensors under OpenFlamingo's names.
+    fn openflamingo(paths: &ModelPaths) -> Result<Self> {
+        let config = OpenFlamingoConfig::open(&paths.dir, paths.lang_model.as_deref(), paths.vision_model.as_deref())?;
+        let tokenizer =
+            Tokenizer::openflamingo(&config.parts.lang_dir.join("tokenizer.json"), config.declares_pad_token()?)?;
+        Ok(ModelFiles {
+            dir: paths.dir.clone(),
+            preprocessor: Preprocessor::OpenFlamingo { image_size: config.vision.vision.image_size },
+            tokenizer,
+            store: config.parts.open_store()?,
+            chat_template: None,
+            config: FamilyConfig::OpenFlamingo(config),
+        })
+    }
+
     /// A synthetic model (random weights generated as they load) with `tokenizer` (any IDEFICS tokenizer: the
     /// text of a random model is noise, and benchmarks feed token ids directly).
     pub fn synthetic(preset: Preset, tokenizer: &Path) -> Result<Self> {
@@ -214,7 +289,11 @@ impl ModelFiles {
 
 impl<B: Backend> Pipeline<B> {
     pub fn load(dir: &Path, backend: B, show_progress: bool) -> Result<Self> {
-        Self::from_files(ModelFiles::open(dir)?, backend, show_progress)
+        Self::load_paths(&ModelPaths::dir(dir), backend, show_progress)
+    }
+
+    pub fn load_paths(paths: &ModelPaths, backend: B, show_progress: bool) -> Result<Self> {
+        Self::from_files(ModelFiles::open_paths(paths)?, backend, show_progress)
     }
 
     /// Loads checked model files onto `backend`; refuses weights larger than the memory the backend has free.
@@ -223,6 +302,13 @@ impl<B: Backend> Pipeline<B> {
         let family = match &files.config {
             FamilyConfig::Idefics(c) => Family::Idefics(Idefics::load(&backend, &files.store, c, show_progress)?),
             FamilyConfig::Mllama(c) => Family::Mllama(Mllama::load(&backend, &files.store, c, show_progress)?),
+            FamilyConfig::OpenFlamingo(c) => Family::OpenFlamingo(OpenFlamingo::load(
+                &backend,
+                &files.store,
+                &c.vision,
+                &c.decoder,
+                show_progress,
+            )?),
         };
         Ok(Pipeline {
             backend,
@@ -241,6 +327,7 @@ impl<B: Backend> Pipeline<B> {
         match &self.family {
             Family::Idefics(m) => m,
             Family::Mllama(m) => m,
+            Family::OpenFlamingo(m) => m,
         }
     }
 
@@ -248,10 +335,20 @@ impl<B: Backend> Pipeline<B> {
     pub fn idefics(&self) -> Result<&Idefics<B>> {
         match &self.family {
             Family::Idefics(m) => Ok(m),
-            Family::Mllama(_) => Err(Error::Invalid(format!(
-                "{} is a Llama 3.2 Vision model; this tool supports IDEFICS models only so far",
-                self.dir.display()
+            Family::Mllama(_) | Family::OpenFlamingo(_) => Err(Error::Invalid(format!(
+                "{} is a {} model; this tool supports IDEFICS models only so far",
+                self.dir.display(),
+                self.family_name()
             ))),
+        }
+    }
+
+    /// The family's name in messages.
+    pub fn family_name(&self) -> &'static str {
+        match &self.family {
+            Family::Idefics(_) => "IDEFICS",
+            Family::Mllama(_) => "Llama 3.2 Vision",
+            Family::OpenFlamingo(_) => "OpenFlamingo",
         }
     }
 
@@ -260,6 +357,7 @@ impl<B: Backend> Pipeline<B> {
         match &self.family {
             Family::Idefics(m) => &m.config.path,
             Family::Mllama(m) => &m.config.path,
+            Family::OpenFlamingo(m) => m.decoder.path(),
         }
     }
 
@@ -269,7 +367,8 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Builds the prompt (IDEFICS: user text with one `<image>` per image; Llama 3.2 Vision: the processor's
-    /// text with one `<|image|>` per image) and preprocesses the images.
+    /// text with one `<|image|>` per image; OpenFlamingo: its text as given, one `<image>` per image) and
+    /// preprocesses the images.
     pub fn prepare(
         &self,
         user_text: &str,
@@ -279,7 +378,7 @@ impl<B: Backend> Pipeline<B> {
         let limits = DecodeLimits::pixels(self.max_image_pixels);
         let pixels = images
             .iter()
-            .map(|p| Ok(self.preprocessor.prepare(&load_rgb(p, &limits)?)))
+            .map(|p| Ok(self.preprocessor.prepare(load_image(p, &limits)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok((prompt, pixels))
     }
@@ -289,6 +388,7 @@ impl<B: Backend> Pipeline<B> {
         let prompt = match self.family {
             Family::Idefics(_) => encode_prompt(&self.tokenizer, user_text, num_images)?,
             Family::Mllama(_) => encode_mllama_prompt(&self.tokenizer, user_text, num_images)?,
+            Family::OpenFlamingo(_) => encode_openflamingo_prompt(&self.tokenizer, user_text, num_images)?,
         };
         self.check_prompt(&prompt)?;
         Ok(prompt)

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use crate::io::image::{decode_rgb, read_image_file, DecodeBudget, DecodeLimits, Rgb8};
+use image::DynamicImage;
+
+use crate::io::image::{decode, read_image_file, DecodeBudget, DecodeLimits};
 use crate::server::openai::ApiError;
 
 /// Where images may come from, and how big they may be.
@@ -35,7 +37,7 @@ impl ImagePolicy {
     pub fn load_all<T>(
         &self,
         urls: &[String],
-        prepare: impl Fn(&Rgb8) -> T,
+        prepare: impl Fn(DynamicImage) -> T,
         gone: &AtomicBool,
     ) -> Result<Vec<T>, ApiError> {
         if urls.len() > self.max_images {
@@ -47,11 +49,11 @@ impl ImagePolicy {
         }
         urls.iter()
             .enumerate()
-            .map(|(i, url)| self.load(i, url, gone).map(|image| prepare(&image)))
+            .map(|(i, url)| self.load(i, url, gone).map(&prepare))
             .collect()
     }
 
-    fn load(&self, index: usize, url: &str, gone: &AtomicBool) -> Result<Rgb8, ApiError> {
+    fn load(&self, index: usize, url: &str, gone: &AtomicBool) -> Result<DynamicImage, ApiError> {
         if gone.load(Ordering::Relaxed) {
             return Err(client_gone(index, url));
         }
@@ -67,7 +69,7 @@ impl ImagePolicy {
             max_pixels: self.max_pixels,
             budget: Some(&self.decode_budget),
         };
-        decode_rgb(&bytes, &name, &limits).map_err(ApiError::from_engine)
+        decode(&bytes, &name, &limits).map_err(ApiError::from_engine)
     }
 
     fn data_url(&self, index: usize, rest: &str) -> Result<Vec<u8>, ApiError> {

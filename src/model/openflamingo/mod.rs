@@ -3,8 +3,7 @@
 //! block), `gpt_neox` (the GPT-NeoX layer), `cross_attention` (`GatedCrossAttentionBlock`). This file ties them
 //! together as `Flamingo` does (flamingo.py, flamingo_lm.py): the checkpoint's embeddings replacing the language
 //! model's, a gated block before decoder layer `i` where the checkpoint has one, the LM head tied to the
-//! embeddings (MPT) or the checkpoint's `embed_out` (GPT-NeoX). Serving it through the engine's files and entry
-//! points comes next (issue 21).
+//! embeddings (MPT) or the checkpoint's `embed_out` (GPT-NeoX).
 
 pub mod cross_attention;
 pub mod gpt_neox;
@@ -144,6 +143,11 @@ impl<B: Backend> OpenFlamingo<B> {
         Ok(model)
     }
 
+    /// The vision encoder and resampler.
+    pub fn media(&self) -> &OpenFlamingoMedia<B> {
+        &self.media
+    }
+
     fn width(&self) -> usize {
         match &self.decoder {
             DecoderConfig::Mpt(c) => c.d_model,
@@ -159,10 +163,7 @@ impl<B: Backend> OpenFlamingo<B> {
 
 impl<B: Backend> Model<B> for OpenFlamingo<B> {
     fn context_len(&self) -> usize {
-        match &self.decoder {
-            DecoderConfig::Mpt(c) => c.max_seq_len,
-            DecoderConfig::GptNeox(c) => c.max_position_embeddings,
-        }
+        self.decoder.context_len()
     }
 
     fn vocab_rows(&self) -> usize {
