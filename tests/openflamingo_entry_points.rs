@@ -1,8 +1,8 @@
 //! OpenFlamingo through the binary as a user runs it, on the CPU, from the fixture folders as they ship
 //! (checkpoint.pt, the language model's directory, open_clip's tower) and the image files: `generate` gives
 //! OpenFlamingo's greedy ids, `batch` runs the evaluation's few-shot prompts together, `score` equals the summed
-//! log-probabilities of OpenFlamingo's own float64 logits, a hub tokenizer gets OpenFlamingo's added tokens, and
-//! mistakes are named.
+//! log-probabilities of OpenFlamingo's own float64 logits, a hub tokenizer gets OpenFlamingo's added tokens,
+//! `convert` writes one safetensors folder that gives the same ids, and mistakes are named.
 
 mod common;
 
@@ -236,6 +236,32 @@ fn each_token_sees_only_the_latest_image_at_or_before_it() {
     assert_eq!(tokens, ["x", "<image>", "a", "<|endofchunk|>", "b", "<image>", "<image>", "c"]);
     assert_eq!(p.image_of_token, [-1, 0, 0, 0, 0, 1, 2, 2]);
     assert_eq!(p.joins_previous, [false, false, false]);
+}
+
+#[test]
+fn convert_writes_one_safetensors_folder_that_runs_as_the_released_parts_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let fx = Fixture::load(name);
+        let out = tmp.path().join(name);
+        let convert = |from: &Path| flamingo().args(["convert", "--model"]).arg(from).arg("--output").arg(&out).output().unwrap();
+        let done = convert(&fx.dir);
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+        assert!(out.join("model.safetensors").is_file());
+        let (prompt, _) = golden(name);
+        let want = fx.ids("generated_ids");
+        let v = json_of(&generate(&out, &prompt, &image_files(name), want.len(), &[]));
+        assert_eq!(ids(&v["prompt_ids"]), fx.ids("input_ids"), "{name} converted");
+        assert_eq!(ids(&v["generated_ids"]), want, "{name} converted");
+        let err = stderr_of(&convert(&fx.dir));
+        assert!(err.contains("exists and is not empty"), "{err}");
+        let again = tmp.path().join(format!("{name}-again"));
+        let err = stderr_of(&flamingo().args(["convert", "--model"]).arg(&out).arg("--output").arg(&again).output().unwrap());
+        assert!(err.contains("already converted"), "{err}");
+    }
+    let idefics = fixture_dir("tiny-idefics-a");
+    let err = stderr_of(&flamingo().args(["convert", "--model"]).arg(&idefics).arg("--output").arg(tmp.path().join("x")).output().unwrap());
+    assert!(err.contains("is an idefics model directory"), "{err}");
 }
 
 fn stderr_of(out: &Output) -> String {

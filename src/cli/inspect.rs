@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::model::idefics::Idefics;
 use crate::io::config::IdeficsConfig;
 use crate::io::mllama_config::MllamaConfig;
-use crate::io::openflamingo_config::{DecoderConfig, OpenFlamingoConfig};
+use crate::io::openflamingo_config::{DecoderConfig, OpenFlamingoConfig, PartWeights};
 use crate::model::mllama::Mllama;
 use crate::model::openflamingo::OpenFlamingo;
 use crate::model::Model;
@@ -197,9 +197,19 @@ fn print_idefics(c: &IdeficsConfig) {
 
 fn print_openflamingo(c: &OpenFlamingoConfig) {
     let p = &c.parts;
-    println!("checkpoint: {}", p.checkpoint.display());
-    println!("language model: {}", p.lang_dir.display());
-    println!("vision tower: {} ({})", p.vision_weights.display(), p.vision_config.display());
+    match &p.weights {
+        PartWeights::Released { checkpoint, vision_weights } => {
+            println!("checkpoint: {}", checkpoint.display());
+            println!("language model: {}", p.lang_dir.display());
+            println!("vision tower: {} ({})", vision_weights.display(), p.vision_config.display());
+        }
+        PartWeights::Converted(dir) => println!(
+            "converted: {} (language model config {}, vision config {})",
+            dir.join("model.safetensors").display(),
+            p.lang_dir.display(),
+            p.vision_config.display()
+        ),
+    }
     match &c.decoder {
         DecoderConfig::Mpt(d) => println!(
             "decoder: {:?} MPT, {} layers, d_model {}, {} heads x {}, MLP {}, ALiBi (max bias {}), qk LayerNorm {}, context {}",

@@ -1,8 +1,10 @@
-//! The `flamingo` command line: `generate`, `batch`, `serve`, `bench`, `profile`, `inspect` and `doctor`.
+//! The `flamingo` command line: `generate`, `batch`, `score`, `serve`, `bench`, `profile`, `inspect`, `convert` and
+//! `doctor`.
 
 mod batch;
 mod bench;
 mod bundled;
+mod convert;
 mod doctor;
 mod generate;
 mod inspect;
@@ -20,7 +22,7 @@ use crate::error::Result;
 #[command(
     name = "flamingo",
     version,
-    about = "Inference engine for Flamingo-style vision-language models (IDEFICS)"
+    about = "Inference engine for Flamingo-style vision-language models (IDEFICS, Llama 3.2 Vision, OpenFlamingo)"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -43,6 +45,9 @@ enum Command {
     Profile(profile::ProfileArgs),
     /// Print a model directory's architecture, parameter counts, dtypes and special tokens.
     Inspect(inspect::InspectArgs),
+    /// Write an OpenFlamingo model as released (checkpoint.pt, its language model, open_clip's tower) as one
+    /// safetensors folder.
+    Convert(convert::ConvertArgs),
     /// Check the CUDA setup: driver, devices, NVRTC, prebuilt kernels; compile every kernel with NVRTC.
     Doctor(doctor::DoctorArgs),
 }
@@ -57,6 +62,7 @@ pub fn run() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Profile(args) => profile::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
         Command::Doctor(args) => doctor::run(args),
     }
 }

@@ -18,13 +18,39 @@ use crate::io::safetensors::WeightStore;
 /// Where OpenFlamingo's three parts are.
 #[derive(Clone, Debug)]
 pub struct OpenFlamingoParts {
-    pub checkpoint: PathBuf,
-    /// The language model's Hugging Face directory.
+    pub weights: PartWeights,
+    /// The language model's Hugging Face directory (its config and tokenizer; its weights too as released).
     pub lang_dir: PathBuf,
     /// open_clip's model config (`<name>.json`, or the hub's `open_clip_config.json`).
     pub vision_config: PathBuf,
-    pub vision_weights: PathBuf,
 }
+
+/// Where the weights are.
+#[derive(Clone, Debug)]
+pub enum PartWeights {
+    /// As released: `checkpoint.pt` over the language model's weights and open_clip's.
+    Released { checkpoint: PathBuf, vision_weights: PathBuf },
+    /// As `flamingo convert` writes them: one `model.safetensors` in this folder, under OpenFlamingo's names.
+    Converted(PathBuf),
+}
+
+/// The `model_type` of the `config.json` that `flamingo convert` writes.
+pub const CONVERTED_MODEL_TYPE: &str = "openflamingo";
+
+/// The `config.json` of a converted OpenFlamingo folder: where its parts' configs are, relative to it.
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertedLayout {
+    pub model_type: String,
+    /// The language model's config and tokenizer files (with OpenFlamingo's tokens added).
+    pub lang_model: PathBuf,
+    /// open_clip's model config.
+    pub vision_config: PathBuf,
+}
+
+/// The subfolders of a converted folder.
+pub const CONVERTED_LANG: &str = "lang_model";
+pub const CONVERTED_VISION: &str = "vision_model";
 
 /// The file name of open_clip's weights, as the hub and `open_clip.create_model_and_transforms` save them.
 pub const OPEN_CLIP_WEIGHTS: &str = "open_clip_pytorch_model.bin";
@@ -55,10 +81,25 @@ impl OpenFlamingoParts {
         }
         let vision_config = open_clip_config_beside(&vision_weights)?;
         Ok(OpenFlamingoParts {
-            checkpoint,
+            weights: PartWeights::Released { checkpoint, vision_weights },
             lang_dir,
             vision_config,
-            vision_weights,
+        })
+    }
+
+    /// The parts of a folder `flamingo convert` wrote, as its `config.json` (`layout`, read from `config`) says.
+    pub fn converted(dir: &Path, config: &Path) -> Result<Self> {
+        let layout: ConvertedLayout = read_json(config)?;
+        let inside = |field: &str, rel: &Path| {
+            if rel.is_absolute() || rel.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(Error::config(config, field, format!("{} is not a path inside the folder", rel.display())));
+            }
+            Ok(dir.join(rel))
+        };
+        Ok(OpenFlamingoParts {
+            weights: PartWeights::Converted(dir.to_path_buf()),
+            lang_dir: inside("lang_model", &layout.lang_model)?,
+            vision_config: inside("vision_config", &layout.vision_config)?,
         })
     }
 }
@@ -69,17 +110,21 @@ impl OpenFlamingoParts {
     /// checkpoint's as they are, replacing the language model's where both have one (the trained, resized input
     /// embeddings), as `load_state_dict(strict=False)` does.
     pub fn open_store(&self) -> Result<WeightStore> {
+        let (checkpoint, vision_weights) = match &self.weights {
+            PartWeights::Converted(dir) => return WeightStore::open_dir(dir),
+            PartWeights::Released { checkpoint, vision_weights } => (checkpoint, vision_weights),
+        };
         let lang = WeightStore::open_dir(&self.lang_dir)?;
-        let vision = WeightStore::open_files(&[self.vision_weights.clone()], self.vision_weights.display().to_string())?;
-        let checkpoint = WeightStore::open_files(&[self.checkpoint.clone()], self.checkpoint.display().to_string())?;
+        let vision = WeightStore::open_files(&[vision_weights.clone()], vision_weights.display().to_string())?;
+        let checkpoint_store = WeightStore::open_files(&[checkpoint.clone()], checkpoint.display().to_string())?;
         let description = format!(
             "{} over {} and {}",
-            self.checkpoint.display(),
+            checkpoint.display(),
             self.lang_dir.display(),
-            self.vision_weights.display()
+            vision_weights.display()
         );
         Ok(WeightStore::merged(
-            vec![(lang, "", "lang_encoder."), (vision, "visual.", "vision_encoder."), (checkpoint, "", "")],
+            vec![(lang, "", "lang_encoder."), (vision, "visual.", "vision_encoder."), (checkpoint_store, "", "")],
             description,
         ))
     }
@@ -101,7 +146,11 @@ impl OpenFlamingoConfig {
 
     /// The parts of `dir` ([`OpenFlamingoParts::locate`]) and their configs.
     pub fn open(dir: &Path, lang: Option<&Path>, vision: Option<&Path>) -> Result<Self> {
-        let parts = OpenFlamingoParts::locate(dir, lang, vision)?;
+        Self::of_parts(OpenFlamingoParts::locate(dir, lang, vision)?)
+    }
+
+    /// The configs of `parts`.
+    pub fn of_parts(parts: OpenFlamingoParts) -> Result<Self> {
         Ok(OpenFlamingoConfig {
             vision: OpenClipConfig::from_file(&parts.vision_config)?,
             decoder: DecoderConfig::from_file(&parts.lang_config())?,

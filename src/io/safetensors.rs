@@ -447,6 +447,33 @@ impl WeightStore {
         self.bytes_as(DType::size)
     }
 
+    /// Writes every tensor the engine reads (F32, BF16, F16: other dtypes, such as the boolean masks old
+    /// checkpoints carry, are dropped) whose name `keep` accepts into one safetensors file at `path`, as stored,
+    /// streamed from the mapped files. Returns how many it wrote.
+    pub fn write_safetensors(&self, path: &Path, keep: impl Fn(&str) -> bool) -> Result<usize> {
+        let mut names: Vec<&String> = self
+            .entries
+            .iter()
+            .filter(|(name, e)| DType::of(e.dtype).is_some() && keep(name))
+            .map(|(name, _)| name)
+            .collect();
+        names.sort();
+        let tensors = names.iter().map(|n| self.get_any_shape(n)).collect::<Result<Vec<_>>>()?;
+        let failed = |e: safetensors::SafeTensorError| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let views = tensors
+            .iter()
+            .map(|t| {
+                let view = safetensors::tensor::TensorView::new(t.dtype.stored(), t.shape.clone(), t.bytes());
+                Ok((t.name.clone(), view.map_err(failed)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(views, None, path).map_err(failed)?;
+        Ok(tensors.len())
+    }
+
     /// Every tensor: name, shape and storage dtype name, sorted by name.
     pub fn summary(&self) -> Vec<(String, Vec<usize>, String)> {
         let mut all: Vec<_> = self

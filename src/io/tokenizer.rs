@@ -192,6 +192,14 @@ impl Tokenizer {
         }
     }
 
+    /// Writes the tokenizer (with any tokens added at load) as a `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!("cannot write: {e}"),
+        })
+    }
+
     pub fn token(&self, id: u32) -> String {
         self.inner
             .id_to_token(id)

@@ -14,7 +14,7 @@ use crate::io::chat_template::ChatTemplate;
 use crate::io::config::{GenerationConfig, IdeficsConfig, PreprocessorConfig};
 use crate::io::image::{load_image, preprocess, to_rgb, DecodeLimits, PreparedImage, DEFAULT_MAX_PIXELS};
 use crate::io::mllama_config::{model_type, MllamaConfig, MllamaPreprocessorConfig};
-use crate::io::openflamingo_config::{OpenFlamingoConfig, OpenFlamingoParts};
+use crate::io::openflamingo_config::{OpenFlamingoConfig, OpenFlamingoParts, CONVERTED_MODEL_TYPE};
 use crate::io::prompt::{encode_mllama_prompt, encode_openflamingo_prompt, encode_prompt, EncodedPrompt};
 use crate::io::{mllama_image, openflamingo_image};
 use crate::io::safetensors::WeightStore;
@@ -150,7 +150,9 @@ impl ModelFiles {
             ));
         }
         if OpenFlamingoConfig::is_openflamingo_dir(dir) {
-            return Self::openflamingo(paths);
+            let config =
+                OpenFlamingoConfig::open(dir, paths.lang_model.as_deref(), paths.vision_model.as_deref())?;
+            return Self::openflamingo(dir, config);
         }
         if let Some(flag) = [("--lang-model", &paths.lang_model), ("--vision-model", &paths.vision_model)]
             .into_iter()
@@ -165,11 +167,15 @@ impl ModelFiles {
         let (config, preprocessor, tokenizer) = match model_type(&config_path)?.as_str() {
             "idefics" => Self::idefics(dir, &config_path)?,
             "mllama" => Self::mllama(dir, &config_path)?,
+            CONVERTED_MODEL_TYPE => {
+                let parts = OpenFlamingoParts::converted(dir, &config_path)?;
+                return Self::openflamingo(dir, OpenFlamingoConfig::of_parts(parts)?);
+            }
             other => {
                 return Err(Error::config(
                     &config_path,
                     "model_type",
-                    format!("{other:?} is not a supported model family (idefics, mllama)"),
+                    format!("{other:?} is not a supported model family (idefics, mllama, openflamingo)"),
                 ))
             }
         };
@@ -228,14 +234,13 @@ impl ModelFiles {
         ))
     }
 
-    /// OpenFlamingo: the configs of its three parts, the language model's tokenizer with OpenFlamingo's added
+    /// OpenFlamingo (as released, or converted): the configs of its three parts, the language model's tokenizer with OpenFlamingo's added
     /// tokens, open_clip's preprocessing, and one store of every part's tensors under OpenFlamingo's names.
-    fn openflamingo(paths: &ModelPaths) -> Result<Self> {
-        let config = OpenFlamingoConfig::open(&paths.dir, paths.lang_model.as_deref(), paths.vision_model.as_deref())?;
+    fn openflamingo(dir: &Path, config: OpenFlamingoConfig) -> Result<Self> {
         let tokenizer =
             Tokenizer::openflamingo(&config.parts.lang_dir.join("tokenizer.json"), config.declares_pad_token()?)?;
         Ok(ModelFiles {
-            dir: paths.dir.clone(),
+            dir: dir.to_path_buf(),
             preprocessor: Preprocessor::OpenFlamingo { image_size: config.vision.vision.image_size },
             tokenizer,
             store: config.parts.open_store()?,
