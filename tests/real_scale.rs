@@ -309,3 +309,178 @@ fn llama_3_2_11b_vision_shapes_load_count_and_run_within_memory() {
     eprintln!("Llama 3.2 11B Vision shapes on CPU (text): peak anonymous memory {peak_gb:.2} GB");
     assert!(peak_gb < 4.0, "peak anonymous memory {peak_gb:.2} GB: weights are being copied, not mapped");
 }
+
+/// The sizes that shape an OpenFlamingo model with an MPT decoder (transformers' names), as `flamingo convert`
+/// lays it out. The resampler (6 layers, 64 latents) and the cross-attention (8 heads x 64) are fixed in
+/// OpenFlamingo's code.
+struct OpenFlamingoMptSizes {
+    d_model: usize,
+    layers: usize,
+    cross_attn_every: usize,
+    vocab: usize,
+    vision_width: usize,
+    vision_layers: usize,
+    patch: usize,
+    image: usize,
+    embed_dim: usize,
+}
+
+/// (name, shape) of every tensor a converted OpenFlamingo-MPT folder holds.
+fn openflamingo_mpt_tensors(s: &OpenFlamingoMptSizes) -> Vec<(String, Vec<usize>)> {
+    let (d, dv, inner) = (s.d_model, s.vision_width, 512);
+    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut add = |name: String, shape: &[usize]| t.push((name, shape.to_vec()));
+    let lm = "lang_encoder.transformer";
+    add(format!("{lm}.wte.weight"), &[s.vocab, d]);
+    add(format!("{lm}.norm_f.weight"), &[d]);
+    for i in 0..s.layers {
+        let b = format!("{lm}.blocks.{i}");
+        add(format!("{b}.attn.Wqkv.weight"), &[3 * d, d]);
+        add(format!("{b}.attn.out_proj.weight"), &[d, d]);
+        add(format!("{b}.ffn.up_proj.weight"), &[4 * d, d]);
+        add(format!("{b}.ffn.down_proj.weight"), &[d, 4 * d]);
+        add(format!("{b}.norm_1.weight"), &[d]);
+        add(format!("{b}.norm_2.weight"), &[d]);
+        if (i + 1) % s.cross_attn_every == 0 {
+            let x = format!("{b}.gated_cross_attn_layer");
+            add(format!("{x}.attn.norm.weight"), &[d]);
+            add(format!("{x}.attn.norm.bias"), &[d]);
+            add(format!("{x}.attn.to_q.weight"), &[inner, d]);
+            add(format!("{x}.attn.to_kv.weight"), &[2 * inner, dv]);
+            add(format!("{x}.attn.to_out.weight"), &[d, inner]);
+            add(format!("{x}.attn_gate"), &[1]);
+            add(format!("{x}.ff.0.weight"), &[d]);
+            add(format!("{x}.ff.0.bias"), &[d]);
+            add(format!("{x}.ff.1.weight"), &[4 * d, d]);
+            add(format!("{x}.ff.3.weight"), &[d, 4 * d]);
+            add(format!("{x}.ff_gate"), &[1]);
+        }
+    }
+    add("perceiver.latents".into(), &[64, dv]);
+    add("perceiver.norm.weight".into(), &[dv]);
+    add("perceiver.norm.bias".into(), &[dv]);
+    for j in 0..6 {
+        let a = format!("perceiver.layers.{j}");
+        for n in ["norm_latents", "norm_media"] {
+            add(format!("{a}.0.{n}.weight"), &[dv]);
+            add(format!("{a}.0.{n}.bias"), &[dv]);
+        }
+        add(format!("{a}.0.to_q.weight"), &[inner, dv]);
+        add(format!("{a}.0.to_kv.weight"), &[2 * inner, dv]);
+        add(format!("{a}.0.to_out.weight"), &[dv, inner]);
+        add(format!("{a}.1.0.weight"), &[dv]);
+        add(format!("{a}.1.0.bias"), &[dv]);
+        add(format!("{a}.1.1.weight"), &[4 * dv, dv]);
+        add(format!("{a}.1.3.weight"), &[dv, 4 * dv]);
+    }
+    let v = "vision_encoder";
+    let grid = s.image / s.patch;
+    add(format!("{v}.class_embedding"), &[dv]);
+    add(format!("{v}.conv1.weight"), &[dv, 3, s.patch, s.patch]);
+    add(format!("{v}.positional_embedding"), &[grid * grid + 1, dv]);
+    add(format!("{v}.proj"), &[dv, s.embed_dim]);
+    for n in ["ln_pre", "ln_post"] {
+        add(format!("{v}.{n}.weight"), &[dv]);
+        add(format!("{v}.{n}.bias"), &[dv]);
+    }
+    for i in 0..s.vision_layers {
+        let r = format!("{v}.transformer.resblocks.{i}");
+        add(format!("{r}.attn.in_proj_weight"), &[3 * dv, dv]);
+        add(format!("{r}.attn.in_proj_bias"), &[3 * dv]);
+        add(format!("{r}.attn.out_proj.weight"), &[dv, dv]);
+        add(format!("{r}.attn.out_proj.bias"), &[dv]);
+        for n in ["ln_1", "ln_2"] {
+            add(format!("{r}.{n}.weight"), &[dv]);
+            add(format!("{r}.{n}.bias"), &[dv]);
+        }
+        add(format!("{r}.mlp.c_fc.weight"), &[4 * dv, dv]);
+        add(format!("{r}.mlp.c_fc.bias"), &[4 * dv]);
+        add(format!("{r}.mlp.c_proj.weight"), &[dv, 4 * dv]);
+        add(format!("{r}.mlp.c_proj.bias"), &[dv]);
+    }
+    t
+}
+
+/// Every tensor's name and shape in a safetensors file's header.
+fn safetensors_shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.tensors().into_iter().map(|(name, info)| (name, info.shape.clone())).collect()
+}
+
+/// OpenFlamingo-9B (vitl-mpt7b) at its real size in `flamingo convert`'s layout: MPT-7B (32 layers, d_model 4096,
+/// 32 heads, ALiBi), a gated block before every 4th layer, open_clip's ViT-L/14 at 224, its 50,280-token vocabulary
+/// (50,277 + OpenFlamingo's 3), bf16 sparse. The tensor list is first checked against what `flamingo convert`
+/// writes for fixture a at its sizes; then the engine must load the 9B, count its parameters and run an image and
+/// a prompt through it on the CPU with the weights mapped, not copied.
+#[test]
+fn openflamingo_9b_shapes_load_count_and_run_within_memory() {
+    let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let small = root.path().join("tiny-a-converted");
+    let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["convert", "--model"])
+        .arg(fixture("tests/fixtures/tiny-openflamingo-a"))
+        .arg("--output")
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tiny = OpenFlamingoMptSizes {
+        d_model: 48, layers: 4, cross_attn_every: 2, vocab: 306,
+        vision_width: 16, vision_layers: 2, patch: 14, image: 42, embed_dim: 16,
+    };
+    let listed: BTreeMap<String, Vec<usize>> = openflamingo_mpt_tensors(&tiny).into_iter().collect();
+    assert_eq!(listed, safetensors_shapes(&small.join("model.safetensors")), "the list at fixture a's sizes");
+
+    let dir = root.path().join("openflamingo-9b");
+    for sub in ["lang_model", "vision_model"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::copy(small.join("config.json"), dir.join("config.json")).unwrap();
+    let layout: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let vision_config = dir.join(layout["vision_config"].as_str().unwrap());
+    let open_clip = serde_json::json!({"embed_dim": 768, "quick_gelu": true,
+        "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14}});
+    std::fs::write(&vision_config, open_clip.to_string()).unwrap();
+    let mut mpt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(small.join("lang_model/config.json")).unwrap()).unwrap();
+    for (field, value) in [("d_model", 4096), ("n_heads", 32), ("n_layers", 32), ("max_seq_len", 2048), ("vocab_size", 50432)] {
+        mpt[field] = value.into();
+    }
+    std::fs::write(dir.join("lang_model/config.json"), mpt.to_string()).unwrap();
+    // The fixture's tokenizer (ids stay below the real vocabulary).
+    std::fs::copy(small.join("lang_model/tokenizer.json"), dir.join("lang_model/tokenizer.json")).unwrap();
+    let real = OpenFlamingoMptSizes {
+        d_model: 4096, layers: 32, cross_attn_every: 4, vocab: 50280,
+        vision_width: 1024, vision_layers: 24, patch: 14, image: 224, embed_dim: 768,
+    };
+    let tensors = openflamingo_mpt_tensors(&real);
+    write_sparse_checkpoint(&dir, &tensors, 4);
+    let params: usize = tensors.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+
+    let inspect = Command::new(env!("CARGO_BIN_EXE_flamingo")).args(["inspect", "--model"]).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let count = format!("parameters: {} in {} tensors", group_thousands(params), tensors.len());
+    assert!(text.contains(&count), "{count}\n{text}");
+    assert!(text.contains("decoder: Transformers MPT, 32 layers, d_model 4096, 32 heads x 128, MLP 16384"), "{text}");
+    assert!(text.contains("image 224 / patch 14 -> 256 patch tokens, QuickGELU"), "{text}");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flamingo"));
+    cmd.args(["generate", "--device", "cpu", "--json", "--max-new-tokens", "2", "--model"]).arg(&dir);
+    cmd.args(["--prompt", "<image>An image of", "--image"]).arg(fixture("tests/fixtures/images/rocket.jpg"));
+    let (out, peak_anon_kb) = run_measuring(&mut cmd, "RssAnon:");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 2);
+    let peak_gb = peak_anon_kb as f64 / 1e6;
+    eprintln!("OpenFlamingo-9B shapes on CPU: {params} parameters, peak anonymous memory {peak_gb:.2} GB");
+    assert!(peak_gb < 4.0, "peak anonymous memory {peak_gb:.2} GB: weights are being copied, not mapped");
+}
+
+/// `8131000000` -> `8,131,000,000`, as `flamingo inspect` prints counts.
+fn group_thousands(n: usize) -> String {
+    let digits: Vec<char> = n.to_string().chars().rev().collect();
+    let groups: Vec<String> = digits.chunks(3).map(|g| g.iter().rev().collect()).collect();
+    groups.into_iter().rev().collect::<Vec<_>>().join(",")
+}
