@@ -53,19 +53,21 @@ fn generate_from_the_image_files_gives_openflamingos_greedy_ids_and_text() {
     }
 }
 
-/// Runs `flamingo batch` on `lines` (images relative to `dir`) and returns the output lines.
-fn batch(model: &Path, dir: &Path, lines: &[Value]) -> Vec<Value> {
-    let input = dir.join("requests.jsonl");
+/// Runs `flamingo <command>` (batch or score) on CPU over `lines` as its JSON-lines input and returns its output
+/// lines.
+fn jsonl_command(command: &str, model: &Path, lines: &[Value], flags: &[&str]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
     let text: Vec<String> = lines.iter().map(Value::to_string).collect();
     std::fs::write(&input, text.join("\n")).unwrap();
-    let output = dir.join("results.jsonl");
     let out = flamingo()
-        .args(["batch", "--device", "cpu", "--block-size", "4", "--model"])
+        .args([command, "--device", "cpu", "--model"])
         .arg(model)
         .arg("--input")
         .arg(&input)
         .arg("--output")
         .arg(&output)
+        .args(flags)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -92,8 +94,7 @@ fn batch_runs_few_shot_prompts_together_as_generate_runs_each_alone() {
         .iter()
         .map(|(p, im)| json!({"prompt": p, "images": im, "max_tokens": 10, "temperature": 0}))
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let results = batch(&fx.dir, dir.path(), &lines);
+    let results = jsonl_command("batch", &fx.dir, &lines, &["--block-size", "4"]);
     assert_eq!(ids(&results[0]["generated_ids"]), fx.ids("generated_ids"), "{}", results[0]);
     for (k, (p, im)) in requests.iter().enumerate().take(3).skip(1) {
         let alone = json_of(&generate(&fx.dir, p, im, 10, &[]));
@@ -108,24 +109,6 @@ fn log_prob(row: &[f64], id: u32) -> f64 {
     let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = row.iter().map(|&x| (x - max).exp()).sum();
     row[id as usize] - max - sum.ln()
-}
-
-/// Runs `flamingo score` on one line and returns its result.
-fn score(model: &Path, line: &Value) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
-    std::fs::write(&input, line.to_string()).unwrap();
-    let out = flamingo()
-        .args(["score", "--device", "cpu", "--model"])
-        .arg(model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(std::fs::read_to_string(&output).unwrap().trim()).unwrap()
 }
 
 /// Each fixture's prompt split where its last text begins: the prefix, the golden rest as one candidate (its
@@ -146,7 +129,7 @@ fn score_equals_the_summed_log_probabilities_of_openflamingos_logits() {
         let vocab = logits.shape[1];
         let row = |i: usize| &logits.data[i * vocab..(i + 1) * vocab];
         let line = json!({"images": image_files(name), "prompt": prefix, "candidates": [rest, others[0], others[1]]});
-        let result = score(&fx.dir, &line);
+        let result = jsonl_command("score", &fx.dir, &[line], &[]).remove(0);
         let scores = result["scores"].as_array().unwrap_or_else(|| panic!("{name}: {result}"));
         let n_rest = scores[0]["tokens"].as_u64().unwrap() as usize;
         let first = input_ids.len() - n_rest;

@@ -186,6 +186,17 @@ fn bench_json_of_a_llama_3_2_vision_model() {
     assert!(v["params"].as_f64().unwrap() > 5e5, "{v}");
 }
 
+/// OpenFlamingo benchmarks through the same figures, with its own floors (open_clip's ViT, the resampler, the gated
+/// blocks' K/V once per image), few-shot prompts in its format (`<image>caption<|endofchunk|>`).
+#[test]
+fn bench_json_of_an_openflamingo_model() {
+    let dir = common::fixture_dir("tiny-openflamingo-b");
+    // Within the fixture's 128 positions (its tokenizer splits the captions finely).
+    let v = bench_json_of(&["--model", dir.to_str().unwrap(), "--prompt-tokens", "16", "--shots", "1,2"]);
+    // GPT-NeoX 4 x 48 with its own head, 2 gated blocks with 512-wide attention, the 6-layer resampler.
+    assert!(v["params"].as_f64().unwrap() > 4e5, "{v}");
+}
+
 /// `flamingo bench --json` on `model` (small settings): every figure there, positive and finite.
 fn bench_json_of(model: &[&str]) -> serde_json::Value {
     let mut args = vec!["bench"];

@@ -19,8 +19,11 @@ use serde::Serialize;
 use crate::backend::{Backend, Ceilings};
 use crate::error::Result;
 use crate::io::image::PreparedImage;
+use crate::io::openflamingo_config::DecoderConfig;
 use crate::io::prompt::{encode_prompt, EncodedPrompt};
-use crate::perf::floors::{Costs, Floors, MllamaCosts};
+use crate::model::openflamingo::OpenFlamingo;
+use crate::model::Model;
+use crate::perf::floors::{Costs, Floors, MllamaCosts, OpenFlamingoCosts, OpenFlamingoDims};
 use crate::runtime::engine::{Engine, EngineConfig, Event};
 use crate::runtime::pipeline::{Family, Pipeline};
 use crate::runtime::request::GenerationRequest;
@@ -219,17 +222,35 @@ pub fn bench_pixels<B: Backend>(p: &Pipeline<B>) -> Result<PreparedImage> {
     })
 }
 
-/// The family's roofline accounting (none for OpenFlamingo yet: a benchmark without its floors is refused).
-fn floors<'p, B: Backend>(p: &'p Pipeline<B>, weight_bytes: f64) -> Result<Box<dyn Floors + 'p>> {
+/// The family's roofline accounting.
+fn floors<'p, B: Backend>(p: &'p Pipeline<B>, weight_bytes: f64) -> Box<dyn Floors + 'p> {
     let kv = p.backend.activation_width() as f64;
     match &p.family {
-        Family::Idefics(m) => Ok(Box::new(Costs::new(&m.config, weight_bytes, kv))),
-        Family::Mllama(m) => Ok(Box::new(MllamaCosts::new(&m.config, weight_bytes, kv))),
-        Family::OpenFlamingo(_) => Err(crate::error::Error::Invalid(format!(
-            "{}: flamingo bench has no roofline cost model for OpenFlamingo yet, and it reports every figure \
-             against its floor; measure OpenFlamingo with flamingo profile",
-            p.dir.display()
-        ))),
+        Family::Idefics(m) => Box::new(Costs::new(&m.config, weight_bytes, kv)),
+        Family::Mllama(m) => Box::new(MllamaCosts::new(&m.config, weight_bytes, kv)),
+        Family::OpenFlamingo(m) => Box::new(OpenFlamingoCosts::new(openflamingo_dims(m), weight_bytes, kv)),
+    }
+}
+
+/// What OpenFlamingo's accounting needs of a loaded model (the gated blocks and vocabulary are the checkpoint's).
+fn openflamingo_dims<B: Backend>(m: &OpenFlamingo<B>) -> OpenFlamingoDims {
+    let (width, layers, mlp, tied_head) = match &m.decoder {
+        DecoderConfig::Mpt(c) => (c.d_model, c.n_layers, c.mlp_width, true),
+        DecoderConfig::GptNeox(c) => (c.hidden_size, c.num_hidden_layers, c.intermediate_size, false),
+    };
+    let v = &m.vision.vision;
+    OpenFlamingoDims {
+        width,
+        layers,
+        mlp,
+        cross_blocks: m.media_layout().0,
+        vocab: m.vocab_rows(),
+        tied_head,
+        vision_width: v.width,
+        vision_layers: v.layers,
+        vision_mlp: v.mlp_width(),
+        patch_size: v.patch_size,
+        patch_tokens: v.patch_tokens(),
     }
 }
 
@@ -254,7 +275,7 @@ pub fn run<B: Backend>(
     progress("measuring the ceilings");
     let ceilings = b.measure_ceilings();
     let weight_bytes = p.store.bytes_as(|d| b.weight_width(d)) as f64;
-    let costs = floors(p, weight_bytes / p.store.params() as f64)?;
+    let costs = floors(p, weight_bytes / p.store.params() as f64);
     let prompt = bench_prompt(p, opts.prompt_tokens, 0)?;
     let pixels = bench_pixels(p)?;
     let n = prompt.ids.len();

@@ -1,5 +1,6 @@
 //! Roofline floors: the FLOPs each stage of a model must do and the fewest bytes it must move, from its
-//! configuration (IDEFICS: [`Costs`]; Llama 3.2 Vision: [`MllamaCosts`]; both as [`Floors`]), so that a measured time can be set beside the least time the hardware allows
+//! configuration (IDEFICS: [`Costs`]; Llama 3.2 Vision: [`MllamaCosts`]; OpenFlamingo: [`OpenFlamingoCosts`]; all as
+//! [`Floors`]), so that a measured time can be set beside the least time the hardware allows
 //! (`max(FLOPs / matmul FLOP/s, bytes / copy bandwidth)`, per stage). The accounting is that of
 //! `shared/docs/perf_floors.py` (FLOPs = 2 per multiply-add; norms, biases and element-wise ops left out), made
 //! general over configurations; for idefics-9b it gives that script's numbers (tested).
@@ -357,6 +358,166 @@ impl Floors for MllamaCosts<'_> {
     }
 }
 
+/// The sizes OpenFlamingo's accounting needs: its decoder (MPT or GPT-NeoX: multi-head attention, a 2-matrix MLP),
+/// the checkpoint's gated blocks and vocabulary, and open_clip's ViT. The resampler (6 layers of 8 x 64 heads, 64
+/// latents, 4x feed-forward) and the gated blocks' cross-attention (8 x 64 heads over an image's 64 latents, 4x
+/// feed-forward) are fixed in OpenFlamingo's code.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenFlamingoDims {
+    pub width: usize,
+    pub layers: usize,
+    pub mlp: usize,
+    pub cross_blocks: usize,
+    pub vocab: usize,
+    /// MPT's LM head is its input embeddings; GPT-NeoX has its own.
+    pub tied_head: bool,
+    pub vision_width: usize,
+    pub vision_layers: usize,
+    pub vision_mlp: usize,
+    pub patch_size: usize,
+    pub patch_tokens: usize,
+}
+
+const OF_INNER: f64 = 512.0;
+const OF_LATENTS: f64 = 64.0;
+const OF_RESAMPLER_LAYERS: f64 = 6.0;
+
+/// OpenFlamingo's accounting: open_clip's ViT over the patch tokens and CLS, the resampler, and every gated block's
+/// K/V once per image (its 64 latents); prefill and decode through the decoder layers and gated blocks.
+pub struct OpenFlamingoCosts {
+    dims: OpenFlamingoDims,
+    pub weight_bytes: f64,
+    pub kv_bytes: f64,
+}
+
+impl OpenFlamingoCosts {
+    pub fn new(dims: OpenFlamingoDims, weight_bytes: f64, kv_bytes: f64) -> Self {
+        OpenFlamingoCosts { dims, weight_bytes, kv_bytes }
+    }
+
+    fn layer_params(&self) -> f64 {
+        let (d, m) = (self.dims.width as f64, self.dims.mlp as f64);
+        4.0 * d * d + 2.0 * d * m
+    }
+
+    /// A gated block's weights that rows read: to_q, to_out and the feed-forward.
+    fn cross_row_params(&self) -> f64 {
+        let d = self.dims.width as f64;
+        2.0 * d * OF_INNER + 8.0 * d * d
+    }
+
+    /// A gated block's to_kv, run on image latents.
+    fn cross_kv_params(&self) -> f64 {
+        self.dims.vision_width as f64 * 2.0 * OF_INNER
+    }
+
+    fn cross_blocks(&self) -> f64 {
+        self.dims.cross_blocks as f64
+    }
+
+    fn embedding_params(&self) -> f64 {
+        (self.dims.vocab * self.dims.width) as f64
+    }
+
+    fn vision_layer_params(&self) -> f64 {
+        let dv = self.dims.vision_width as f64;
+        4.0 * dv * dv + 2.0 * dv * self.dims.vision_mlp as f64
+    }
+
+    fn vision_params(&self) -> f64 {
+        let v = &self.dims;
+        v.vision_layers as f64 * self.vision_layer_params() + (3 * v.patch_size * v.patch_size * v.vision_width) as f64
+    }
+
+    fn resampler_layer_params(&self) -> f64 {
+        let dv = self.dims.vision_width as f64;
+        3.0 * dv * OF_INNER + OF_INNER * dv + 8.0 * dv * dv
+    }
+
+    /// The resampler on one image: 64 latent queries over the patch tokens and the latents.
+    fn resampler(&self) -> Work {
+        let dv = self.dims.vision_width as f64;
+        let kv_len = self.dims.patch_tokens as f64 + OF_LATENTS;
+        let per_layer = 2.0 * OF_LATENTS * dv * OF_INNER
+            + 4.0 * kv_len * dv * OF_INNER
+            + 4.0 * OF_LATENTS * kv_len * OF_INNER
+            + 2.0 * OF_LATENTS * OF_INNER * dv
+            + 16.0 * OF_LATENTS * dv * dv;
+        Work {
+            flops: OF_RESAMPLER_LAYERS * per_layer,
+            bytes: OF_RESAMPLER_LAYERS * self.resampler_layer_params() * self.weight_bytes,
+        }
+    }
+
+    /// Every gated block's K/V of one image's latents.
+    fn image_kv(&self) -> Work {
+        let weights = self.cross_blocks() * self.cross_kv_params();
+        Work { flops: 2.0 * OF_LATENTS * weights, bytes: weights * self.weight_bytes }
+    }
+
+    /// Parameters prefill and decode rows read: every layer, every gated block but its K/V, the LM head.
+    fn row_params(&self) -> f64 {
+        self.dims.layers as f64 * self.layer_params() + self.cross_blocks() * self.cross_row_params()
+            + self.embedding_params()
+    }
+}
+
+impl Floors for OpenFlamingoCosts {
+    fn total_params(&self) -> f64 {
+        let heads = if self.dims.tied_head { 1.0 } else { 2.0 };
+        self.dims.layers as f64 * self.layer_params()
+            + self.cross_blocks() * (self.cross_row_params() + self.cross_kv_params())
+            + heads * self.embedding_params()
+            + self.vision_params()
+            + OF_RESAMPLER_LAYERS * self.resampler_layer_params()
+            + OF_LATENTS * self.dims.vision_width as f64
+    }
+
+    fn decode_params(&self) -> f64 {
+        self.row_params()
+    }
+
+    fn weight_bytes(&self) -> f64 {
+        self.weight_bytes
+    }
+
+    fn vision(&self) -> Work {
+        let v = &self.dims;
+        let (n, dv) = ((v.patch_tokens + 1) as f64, v.vision_width as f64);
+        Work {
+            flops: v.vision_layers as f64 * (2.0 * n * self.vision_layer_params() + 4.0 * n * n * dv)
+                + 2.0 * v.patch_tokens as f64 * (3 * v.patch_size * v.patch_size) as f64 * dv,
+            bytes: self.vision_params() * self.weight_bytes,
+        }
+    }
+
+    fn image_floor(&self, c: &Ceilings) -> f64 {
+        self.vision().floor(c) + self.resampler().floor(c) + self.image_kv().floor(c)
+    }
+
+    fn prefill(&self, tokens: usize) -> Work {
+        let (t, d) = (tokens as f64, self.dims.width as f64);
+        let l = self.dims.layers as f64;
+        let flops = 2.0 * t * (l * self.layer_params() + self.cross_blocks() * self.cross_row_params())
+            + l * 2.0 * t * t * d
+            + self.cross_blocks() * 4.0 * t * OF_LATENTS * OF_INNER
+            + 2.0 * self.embedding_params();
+        Work { flops, bytes: self.row_params() * self.weight_bytes }
+    }
+
+    /// The live weights once, each sequence's self-attention K/V and its image's latents' K/V in every gated block.
+    fn decode_step(&self, batch: usize, context: usize) -> Work {
+        let (b, ctx, d) = (batch as f64, context as f64, self.dims.width as f64);
+        let (l, x) = (self.dims.layers as f64, self.cross_blocks());
+        let attention = l * 4.0 * ctx * d + x * 4.0 * OF_LATENTS * OF_INNER;
+        let kv_elements = l * 2.0 * ctx * d + x * 2.0 * OF_LATENTS * OF_INNER;
+        Work {
+            flops: b * (2.0 * self.decode_params() + attention),
+            bytes: self.decode_params() * self.weight_bytes + b * kv_elements * self.kv_bytes,
+        }
+    }
+}
+
 fn params(cfg: &IdeficsConfig) -> Params {
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     let v = &cfg.vision_config;
@@ -410,6 +571,21 @@ mod tests {
         };
         close(c.decode_step(1, 0).floor(&h200) * 1e3, 3.70, 2e-3);
         close(c.vision().floor(&h200) * 1e3, 0.42, 1e-2);
+    }
+
+    /// OpenFlamingo-9B (vitl-mpt7b): the parameter count of every tensor of the checkpoint as `flamingo convert`
+    /// lays it out (tests/real_scale.rs lists them: 8,131,465,232; the floors leave out norms, biases, the CLS and
+    /// position embeddings and open_clip's unused projection), and the decode step's weights.
+    #[test]
+    fn openflamingo_9b_counts_the_checkpoints_parameters() {
+        let dims = OpenFlamingoDims {
+            width: 4096, layers: 32, mlp: 16384, cross_blocks: 8, vocab: 50280, tied_head: true,
+            vision_width: 1024, vision_layers: 24, vision_mlp: 4096, patch_size: 14, patch_tokens: 256,
+        };
+        let c = OpenFlamingoCosts::new(dims, 2.0, 2.0);
+        close(c.total_params(), 8_131_465_232.0, 3e-4);
+        // MPT-7B's layers (6.44e9), the gated blocks' q/out/feed-forward (1.11e9) and the tied head (0.21e9).
+        close(c.decode_params(), 7.757e9, 1e-3);
     }
 
     /// Llama 3.2 11B Vision: the parameter count of the real checkpoint (tests/data/mllama-11b-shapes.json,
