@@ -544,3 +544,21 @@ fn an_installed_binary_runs_the_embedded_demo_model_from_any_directory() {
     assert!(extracted.iter().any(|n| n.starts_with("example-")), "{extracted:?}");
     assert_eq!(run(true), in_tree, "a second run uses the extracted copy");
 }
+
+/// `flamingo generate | head -c 0`: the reader is gone before the first token (closed right after the spawn, long
+/// before the model has loaded) and the command ends as Unix tools do (SIGPIPE), with no panic.
+#[test]
+fn a_closed_stdout_ends_the_command_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = flamingo()
+        .args(["generate", "--device", "cpu", "--max-new-tokens", "64"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}

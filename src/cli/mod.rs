@@ -54,7 +54,11 @@ enum Command {
 
 /// Runs the command line; the caller turns an error into a message and a non-zero exit.
 pub fn run() -> Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if !matches!(command, Command::Serve(_)) {
+        exit_quietly_on_closed_pipe();
+    }
+    match command {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),
         Command::Score(args) => score::run(args),
@@ -64,5 +68,14 @@ pub fn run() -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Doctor(args) => doctor::run(args),
+    }
+}
+
+/// `flamingo inspect | head` closes stdout early: end as Unix tools do (SIGPIPE) instead of panicking in
+/// `println!` (Rust ignores SIGPIPE). Not for `serve`, whose sockets must never end the process.
+fn exit_quietly_on_closed_pipe() {
+    // SAFETY: sets a signal's disposition to its default, before the command starts any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
