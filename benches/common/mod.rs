@@ -1,11 +1,11 @@
 //! Shared by the criterion benches: which device they run on, and how a run is timed.
 #![allow(dead_code)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use flamingo::backend::Backend;
 use flamingo::cli::options::{with_backend, BackendCommand, RunOptions};
+use flamingo::runtime::pipeline::ModelPaths;
 
 /// `FLAMINGO_BENCH_DEVICE` (default `cpu`; `cuda`, `cuda:N`): the `--device` value the benches run on.
 pub fn device() -> String {
@@ -19,7 +19,7 @@ pub fn on_device(bench: impl BackendCommand) {
         threads: None,
         skip_weight_check: false,
     };
-    with_backend(&opts, Path::new(""), bench)
+    with_backend(&opts, &ModelPaths::default(), bench)
         .unwrap_or_else(|e| panic!("FLAMINGO_BENCH_DEVICE={}: {e}", device()));
 }
 
