@@ -1,5 +1,5 @@
-//! OpenFlamingo's whole model as the engine drives a model, on any backend, for the fixtures' goldens
-//! (`tests/openflamingo_golden.rs` on the CPU, `tests/gpu.rs` on the CUDA backend).
+//! OpenFlamingo's fixtures for several test files: their image files, and the whole model driven step by step as
+//! the engine drives a model, on any backend, with every hidden state (`tests/openflamingo_golden.rs`).
 
 use std::path::PathBuf;
 
