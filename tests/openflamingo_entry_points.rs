@@ -200,6 +200,7 @@ fn a_hub_tokenizer_without_openflamingos_tokens_gets_them_where_openflamingo_put
     assert_eq!((tok.eos_id, tok.image_id), (303, 304), "<|endofchunk|>, <image>");
     assert_eq!(tok.encode("<PAD>").unwrap(), vec![305]);
     assert_eq!(tok.stop_ids, vec![303], "<|endofchunk|> stops generation, <|endoftext|> does not");
+    assert_eq!(tok.banned_ids, vec![304], "<image> is never generated");
     let fx = Fixture::load(name);
     let (prompt, _) = golden(name);
     let v = json_of(&generate(&model, &prompt, &image_files(name), 10, &[]));
@@ -242,6 +243,15 @@ fn convert_writes_one_safetensors_folder_that_runs_as_the_released_parts_do() {
         let err = stderr_of(&flamingo().args(["convert", "--model"]).arg(&out).arg("--output").arg(&again).output().unwrap());
         assert!(err.contains("already converted"), "{err}");
     }
+    // A converted folder whose config points outside itself is refused, naming the field.
+    let out = tmp.path().join("tiny-openflamingo-a");
+    let config = out.join("config.json");
+    let mut layout: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    layout["lang_model"] = json!("../tiny-openflamingo-b/lang_model");
+    std::fs::write(&config, layout.to_string()).unwrap();
+    let (prompt, _) = golden("tiny-openflamingo-a");
+    let err = stderr_of(&generate(&out, &prompt, &image_files("tiny-openflamingo-a"), 1, &[]));
+    assert!(err.contains("lang_model") && err.contains("not a path inside the folder"), "{err}");
     let idefics = fixture_dir("tiny-idefics-a");
     let err = stderr_of(&flamingo().args(["convert", "--model"]).arg(&idefics).arg("--output").arg(tmp.path().join("x")).output().unwrap());
     assert!(err.contains("is an idefics model directory"), "{err}");
