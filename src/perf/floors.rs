@@ -176,10 +176,7 @@ impl<'a> Costs<'a> {
         let (l, x) = (self.layers(), self.cross_layers());
         let attention = l * 4.0 * ctx * h + x * 4.0 * img * h;
         let kv_elements = l * 2.0 * ctx * h + x * 2.0 * img * h;
-        Work {
-            flops: b * (2.0 * self.decode_params() + attention),
-            bytes: self.decode_params() * self.weight_bytes + b * kv_elements * self.kv_bytes,
-        }
+        decode_work(self.decode_params(), self.weight_bytes, self.kv_bytes, b, attention, kv_elements)
     }
 }
 
@@ -351,10 +348,7 @@ impl Floors for MllamaCosts<'_> {
         let (s, x) = (self.self_layers(), self.cross_layers());
         let attention = s * 4.0 * ctx * h + x * 4.0 * img * h;
         let kv_elements = s * 2.0 * ctx * kv + x * 2.0 * img * kv;
-        Work {
-            flops: b * (2.0 * self.decode_params() + attention),
-            bytes: self.decode_params() * self.weight_bytes + b * kv_elements * self.kv_bytes,
-        }
+        decode_work(self.decode_params(), self.weight_bytes, self.kv_bytes, b, attention, kv_elements)
     }
 }
 
@@ -511,10 +505,16 @@ impl Floors for OpenFlamingoCosts {
         let (l, x) = (self.dims.layers as f64, self.cross_blocks());
         let attention = l * 4.0 * ctx * d + x * 4.0 * OF_LATENTS * OF_INNER;
         let kv_elements = l * 2.0 * ctx * d + x * 2.0 * OF_LATENTS * OF_INNER;
-        Work {
-            flops: b * (2.0 * self.decode_params() + attention),
-            bytes: self.decode_params() * self.weight_bytes + b * kv_elements * self.kv_bytes,
-        }
+        decode_work(self.decode_params(), self.weight_bytes, self.kv_bytes, b, attention, kv_elements)
+    }
+}
+
+/// A decode step of `batch` sequences, for any family: the live weights (`params` of `weight_bytes` each) read
+/// once, each sequence doing `attention` FLOPs over `kv_elements` cached K/V elements of `kv_bytes` each.
+fn decode_work(params: f64, weight_bytes: f64, kv_bytes: f64, batch: f64, attention: f64, kv_elements: f64) -> Work {
+    Work {
+        flops: batch * (2.0 * params + attention),
+        bytes: params * weight_bytes + batch * kv_elements * kv_bytes,
     }
 }
 
