@@ -257,7 +257,8 @@ fn completions_take_raw_prompts_with_image_markers() {
 }
 
 /// OpenFlamingo's few-shot evaluation prompt with its two images as data URLs: the completion is OpenFlamingo's
-/// greedy text, streamed or not, and `/tokenize` counts the prompt as its tokenizer does (no BOS).
+/// greedy text, streamed or not, chat is refused with a 400 saying where its prompts go (it has no chat format), and
+/// `/tokenize` counts the prompt as its tokenizer does (no BOS).
 #[test]
 fn openflamingo_completions_give_openflamingos_greedy_text() {
     let server = Server::start_model("tiny-openflamingo-b", &[]);
@@ -280,6 +281,10 @@ fn openflamingo_completions_give_openflamingos_greedy_text() {
         .map(|c| serde_json::from_str::<Value>(c).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(text, meta["generated_text"].as_str().unwrap());
+    // No chat format to guess: the client is told where OpenFlamingo's prompts go.
+    let (status, text) = server.post("/v1/chat/completions", &chat_body(4, false).to_string());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("no chat format") && text.contains("/v1/completions"), "{text}");
     let tokens = server.post_json("/tokenize", &json!({"prompt": meta["prompt"]}));
     let want: Vec<u64> = fx.ids("input_ids").iter().map(|&i| i as u64).collect();
     assert_eq!(tokens["tokens"], json!(want));

@@ -255,7 +255,8 @@ impl<B: Backend> Job<'_, B> {
             "/v1/chat/completions" => {
                 let req: ChatRequest = request_of(Api::Chat, line.body.clone()).map_err(refuse)?;
                 let jinja = self.p.chat_template.as_ref();
-                let (text, urls) = render_messages(None, jinja, &req.messages).map_err(refuse)?;
+                let (text, urls) =
+                    render_messages(None, jinja, self.p.chat_fallback(), &req.messages).map_err(refuse)?;
                 (Api::Chat, text, urls, req.fields)
             }
             "/v1/completions" => {

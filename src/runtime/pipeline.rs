@@ -81,6 +81,13 @@ impl Preprocessor {
     }
 }
 
+/// How chat messages render without a template: IDEFICS' format, or not at all (a family with no chat format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChatFallback {
+    Idefics,
+    None { family: &'static str },
+}
+
 /// Where a model's files are: a Hugging Face model directory, or an OpenFlamingo folder (`checkpoint.pt`) whose
 /// language model and open_clip tower are given, or found as its subfolders.
 #[derive(Clone, Debug, Default)]
@@ -354,6 +361,14 @@ impl<B: Backend> Pipeline<B> {
             Family::Idefics(_) => "IDEFICS",
             Family::Mllama(_) => "Llama 3.2 Vision",
             Family::OpenFlamingo(_) => "OpenFlamingo",
+        }
+    }
+
+    /// How chat messages render when neither the server nor the model gives a template.
+    pub fn chat_fallback(&self) -> ChatFallback {
+        match &self.family {
+            Family::Idefics(_) | Family::Mllama(_) => ChatFallback::Idefics,
+            Family::OpenFlamingo(_) => ChatFallback::None { family: self.family_name() },
         }
     }
 

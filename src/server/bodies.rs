@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::server::fields::check_fields;
+use crate::runtime::pipeline::ChatFallback;
 use crate::server::openai::{render_model_template, Api, ApiError, ChatMessage, ChatTemplate};
 use crate::server::state::AppState;
 
@@ -15,24 +16,27 @@ pub(super) fn render_chat<B: Backend + 'static>(
     app: &AppState<B>,
     messages: &[ChatMessage],
 ) -> Result<(String, Vec<String>), ApiError> {
-    render_messages(
-        app.template.as_ref(),
-        app.service.pipeline().chat_template.as_ref(),
-        messages,
-    )
+    let pipeline = app.service.pipeline();
+    render_messages(app.template.as_ref(), pipeline.chat_template.as_ref(), pipeline.chat_fallback(), messages)
 }
 
 /// The prompt text of chat messages (images as markers) and their image URLs: `patterns` (`--chat-template`)
-/// where given, else the model's Jinja template, else IDEFICS' format.
+/// where given, else the model's Jinja template, else IDEFICS' format where the family takes it (`fallback`:
+/// OpenFlamingo has no chat format, and its clients are told where its prompts go).
 pub fn render_messages(
     patterns: Option<&ChatTemplate>,
     jinja: Option<&crate::io::chat_template::ChatTemplate>,
+    fallback: ChatFallback,
     messages: &[ChatMessage],
 ) -> Result<(String, Vec<String>), ApiError> {
-    match (patterns, jinja) {
-        (Some(patterns), _) => patterns.render(messages),
-        (None, Some(jinja)) => render_model_template(jinja, messages),
-        (None, None) => ChatTemplate::default().render(messages),
+    match (patterns, jinja, fallback) {
+        (Some(patterns), _, _) => patterns.render(messages),
+        (None, Some(jinja), _) => render_model_template(jinja, messages),
+        (None, None, ChatFallback::Idefics) => ChatTemplate::default().render(messages),
+        (None, None, ChatFallback::None { family }) => Err(ApiError::bad(format!(
+            "messages: this {family} model has no chat format; send its prompt (e.g. \
+             `<image>caption<|endofchunk|><image>`) to /v1/completions, or start the server with --chat-template"
+        ))),
     }
 }
 
