@@ -4,7 +4,7 @@
 //! NVRTC at run time. When an nvcc is found (`$NVCC`, `$CUDA_HOME/bin/nvcc`, the CUDA 13.0 wheels that
 //! `scripts/check-kernels.sh` installs under `.toolchain/cuda`, or `PATH`), each `.cu` is also compiled to a fatbin
 //! holding an sm_90 cubin and compute_90 PTX, with the `-Xptxas -v` report saved next to it in `OUT_DIR`, and the
-//! fatbins are embedded too; the runtime then needs no compiler on an sm_90 device. The build never fails for lack
+//! fatbins are embedded too (a file with `ACT_KERNEL`s once per activation type: as is for bf16, `-DFE_ACT_F16`); the runtime then needs no compiler on an sm_90 device. The build never fails for lack
 //! of CUDA: without nvcc (or when it fails) only the sources are embedded, with a warning.
 //! `FLAMINGO_NO_NVCC=1` skips nvcc on purpose (to exercise the NVRTC path).
 //!
@@ -94,10 +94,33 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The nvcc version line, the fatbin path of every source in order; `None` (with a warning) if any compile fails.
+/// The nvcc version line, and the fatbin of every (source, activation type); `None` (with a warning) if any
+/// compile fails.
 struct Fatbins {
     nvcc: String,
-    files: Vec<PathBuf>,
+    files: Vec<Variant>,
+}
+
+/// One build of a kernel file: its source, activation type (`bf16`, `f16`) and, once compiled, fatbin.
+#[derive(Clone)]
+struct Variant {
+    src: PathBuf,
+    act: &'static str,
+    fatbin: PathBuf,
+}
+
+/// The builds of every source: bf16, and f16 for a file with `ACT_KERNEL`s (kernels/common.cuh).
+fn variants(sources: &[PathBuf], out: &Path) -> Vec<Variant> {
+    let mut v = Vec::new();
+    for src in sources {
+        let text = std::fs::read_to_string(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        let acts: &[&'static str] = if text.contains("ACT_KERNEL(") { &["bf16", "f16"] } else { &["bf16"] };
+        let stem = src.file_stem().expect("kernel file name").to_string_lossy().to_string();
+        for act in acts {
+            v.push(Variant { src: src.clone(), act, fatbin: out.join(format!("{stem}.{act}.fatbin")) });
+        }
+    }
+    v
 }
 
 fn compile_all(nvcc: &Path, kdir: &Path, sources: &[PathBuf], out: &Path) -> Option<Fatbins> {
@@ -108,16 +131,17 @@ fn compile_all(nvcc: &Path, kdir: &Path, sources: &[PathBuf], out: &Path) -> Opt
         .unwrap_or("unknown version")
         .trim()
         .to_string();
+    let builds = variants(sources, out);
     // Two files at a time at most: other builds share these cores.
-    let results: Vec<Result<PathBuf, String>> = sources
-        .chunks(sources.len().div_ceil(2).max(1))
+    let results: Vec<Result<Variant, String>> = builds
+        .chunks(builds.len().div_ceil(2).max(1))
         .map(|chunk| {
             let chunk = chunk.to_vec();
-            let (nvcc, kdir, out) = (nvcc.to_path_buf(), kdir.to_path_buf(), out.to_path_buf());
+            let (nvcc, kdir) = (nvcc.to_path_buf(), kdir.to_path_buf());
             std::thread::spawn(move || {
                 chunk
                     .iter()
-                    .map(|s| compile_one(&nvcc, &kdir, s, &out))
+                    .map(|v| compile_one(&nvcc, &kdir, v).map(|()| v.clone()))
                     .collect::<Vec<_>>()
             })
         })
@@ -141,13 +165,14 @@ fn compile_all(nvcc: &Path, kdir: &Path, sources: &[PathBuf], out: &Path) -> Opt
     })
 }
 
-/// `<name>.fatbin` (sm_90 SASS + compute_90 PTX) and `<name>.ptxas.txt` in `out`.
-fn compile_one(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<PathBuf, String> {
-    let name = src
-        .file_stem()
-        .expect("kernel file name")
-        .to_string_lossy()
-        .to_string();
+/// `<name>.<act>.fatbin` (sm_90 SASS + compute_90 PTX) and `<name>.<act>.ptxas.txt` beside it.
+fn compile_one(nvcc: &Path, kdir: &Path, v: &Variant) -> Result<(), String> {
+    let src = &v.src;
+    let name = format!(
+        "{}.{}",
+        src.file_stem().expect("kernel file name").to_string_lossy(),
+        v.act
+    );
     let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
     // wgmma / setmaxnreg only assemble for the arch-specific target (as in scripts/check-kernels.sh).
     let arch = if text.contains("wgmma") || text.contains("setmaxnreg") {
@@ -155,20 +180,21 @@ fn compile_one(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<PathB
     } else {
         "90"
     };
-    let fatbin = out.join(format!("{name}.fatbin"));
+    let fatbin = &v.fatbin;
     let output = Command::new(nvcc)
         .args(["--fatbin", "-std=c++17", "-O3", "-Xptxas", "-v"])
+        .args((v.act == "f16").then_some("-DFE_ACT_F16"))
         .arg(format!(
             "-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
         ))
         .arg(format!("-I{}", kdir.display()))
         .arg("-o")
-        .arg(&fatbin)
+        .arg(fatbin)
         .arg(src)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
     let report = String::from_utf8_lossy(&output.stderr).to_string();
-    std::fs::write(out.join(format!("{name}.ptxas.txt")), &report).map_err(|e| e.to_string())?;
+    std::fs::write(fatbin.with_extension("ptxas.txt"), &report).map_err(|e| e.to_string())?;
     if !output.status.success() {
         return Err(format!(
             "nvcc failed on {}: {}",
@@ -179,9 +205,9 @@ fn compile_one(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<PathB
     for line in report.lines().filter(|l| {
         l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
     }) {
-        println!("cargo:warning={name}.cu: {}", line.trim());
+        println!("cargo:warning={name}: {}", line.trim());
     }
-    Ok(fatbin)
+    Ok(())
 }
 
 fn generated(sources: &[PathBuf], headers: &[PathBuf], fatbins: Option<&Fatbins>) -> String {
@@ -210,20 +236,21 @@ fn generated(sources: &[PathBuf], headers: &[PathBuf], fatbins: Option<&Fatbins>
     match fatbins {
         Some(fb) => {
             writeln!(s, "pub const NVCC: Option<&str> = Some({:?});", fb.nvcc).unwrap();
-            s.push_str("pub const FATBINS: &[(&str, &[u8])] = &[\n");
-            for (src, bin) in sources.iter().zip(&fb.files) {
+            s.push_str("/// (file, activation type, fatbin).\npub const FATBINS: &[(&str, &str, &[u8])] = &[\n");
+            for v in &fb.files {
                 writeln!(
                     s,
-                    "    ({:?}, include_bytes!({:?})),",
-                    name(src),
-                    bin.display().to_string()
+                    "    ({:?}, {:?}, include_bytes!({:?})),",
+                    name(&v.src),
+                    v.act,
+                    v.fatbin.display().to_string()
                 )
                 .unwrap();
             }
             s.push_str("];\n");
         }
         None => s.push_str(
-            "pub const NVCC: Option<&str> = None;\npub const FATBINS: &[(&str, &[u8])] = &[];\n",
+            "pub const NVCC: Option<&str> = None;\npub const FATBINS: &[(&str, &str, &[u8])] = &[];\n",
         ),
     }
     s

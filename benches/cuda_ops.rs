@@ -2,7 +2,8 @@
 //! prefill sizes, paged attention (decode and prefill), gated cross-attention, RMSNorm. Each sample is timed on the
 //! GPU's clock: CUDA events recorded on the stream around its iterations, read after one synchronise at the end,
 //! so it is the device's time for the queued work (gaps included where the host launches slower than the GPU
-//! runs). Without a CUDA device it prints a note and exits.
+//! runs). Every op in both kernel variants: groups `cuda_bf16` and `cuda_f16` (`--dtype`). Without a CUDA device
+//! it prints a note and exits.
 //! Run: `cargo bench --bench cuda_ops` (the device script runs it briefly).
 
 #[path = "../tests/common/mod.rs"]
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use common::{random_values, RandomWeights};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use flamingo::backend::cuda::{device_count, CudaBackend, CudaTensor};
+use flamingo::backend::cuda::{device_count, ActDtype, CudaBackend, CudaTensor};
 use flamingo::backend::{Backend, SeqStep, StepLayout};
 
 const D: usize = 4096;
@@ -60,14 +61,20 @@ fn ops(c: &mut Criterion) {
         eprintln!("skipped: no CUDA device");
         return;
     }
-    let b = CudaBackend::new(0).expect("CUDA backend on device 0");
+    for act in ActDtype::ALL {
+        ops_in(c, act);
+    }
+}
+
+fn ops_in(c: &mut Criterion, act: ActDtype) {
+    let b = CudaBackend::with_activations(0, act).expect("CUDA backend on device 0");
     eprintln!("{}", b.summary());
     let w = RandomWeights::new(1, &[("w", &[D, D], true), ("norm", &[D], true)]);
     let (lin, norm) = (
         b.load_weight(&w.get("w")).unwrap(),
         b.load_weight(&w.get("norm")).unwrap(),
     );
-    let mut g = c.benchmark_group("cuda");
+    let mut g = c.benchmark_group(format!("cuda_{act}"));
     g.warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))
         .sample_size(10);

@@ -3,6 +3,9 @@
 //! struct per kernel (per macro family for kernels instantiated per head dim), with fields named and typed as the
 //! C parameters, in their order. A signature change that the Rust side does not follow fails to compile.
 //!
+//! A kernel declared `ACT_KERNEL(name)` exists once per activation type (`name_bf16`, `name_f16`: common.cuh); its
+//! struct is named after `name` and resolves the symbol for the backend's `ActDtype` at launch.
+//!
 //! C types map to Rust as: any pointer -> `u64` (a device address, 0 for null); `int` -> `usize` (checked into
 //! the kernel's int at launch); `long long` -> `usize`; `float` -> `f32`; `Epilogue` -> `Epilogue`. Any other
 //! type stops the build, naming the kernel and parameter.
@@ -10,11 +13,13 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// One kernel, or one macro family of kernels (`flash_attn_d##D##_bf16` instantiated for D = 64, 80, ...).
+/// One kernel, or one macro family of kernels (`ACT_KERNEL(attention_d##D)` instantiated for D = 64, 80, ...).
 struct Signature {
     file: String,
-    /// The symbol, with `##P##` where a family's instantiations differ.
+    /// The symbol, with `##P` where a family's instantiations differ, without the activation suffix.
     symbol: String,
+    /// Declared with `ACT_KERNEL(...)`: one instance per activation type, `<symbol>_<act>`.
+    per_act: bool,
     /// The macro parameter and its instantiations, for a family.
     family: Option<(String, Vec<String>)>,
     params: Vec<Param>,
@@ -39,15 +44,21 @@ pub fn generate(sources: &[&Path], common: &Path) -> String {
             .to_string_lossy()
             .to_string();
         let sigs = signatures(&file, &read(src));
-        let names: Vec<String> = sigs.iter().flat_map(instances).collect();
+        let names: Vec<(String, Option<&str>)> = sigs.iter().flat_map(instances).collect();
         files.push((file, names));
         for s in &sigs {
             out.push_str(&argument_struct(s));
         }
     }
-    out.push_str("/// Every kernel of every file, as the backend loads them.\npub const KERNELS: &[(&str, &[&str])] = &[\n");
+    out.push_str(
+        "/// Every kernel of every file, as the backend loads them, with the activation type it is built for (`None`: \
+         in both variants of the file).\npub const KERNELS: &[(&str, &[(&str, Option<ActDtype>)])] = &[\n",
+    );
     for (file, names) in files {
-        let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+        let quoted: Vec<String> = names
+            .iter()
+            .map(|(n, act)| format!("({n:?}, {})", act.map_or("None".into(), |a| format!("Some(ActDtype::{})", act_variant(a)))))
+            .collect();
         writeln!(out, "    ({file:?}, &[{}]),", quoted.join(", ")).unwrap();
     }
     out.push_str("];\n");
@@ -133,12 +144,19 @@ fn signatures(file: &str, text: &str) -> Vec<Signature> {
             }
         }
         i = skip_space(&text, i);
-        let name_len = text[i..]
-            .bytes()
-            .take_while(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'#')
-            .count();
-        let symbol = text[i..i + name_len].to_string();
-        let open = skip_space(&text, i + name_len);
+        let per_act = text[i..].starts_with("ACT_KERNEL(");
+        let (symbol, name_end) = if per_act {
+            let open = i + "ACT_KERNEL".len();
+            let close = after_parens(&text, open);
+            (text[open + 1..close - 1].trim().to_string(), close)
+        } else {
+            let name_len = text[i..]
+                .bytes()
+                .take_while(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'#')
+                .count();
+            (text[i..i + name_len].to_string(), i + name_len)
+        };
+        let open = skip_space(&text, name_end);
         assert!(
             text[open..].starts_with('('),
             "{file}: kernel {symbol}: no parameter list"
@@ -154,6 +172,7 @@ fn signatures(file: &str, text: &str) -> Vec<Signature> {
         sigs.push(Signature {
             file: file.to_string(),
             symbol,
+            per_act,
             family,
             params,
         });
@@ -232,14 +251,36 @@ fn family_of(file: &str, text: &str, at: usize, symbol: &str) -> (String, Vec<St
     (param, values)
 }
 
-fn instances(s: &Signature) -> Vec<String> {
-    match &s.family {
-        None => vec![s.symbol.clone()],
-        Some((p, values)) => values
-            .iter()
-            .map(|v| s.symbol.replace(&format!("##{p}##"), v))
-            .collect(),
+/// The activation types of `ACT_KERNEL`s, as symbol suffixes (common.cuh).
+const ACTS: [&str; 2] = ["bf16", "f16"];
+
+/// `bf16` -> `Bf16`: the `ActDtype` variant of a suffix.
+fn act_variant(act: &str) -> String {
+    camel(act)
+}
+
+/// The symbol of one instantiation: the family's value (if any) pasted in, the activation suffix (if any) added.
+fn instance(s: &Signature, value: Option<&str>, act: Option<&str>) -> String {
+    let mut symbol = match (&s.family, value) {
+        (Some((p, _)), Some(v)) => s.symbol.replace(&format!("##{p}##"), v).replace(&format!("##{p}"), v),
+        _ => s.symbol.clone(),
+    };
+    if let Some(a) = act {
+        symbol = format!("{symbol}_{a}");
     }
+    symbol
+}
+
+/// Every symbol of a signature, with its activation type.
+fn instances(s: &Signature) -> Vec<(String, Option<&'static str>)> {
+    let acts: Vec<Option<&'static str>> = if s.per_act { ACTS.iter().copied().map(Some).collect() } else { vec![None] };
+    let values: Vec<Option<&str>> = match &s.family {
+        None => vec![None],
+        Some((_, values)) => values.iter().map(|v| Some(v.as_str())).collect(),
+    };
+    acts.iter()
+        .flat_map(|act| values.iter().map(move |v| (instance(s, *v, *act), *act)))
+        .collect()
 }
 
 /// The Rust type and the `Arg` constructor for a C parameter type.
@@ -260,10 +301,17 @@ fn rust_type(s: &Signature, p: &Param) -> (&'static str, &'static str) {
 }
 
 fn argument_struct(s: &Signature) -> String {
-    let display = match &s.family {
+    // `attention_d{D}_{act}`: the symbol as docs and messages show it.
+    let mut display = match &s.family {
         None => s.symbol.clone(),
-        Some((p, _)) => s.symbol.replace(&format!("##{p}##"), &format!("{{{p}}}")),
+        Some((p, _)) => s
+            .symbol
+            .replace(&format!("##{p}##"), &format!("{{{p}}}"))
+            .replace(&format!("##{p}"), &format!("{{{p}}}")),
     };
+    if s.per_act {
+        display.push_str("_{act}");
+    }
     let base: String = s
         .symbol
         .split('_')
@@ -272,15 +320,16 @@ fn argument_struct(s: &Signature) -> String {
         .join("_");
     let name = camel(&base);
     let mut out = String::new();
+    let acts = if s.per_act { format!("; act = {}", ACTS.join(", ")) } else { String::new() };
     match &s.family {
         None => writeln!(
             out,
-            "/// The arguments of `{display}` (kernels/{}), in its parameters' order.",
+            "/// The arguments of `{display}` (kernels/{}{acts}), in its parameters' order.",
             s.file
         ),
         Some((p, v)) => writeln!(
             out,
-            "/// The arguments of `{display}` (kernels/{}; {p} = {}), in its parameters' order.",
+            "/// The arguments of `{display}` (kernels/{}; {p} = {}{acts}), in its parameters' order.",
             s.file,
             v.join(", ")
         ),
@@ -316,37 +365,16 @@ fn argument_struct(s: &Signature) -> String {
     }
     out.push_str("}\n\n");
     writeln!(out, "impl Kernel for {name} {{").unwrap();
-    out.push_str("    fn name(&self) -> &'static str {\n");
-    match &s.family {
-        None => writeln!(out, "        {:?}", s.symbol).unwrap(),
-        Some((p, values)) => {
-            let field = p.to_ascii_lowercase();
-            writeln!(out, "        match self.{field} {{").unwrap();
-            for v in values {
-                writeln!(
-                    out,
-                    "            {v} => {:?},",
-                    s.symbol.replace(&format!("##{p}##"), v)
-                )
-                .unwrap();
-            }
-            let escaped = display.replace('{', "{{").replace('}', "}}");
-            writeln!(
-                out,
-                "            other => panic!(\"{escaped} has no instantiation for {p} = {{other}} (it has {})\"),",
-                values.join(", ")
-            )
-            .unwrap();
-            out.push_str("        }\n");
-        }
-    }
+    let act_param = if s.per_act { "act" } else { "_act" };
+    writeln!(out, "    fn name(&self, {act_param}: ActDtype) -> &'static str {{").unwrap();
+    out.push_str(&name_match(s, &display));
     out.push_str("    }\n\n    fn args(&self) -> Vec<Arg> {\n        vec![\n");
     for p in &s.params {
         let field = p.name.to_ascii_lowercase();
         match rust_type(s, p).1 {
             "int" | "long" => writeln!(
                 out,
-                "            Arg::{}(self.name(), {field:?}, self.{field}),",
+                "            Arg::{}({display:?}, {field:?}, self.{field}),",
                 rust_type(s, p).1
             ),
             ctor => writeln!(out, "            Arg::{ctor}(self.{field}),"),
@@ -363,5 +391,50 @@ fn argument_struct(s: &Signature) -> String {
         )
         .unwrap();
     }
+    out
+}
+
+/// The body of `Kernel::name`: a match over the family's values and the activation types, as each applies.
+fn name_match(s: &Signature, display: &str) -> String {
+    let mut arms = Vec::new();
+    let values: Vec<Option<&str>> = match &s.family {
+        None => vec![None],
+        Some((_, values)) => values.iter().map(|v| Some(v.as_str())).collect(),
+    };
+    let acts: Vec<Option<&str>> = if s.per_act { ACTS.iter().copied().map(Some).collect() } else { vec![None] };
+    for v in &values {
+        for a in &acts {
+            let pattern = match (v, a) {
+                (Some(v), Some(a)) => format!("({v}, ActDtype::{})", act_variant(a)),
+                (Some(v), None) => v.to_string(),
+                (None, Some(a)) => format!("ActDtype::{}", act_variant(a)),
+                (None, None) => String::new(),
+            };
+            arms.push((pattern, instance(s, *v, *a)));
+        }
+    }
+    if arms.len() == 1 && arms[0].0.is_empty() {
+        return format!("        {:?}\n", arms[0].1);
+    }
+    let scrutinee = match (&s.family, s.per_act) {
+        (Some((p, _)), true) => format!("(self.{}, act)", p.to_ascii_lowercase()),
+        (Some((p, _)), false) => format!("self.{}", p.to_ascii_lowercase()),
+        (None, _) => "act".to_string(),
+    };
+    let mut out = format!("        match {scrutinee} {{\n");
+    for (pattern, symbol) in &arms {
+        writeln!(out, "            {pattern} => {symbol:?},").unwrap();
+    }
+    if let Some((p, values)) = &s.family {
+        let escaped = display.replace('{', "{{").replace('}', "}}");
+        let other = if s.per_act { "(other, _)" } else { "other" };
+        writeln!(
+            out,
+            "            {other} => panic!(\"{escaped} has no instantiation for {p} = {{other}} (it has {})\"),",
+            values.join(", ")
+        )
+        .unwrap();
+    }
+    out.push_str("        }\n");
     out
 }

@@ -8,18 +8,18 @@
 // element-wise path with the same results. Rounding follows the unfused PyTorch graph (each
 // op reads bf16 and writes bf16), see the comments per kernel.
 //
-// swiglu_bf16(out, gate, up, rows, cols)                       SwiGLU from two buffers
+// swiglu_{bf16,f16}(out, gate, up, rows, cols)                       SwiGLU from two buffers
 //     gate, up, out: [rows, cols]. out = bf16( bf16(silu(gate)) * up ).  out may alias gate or up.
-// activate_bf16(x, rows, cols, act)                   x = act(x) in place
+// activate_{bf16,f16}(x, rows, cols, act)                   x = act(x) in place
 //     act: EPI_NONE/EPI_BIAS (0/1, identity), EPI_GELU (3, exact erf), EPI_RELU (4), EPI_QUICK_GELU (6),
 //     EPI_GELU_TANH (7). (A Linear's bias and activation fuse into its GEMM epilogue instead.)
-// add_gated_bf16(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
+// add_gated_{bf16,f16}(h, x, alpha, alpha_len, rows, cols)    gated residual (IDEFICS / Flamingo)
 //     h: [rows, cols] updated in place, x: [rows, cols], alpha: bf16 [alpha_len] with alpha_len = 1
 //     (alpha_type "float") or cols ("vector"); the gate for column c is alpha[alpha_len == 1 ? 0 : c].
 //     h = bf16( h + bf16( bf16(tanh(alpha)) * x ) ).
-// add_assign_bf16(out, a, b, rows, cols)            residual add: out = bf16(a + b) (PyTorch adds two bf16
+// add_assign_{bf16,f16}(out, a, b, rows, cols)            residual add: out = bf16(a + b) (PyTorch adds two bf16
 //     tensors into a bf16 tensor). out may alias a or b.
-// bf16_to_f32(out_f32, x, n)                 widening copy, e.g. logits before sampling (exact).
+// to_f32_{bf16,f16}(out_f32, x, n)           widening copy, e.g. logits before sampling (exact).
 //     One element per thread per step: grid = (min(ceil(n / 256), 65535 * 8), 1, 1), block = (256, 1, 1).
 //
 // CPU reference: src/backend/cpu/mod.rs::swiglu, src/backend/cpu/mod.rs::activate,
@@ -46,7 +46,7 @@ FE_DEVICE void for_each_chunk(int rows, int cols, F&& f) {
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    swiglu_bf16(bf16* out, const bf16* gate, const bf16* up, int rows, int cols) {
+    ACT_KERNEL(swiglu)(act_t* out, const act_t* gate, const act_t* up, int rows, int cols) {
   const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(gate) && is_aligned16(up);
   for_each_chunk(rows, cols, [&](int r, int c) {
     const long long off = (long long)r * cols;
@@ -54,13 +54,13 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
     load8_rw(gate + off, c, cols, vec, g);
     load8_rw(up + off, c, cols, vec, u);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) o[j] = rnd_bf16(silu(g[j])) * u[j];
+    for (int j = 0; j < 8; ++j) o[j] = rnd_act(silu(g[j])) * u[j];
     store8(out + off, c, cols, vec, o);
   });
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    activate_bf16(bf16* x, int rows, int cols, Epilogue act) {
+    ACT_KERNEL(activate)(act_t* x, int rows, int cols, Epilogue act) {
   // Codes that need a second operand (EPI_RESIDUAL, EPI_SILU_MUL) are GEMM-only: identity here.
   if (epilogue_reads_aux(act)) act = EPI_NONE;
   const bool vec = (cols % 8 == 0) && is_aligned16(x);
@@ -75,9 +75,9 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    add_gated_bf16(bf16* h, const bf16* x, const bf16* __restrict__ alpha, int alpha_len, int rows, int cols) {
+    ACT_KERNEL(add_gated)(act_t* h, const act_t* x, const act_t* __restrict__ alpha, int alpha_len, int rows, int cols) {
   const bool vec = (cols % 8 == 0) && is_aligned16(h) && is_aligned16(x) && (alpha_len == 1 || is_aligned16(alpha));
-  const float a0 = rnd_bf16(tanhf(to_f(alpha[0])));
+  const float a0 = rnd_act(tanhf(to_f(alpha[0])));
   for_each_chunk(rows, cols, [&](int r, int c) {
     const long long off = (long long)r * cols;
     float hv[8], xv[8], av[8];
@@ -86,15 +86,15 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
     if (alpha_len != 1) load8(alpha, c, cols, vec, av);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float g = (alpha_len == 1) ? a0 : rnd_bf16(tanhf(av[j]));
-      hv[j] = hv[j] + rnd_bf16(g * xv[j]);
+      const float g = (alpha_len == 1) ? a0 : rnd_act(tanhf(av[j]));
+      hv[j] = hv[j] + rnd_act(g * xv[j]);
     }
     store8(h + off, c, cols, vec, hv);
   });
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    add_assign_bf16(bf16* out, const bf16* a, const bf16* b, int rows, int cols) {
+    ACT_KERNEL(add_assign)(act_t* out, const act_t* a, const act_t* b, int rows, int cols) {
   const bool vec = (cols % 8 == 0) && is_aligned16(out) && is_aligned16(a) && is_aligned16(b);
   for_each_chunk(rows, cols, [&](int r, int c) {
     const long long off = (long long)r * cols;
@@ -108,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(ACT_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(ACT_THREADS)
-    bf16_to_f32(float* __restrict__ out, const bf16* __restrict__ x, long long n) {
+    ACT_KERNEL(to_f32)(float* __restrict__ out, const act_t* __restrict__ x, long long n) {
   for (long long i = (long long)blockIdx.x * ACT_THREADS + threadIdx.x; i < n; i += (long long)gridDim.x * ACT_THREADS)
     out[i] = to_f(x[i]);
 }

@@ -7,7 +7,7 @@
 // Softmax in f32, accumulation in f32, scale = 1/sqrt(D) passed by the host as `scale`.
 // Alignment: every ld % 8 == 0 and every base pointer 16-byte aligned (16-byte loads/stores).
 //
-// attention_d{64,80,96,128}_bf16(o, q, k, v, cu_q, cu_k, n_seqs, n_heads, n_kv_heads,
+// attention_d{64,80,96,128}_{bf16,f16}(o, q, k, v, cu_q, cu_k, n_seqs, n_heads, n_kv_heads,
 //                                  ldq, ldk, ldv, ldo, causal, scale, alibi_n, alibi_max, alibi_interleave)
 //   Variable-length batch: sequence b owns query rows cu_q[b] .. cu_q[b+1] and key/value rows
 //   cu_k[b] .. cu_k[b+1] (int32 prefix offsets, n_seqs + 1 entries each). With Tq, Tk its
@@ -21,7 +21,7 @@
 //   (static: 16 KiB for D=64, 22 KiB D=80, 26 KiB D=96, 32 KiB D=128).
 //   Causal blocks are visited longest-first (blockIdx.x reversed) to balance the tail.
 //
-// paged_attention_d{16,32,64,128}_bf16(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table,
+// paged_attention_d{16,32,64,128}_{bf16,f16}(o_part, ml_part, q, k_cache, v_cache, kv_lens, block_table,
 //                            max_blocks, block_size, seq_stride, n_heads, n_kv_heads, ldq, ldkv,
 //                            split_size, scale, alibi_n, alibi_max, alibi_interleave)
 //   One query per sequence: q [n_seqs, ldq]. Sequence b attends to its kv_lens[b] cached
@@ -39,7 +39,7 @@
 //   aligned pools). D = 16 and 32 serve small models (and the tiny test models) without padding.
 //   Batch invariance: results depend on split_size and kv_len only: keep split_size fixed
 //   (e.g. 256), not derived from the batch size.
-// paged_attention_combine_bf16(o, o_part, ml_part, n_heads, n_splits, head_dim, ldo)
+// paged_attention_combine_{bf16,f16}(o, o_part, ml_part, n_heads, n_splits, head_dim, ldo)
 //   o[b, h*D + d] = sum_s 2^(m_s - M) o_s[d] / sum_s 2^(m_s - M) l_s, M = max_s m_s (0 if no key).
 //   Splits are folded in index order (deterministic). o: [n_seqs, ldo] bf16.
 //   Launch: grid = (n_heads, n_seqs, 1), block = (128, 1, 1), dynamic smem = 0.
@@ -54,7 +54,7 @@
 // Prefill
 // ------------------------------------------------------------------------------------------
 template <int D>
-FE_DEVICE void flash_prefill(bf16* o, const bf16* q, const bf16* k, const bf16* v, const int* cu_q, const int* cu_k,
+FE_DEVICE void flash_prefill(act_t* o, const act_t* q, const act_t* k, const act_t* v, const int* cu_q, const int* cu_k,
                              int n_seqs, int n_heads, int n_kv_heads, int ldq, int ldk, int ldv, int ldo, int causal,
                              float scale, int alibi_n, float alibi_max, int alibi_interleave) {
   const int b = blockIdx.z, h = blockIdx.y;
@@ -85,8 +85,8 @@ FE_DEVICE void flash_prefill(bf16* o, const bf16* q, const bf16* k, const bf16* 
 }
 
 #define FLASH_PREFILL(D)                                                                                       \
-  extern "C" __global__ void FLASH_LAUNCH_BOUNDS attention_d##D##_bf16(                          \
-      bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,             \
+  extern "C" __global__ void FLASH_LAUNCH_BOUNDS ACT_KERNEL(attention_d##D)(                          \
+      act_t* o, const act_t* __restrict__ q, const act_t* __restrict__ k, const act_t* __restrict__ v,             \
       const int* __restrict__ cu_q, const int* __restrict__ cu_k, int n_seqs, int n_heads, int n_kv_heads,     \
       int ldq, int ldk, int ldv, int ldo, int causal, float scale, int alibi_n, float alibi_max,                \
       int alibi_interleave) {                                                                                  \
@@ -105,7 +105,7 @@ FLASH_PREFILL(128)
 #define DEC_UNROLL 4  // keys per group per iteration: 2 * DEC_UNROLL 16-byte loads in flight
 
 template <int D>
-FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const bf16* k_cache, const bf16* v_cache,
+FE_DEVICE void decode_split(float* o_part, float* ml_part, const act_t* q, const act_t* k_cache, const act_t* v_cache,
                             const int* kv_lens, const int* block_table, int max_blocks, int block_size, long long seq_stride,
                             int n_heads, int n_kv_heads, int ldq, int ldkv, int split_size, float scale, int alibi_n,
                             float alibi_max, int alibi_interleave) {
@@ -207,9 +207,9 @@ FE_DEVICE void decode_split(float* o_part, float* ml_part, const bf16* q, const 
 }
 
 #define DECODE_ATTN(D)                                                                                           \
-  extern "C" __global__ void __launch_bounds__(DEC_THREADS) paged_attention_d##D##_bf16(                             \
-      float* __restrict__ o_part, float* __restrict__ ml_part, const bf16* __restrict__ q,                       \
-      const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache, const int* __restrict__ kv_lens,       \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS) ACT_KERNEL(paged_attention_d##D)(                             \
+      float* __restrict__ o_part, float* __restrict__ ml_part, const act_t* __restrict__ q,                       \
+      const act_t* __restrict__ k_cache, const act_t* __restrict__ v_cache, const int* __restrict__ kv_lens,       \
       const int* __restrict__ block_table, int max_blocks, int block_size, long long seq_stride, int n_heads,    \
       int n_kv_heads, int ldq, int ldkv, int split_size, float scale, int alibi_n, float alibi_max,            \
       int alibi_interleave) {                                                                                    \
@@ -223,7 +223,7 @@ DECODE_ATTN(64)
 DECODE_ATTN(128)
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    paged_attention_combine_bf16(bf16* __restrict__ o, const float* __restrict__ o_part, const float* __restrict__ ml_part,
+    ACT_KERNEL(paged_attention_combine)(act_t* __restrict__ o, const float* __restrict__ o_part, const float* __restrict__ ml_part,
                              int n_heads, int n_splits, int head_dim, int ldo) {
   const int h = blockIdx.x, b = blockIdx.y;
   const long long base = ((long long)b * n_heads + h) * n_splits;
@@ -236,6 +236,6 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
   for (int d = threadIdx.x; d < head_dim; d += DEC_THREADS) {
     float od = 0.f;
     for (int s = 0; s < n_splits; ++s) od += o_part[(base + s) * head_dim + d] * exp2f(ml_part[(base + s) * 2] - Mr);
-    o[(long long)b * ldo + h * head_dim + d] = to_bf(od * inv);
+    o[(long long)b * ldo + h * head_dim + d] = to_act(od * inv);
   }
 }

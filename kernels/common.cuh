@@ -1,23 +1,36 @@
 // common.cuh - helpers shared by every kernel file of flamingo-engine.
 //
-// Compiles under nvcc and NVRTC alike: only CUDA headers (cuda_bf16.h) are included, no
+// Compiles under nvcc and NVRTC alike: only CUDA headers (cuda_bf16.h, cuda_fp16.h) are included, no
 // libc / libstdc++ headers, because NVRTC has no system include path.
 //
+// The activation type. Every kernel file is compiled twice: as is, for bf16 activations and weights, and with
+// -DFE_ACT_F16 for f16 ones (more mantissa, less range: the engine's `--dtype f16`). Kernels are written once
+// over `act_t`, and `ACT_KERNEL(name)` gives each its symbol in the variant: `name_bf16` or `name_f16`.
+// Accumulation, softmax and sampling are f32 in both.
+//
 // Contents
-//   * scalar types and constants (INF, NaN) without <cmath>
-//   * bf16 <-> f32 conversion, HF-style rounding helper (rnd_bf16)
-//   * 16-byte vector access: 8 bf16 per load/store, with a scalar fallback for unaligned
+//   * the activation type, its conversions and HF-style rounding helper (rnd_act), special values
+//   * 16-byte vector access: 8 act_t per load/store, with a scalar fallback for unaligned
 //     or ragged rows (every edge predicated)
 //   * warp / block reductions (sum, max) with a fixed, data-independent order, so results
 //     are bit-reproducible run to run
 //   * activation functions and the epilogue codes shared by gemm.cu and activation.cu
-//   * inline-PTX wrappers: cp.async, ldmatrix, mma.sync m16n8k16 bf16
+//   * inline-PTX wrappers: cp.async, ldmatrix, mma.sync m16n8k16 (bf16 or f16 inputs)
 #pragma once
 
+#ifdef FE_ACT_F16
+#include <cuda_fp16.h>
+typedef __half act_t;
+typedef __half2 act2_t;
+#define ACT_KERNEL(name) name##_f16
+#define FE_MMA_TYPE "f16"
+#else
 #include <cuda_bf16.h>
-
-typedef __nv_bfloat16 bf16;
-typedef __nv_bfloat162 bf162;
+typedef __nv_bfloat16 act_t;
+typedef __nv_bfloat162 act2_t;
+#define ACT_KERNEL(name) name##_bf16
+#define FE_MMA_TYPE "bf16"
+#endif
 
 #define FE_DEVICE __device__ __forceinline__
 
@@ -27,26 +40,35 @@ typedef __nv_bfloat162 bf162;
 #define FE_NAN __int_as_float(0x7fffffff)
 #define FE_LOG2E 1.4426950408889634f
 
-FE_DEVICE float to_f(bf16 x) { return __bfloat162float(x); }
-FE_DEVICE bf16 to_bf(float x) { return __float2bfloat16_rn(x); }
-// Round an f32 to the nearest bf16 and back. Used where the HF reference materialises a
-// bf16 intermediate (e.g. Linear output before an activation), so we round at the same point.
-FE_DEVICE float rnd_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+#ifdef FE_ACT_F16
+FE_DEVICE float to_f(act_t x) { return __half2float(x); }
+FE_DEVICE act_t to_act(float x) { return __float2half_rn(x); }
+FE_DEVICE float2 act2_to_float2(act2_t h) { return __half22float2(h); }
+FE_DEVICE act2_t floats_to_act2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+#else
+FE_DEVICE float to_f(act_t x) { return __bfloat162float(x); }
+FE_DEVICE act_t to_act(float x) { return __float2bfloat16_rn(x); }
+FE_DEVICE float2 act2_to_float2(act2_t h) { return __bfloat1622float2(h); }
+FE_DEVICE act2_t floats_to_act2(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+#endif
+// Round an f32 to the nearest act_t and back. Used where the HF reference materialises a
+// 16-bit intermediate (e.g. Linear output before an activation), so we round at the same point.
+FE_DEVICE float rnd_act(float x) { return to_f(to_act(x)); }
 
 FE_DEVICE bool is_aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0; }
 
 // ---------------------------------------------------------------------------------------------
-// 16-byte vector access: 8 consecutive bf16 <-> 8 floats.
+// 16-byte vector access: 8 consecutive act_t <-> 8 floats.
 // `vec` must be true only when (row base pointer + c) is 16-byte aligned for every c that is a
 // multiple of 8, i.e. base aligned and row length % 8 == 0; callers compute it once per kernel.
 // When vec is false, or the chunk runs past n, elements are accessed one by one and elements
 // at or beyond n read as 0 / are not written.
 // ---------------------------------------------------------------------------------------------
 FE_DEVICE void unpack8(const uint4& u, float (&v)[8]) {
-  const bf162* h = reinterpret_cast<const bf162*>(&u);
+  const act2_t* h = reinterpret_cast<const act2_t*>(&u);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    float2 f = __bfloat1622float2(h[j]);
+    float2 f = act2_to_float2(h[j]);
     v[2 * j] = f.x;
     v[2 * j + 1] = f.y;
   }
@@ -54,14 +76,14 @@ FE_DEVICE void unpack8(const uint4& u, float (&v)[8]) {
 
 FE_DEVICE uint4 pack8(const float (&v)[8]) {
   uint4 u;
-  bf162* h = reinterpret_cast<bf162*>(&u);
+  act2_t* h = reinterpret_cast<act2_t*>(&u);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) h[j] = floats_to_act2(v[2 * j], v[2 * j + 1]);
   return u;
 }
 
 // Load elements [c, c+8) of a row of length n.
-FE_DEVICE void load8(const bf16* row, int c, int n, bool vec, float (&v)[8]) {
+FE_DEVICE void load8(const act_t* row, int c, int n, bool vec, float (&v)[8]) {
   if (vec && c + 8 <= n) {
     unpack8(__ldg(reinterpret_cast<const uint4*>(row + c)), v);
   } else {
@@ -72,7 +94,7 @@ FE_DEVICE void load8(const bf16* row, int c, int n, bool vec, float (&v)[8]) {
 
 // Same as load8 but through the coherent path: for buffers the same kernel also writes
 // (in-place residual updates), where the read-only (__ldg / nc) path is not allowed.
-FE_DEVICE void load8_rw(const bf16* row, int c, int n, bool vec, float (&v)[8]) {
+FE_DEVICE void load8_rw(const act_t* row, int c, int n, bool vec, float (&v)[8]) {
   if (vec && c + 8 <= n) {
     unpack8(*reinterpret_cast<const uint4*>(row + c), v);
   } else {
@@ -81,13 +103,13 @@ FE_DEVICE void load8_rw(const bf16* row, int c, int n, bool vec, float (&v)[8]) 
   }
 }
 
-FE_DEVICE void store8(bf16* row, int c, int n, bool vec, const float (&v)[8]) {
+FE_DEVICE void store8(act_t* row, int c, int n, bool vec, const float (&v)[8]) {
   if (vec && c + 8 <= n) {
     *reinterpret_cast<uint4*>(row + c) = pack8(v);
   } else {
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      if (c + j < n) row[c + j] = to_bf(v[j]);
+      if (c + j < n) row[c + j] = to_act(v[j]);
   }
 }
 
@@ -164,15 +186,15 @@ enum Epilogue : int {
 };
 
 // Applies the epilogue to one f32 accumulator. Rounding mirrors the unfused HF/PyTorch graph:
-// the Linear output (acc + bias, bias added in f32 like cuBLAS) is a bf16 tensor, and each
-// following elementwise op reads bf16 and writes bf16. `aux` is the already loaded bf16 value.
+// the Linear output (acc + bias, bias added in f32 like cuBLAS) is an act_t tensor, and each
+// following elementwise op reads act_t and writes act_t. `aux` is the already loaded act_t value.
 FE_DEVICE float apply_epilogue(int epi, float acc, float bias, float aux) {
-  const float lin = rnd_bf16(acc + bias);
+  const float lin = rnd_act(acc + bias);
   switch (epi) {
     case EPI_RESIDUAL: return aux + lin;
     case EPI_GELU: return gelu_erf(lin);
     case EPI_RELU: return fmaxf(lin, 0.f);
-    case EPI_SILU_MUL: return rnd_bf16(silu(lin)) * aux;
+    case EPI_SILU_MUL: return rnd_act(silu(lin)) * aux;
     case EPI_QUICK_GELU: return quick_gelu(lin);
     case EPI_GELU_TANH: return gelu_tanh(lin);
     default: return lin;  // EPI_NONE, EPI_BIAS
@@ -212,14 +234,16 @@ FE_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem_row) {
                : "r"(smem_u32(smem_row)));
 }
 
-// D = A(16x16, row) * B(16x8, col) + D, bf16 inputs, f32 accumulators (in place).
+// D = A(16x16, row) * B(16x8, col) + D, act_t (bf16 or f16) inputs, f32 accumulators (in place).
+// The f16 variant has the same fragment layout; only the instruction's input type differs.
 // Fragment layout (g = lane/4, t = lane%4):
 //   a[0]: A[g][2t..2t+1]  a[1]: A[g+8][2t..]  a[2]: A[g][2t+8..]  a[3]: A[g+8][2t+8..]
 //   b[0]: B[2t..2t+1][g]  b[1]: B[2t+8..][g]
 //   d[0..1]: D[g][2t..2t+1]   d[2..3]: D[g+8][2t..2t+1]
-FE_DEVICE void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+FE_DEVICE void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "mma.sync.aligned.m16n8k16.row.col.f32." FE_MMA_TYPE "." FE_MMA_TYPE
+      ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -227,19 +251,19 @@ FE_DEVICE void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0
 
 #endif  // FE_SIM
 
-FE_DEVICE unsigned pack_bf16x2(float lo, float hi) {
-  bf162 h = __floats2bfloat162_rn(lo, hi);
+FE_DEVICE unsigned pack_act2(float lo, float hi) {
+  act2_t h = floats_to_act2(lo, hi);
   return *reinterpret_cast<unsigned*>(&h);
 }
 
-// Store two adjacent outputs (col, col+1) of a bf16 row; uses one 4-byte store when both are in
+// Store two adjacent outputs (col, col+1) of an act_t row; uses one 4-byte store when both are in
 // range and the address is 4-byte aligned, else element-wise with predication.
-FE_DEVICE void store_pair(bf16* row, int col, int n, float v0, float v1) {
-  bf16* p = row + col;
+FE_DEVICE void store_pair(act_t* row, int col, int n, float v0, float v1) {
+  act_t* p = row + col;
   if (col + 1 < n && (reinterpret_cast<unsigned long long>(p) & 3ull) == 0) {
-    *reinterpret_cast<bf162*>(p) = __floats2bfloat162_rn(v0, v1);
+    *reinterpret_cast<act2_t*>(p) = floats_to_act2(v0, v1);
   } else {
-    if (col < n) p[0] = to_bf(v0);
-    if (col + 1 < n) p[1] = to_bf(v1);
+    if (col < n) p[0] = to_act(v0);
+    if (col + 1 < n) p[1] = to_act(v1);
   }
 }

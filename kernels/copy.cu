@@ -1,7 +1,7 @@
 // copy.cu - row and column data movement for the backend's tensor ops (slices, concatenation,
 // row gather, KV-cache scatter, per-head zero padding).
 //
-// copy_rows_bf16(dst, src, dst_idx, src_idx, rows, groups, d_dst, d_src, ld_dst, ld_src)
+// copy_rows_{bf16,f16}(dst, src, dst_idx, src_idx, rows, groups, d_dst, d_src, ld_dst, ld_src)
 //   For i < rows, g < groups, c < d_dst (all int32 indices, row strides in elements):
 //     di = dst_idx ? dst_idx[i] : i        si = src_idx ? src_idx[i] : i
 //     dst[di*ld_dst + g*d_dst + c] = c < d_src ? src[si*ld_src + g*d_src + c] : 0
@@ -27,7 +27,7 @@
 #define COPY_THREADS 256
 
 extern "C" __global__ void __launch_bounds__(COPY_THREADS)
-    copy_rows_bf16(bf16* __restrict__ dst, const bf16* __restrict__ src, const int* __restrict__ dst_idx,
+    ACT_KERNEL(copy_rows)(act_t* __restrict__ dst, const act_t* __restrict__ src, const int* __restrict__ dst_idx,
                    const int* __restrict__ src_idx, int rows, int groups, int d_dst, int d_src, long long ld_dst,
                    long long ld_src) {
   const long long per_row = (long long)groups * d_dst;
@@ -38,7 +38,7 @@ extern "C" __global__ void __launch_bounds__(COPY_THREADS)
     const int rem = (int)(e - (long long)i * per_row);
     const int g = rem / d_dst, c = rem - g * d_dst;
     const long long di = dst_idx ? dst_idx[i] : i;
-    bf16 v = to_bf(0.f);
+    act_t v = to_act(0.f);
     if (c < d_src) {
       const long long si = src_idx ? src_idx[i] : i;
       v = src[si * ld_src + (long long)g * d_src + c];

@@ -38,12 +38,12 @@
 
 
 struct FlashArgs {
-  bf16* o;            // row 0 of this tile, column of this head
-  const bf16* q;      // row 0 of this tile, column of this head
-  const bf16* k_a;    // key 0 of source a, column of the kv head
-  const bf16* v_a;
-  const bf16* k_b;    // key 0 of source b (may be null when every key index < n_a)
-  const bf16* v_b;
+  act_t* o;            // row 0 of this tile, column of this head
+  const act_t* q;      // row 0 of this tile, column of this head
+  const act_t* k_a;    // key 0 of source a, column of the kv head
+  const act_t* v_a;
+  const act_t* k_b;    // key 0 of source b (may be null when every key index < n_a)
+  const act_t* v_b;
   int ldq, ldk, ldv, ldo;
   int n_a;            // keys [0, n_a) come from source a
   int q_rows;         // valid query rows in this tile (1..64)
@@ -80,13 +80,13 @@ struct FlashSmem {
 // Async copy of up to 64 rows of D elements into a tile; row r comes from rowptr(r), or is
 // zero-filled when rowptr returns null (zero V rows keep 0 * garbage from producing NaN).
 template <int D, typename RowPtr>
-FE_DEVICE void flash_load_rows(bf16* s, RowPtr rowptr, const bf16* any_valid) {
+FE_DEVICE void flash_load_rows(act_t* s, RowPtr rowptr, const act_t* any_valid) {
   using L = FlashSmem<D>;
 #pragma unroll
   for (int it = 0; it < FLASH_BKV * L::CH / FLASH_THREADS; ++it) {
     const int i = it * FLASH_THREADS + threadIdx.x;
     const int r = i / L::CH, c = i - r * L::CH;
-    const bf16* p = rowptr(r);
+    const act_t* p = rowptr(r);
     cp_async16(s + L::off(r, c), p ? p + c * 8 : any_valid, p ? 16 : 0);
   }
 }
@@ -99,8 +99,8 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
   constexpr int KSTEPS = D / 16;        // k16 steps of Q K^T
   constexpr int DT = D / 8;             // n8 tiles of O
   constexpr int ST = FLASH_BKV / 8;     // n8 tiles of S
-  __shared__ __align__(128) bf16 sK[FLASH_BKV * L::ROW];
-  __shared__ __align__(128) bf16 sV[FLASH_BKV * L::ROW];
+  __shared__ __align__(128) act_t sK[FLASH_BKV * L::ROW];
+  __shared__ __align__(128) act_t sV[FLASH_BKV * L::ROW];
   __shared__ int s_range[2];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -142,7 +142,7 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
   }
 
   // ---- Q tile: staged through sK, then held as mma A fragments ----
-  flash_load_rows<D>(sK, [&](int r) -> const bf16* { return r < a.q_rows ? a.q + (long long)r * a.ldq : nullptr; },
+  flash_load_rows<D>(sK, [&](int r) -> const act_t* { return r < a.q_rows ? a.q + (long long)r * a.ldq : nullptr; },
                      a.q);
   cp_async_commit();
   cp_async_wait<0>();
@@ -162,7 +162,7 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
   float m[2] = {FE_NEG_INF, FE_NEG_INF}, l[2] = {0.f, 0.f};
 
   const int ntiles = kv_hi > kv_lo ? (kv_hi - kv_lo + FLASH_BKV - 1) / FLASH_BKV : 0;
-  auto key_row = [&](const bf16* src_a, const bf16* src_b, int ld, int key) -> const bf16* {
+  auto key_row = [&](const act_t* src_a, const act_t* src_b, int ld, int key) -> const act_t* {
     if (key >= kv_hi) return nullptr;
     return key < a.n_a ? src_a + (long long)key * ld : src_b + (long long)(key - a.n_a) * ld;
   };
@@ -199,8 +199,8 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
       for (int np = 0; np < ST / 2; ++np) {
         unsigned r[4];
         ldmatrix_x4(r, sK + L::off(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
-        mma_bf16_16816(s[2 * np], qf[ks], r[0], r[1]);
-        mma_bf16_16816(s[2 * np + 1], qf[ks], r[2], r[3]);
+        mma_16816(s[2 * np], qf[ks], r[0], r[1]);
+        mma_16816(s[2 * np + 1], qf[ks], r[2], r[3]);
       }
     __syncthreads();  // every warp is done with sK
     if (j + 1 < ntiles) load_k(j + 1);
@@ -251,16 +251,16 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
 #pragma unroll
     for (int kk = 0; kk < FLASH_BKV / 16; ++kk) {
       unsigned pa[4];
-      pa[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pa[0] = pack_act2(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack_act2(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack_act2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack_act2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         unsigned r[4];
         ldmatrix_x4_trans(r, sV + L::off(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 2 + (lane >> 4)));
-        mma_bf16_16816(o[2 * dp], pa, r[0], r[1]);
-        mma_bf16_16816(o[2 * dp + 1], pa, r[2], r[3]);
+        mma_16816(o[2 * dp], pa, r[0], r[1]);
+        mma_16816(o[2 * dp + 1], pa, r[2], r[3]);
       }
     }
     __syncthreads();  // every warp is done with sV
@@ -283,8 +283,8 @@ FE_DEVICE void flash_attention_tile(const FlashArgs& a, RowRange range) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp * 16 + g + 8 * h;
-      *reinterpret_cast<bf162*>(sK + L::elem(r, dt * 8 + 2 * t)) =
-          __floats2bfloat162_rn(o[dt][2 * h] * inv[h], o[dt][2 * h + 1] * inv[h]);
+      *reinterpret_cast<act2_t*>(sK + L::elem(r, dt * 8 + 2 * t)) =
+          floats_to_act2(o[dt][2 * h] * inv[h], o[dt][2 * h + 1] * inv[h]);
     }
   __syncwarp();  // each warp stores only its own 16 rows
 #pragma unroll

@@ -13,26 +13,26 @@
 // 16-byte (cp.async) loads when K % 8 == 0 and x, W are 16-byte aligned; otherwise an
 // element-wise load path (same results, slower).
 //
-// gemm_bf16(y, x, W, bias, aux, M, N, K, ldy, epi)
+// gemm_{bf16,f16}(y, x, W, bias, aux, M, N, K, ldy, epi)
 //   Tensor cores: mma.sync m16n8k16 bf16 -> f32, ldmatrix from XOR-swizzled shared memory
 //   (conflict-free), 3-stage cp.async pipeline, block tile 128 x 128 x 32, 8 warps of 64 x 32.
 //   Launch: grid = (ceil(N/128), ceil(M/128), 1), block = (256, 1, 1), dynamic smem = 0
 //   (48 KiB static).
-// gemm_small_bf16(...)  same arguments; block tile 64 x 64 x 32, 4 warps of 32 x 32, for
+// gemm_small_{bf16,f16}(...)  same arguments; block tile 64 x 64 x 32, 4 warps of 32 x 32, for
 //   small M or too few 128x128 tiles to fill the GPU.
 //   Launch: grid = (ceil(N/64), ceil(M/64), 1), block = (128, 1, 1), dynamic smem = 0 (24 KiB static).
 //   Both configurations issue, for every output element, the same sequence of mma operations
 //   over K (k-tiles of 32 in order, two k16 steps each), so they give bit-identical results:
 //   the host may choose between them by shape without losing batch invariance.
 //
-// gemv_bf16(y, x, W, bias, aux, M, N, K, ldy, epi)
+// gemv_{bf16,f16}(y, x, W, bias, aux, M, N, K, ldy, epi)
 //   Memory-bound path for decode (M <= 8 per row group): one block computes 4 output columns
 //   for 8 rows; the K range is split over all 256 threads (8 elements each per step, 16-byte
 //   loads of W and x) and the partial sums are combined warp-by-warp in a fixed order.
 //   Batch invariance: the reduction order for y[m, n] depends only on K (thread t always owns
 //   elements t*8 + i*2048 + 0..7), never on M, N, or the other rows.
-//   Its order differs from gemm_bf16's, so for bit-identical decode at every batch size use
-//   gemv_bf16 for all decode rows (row groups of 8 along grid.y; each group re-reads W).
+//   Its order differs from gemm_{bf16,f16}'s, so for bit-identical decode at every batch size use
+//   gemv_{bf16,f16} for all decode rows (row groups of 8 along grid.y; each group re-reads W).
 //   Launch: grid = (ceil(N/4), ceil(M/8), 1), block = (256, 1, 1), dynamic smem = 0.
 //
 // CPU reference: src/backend/cpu/mod.rs::linear
@@ -54,29 +54,29 @@ FE_DEVICE int tile_off(int row, int chunk) { return row * GEMM_BK + ((chunk ^ ((
 // Copies rows [row0, row0 + ROWS) x cols [k0, k0 + 32) of g ([nrows, K] row-major) into the
 // swizzled tile s; out-of-range elements become 0, so they add nothing to the products.
 template <int ROWS, int NT>
-FE_DEVICE void load_tile(bf16* s, const bf16* g, int row0, int nrows, int k0, int K, bool vec) {
+FE_DEVICE void load_tile(act_t* s, const act_t* g, int row0, int nrows, int k0, int K, bool vec) {
   static_assert((ROWS * 4) % NT == 0, "tile chunks must divide evenly over the threads");
 #pragma unroll
   for (int it = 0; it < ROWS * 4 / NT; ++it) {
     const int i = it * NT + threadIdx.x;
     const int r = i >> 2, c = i & 3;
     const int gr = row0 + r, gk = k0 + c * 8;
-    bf16* dst = s + tile_off(r, c);
+    act_t* dst = s + tile_off(r, c);
     if (vec) {  // K % 8 == 0: a chunk is entirely in or out of range
       const bool ok = gr < nrows && gk < K;
       cp_async16(dst, ok ? g + (long long)gr * K + gk : g, ok ? 16 : 0);
     } else {
-      const bf16* src = g + (long long)gr * K;
+      const act_t* src = g + (long long)gr * K;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) dst[j] = (gr < nrows && gk + j < K) ? src[gk + j] : to_bf(0.f);
+      for (int j = 0; j < 8; ++j) dst[j] = (gr < nrows && gk + j < K) ? src[gk + j] : to_act(0.f);
     }
   }
 }
 
-FE_DEVICE float load_or_zero(const bf16* p, long long i, bool ok) { return ok ? to_f(p[i]) : 0.f; }
+FE_DEVICE float load_or_zero(const act_t* p, long long i, bool ok) { return ok ? to_f(p[i]) : 0.f; }
 
 // Applies the epilogue to two adjacent accumulators (row, col..col+1) and stores them.
-FE_DEVICE void epilogue_store2(bf16* y, const bf16* bias, const bf16* aux, int M, int N, int ldy, int epi, int row,
+FE_DEVICE void epilogue_store2(act_t* y, const act_t* bias, const act_t* aux, int M, int N, int ldy, int epi, int row,
                                int col, float v0, float v1) {
   if (row >= M || col >= N) return;
   const bool has1 = col + 1 < N;
@@ -88,15 +88,15 @@ FE_DEVICE void epilogue_store2(bf16* y, const bf16* bias, const bf16* aux, int M
 }
 
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
-FE_DEVICE void gemm_body(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-                         const bf16* aux, int M, int N, int K, int ldy, int epi) {
+FE_DEVICE void gemm_body(act_t* y, const act_t* __restrict__ x, const act_t* __restrict__ w, const act_t* __restrict__ bias,
+                         const act_t* aux, int M, int N, int K, int ldy, int epi) {
   constexpr int NT = WARPS_M * WARPS_N * 32;
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile
   constexpr int MT = WTM / 16, NTL = WTN / 8;             // mma tiles per warp
   static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile must be a multiple of 16 x 16");
 
-  __shared__ __align__(128) bf16 sA[STAGES][BM * GEMM_BK];
-  __shared__ __align__(128) bf16 sB[STAGES][BN * GEMM_BK];
+  __shared__ __align__(128) act_t sA[STAGES][BM * GEMM_BK];
+  __shared__ __align__(128) act_t sB[STAGES][BN * GEMM_BK];
 
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -134,8 +134,8 @@ FE_DEVICE void gemm_body(bf16* y, const bf16* __restrict__ x, const bf16* __rest
       }
       cp_async_commit();
     }
-    const bf16* a = sA[kt % STAGES];
-    const bf16* b = sB[kt % STAGES];
+    const act_t* a = sA[kt % STAGES];
+    const act_t* b = sB[kt % STAGES];
 #pragma unroll
     for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
       unsigned af[MT][4], bfr[NTL][2];
@@ -154,7 +154,7 @@ FE_DEVICE void gemm_body(bf16* y, const bf16* __restrict__ x, const bf16* __rest
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < NTL; ++nt) mma_bf16_16816(acc[mt][nt], af[mt], bfr[nt][0], bfr[nt][1]);
+        for (int nt = 0; nt < NTL; ++nt) mma_16816(acc[mt][nt], af[mt], bfr[nt][0], bfr[nt][1]);
     }
   }
   cp_async_wait<0>();  // nothing useful is pending, but never exit with copies in flight
@@ -172,14 +172,14 @@ FE_DEVICE void gemm_body(bf16* y, const bf16* __restrict__ x, const bf16* __rest
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_bf16(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-              const bf16* aux, int M, int N, int K, int ldy, Epilogue epi) {
+    ACT_KERNEL(gemm)(act_t* y, const act_t* __restrict__ x, const act_t* __restrict__ w, const act_t* __restrict__ bias,
+              const act_t* aux, int M, int N, int K, int ldy, Epilogue epi) {
   gemm_body<128, 128, 2, 4, 3>(y, x, w, bias, aux, M, N, K, ldy, epi);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 4)
-    gemm_small_bf16(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-                    const bf16* aux, int M, int N, int K, int ldy, Epilogue epi) {
+    ACT_KERNEL(gemm_small)(act_t* y, const act_t* __restrict__ x, const act_t* __restrict__ w, const act_t* __restrict__ bias,
+                    const act_t* aux, int M, int N, int K, int ldy, Epilogue epi) {
   gemm_body<64, 64, 2, 2, 3>(y, x, w, bias, aux, M, N, K, ldy, epi);
 }
 
@@ -192,15 +192,15 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 #define GEMV_ROWS 8   // x rows per block (grid.y covers more)
 
 extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
-    gemv_bf16(bf16* y, const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,
-              const bf16* aux, int M, int N, int K, int ldy, Epilogue epi) {
+    ACT_KERNEL(gemv)(act_t* y, const act_t* __restrict__ x, const act_t* __restrict__ w, const act_t* __restrict__ bias,
+              const act_t* aux, int M, int N, int K, int ldy, Epilogue epi) {
   __shared__ float red[GEMV_WARPS][GEMV_COLS * GEMV_ROWS];
   const int n0 = blockIdx.x * GEMV_COLS;
   const int mb = blockIdx.y * GEMV_ROWS;
   const int rows = min(GEMV_ROWS, M - mb);
   if (rows <= 0 || n0 >= N) return;
   const bool vec = (K % 8 == 0) && is_aligned16(x) && is_aligned16(w);
-  const bf16* xb = x + (long long)mb * K;
+  const act_t* xb = x + (long long)mb * K;
 
   float acc[GEMV_COLS][GEMV_ROWS];
 #pragma unroll
@@ -254,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS)
       const long long o = (long long)row * ldy + n;
       const float b = bias ? to_f(bias[n]) : 0.f;
       const float a = epilogue_reads_aux(epi) ? to_f(aux[o]) : 0.f;
-      y[o] = to_bf(apply_epilogue(epi, s, b, a));
+      y[o] = to_act(apply_epilogue(epi, s, b, a));
     }
   }
 }

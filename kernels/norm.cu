@@ -7,12 +7,12 @@
 //         every pointer is 16-byte aligned; otherwise an element-wise path (same results).
 // The row is held in registers (<= 32 floats per thread), so global memory is read once.
 //
-// rms_norm_bf16(out, x, weight, rows, cols, eps)
+// rms_norm_{bf16,f16}(out, x, weight, rows, cols, eps)
 //     IDEFICS RMSNorm: var = mean(x^2) in f32; n = bf16(x * rsqrt(var + eps)); out = bf16(w * n).
 //     (HF casts the normalised value to the weight dtype before multiplying: we round there too.)
 //     Also used for the per-head q/k RMSNorm of gated cross-attention: rows = tokens*heads,
 //     cols = head_dim (the [tokens, H*d] buffer viewed as [tokens*H, d]).
-// layer_norm_bf16(out, x, weight, bias, rows, cols, eps)
+// layer_norm_{bf16,f16}(out, x, weight, bias, rows, cols, eps)
 //     PyTorch LayerNorm: mean and biased variance in f32 (two-pass from registers),
 //     out = bf16((x - mean) * rsqrt(var + eps) * w + b). weight and/or bias may be null
 //     (treated as 1 / 0) for bias-free or affine-free norms. out may alias x.
@@ -35,9 +35,9 @@ struct RowChunks {
 
 FE_DEVICE int chunk_col(int i) { return (i * NORM_THREADS + threadIdx.x) * 8; }
 
-FE_DEVICE bool fill_nan_if_too_wide(bf16* out, int cols) {
+FE_DEVICE bool fill_nan_if_too_wide(act_t* out, int cols) {
   if (cols <= NORM_MAX_COLS) return false;
-  for (int c = threadIdx.x; c < cols; c += NORM_THREADS) out[c] = to_bf(FE_NAN);
+  for (int c = threadIdx.x; c < cols; c += NORM_THREADS) out[c] = to_act(FE_NAN);
   return true;
 }
 
@@ -51,7 +51,7 @@ FE_DEVICE float rms_inv(const RowChunks& r, int cols, float eps, float* scratch)
   return rsqrtf(ss / (float)cols + eps);
 }
 
-FE_DEVICE void rms_write(bf16* out, const RowChunks& r, const bf16* __restrict__ w, int cols, float inv,
+FE_DEVICE void rms_write(act_t* out, const RowChunks& r, const act_t* __restrict__ w, int cols, float inv,
                          bool vec) {
 #pragma unroll
   for (int i = 0; i < NORM_VPT; ++i) {
@@ -60,13 +60,13 @@ FE_DEVICE void rms_write(bf16* out, const RowChunks& r, const bf16* __restrict__
     float wv[8], o[8];
     load8(w, c, cols, vec, wv);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) o[j] = wv[j] * rnd_bf16(r.v[i][j] * inv);
+    for (int j = 0; j < 8; ++j) o[j] = wv[j] * rnd_act(r.v[i][j] * inv);
     store8(out, c, cols, vec, o);
   }
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-    rms_norm_bf16(bf16* out, const bf16* x, const bf16* __restrict__ weight, int rows, int cols, float eps) {
+    ACT_KERNEL(rms_norm)(act_t* out, const act_t* x, const act_t* __restrict__ weight, int rows, int cols, float eps) {
   __shared__ float scratch[NORM_THREADS / 32];
   const int row = blockIdx.x;
   if (row >= rows) return;
@@ -82,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-    layer_norm_bf16(bf16* out, const bf16* x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
+    ACT_KERNEL(layer_norm)(act_t* out, const act_t* x, const act_t* __restrict__ weight, const act_t* __restrict__ bias,
                     int rows, int cols, float eps) {
   __shared__ float scratch[NORM_THREADS / 32];
   const int row = blockIdx.x;

@@ -1,6 +1,6 @@
 // resampler_attention.cu - Perceiver-resampler attention (IDEFICS perceiver.py, OpenFlamingo helpers.py).
 //
-// resampler_attention_d{64,96,128}_bf16(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads,
+// resampler_attention_d{64,96,128}_{bf16,f16}(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads,
 //                                  ldq, ldk, ldv, ldo, scale)
 //   Per image b and head h: latent queries attend, without mask, to the keys of the
 //   concatenation [context rows ; latent rows], given as two separate buffers so the
@@ -9,7 +9,7 @@
 //     k_ctx, v_ctx: [n_images * n_ctx, ldk / ldv]  k_proj / v_proj of LN_context(image features)
 //     k_lat, v_lat: [n_images * n_lat, ldk / ldv]  k_proj / v_proj of LN_latents(latents)
 //     key j of image b:  j < n_ctx -> k_ctx row b*n_ctx + j, else k_lat row b*n_lat + (j - n_ctx)
-//   qk_layer_norms_perceiver: q and k come already LayerNorm-ed over head_dim (layer_norm_bf16).
+//   qk_layer_norms_perceiver: q and k come already LayerNorm-ed over head_dim (layer_norm_{bf16,f16}).
 //   o: [n_images * n_lat, ldo] = softmax(q k^T * scale) v per head (merge_heads layout),
 //   then output_proj is a GEMM. f32 softmax and accumulation.
 //   Launch: grid = (ceil(n_lat / 64), n_heads, n_images), block = (128, 1, 1), dynamic smem = 0
@@ -24,8 +24,8 @@
 #include "flash_common.cuh"
 
 template <int D>
-FE_DEVICE void resampler_attention(bf16* o, const bf16* q, const bf16* k_ctx, const bf16* v_ctx, const bf16* k_lat,
-                                   const bf16* v_lat, int n_images, int n_ctx, int n_lat, int n_heads, int ldq, int ldk,
+FE_DEVICE void resampler_attention(act_t* o, const act_t* q, const act_t* k_ctx, const act_t* v_ctx, const act_t* k_lat,
+                                   const act_t* v_lat, int n_images, int n_ctx, int n_lat, int n_heads, int ldq, int ldk,
                                    int ldv, int ldo, float scale) {
   const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FLASH_BQ;
   if (b >= n_images || h >= n_heads || q0 >= n_lat) return;
@@ -46,9 +46,9 @@ FE_DEVICE void resampler_attention(bf16* o, const bf16* q, const bf16* k_ctx, co
 }
 
 #define RESAMPLER_ATTENTION(D)                                                                                    \
-  extern "C" __global__ void FLASH_LAUNCH_BOUNDS resampler_attention_d##D##_bf16(                                 \
-      bf16* o, const bf16* __restrict__ q, const bf16* __restrict__ k_ctx, const bf16* __restrict__ v_ctx,        \
-      const bf16* __restrict__ k_lat, const bf16* __restrict__ v_lat, int n_images, int n_ctx, int n_lat,         \
+  extern "C" __global__ void FLASH_LAUNCH_BOUNDS ACT_KERNEL(resampler_attention_d##D)(                                 \
+      act_t* o, const act_t* __restrict__ q, const act_t* __restrict__ k_ctx, const act_t* __restrict__ v_ctx,        \
+      const act_t* __restrict__ k_lat, const act_t* __restrict__ v_lat, int n_images, int n_ctx, int n_lat,         \
       int n_heads, int ldq, int ldk, int ldv, int ldo, float scale) {                                             \
     resampler_attention<D>(o, q, k_ctx, v_ctx, k_lat, v_lat, n_images, n_ctx, n_lat, n_heads, ldq, ldk, ldv, ldo, \
                            scale);                                                                                \

@@ -1,6 +1,6 @@
 // rope.cu - rotary position embedding, NeoX / HF "rotate_half" layout, applied in place.
 //
-// rope_bf16(q, k, positions, tokens, n_heads_q, n_heads_k, head_dim, rot_dim, ldq, ldk, theta,
+// rope_{bf16,f16}(q, k, positions, tokens, n_heads_q, n_heads_k, head_dim, rot_dim, ldq, ldk, theta,
 //           factor, low_freq_factor, high_freq_factor, original_max_positions)
 //   q: [tokens, ldq] bf16, head h at columns h*head_dim .. (h+1)*head_dim (ldq >= n_heads_q*head_dim,
 //      normally ldq = n_heads_q*head_dim; a larger ld lets q/k live inside a fused QKV buffer)
@@ -31,22 +31,22 @@
 #define ROPE_THREADS 128
 #define ROPE_MAX_HALF 256
 
-FE_DEVICE void rope_rotate(bf16* base, int n_heads, int head_dim, int rot_dim, const float* cs, const float* sn) {
+FE_DEVICE void rope_rotate(act_t* base, int n_heads, int head_dim, int rot_dim, const float* cs, const float* sn) {
   const int half = rot_dim >> 1;
   const int total = n_heads * half;
   // Consecutive threads take consecutive i inside a head: coalesced 2-byte accesses.
   for (int idx = threadIdx.x; idx < total; idx += ROPE_THREADS) {
     const int h = idx / half, i = idx - h * half;
-    bf16* p = base + h * head_dim + i;
+    act_t* p = base + h * head_dim + i;
     const float x1 = to_f(p[0]), x2 = to_f(p[half]);
     const float c = cs[i], s = sn[i];
-    p[0] = to_bf(rnd_bf16(x1 * c) + rnd_bf16(-x2 * s));
-    p[half] = to_bf(rnd_bf16(x2 * c) + rnd_bf16(x1 * s));
+    p[0] = to_act(rnd_act(x1 * c) + rnd_act(-x2 * s));
+    p[half] = to_act(rnd_act(x2 * c) + rnd_act(x1 * s));
   }
 }
 
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
-    rope_bf16(bf16* q, bf16* k, const int* __restrict__ positions, int tokens, int n_heads_q, int n_heads_k,
+    ACT_KERNEL(rope)(act_t* q, act_t* k, const int* __restrict__ positions, int tokens, int n_heads_q, int n_heads_k,
               int head_dim, int rot_dim, int ldq, int ldk, float theta, float factor, float low_freq_factor,
               float high_freq_factor, float original_max_positions) {
   __shared__ float cs[ROPE_MAX_HALF], sn[ROPE_MAX_HALF];
@@ -74,8 +74,8 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     turns -= 2.0 * rint(0.5 * turns);
     float s, c;
     sincospif((float)turns, &s, &c);
-    cs[i] = rnd_bf16(c);
-    sn[i] = rnd_bf16(s);
+    cs[i] = rnd_act(c);
+    sn[i] = rnd_act(s);
   }
   __syncthreads();
 

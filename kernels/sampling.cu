@@ -1,6 +1,6 @@
 // sampling.cu - next-token selection on the device, one block per row of logits.
 //
-// logits: [rows, vocab] f32 row-major (convert a bf16 LM-head output with bf16_to_f32; exact).
+// logits: [rows, vocab] f32 row-major (convert a 16-bit LM-head output with to_f32_{bf16,f16}; exact).
 // Order of use per step: ban_tokens_f32, penalize_tokens_f32 and offset_tokens_f32 (the last two optional,
 // in place) -> sample_f32 (greedy rows included). src/backend/cpu/sampling.rs is the CPU reference of all four.
 // Every reduction has a fixed order, so the result is a deterministic function of the row.

@@ -7,7 +7,9 @@
 # Env:   CUDA_DIR  toolchain folder (default: <repo>/.toolchain/cuda, git-ignored)
 #        SKIP_NVRTC=1  skip the NVRTC compile check
 #        JOBS      parallel nvcc jobs (default: nproc)
-# Output: target/kernels/<name>.cubin, <name>.ptxas.txt, summary.txt
+# Every file with ACT_KERNELs is compiled twice, as the engine builds it: as is (bf16 activations) and with
+# -DFE_ACT_F16 (f16 activations, kernels/common.cuh).
+# Output: target/kernels/<name>.<act>.cubin, <name>.<act>.ptxas.txt, summary.txt
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,31 +57,43 @@ if [ "$#" -gt 0 ]; then FILES=("$@"); else FILES=(kernels/*.cu); fi
 [ -e "${FILES[0]}" ] || { echo "error: no kernels/*.cu files found" >&2; exit 1; }
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
-compile_one() {   # $1 = path/to/file.cu ; writes $OUT/<name>.{cubin,ptxas.txt,rc}
-  local src="$1" name arch
-  name="$(basename "$src" .cu)"
+# "<file>.cu <act>" for every variant the engine builds.
+variants() {
+  local f
+  for f in "$@"; do
+    echo "$f bf16"
+    if grep -q 'ACT_KERNEL(' "$f"; then echo "$f f16"; fi
+  done
+}
+
+compile_one() {   # $1 = path/to/file.cu, $2 = bf16 | f16 ; writes $OUT/<name>.<act>.{cubin,ptxas.txt,rc}
+  local src="$1" act="$2" name arch define=()
+  name="$(basename "$src" .cu).$act"
+  [ "$act" = f16 ] && define=(-DFE_ACT_F16)
   arch="arch=compute_90,code=sm_90"
   # wgmma / setmaxnreg only assemble for the arch-specific sm_90a target.
   if grep -qE 'wgmma|setmaxnreg' "$src"; then arch="arch=compute_90a,code=sm_90a"; fi
   local rc=0
   "$NVCC" -cubin -gencode "$arch" -std=c++17 -O3 -Xptxas -v -Xptxas -warn-spills -Xptxas -warn-lmem-usage \
-      -I"$ROOT/kernels" -o "$OUT/$name.cubin" "$src" > "$OUT/$name.ptxas.txt" 2>&1 || rc=$?
+      "${define[@]}" -I"$ROOT/kernels" -o "$OUT/$name.cubin" "$src" > "$OUT/$name.ptxas.txt" 2>&1 || rc=$?
   echo "$rc" > "$OUT/$name.rc"
 }
 export -f compile_one
 export NVCC OUT ROOT
 
+mapfile -t VARIANTS < <(variants "${FILES[@]}")
 start=$(date +%s)
-printf '%s\n' "${FILES[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$1"' _ {}
-echo "== nvcc: ${#FILES[@]} files in $(( $(date +%s) - start )) s (JOBS=$JOBS)"
+printf '%s\n' "${VARIANTS[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one $1' _ {}
+echo "== nvcc: ${#VARIANTS[@]} compiles of ${#FILES[@]} files in $(( $(date +%s) - start )) s (JOBS=$JOBS)"
 
 # --- 3. parse the ptxas reports ----------------------------------------------------------------
 fail=0
 summary="$OUT/summary.txt"
 : > "$summary"
-printf '%-14s %-40s %5s %7s %7s %7s %7s\n' file kernel regs smem stack spill_st spill_ld | tee -a "$summary"
-for src in "${FILES[@]}"; do
-  name="$(basename "$src" .cu)"
+printf '%-24s %-40s %5s %7s %7s %7s %7s\n' file kernel regs smem stack spill_st spill_ld | tee -a "$summary"
+for variant in "${VARIANTS[@]}"; do
+  src="${variant% *}"
+  name="$(basename "$src" .cu).${variant#* }"
   rep="$OUT/$name.ptxas.txt"
   if [ "$(cat "$OUT/$name.rc")" != 0 ]; then
     echo "COMPILE ERROR in $src:" >&2
@@ -101,7 +115,7 @@ for src in "${FILES[@]}"; do
                                  m = 0; if (match($0, /[0-9]+ bytes smem/)) m = substr($0, RSTART, RLENGTH - 11); smem[fn] = m }
     END {
       for (i = 1; i <= n; i++) { f = order[i]; if (seen[f]++) continue
-        printf "%-14s %-40s %5s %7s %7s %7s %7s\n", file, f, (f in regs ? regs[f] : "-"), (f in smem ? smem[f] : "-"), st[f], ss[f], sl[f] }
+        printf "%-24s %-40s %5s %7s %7s %7s %7s\n", file, f, (f in regs ? regs[f] : "-"), (f in smem ? smem[f] : "-"), st[f], ss[f], sl[f] }
     }' "$rep" | tee -a "$summary"
   if grep -qE 'warning|error' "$rep"; then
     echo "-- warnings in $src:" >&2; grep -E 'warning|error' "$rep" >&2
@@ -119,22 +133,24 @@ nk=$(awk 'NR > 1' "$summary" | wc -l)
 
 # --- 4. NVRTC compile (the engine JIT path): no system headers, only CUDA_HOME/include ---------
 if [ "${SKIP_NVRTC:-0}" != 1 ]; then
-  if ! python3 - "$CUDA_HOME" "$ROOT/kernels" "${FILES[@]}" <<'PY'
+  if ! python3 - "$CUDA_HOME" "$ROOT/kernels" "${VARIANTS[@]}" <<'PY'
 import ctypes, sys, os, time
-cuda_home, kdir, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+cuda_home, kdir, variants = sys.argv[1], sys.argv[2], [v.split() for v in sys.argv[3:]]
 lib = os.path.join(cuda_home, "lib")
 # libnvrtc.so.13 (13.0) has no RPATH: preload its builtins so dlopen finds them.
 ctypes.CDLL(os.path.join(lib, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
 nv = ctypes.CDLL(os.path.join(lib, "libnvrtc.so.13"))
 nv.nvrtcGetErrorString.restype = ctypes.c_char_p
 bad = 0
-for f in files:
+for f, act in variants:
     src = open(f, "rb").read()
     wg = b"wgmma" in src or b"setmaxnreg" in src
     prog = ctypes.c_void_p()
     rc = nv.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(f).encode(), 0, None, None)
     opts = [b"--gpu-architecture=" + (b"sm_90a" if wg else b"sm_90"), b"-std=c++17",
             b"--include-path=" + kdir.encode(), b"--include-path=" + os.path.join(cuda_home, "include").encode()]
+    if act == "f16":
+        opts.append(b"-DFE_ACT_F16")
     arr = (ctypes.c_char_p * len(opts))(*opts)
     t = time.time()
     rc = nv.nvrtcCompileProgram(prog, len(opts), arr)
@@ -142,9 +158,9 @@ for f in files:
     log = ctypes.create_string_buffer(n.value); nv.nvrtcGetProgramLog(prog, log)
     if rc != 0:
         bad = 1
-        print(f"NVRTC ERROR {f}: {nv.nvrtcGetErrorString(rc).decode()}\n{log.value.decode(errors='replace')}", file=sys.stderr)
+        print(f"NVRTC ERROR {f} ({act}): {nv.nvrtcGetErrorString(rc).decode()}\n{log.value.decode(errors='replace')}", file=sys.stderr)
     else:
-        print(f"nvrtc ok  {os.path.basename(f):<16} {1000 * (time.time() - t):7.0f} ms")
+        print(f"nvrtc ok  {os.path.basename(f):<24} {act:<4} {1000 * (time.time() - t):7.0f} ms")
     nv.nvrtcDestroyProgram(ctypes.byref(prog))
 sys.exit(bad)
 PY

@@ -311,6 +311,21 @@ fn unknown_device() {
 }
 
 #[test]
+fn unknown_dtype() {
+    let (_t, dir) = model_copy();
+    let out = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["generate", "--device", "cpu", "--dtype", "f32", "--model"])
+        .arg(&dir)
+        .args(["--prompt", PROMPT])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_mentions(&stderr, &["--dtype", "f32", "bf16, f16"]);
+}
+
+#[test]
 fn invalid_sampling_parameters() {
     let (_t, dir) = model_copy();
     let err = generate_fails(&dir, PROMPT, &[image()], &["--top-p", "1.5"]);

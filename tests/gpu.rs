@@ -19,7 +19,7 @@ use std::time::Instant;
 use common::{assert_close, greedy, one_row_seqs, prompt_or_decode, random_values, Fixture, RandomWeights, FIXTURES};
 use flamingo::backend::cpu::{CpuBackend, CpuLayout, CpuTensor, CpuWeight};
 use flamingo::backend::cuda::{
-    cublas_library, device_count, CeilingSizes, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
+    cublas_library, device_count, ActDtype, CeilingSizes, CudaBackend, CudaLayout, CudaTensor, CudaWeight,
 };
 use flamingo::backend::{Backend, DecodeShape, RowSampling, SeqStep, StepLayout};
 use flamingo::io::config::{Activation, Alibi, Llama3Scaling, RopeFrequencies};
@@ -52,12 +52,33 @@ fn device() -> &'static str {
     })
 }
 
-/// The CUDA backend on device 0 with poisoned outputs.
+/// The CUDA backend on device 0 with poisoned outputs (bf16, the default).
 fn gpu() -> CudaBackend {
+    gpu_with(ActDtype::Bf16)
+}
+
+/// The CUDA backend on device 0 with `act` activations and poisoned outputs.
+fn gpu_with(act: ActDtype) -> CudaBackend {
     device();
-    let mut b = CudaBackend::new(0).expect("CUDA backend on device 0");
+    let mut b = CudaBackend::with_activations(0, act).expect("CUDA backend on device 0");
     b.set_poison(true);
     b
+}
+
+/// Runs a parity test on both kernel variants (bf16 and f16 activations: the `.cu` files built both ways), or on
+/// those `GPU_TEST_DTYPES` lists (`bf16,f16`): the sanitizer runs (tools/cudasim/sanitize.sh) take bf16 alone, as
+/// the f16 variant makes the same memory accesses and synchronisation (same element width, same code).
+fn for_each_activation_type(test: fn(Pair)) {
+    let acts: Vec<ActDtype> = match std::env::var("GPU_TEST_DTYPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|a| a.trim().parse().unwrap_or_else(|e| panic!("GPU_TEST_DTYPES: {e}")))
+            .collect(),
+        Err(_) => ActDtype::ALL.to_vec(),
+    };
+    for act in acts {
+        test(Pair::with(act));
+    }
 }
 
 /// Both backends, fed the same values.
@@ -70,17 +91,19 @@ struct Pair {
 type Tensors = (CpuTensor, CudaTensor);
 
 impl Pair {
-    fn new() -> Pair {
+    fn with(act: ActDtype) -> Pair {
         Pair {
             cpu: CpuBackend::new(),
-            gpu: gpu(),
+            gpu: gpu_with(act),
         }
     }
 
+    /// Random values, rounded to the device's activation type so both backends start from the same ones.
     fn tensor(&self, seed: u64, rows: usize, cols: usize) -> Tensors {
+        let act = self.gpu.activations();
         let v: Vec<f32> = random_values(seed, rows * cols)
             .into_iter()
-            .map(|x| half::bf16::from_f32(x).to_f32())
+            .map(|x| act.decode(act.encode(x)))
             .collect();
         (
             self.cpu.from_host(v.clone(), rows, cols),
@@ -99,11 +122,12 @@ impl Pair {
         (self.cpu.layout(step), self.gpu.layout(step))
     }
 
-    /// Asserts the GPU result is within bf16 tolerance of the CPU result.
+    /// Asserts the GPU result is within bf16 tolerance of the CPU result (f16 is finer still).
     fn check(&self, what: &str, t: &Tensors) {
+        let what = format!("{what} ({})", self.gpu.activations());
         assert_eq!(self.cpu.dims(&t.0), self.gpu.dims(&t.1), "{what}: shape");
         let want: Vec<f64> = self.cpu.to_host(&t.0).into_iter().map(f64::from).collect();
-        assert_close(what, &self.gpu.to_host(&t.1), &want, TOL);
+        assert_close(&what, &self.gpu.to_host(&t.1), &want, TOL);
     }
 }
 
@@ -120,9 +144,44 @@ fn a_missing_device_is_a_typed_error_not_a_panic() {
     }
 }
 
+/// A weight past f16's range is refused at upload, naming the tensor and the way out, instead of becoming an
+/// infinity inside the model; bf16 (f32's range) takes the same tensor.
+#[test]
+fn a_weight_past_the_range_of_f16_is_refused_naming_it() {
+    use flamingo::io::safetensors::{DType, WeightStore};
+    let fill = |_: &str, _: DType, _: &[usize], out: &mut [u8]| {
+        for (i, v) in out.chunks_exact_mut(4).enumerate() {
+            v.copy_from_slice(&(if i == 5 { 70000.0f32 } else { 0.5 }).to_le_bytes());
+        }
+    };
+    let store = WeightStore::generated(
+        vec![("lm_head.weight".into(), DType::F32, vec![2, 4])],
+        "<range test>".into(),
+        std::sync::Arc::new(fill),
+    );
+    let t = store.get("lm_head.weight", &[2, 4]).unwrap();
+    match gpu_with(ActDtype::F16).load_weight(&t) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("lm_head.weight") && msg.contains("70000") && msg.contains("--dtype bf16"),
+                "{msg}"
+            );
+        }
+        Ok(_) => panic!("a weight of 70000 was uploaded as f16"),
+    }
+    let b = gpu();
+    let w = b.load_weight(&t).expect("bf16 holds 70000");
+    let back = b.to_host(&b.weight_to_tensor(&w));
+    assert!((back[5] - 70000.0).abs() <= 70000.0 / 256.0, "bf16 gave {}", back[5]);
+}
+
 #[test]
 fn linear_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(linear_matches_cpu_with);
+}
+
+fn linear_matches_cpu_with(p: Pair) {
     // (M, N, K): GEMV (M <= 64), small-tile GEMM, large-tile GEMM (>= 132 tiles of 128), odd sizes everywhere.
     for (i, &(m, n, k)) in [
         (1, 7, 257),
@@ -166,7 +225,10 @@ fn linear_matches_cpu() {
 
 #[test]
 fn norms_and_elementwise_ops_match_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(norms_and_elementwise_ops_match_cpu_with);
+}
+
+fn norms_and_elementwise_ops_match_cpu_with(p: Pair) {
     for (i, &(rows, cols)) in [(1, 1000), (7, 257), (257, 7), (1000, 64)]
         .iter()
         .enumerate()
@@ -247,7 +309,10 @@ fn norms_and_elementwise_ops_match_cpu() {
 
 #[test]
 fn embedding_and_data_movement_match_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(embedding_and_data_movement_match_cpu_with);
+}
+
+fn embedding_and_data_movement_match_cpu_with(p: Pair) {
     let w = RandomWeights::new(
         400,
         &[
@@ -313,7 +378,10 @@ fn embedding_and_data_movement_match_cpu() {
 
 #[test]
 fn rope_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(rope_matches_cpu_with);
+}
+
+fn rope_matches_cpu_with(p: Pair) {
     // Llama 3.2's scaling with a short original context, so that positions up to 1000 meet all three regimes.
     let llama3 = RopeFrequencies {
         theta: 500000.0,
@@ -352,7 +420,10 @@ fn rope_matches_cpu() {
 
 #[test]
 fn vision_attention_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(vision_attention_matches_cpu_with);
+}
+
+fn vision_attention_matches_cpu_with(p: Pair) {
     // Head dims the kernels have (64, 80, 96, 128) and ones that run padded (12, 16); key/value heads fewer than
     // the queries' (GQA: Llama 3.2 Vision's cross-attention), and more keys than queries.
     let cases = [(4, 4, 12), (2, 2, 16), (3, 3, 64), (2, 2, 80), (2, 2, 96), (2, 2, 128), (4, 2, 16), (8, 2, 128)];
@@ -377,7 +448,10 @@ fn vision_attention_matches_cpu() {
 
 #[test]
 fn cross_attention_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(cross_attention_matches_cpu_with);
+}
+
+fn cross_attention_matches_cpu_with(p: Pair) {
     for (i, &(heads, d, per_image)) in [(4, 16, 7), (2, 64, 64), (3, 128, 257)].iter().enumerate() {
         let s = 700 + 10 * i as u64;
         let images = 3;
@@ -401,7 +475,10 @@ fn cross_attention_matches_cpu() {
 
 #[test]
 fn resampler_attention_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(resampler_attention_matches_cpu_with);
+}
+
+fn resampler_attention_matches_cpu_with(p: Pair) {
     for (i, &(heads, d, n_ctx, n_lat)) in [
         (2, 8, 7, 4),
         (3, 16, 257, 6),
@@ -502,7 +579,10 @@ impl Paged {
 
 #[test]
 fn paged_attention_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(paged_attention_matches_cpu_with);
+}
+
+fn paged_attention_matches_cpu_with(p: Pair) {
     let paged = Paged::new(&[1, 7, 40, 257, 1000, 300]);
     // Decode rows, whole prompts and prompt chunks in one step; every head dim with a decode kernel (16, 32, 64,
     // 128) and one without (24: flash for every row, padded to 64); fewer kv heads than query heads (GQA).
@@ -654,45 +734,57 @@ fn mllama_fixtures_match_golden_logits_and_greedy_ids() {
     }
 }
 
-/// OpenFlamingo's three fixtures on the device as a user runs them: the folder through `Pipeline` (its parts,
-/// tokenizer and open_clip preprocessing), the golden prompt from its text, the images from their files, greedy
-/// decoding through the engine on b (CUDA-graph decode steps; ALiBi, partial rotary, QuickGELU, the gated blocks and the
-/// resampler all in the kernels). What holds today, with bf16 activations and KV cache: the prompt's logits within
-/// 5e-2 of max|ref| (issue 21 asks 3e-2: c is at 3.8e-2, a at 1.6e-2, b at 2.2e-2), and the greedy ids equal for as
-/// long as OpenFlamingo's own greedy margin (golden.json `greedy_margins`) exceeds twice the measured logits error,
-/// past which bf16 may flip a choice (a diverges at its 4th token, margin 0.12; b's ten and c's six are all equal).
+/// OpenFlamingo's three fixtures on the device with `--dtype f16`: the folder through `Pipeline` (its parts, tokenizer
+/// and open_clip preprocessing) and the golden prompt from its text; the images from their files; greedy decoding
+/// (ALiBi, partial rotary, QuickGELU, the gated blocks and the resampler all in the kernels' f16 variant). Issue
+/// 21's bound: the prompt's logits within 3e-2 x max|ref| and every greedy id equal. f16 is what meets it: with bf16
+/// activations the logits are 1.6e-2 (a), 2.2e-2 (b) and 3.8e-2 (c) off and a's 4th greedy id flips (OpenFlamingo's
+/// own margin there is 0.12); the CPU with its values rounded to f16 after every op is 1.6e-3, 2.0e-3 and 5.7e-3
+/// off, to bf16 3.0e-2, 9.8e-3 and 2.4e-2.
+///
+/// The few-shot fixture b decodes through the engine (`generate`: CUDA-graph decode steps); a and c step by step as
+/// the engine drives a model (`common::openflamingo::run_whole_model`), which runs the vision tower once where
+/// `generate` after a prefill would run it twice: on the simulated device the tower and the 50k-row LM head cost
+/// most of each test's minute or two. One test per fixture, so each says which failed.
 #[test]
-fn openflamingo_fixtures_match_golden_logits_and_robust_greedy_ids() {
-    for name in ["tiny-openflamingo-a", "tiny-openflamingo-b", "tiny-openflamingo-c"] {
-        let fx = Fixture::load(name);
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(fx.dir.join("golden.json")).unwrap()).unwrap();
-        let p = Pipeline::load(&fx.dir, gpu(), false).unwrap();
-        let images = common::openflamingo::image_files(name);
-        let (prompt, pixels) = p.prepare(meta["prompt"].as_str().unwrap(), &images).unwrap();
-        assert_eq!(prompt.ids, fx.ids("input_ids"), "{name}: prompt ids");
+fn openflamingo_a_in_f16_matches_golden_logits_and_greedy_ids() {
+    openflamingo_fixture_in_f16_matches_golden("tiny-openflamingo-a");
+}
+
+#[test]
+fn openflamingo_b_in_f16_matches_golden_logits_and_greedy_ids_through_the_engine() {
+    openflamingo_fixture_in_f16_matches_golden("tiny-openflamingo-b");
+}
+
+#[test]
+fn openflamingo_c_in_f16_matches_golden_logits_and_greedy_ids() {
+    openflamingo_fixture_in_f16_matches_golden("tiny-openflamingo-c");
+}
+
+fn openflamingo_fixture_in_f16_matches_golden(name: &str) {
+    let fx = Fixture::load(name);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.dir.join("golden.json")).unwrap()).unwrap();
+    let p = Pipeline::load(&fx.dir, gpu_with(ActDtype::F16), false).unwrap();
+    let images = common::openflamingo::image_files(name);
+    let (prompt, pixels) = p.prepare(meta["prompt"].as_str().unwrap(), &images).unwrap();
+    assert_eq!(prompt.ids, fx.ids("input_ids"), "{name}: prompt ids");
+    let want = fx.ids("generated_ids");
+    let (logits, got) = if name == "tiny-openflamingo-b" {
         let h = p.prefill(&prompt, &pixels, None).unwrap();
         let logits = p.backend.to_host(&p.logits(&h));
-        let rel = assert_close(&format!("{name} logits"), &logits, &fx.get("logits").data, 5e-2);
-        let scale = fx.get("logits").data.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let margins: Vec<f64> = meta["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
-        let robust = margins.iter().take_while(|&&m| m > 2.0 * rel * scale).count();
-        let want = fx.ids("generated_ids");
-        // Through the engine for the few-shot fixture (the simulated device takes minutes for all three); the
-        // others' first token from the prompt's logits.
-        let got = match name {
-            "tiny-openflamingo-b" => p.generate(&prompt, pixels, &greedy(want.len()), |_| {}).unwrap().generated_ids,
-            _ => vec![argmax(&logits[logits.len() - p.model().vocab_rows()..])],
-        };
-        let robust = robust.min(got.len());
-        assert_eq!(got[..robust], want[..robust], "{name}: the first {robust} greedy ids");
-        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        let _ = writeln!(
-            std::io::stderr(),
-            "{name}: logits error {rel:.2e} x max|ref|; greedy ids: {same} of {} run equal ({robust} robust to the error)",
-            got.len()
-        );
-    }
+        (logits, p.generate(&prompt, pixels, &greedy(want.len()), |_| {}).unwrap().generated_ids)
+    } else {
+        let run = common::openflamingo::run_whole_model(&p.backend, name);
+        (run.logits, run.greedy_ids)
+    };
+    let rel = assert_close(&format!("{name} logits (f16)"), &logits, &fx.get("logits").data, 3e-2);
+    assert_eq!(got, want, "{name}: greedy ids (f16; prompt logits error {rel:.2e} x max|ref|)");
+    let _ = writeln!(
+        std::io::stderr(),
+        "{name} (f16): logits error {rel:.2e} x max|ref|, all {} greedy ids equal",
+        got.len()
+    );
 }
 
 #[test]
@@ -740,15 +832,19 @@ fn warm_decode_steps_make_no_device_allocation() {
 /// such rows. A row with everything banned is an error on both.
 #[test]
 fn sampling_matches_cpu() {
-    let p = Pair::new();
+    for_each_activation_type(sampling_matches_cpu_with);
+}
+
+fn sampling_matches_cpu_with(p: Pair) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    let act = p.gpu.activations();
     for (i, &vocab) in [1usize, 7, 1000, 32003].iter().enumerate() {
         let rows = 60;
         let values: Vec<f32> = random_values(900 + i as u64, rows * vocab)
             .chunks(vocab)
             .enumerate()
             .flat_map(|(r, row)| row.iter().map(move |&x| x * [1.0, 10.0][r % 2]))
-            .map(|x| half::bf16::from_f32(x).to_f32())
+            .map(|x| act.decode(act.encode(x)))
             .collect();
         let logits = (
             p.cpu.from_host(values.clone(), rows, vocab),
@@ -1441,9 +1537,4 @@ fn prefix_cache_on_the_device_gives_the_same_bits_as_without() {
     assert!(c.prefix_hit_rows * 4 > c.admitted_rows && c.media_hits * 2 > c.admitted_images, "{c:?}");
     assert!(c.block_evictions > 0 && stats.preemptions > 0 && plain.preemptions > 0, "{c:?} {plain:?}");
     assert!(stats.recorded_steps > 0, "decode steps ran from recordings too");
-}
-
-/// The index of a row's largest value (the first among equals).
-fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best }) as u32
 }

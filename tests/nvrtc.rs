@@ -1,8 +1,9 @@
-//! Every kernel file compiles with NVRTC for sm_90 (the engine's run-time path), on any machine with NVRTC: no GPU
+//! Every kernel file compiles with NVRTC for sm_90 (the engine's run-time path), in both activation variants, and
+//! each variant holds every kernel the backend looks up in it, on any machine with NVRTC: no GPU
 //! needed. CI installs NVRTC (the CUDA 13.0 wheels in `.toolchain/cuda`) and sets `CI_REQUIRE_NVRTC=1`, so a
 //! missing NVRTC fails there instead of skipping.
 
-use flamingo::backend::cuda::{kernels, nvrtc::Nvrtc};
+use flamingo::backend::cuda::{kernels, nvrtc::Nvrtc, ActDtype};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc_for_sm_90() {
@@ -18,11 +19,12 @@ fn every_kernel_compiles_with_nvrtc_for_sm_90() {
     };
     let failures: Vec<String> = kernels::SOURCES
         .iter()
-        .filter_map(|(file, src)| {
+        .flat_map(|(file, src)| ActDtype::ALL.map(|act| (file, src, act)))
+        .filter_map(|(file, src, act)| {
             nvrtc
-                .compile_uncached(file, src, "sm_90")
+                .compile_uncached(file, src, "sm_90", act)
                 .err()
-                .map(|e| e.to_string())
+                .map(|e| format!("{act}: {e}"))
         })
         .collect();
     assert!(

@@ -12,10 +12,18 @@ pub fn device() -> String {
     std::env::var("FLAMINGO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
-/// Runs `bench` on the backend `FLAMINGO_BENCH_DEVICE` names.
+/// `FLAMINGO_BENCH_DTYPE` (default `bf16`; `f16`): the CUDA backend's activation type, as `--dtype`.
+pub fn dtype() -> String {
+    std::env::var("FLAMINGO_BENCH_DTYPE").unwrap_or_else(|_| "bf16".into())
+}
+
+/// Runs `bench` on the backend `FLAMINGO_BENCH_DEVICE` and `FLAMINGO_BENCH_DTYPE` name.
 pub fn on_device(bench: impl BackendCommand) {
     let opts = RunOptions {
         device: device(),
+        dtype: dtype()
+            .parse()
+            .unwrap_or_else(|e| panic!("FLAMINGO_BENCH_DTYPE: {e}")),
         threads: None,
         skip_weight_check: false,
     };

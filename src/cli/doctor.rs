@@ -58,18 +58,20 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         Err(why) => println!("cublas:   {why} (the matmul ceiling is our GEMM's)"),
     }
     println!("nvtx:     {}", crate::nvtx::status());
-    println!("compiling every kernel file for {} with NVRTC:", args.arch);
+    println!("compiling every kernel file for {} with NVRTC, for bf16 and f16 activations:", args.arch);
     for (file, source) in kernels::SOURCES {
-        let start = Instant::now();
-        match nvrtc.compile_uncached(file, source, &args.arch) {
-            Ok(cubin) => println!(
-                "  ok    {file:<16} {:>6} ms  {:>7} bytes",
-                start.elapsed().as_millis(),
-                cubin.len()
-            ),
-            Err(e) => {
-                println!("  FAIL  {file:<16} {e}");
-                failures.push(file.to_string());
+        for act in cuda::ActDtype::ALL {
+            let start = Instant::now();
+            match nvrtc.compile_uncached(file, source, &args.arch, act) {
+                Ok(cubin) => println!(
+                    "  ok    {file:<24} {act:<4} {:>6} ms  {:>7} bytes",
+                    start.elapsed().as_millis(),
+                    cubin.len()
+                ),
+                Err(e) => {
+                    println!("  FAIL  {file:<24} {act:<4} {e}");
+                    failures.push(format!("{file} ({act})"));
+                }
             }
         }
     }

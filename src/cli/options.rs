@@ -20,6 +20,11 @@ pub struct RunOptions {
     /// Where to run: auto (CUDA device 0 when there is one, else the CPU), cpu, or cuda[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// The CUDA backend's activation, weight and KV-cache type: bf16 (f32's range) or f16 (three more mantissa
+    /// bits: closer to a float32 reference where every value stays below 65504, e.g. OpenFlamingo). The CPU backend
+    /// computes in f32 and ignores it.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    pub dtype: cuda::ActDtype,
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -27,6 +32,10 @@ pub struct RunOptions {
     /// tensor; it reads every weight once at load).
     #[arg(long)]
     pub skip_weight_check: bool,
+}
+
+fn parse_dtype(s: &str) -> std::result::Result<cuda::ActDtype, String> {
+    s.parse()
 }
 
 /// Limits of the continuous-batching engine (`batch`, `serve`).
@@ -216,7 +225,7 @@ pub fn with_backend(opts: &RunOptions, model: &ModelPaths, cmd: impl BackendComm
     }
     let device = match opts.device.parse()? {
         Device::Auto if cuda::device_count() > 0 => {
-            let b = CudaBackend::new(0)?;
+            let b = CudaBackend::with_activations(0, opts.dtype)?;
             eprintln!("note: --device auto: {}", b.summary());
             return run_cuda(b, model, cmd);
         }
@@ -229,24 +238,30 @@ pub fn with_backend(opts: &RunOptions, model: &ModelPaths, cmd: impl BackendComm
     match device {
         Device::Cuda(n) => {
             // Which device, as the driver names it: a simulated one (tools/cudasim) says so here.
-            let b = CudaBackend::new(n)?;
+            let b = CudaBackend::with_activations(n, opts.dtype)?;
             eprintln!("note: --device cuda:{n}: {}", b.summary());
             run_cuda(b, model, cmd)
         }
-        _ => cmd.run(CpuBackend::new()),
+        _ => {
+            if opts.dtype != cuda::ActDtype::default() {
+                eprintln!("note: --dtype {} applies to the CUDA backend; the CPU computes in f32", opts.dtype);
+            }
+            cmd.run(CpuBackend::new())
+        }
     }
 }
 
 fn run_cuda(backend: CudaBackend, model: &ModelPaths, cmd: impl BackendCommand) -> Result<()> {
     // A model that does not open is reported by the command itself, with its own message.
     if let Ok(store) = model.open_weights() {
-        backend.reserve_weights(bf16_bytes(&store));
+        backend.reserve_weights(device_weight_bytes(&store));
     }
     cmd.run(backend)
 }
 
-/// Bytes of every tensor of `store` as bf16, each rounded up to the weight arena's 256-byte alignment.
-pub fn bf16_bytes(store: &WeightStore) -> usize {
+/// Bytes of every tensor of `store` in a 16-bit type (what the CUDA backend stores), each rounded up to the weight
+/// arena's 256-byte alignment.
+pub fn device_weight_bytes(store: &WeightStore) -> usize {
     store
         .summary()
         .iter()

@@ -7,16 +7,13 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use super::device::{self, describe};
 use super::kernels::{self, launch, Kernels};
-use super::launchers::Kernel;
+use super::launchers::{ActDtype, Kernel};
 use super::memory::{Buffer, Pool, WeightArena};
 use super::timing;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{DType, TensorRef};
 
-/// bf16 NaN: what fresh tensors are filled with when poisoning is on.
-const BF16_NAN: u16 = 0x7fc0;
-
-/// A bf16 activation `[rows, cols]` on the device (no buffer when empty).
+/// An activation `[rows, cols]` on the device, of the backend's `ActDtype` (no buffer when empty).
 pub struct CudaTensor {
     pub(in crate::backend::cuda) buf: Option<Buffer>,
     pub(in crate::backend::cuda) rows: usize,
@@ -38,7 +35,7 @@ impl CudaTensor {
     }
 }
 
-/// A bf16 parameter `[rows, cols]` in the weight arena.
+/// A parameter `[rows, cols]` in the weight arena, of the backend's `ActDtype`.
 pub struct CudaWeight {
     pub(in crate::backend::cuda) ptr: u64,
     pub(in crate::backend::cuda) rows: usize,
@@ -67,6 +64,8 @@ pub struct CudaBackend {
     pub(in crate::backend::cuda) ctx: Arc<CudaContext>,
     pub(in crate::backend::cuda) stream: Arc<CudaStream>,
     pub(in crate::backend::cuda) kernels: Kernels,
+    /// The type of activations, weights and the KV cache, which picks the kernels' variant.
+    pub(in crate::backend::cuda) act: ActDtype,
     pub(in crate::backend::cuda) pool: Arc<Pool>,
     pub(in crate::backend::cuda) weights: Mutex<WeightArena>,
     pub(in crate::backend::cuda) events: Arc<timing::EventPool>,
@@ -77,8 +76,13 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    /// A backend on CUDA device `ordinal`: context, stream, and every kernel loaded.
+    /// A backend on CUDA device `ordinal` with bf16 activations: context, stream, and every kernel loaded.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_activations(ordinal, ActDtype::Bf16)
+    }
+
+    /// A backend on CUDA device `ordinal` whose activations, weights and KV cache are `act`.
+    pub fn with_activations(ordinal: usize, act: ActDtype) -> Result<Self> {
         let ctx = device::open(ordinal)?;
         let err = |what: &str, e: cudarc::driver::DriverError| {
             Error::Device(format!("cuda:{ordinal}"), format!("{what}: {e}"))
@@ -87,7 +91,7 @@ impl CudaBackend {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| err("multiprocessor count", e))? as usize;
-        let kernels = Kernels::load(&ctx)?;
+        let kernels = Kernels::load(&ctx, act)?;
         let pool = Pool::new(ctx.clone());
         Ok(CudaBackend {
             weights: Mutex::new(WeightArena::new(pool.clone())),
@@ -95,6 +99,7 @@ impl CudaBackend {
             ctx,
             stream,
             kernels,
+            act,
             pool,
             sm_count,
             poison: false,
@@ -110,7 +115,12 @@ impl CudaBackend {
                 format!("NVRTC {}.{} kernels for {arch}", version.0, version.1)
             }
         };
-        format!("{}; {origin}", describe(&self.ctx))
+        format!("{}; {origin}; {} activations", describe(&self.ctx), self.act)
+    }
+
+    /// The type of activations, weights and the KV cache.
+    pub fn activations(&self) -> ActDtype {
+        self.act
     }
 
     /// Fills every tensor the backend hands out with NaN before a kernel writes it, so a test sees any element a
@@ -129,7 +139,7 @@ impl CudaBackend {
         self.events.created()
     }
 
-    /// Reserves one device allocation for `bytes` of bf16 weights, which `load_weight` then fills in order.
+    /// Reserves one device allocation for `bytes` of (16-bit) weights, which `load_weight` then fills in order.
     pub fn reserve_weights(&self, bytes: usize) {
         self.weights
             .lock()
@@ -146,7 +156,7 @@ impl CudaBackend {
 
     /// Queues kernel `k` on the stream with `grid` blocks of `block` threads.
     pub(in crate::backend::cuda) fn run(&self, k: &dyn Kernel, grid: (u32, u32, u32), block: u32) {
-        launch(&self.kernels, &self.stream, k, grid, block);
+        launch(&self.kernels, &self.stream, k, self.act, grid, block);
     }
 
     pub(in crate::backend::cuda) fn check(
@@ -170,16 +180,16 @@ impl CudaBackend {
         }
     }
 
-    /// A fresh (poisoned when asked) bf16 tensor.
+    /// A fresh (poisoned when asked) tensor.
     pub(in crate::backend::cuda) fn alloc(&self, rows: usize, cols: usize) -> CudaTensor {
         let n = rows * cols;
         let buf = (n > 0).then(|| self.pool().take(n * 2));
         let t = CudaTensor { buf, rows, cols };
         if self.poison && n > 0 {
             self.bind();
-            // SAFETY: the buffer holds at least n bf16 values.
-            let rc =
-                unsafe { sys::cuMemsetD16Async(t.ptr(), BF16_NAN, n, self.stream.cu_stream()) };
+            // SAFETY: the buffer holds at least n 16-bit values.
+            let nan = self.act.nan_bits();
+            let rc = unsafe { sys::cuMemsetD16Async(t.ptr(), nan, n, self.stream.cu_stream()) };
             self.check("poison fill", rc.result());
         }
         t
@@ -235,27 +245,23 @@ impl CudaBackend {
             return;
         }
         self.bind();
-        // SAFETY: both ranges hold `elems` bf16 values (checked by the callers' shape asserts).
+        // SAFETY: both ranges hold `elems` 16-bit values (checked by the callers' shape asserts).
         self.check("device copy", unsafe {
             result::memcpy_dtod_async(dst, src, elems * 2, self.stream.cu_stream())
         });
     }
 
+    /// Uploads a checkpoint tensor into the weight arena, converted to the activation type (rounded to nearest even
+    /// like PyTorch's `.to()`; a stored type equal to it is copied as is). A finite value past f16's range is an
+    /// error naming the tensor, not an infinity in the model.
     pub(in crate::backend::cuda) fn upload_weight(&self, t: &TensorRef, n: usize) -> Result<u64> {
-        let bf16: std::borrow::Cow<[u8]> = match t.dtype {
-            DType::BF16 => t.bytes().into(),
-            DType::F32 => t
-                .bytes()
-                .chunks_exact(4)
-                .flat_map(|b| f32_to_bf16(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                .collect(),
-            DType::F16 => t
-                .bytes()
-                .chunks_exact(2)
-                .flat_map(|b| f32_to_bf16(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
-                .collect(),
+        let data: std::borrow::Cow<[u8]> = match (t.dtype, self.act) {
+            (DType::BF16, ActDtype::Bf16) | (DType::F16, ActDtype::F16) => t.bytes().into(),
+            (DType::F32, _) => self.convert_weight(t, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))?.into(),
+            (DType::F16, _) => self.convert_weight(t, 2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())?.into(),
+            (DType::BF16, _) => self.convert_weight(t, 2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())?.into(),
         };
-        if bf16.len() != n * 2 {
+        if data.len() != n * 2 {
             return Err(Error::Invalid(format!(
                 "{}: {} bytes of data for {n} values",
                 t.name,
@@ -263,8 +269,25 @@ impl CudaBackend {
             )));
         }
         let dst = self.weights.lock().expect("weight arena lock").take(n * 2);
-        self.htod(dst, &bf16);
+        self.htod(dst, &data);
         Ok(dst)
+    }
+
+    /// `t`'s values (each `width` bytes, read by `widen`) in the activation type, little-endian.
+    fn convert_weight(&self, t: &TensorRef, width: usize, widen: fn(&[u8]) -> f32) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(t.bytes().len() / width * 2);
+        for (i, b) in t.bytes().chunks_exact(width).enumerate() {
+            let v = widen(b);
+            let bits = self.act.encode(v);
+            if v.is_finite() && self.act.decode(bits).is_infinite() {
+                return Err(Error::Invalid(format!(
+                    "{}: value {v} (element {i}) is past the range of {} activations; run with --dtype bf16",
+                    t.name, self.act
+                )));
+            }
+            out.extend_from_slice(&bits.to_le_bytes());
+        }
+        Ok(out)
     }
 }
 
@@ -273,9 +296,4 @@ impl Drop for CudaBackend {
         // Queued kernels may still read weights and modules that are freed right after this.
         let _ = self.stream.synchronize();
     }
-}
-
-/// bf16 by round-to-nearest-even, as the checkpoint conversion in PyTorch does.
-fn f32_to_bf16(v: f32) -> [u8; 2] {
-    half::bf16::from_f32(v).to_le_bytes()
 }

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use cudarc::cublas::{result, sys};
 
 use super::context::{CudaBackend, CudaTensor, CudaWeight};
+use super::launchers::ActDtype;
 
 /// The cuBLAS library this process uses, or why there is none (looked for once).
 pub fn library() -> Result<String, String> {
@@ -52,8 +53,8 @@ impl CudaBackend {
 }
 
 impl Cublas {
-    /// `x @ w^T` in `Backend::linear`'s layout (`x` `[m, k]`, `w` `[n, k]`, both row-major bf16), bf16 out, f32
-    /// accumulation, queued on the backend's stream.
+    /// `x @ w^T` in `Backend::linear`'s layout (`x` `[m, k]`, `w` `[n, k]`, both row-major, of the backend's
+    /// activation type, as is the output), f32 accumulation, queued on the backend's stream.
     pub fn linear(&self, b: &CudaBackend, x: &CudaTensor, w: &CudaWeight) -> CudaTensor {
         assert_eq!(
             x.cols, w.cols,
@@ -64,11 +65,14 @@ impl Cublas {
         let y = b.alloc(m, n);
         let dim = |v: usize| i32::try_from(v).expect("GEMM dimension fits cuBLAS's int");
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let bf16 = sys::cudaDataType::CUDA_R_16BF;
+        let dtype = match b.act {
+            ActDtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            ActDtype::F16 => sys::cudaDataType::CUDA_R_16F,
+        };
         b.bind();
         // Row-major y = x w^T is column-major y^T = w x^T: w, read as the column-major [k, n] it is, transposed;
         // x, read as the column-major [k, m] it is, as stored.
-        // SAFETY: the buffers hold m*k, n*k and m*n bf16 values; alpha and beta are f32 as CUBLAS_COMPUTE_32F reads.
+        // SAFETY: the buffers hold m*k, n*k and m*n values of that type; alpha and beta are f32 as CUBLAS_COMPUTE_32F reads.
         let rc = unsafe {
             result::gemm_ex(
                 self.handle,
@@ -79,14 +83,14 @@ impl Cublas {
                 dim(k),
                 (&alpha as *const f32).cast(),
                 w.ptr as *const std::ffi::c_void,
-                bf16,
+                dtype,
                 dim(k),
                 x.ptr() as *const std::ffi::c_void,
-                bf16,
+                dtype,
                 dim(k),
                 (&beta as *const f32).cast(),
                 y.ptr() as *mut std::ffi::c_void,
-                bf16,
+                dtype,
                 dim(n),
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

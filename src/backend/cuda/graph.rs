@@ -20,7 +20,7 @@ use cudarc::driver::{result, CudaGraph, CudaStream};
 
 use super::context::{CudaBackend, CudaTensor, Recording};
 use super::device::describe;
-use super::launchers::PagedAttentionBf16;
+use super::launchers::PagedAttention;
 use super::layout::{CudaLayout, LayoutPlan};
 use crate::backend::{Backend, DecodeShape, StepLayout};
 use crate::error::{Error, Result};
@@ -53,7 +53,7 @@ unsafe impl Send for StepGraph {}
 impl StepGraphs {
     /// Recording needs the `paged_attention_d*` kernel for the head dim (the flash fallback uploads per step).
     pub(super) fn new(head_dim: usize, stream: Arc<CudaStream>) -> Option<StepGraphs> {
-        PagedAttentionBf16::D
+        PagedAttention::D
             .contains(&head_dim)
             .then(|| StepGraphs {
                 by_size: HashMap::new(),

@@ -1,5 +1,6 @@
 //! The embedded kernels (see `build.rs`), loaded into a context: the nvcc fatbins when the build had nvcc and the
-//! device can run them, else cubins compiled by NVRTC for the device's architecture (cached on disk).
+//! device can run them, else cubins compiled by NVRTC for the device's architecture (cached on disk), each file in
+//! the variant of the backend's activation type.
 //! `FLAMINGO_KERNELS=nvrtc` forces the NVRTC path.
 
 use std::collections::HashMap;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use super::launchers::{Arg, Kernel, KERNELS};
+use super::launchers::{ActDtype, Arg, Kernel, KERNELS};
 use super::nvrtc::Nvrtc;
 use crate::error::{Error, Result};
 
@@ -36,7 +37,7 @@ fn device_error(ctx: &CudaContext, what: String) -> Error {
 }
 
 impl Kernels {
-    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    pub fn load(ctx: &Arc<CudaContext>, act: ActDtype) -> Result<Kernels> {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| device_error(ctx, format!("compute capability: {e}")))?;
@@ -46,8 +47,11 @@ impl Kernels {
         // fail too.
         let mut fatbin_error = None;
         if let (Some(nvcc), false, true) = (NVCC, force_nvrtc, major >= 9) {
-            let images = FATBINS.iter().map(|(f, bin)| (*f, bin.to_vec()));
-            match load_functions(ctx, images) {
+            let images = FATBINS
+                .iter()
+                .filter(|(_, variant, _)| *variant == act.name())
+                .map(|(f, _, bin)| (*f, bin.to_vec()));
+            match load_functions(ctx, act, images) {
                 Ok(functions) => {
                     return Ok(Kernels {
                         functions,
@@ -70,11 +74,11 @@ impl Kernels {
             .iter()
             .map(|(file, _)| {
                 let src = source(file).expect("every used kernel file is embedded");
-                Ok((*file, nvrtc.cubin(file, src, &arch)?))
+                Ok((*file, nvrtc.cubin(file, src, &arch, act)?))
             })
             .collect::<Result<Vec<_>>>()
             .map_err(with_fatbin_error)?;
-        let functions = load_functions(ctx, images.into_iter()).map_err(with_fatbin_error)?;
+        let functions = load_functions(ctx, act, images.into_iter()).map_err(with_fatbin_error)?;
         Ok(Kernels {
             functions,
             origin: KernelOrigin::Nvrtc {
@@ -91,31 +95,42 @@ impl Kernels {
     }
 }
 
-/// Loads each `(file, image)` and looks up the functions the backend uses from it.
+/// The kernels of `file`'s variant for `act`.
+fn kernels_of(file: &str, act: ActDtype) -> impl Iterator<Item = &'static str> + '_ {
+    KERNELS
+        .iter()
+        .filter(move |(f, _)| *f == file)
+        .flat_map(|(_, names)| names.iter())
+        .filter(move |(_, variant)| variant.is_none_or(|v| v == act))
+        .map(|(name, _)| *name)
+}
+
+/// Loads each `(file, image)` (built for `act`) and looks up the functions the backend uses from it.
 fn load_functions(
     ctx: &Arc<CudaContext>,
+    act: ActDtype,
     images: impl Iterator<Item = (&'static str, Vec<u8>)>,
 ) -> Result<HashMap<&'static str, CudaFunction>> {
     let mut functions = HashMap::new();
     for (file, image) in images {
-        let Some((_, names)) = KERNELS.iter().find(|(f, _)| *f == file) else {
+        if !KERNELS.iter().any(|(f, _)| *f == file) {
             continue;
-        };
+        }
         // The driver reads the image through its header: a fresh Vec is 16-byte aligned by the system allocator.
         let module = ctx
             .load_module(Ptx::from_binary(image))
             .map_err(|e| device_error(ctx, format!("loading {file}: {e}")))?;
-        for name in names.iter() {
+        for name in kernels_of(file, act) {
             let f = module
                 .load_function(name)
                 .map_err(|e| device_error(ctx, format!("{file}: kernel {name}: {e}")))?;
-            functions.insert(*name, f);
+            functions.insert(name, f);
         }
     }
     match KERNELS
         .iter()
-        .flat_map(|(_, n)| n.iter())
-        .find(|n| !functions.contains_key(*n))
+        .flat_map(|(f, _)| kernels_of(f, act))
+        .find(|n| !functions.contains_key(n))
     {
         Some(missing) => Err(device_error(
             ctx,
@@ -131,13 +146,14 @@ pub fn launch(
     kernels: &Kernels,
     stream: &CudaStream,
     k: &dyn Kernel,
+    act: ActDtype,
     grid: (u32, u32, u32),
     block: u32,
 ) {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return; // nothing to compute; a zero grid is an invalid launch
     }
-    let name = k.name();
+    let name = k.name(act);
     let args = k.args();
     let f = kernels.get(name);
     let mut b = stream.launch_builder(f);

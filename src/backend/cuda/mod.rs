@@ -1,10 +1,13 @@
 //! The CUDA backend: the hand-written kernels of `kernels/` behind the [`Backend`] trait.
 //!
 //! - One context and one stream per backend; every op is queued on that stream, and only `to_host` waits for it.
-//! - Activations are bf16 `[rows, cols]` row-major; kernels accumulate and take softmaxes in f32. Host data is
-//!   rounded to bf16 on the way in (`from_host`) and widened on the way out (`to_host`).
-//! - Weights are uploaded as bf16 (f32 and f16 checkpoints are converted), bump-allocated from one device
-//!   allocation when the caller reserves it ([`CudaBackend::reserve_weights`]).
+//! - Activations are `[rows, cols]` row-major in the backend's [`ActDtype`], bf16 unless made with
+//!   [`CudaBackend::with_activations`] (`--dtype f16`), which picks the kernels' variant; kernels accumulate and take
+//!   softmaxes in f32. Host data is rounded to that type on the way in (`from_host`) and widened on the way out
+//!   (`to_host`).
+//! - Weights are uploaded in the same type (other checkpoint dtypes are converted; a value past f16's range is an
+//!   error naming the tensor), bump-allocated from one device allocation when the caller reserves it
+//!   ([`CudaBackend::reserve_weights`]).
 //! - Activations and per-step scratch come from a caching pool ([`memory`]): after one warm-up step a step of the
 //!   same shape makes no driver allocation ([`CudaBackend::device_allocations`] counts them).
 //! - Head dims the attention kernels lack (they have 64, 80, 96, 128) run zero-padded to the next size they have.
@@ -44,6 +47,7 @@ pub use ceilings::CeilingSizes;
 pub use context::{CudaBackend, CudaTensor, CudaWeight};
 pub use cublas::library as cublas_library;
 pub use device::{describe, device_count, driver_present, driver_version};
+pub use launchers::ActDtype;
 pub use layout::CudaLayout;
 pub use ops::gemm::GEMV_MAX_ROWS;
 use ops::{
@@ -98,12 +102,12 @@ impl Backend for CudaBackend {
         ceilings::measure(self, CeilingSizes::CHIP)
     }
 
-    /// Every weight is uploaded as bf16.
+    /// Every weight is uploaded as bf16 or f16 (the activation type).
     fn weight_width(&self, _stored: DType) -> usize {
         2
     }
 
-    /// Activations and the KV cache are bf16.
+    /// Activations and the KV cache are bf16 or f16.
     fn activation_width(&self) -> usize {
         2
     }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use cudarc::nvrtc::sys;
 
+use super::launchers::ActDtype;
 use super::libs;
 use crate::error::{Error, Result};
 
@@ -76,18 +77,20 @@ impl Nvrtc {
         })
     }
 
-    fn options(&self, arch: &str) -> Vec<String> {
+    fn options(&self, arch: &str, act: ActDtype) -> Vec<String> {
         let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
+        opts.extend(act.defines().iter().map(|d| d.to_string()));
         if let Some(dir) = &self.include_dir {
             opts.push(format!("--include-path={}", dir.display()));
         }
         opts
     }
 
-    /// Compiles one kernel file (with the embedded headers) to a cubin for `arch` (e.g. `sm_90`), or reads it from
-    /// the disk cache, which is keyed by the source, the headers, the options and the NVRTC version.
-    pub fn cubin(&self, file: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
-        let opts = self.options(arch);
+    /// Compiles one kernel file (with the embedded headers) to a cubin for `arch` (e.g. `sm_90`) in its variant for
+    /// `act`, or reads it from the disk cache, which is keyed by the source, the headers, the options (the variant's
+    /// among them) and the NVRTC version.
+    pub fn cubin(&self, file: &str, source: &str, arch: &str, act: ActDtype) -> Result<Vec<u8>> {
+        let opts = self.options(arch, act);
         let key = cache_key(
             &[source, &format!("{opts:?}{:?}", self.version)],
             self.headers,
@@ -114,8 +117,8 @@ impl Nvrtc {
     }
 
     /// Compiles without the cache (what `flamingo doctor` and the NVRTC test check).
-    pub fn compile_uncached(&self, file: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
-        self.compile(file, source, &self.options(arch))
+    pub fn compile_uncached(&self, file: &str, source: &str, arch: &str, act: ActDtype) -> Result<Vec<u8>> {
+        self.compile(file, source, &self.options(arch, act))
     }
 
     fn compile(&self, file: &str, source: &str, opts: &[String]) -> Result<Vec<u8>> {

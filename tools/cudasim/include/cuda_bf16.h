@@ -10,9 +10,12 @@ struct __nv_bfloat16 {
 struct __attribute__((aligned(4))) __nv_bfloat162 {
   __nv_bfloat16 x, y;
 };
+#ifndef CUDASIM_FLOAT2
+#define CUDASIM_FLOAT2  // also declared by the simulator's cuda_fp16.h
 struct float2 {
   float x, y;
 };
+#endif
 
 inline float __bfloat162float(__nv_bfloat16 h) {
   const uint32_t u = (uint32_t)h.__x << 16;

@@ -1,7 +1,7 @@
 // cudasim.h - the CUDA C++ dialect of kernels/*.cu on the host: force-included (-include) before every kernel
 // file the simulator compiles (build.rs). Each CUDA thread is a fiber; one block runs at a time; __shared__
 // variables live in a per-block arena (the build rewrites each `__shared__ T name[N];` into `SIM_SHARED(...)`),
-// allocated on first use in a block, poisoned with 0xFF (NaN in bf16 and f32) and freed when the block ends.
+// allocated on first use in a block, poisoned with 0xFF (NaN in bf16, f16 and f32) and freed when the block ends.
 // Everything that makes threads wait for each other (barriers, warp collectives) and the PTX wrappers of
 // common.cuh (cudasim_ptx.h) are calls into the runtime (runtime.cpp), which checks them.
 #pragma once
@@ -13,6 +13,7 @@
 #include <utility>
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 // ---- keywords --------------------------------------------------------------------------------------------------
 #define __global__
@@ -61,7 +62,8 @@ void cp_async16(void* dst, const void* src, int src_bytes, Site site);
 void cp_async_commit();
 void cp_async_wait(int pending, Site site);
 void load_matrices(unsigned (&r)[4], const void* row, bool trans, Site site);
-void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, Site site);
+// `type` is the PTX input type the kernel was compiled for: "bf16" or "f16" (common.cuh's FE_MMA_TYPE).
+void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, const char* type, Site site);
 
 template <class T>
 T shuffle_value(unsigned mask, T v, int kind, int arg, int width, Site site) {

@@ -19,4 +19,4 @@ struct WaitAt {
 #define cp_async_wait cudasim::WaitAt{CUDASIM_SITE}.template wait
 #define ldmatrix_x4(...) cudasim::load_matrices(__VA_ARGS__, false, CUDASIM_SITE)
 #define ldmatrix_x4_trans(...) cudasim::load_matrices(__VA_ARGS__, true, CUDASIM_SITE)
-#define mma_bf16_16816(...) cudasim::mma_bf16_16816(__VA_ARGS__, CUDASIM_SITE)
+#define mma_16816(...) cudasim::mma_16816(__VA_ARGS__, FE_MMA_TYPE, CUDASIM_SITE)

@@ -98,6 +98,7 @@ struct Warp {
   uint64_t out[32][4];
   unsigned generation;
   char tsan_sync[2];  // __syncwarp's happens-before objects, by generation parity
+  bool mma_f16;       // the input type of the warp's mma.sync: f16, else bf16
 };
 
 struct SharedVar {
@@ -649,15 +650,26 @@ void load_matrices(unsigned (&r)[4], const void* row, bool trans, Site site) {
 }
 
 namespace {
-float bf16_lo(unsigned u) { return __uint_as_float(u << 16); }
-float bf16_hi(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+// The two 16-bit inputs of a register as floats: index 0 is the low half.
+struct Pair {
+  float v[2];
+};
+Pair unpack_inputs(unsigned u, bool f16) {
+  if (!f16) return {{__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u)}};
+  __half lo, hi;
+  lo.__x = (unsigned short)(u & 0xffffu);
+  hi.__x = (unsigned short)(u >> 16);
+  return {{__half2float(lo), __half2float(hi)}};
+}
 }  // namespace
 
 // D = A (16x16, row major) * B (16x8, column major) + D. Fragments (g = lane/4, q = lane%4): a0 A[g][2q..],
 // a1 A[g+8][2q..], a2 A[g][2q+8..], a3 A[g+8][2q+8..]; b0 B[2q..][g], b1 B[2q+8..][g]; d0,d1 D[g][2q..],
 // d2,d3 D[g+8][2q..]; the low half of a register is the lower index. Products are exact and each sum (16 products
 // and D) is rounded once, in double: tensor cores round differently, so compare with tolerances, never bitwise.
-void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, Site site) {
+void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, const char* type, Site site) {
+  if (strcmp(type, "bf16") != 0 && strcmp(type, "f16") != 0)
+    stop(format("mma.sync at %s with input type %s (the simulator has bf16 and f16)", where(site).c_str(), type));
   Thread* t = g_thread;
   Warp& w = g_block->warps[t->warp];
   uint64_t* in = w.in[t->lane];
@@ -665,19 +677,24 @@ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned
   in[4] = b0;
   in[5] = b1;
   for (int i = 0; i < 4; ++i) memcpy(&in[6 + i], &d[i], 4);
+  // The block's threads all run the same kernel, so the type is the same for the whole warp.
+  w.mma_f16 = strcmp(type, "f16") == 0;
   collective(0xffffffffu, Op::Mma, site, [](Warp& w) {
+    const bool f16 = w.mma_f16;
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
       const int g = l >> 2, q = l & 3;
       const uint64_t* in = w.in[l];
       const unsigned a0 = (unsigned)in[0], a1 = (unsigned)in[1], a2 = (unsigned)in[2], a3 = (unsigned)in[3];
-      A[g][2 * q] = bf16_lo(a0), A[g][2 * q + 1] = bf16_hi(a0);
-      A[g + 8][2 * q] = bf16_lo(a1), A[g + 8][2 * q + 1] = bf16_hi(a1);
-      A[g][2 * q + 8] = bf16_lo(a2), A[g][2 * q + 9] = bf16_hi(a2);
-      A[g + 8][2 * q + 8] = bf16_lo(a3), A[g + 8][2 * q + 9] = bf16_hi(a3);
       const unsigned b0 = (unsigned)in[4], b1 = (unsigned)in[5];
-      B[2 * q][g] = bf16_lo(b0), B[2 * q + 1][g] = bf16_hi(b0);
-      B[2 * q + 8][g] = bf16_lo(b1), B[2 * q + 9][g] = bf16_hi(b1);
+      for (int h = 0; h < 2; ++h) {
+        A[g][2 * q + h] = unpack_inputs(a0, f16).v[h];
+        A[g + 8][2 * q + h] = unpack_inputs(a1, f16).v[h];
+        A[g][2 * q + 8 + h] = unpack_inputs(a2, f16).v[h];
+        A[g + 8][2 * q + 8 + h] = unpack_inputs(a3, f16).v[h];
+        B[2 * q + h][g] = unpack_inputs(b0, f16).v[h];
+        B[2 * q + 8 + h][g] = unpack_inputs(b1, f16).v[h];
+      }
       float c[4];
       for (int i = 0; i < 4; ++i) memcpy(&c[i], &in[6 + i], 4);
       C[g][2 * q] = c[0], C[g][2 * q + 1] = c[1], C[g + 8][2 * q] = c[2], C[g + 8][2 * q + 1] = c[3];

@@ -4,7 +4,7 @@
 use crate::backend::cuda::context::{CudaBackend, CudaTensor, CudaWeight};
 use crate::backend::cuda::kernels::stride_grid;
 use crate::backend::cuda::launchers::{
-    ActivateBf16, AddAssignBf16, AddGatedBf16, Bf16ToF32, Epilogue, SwigluBf16,
+    Activate, AddAssign, AddGated, ToF32, Epilogue, Swiglu,
 };
 use crate::io::config::Activation;
 
@@ -33,7 +33,7 @@ pub(in crate::backend::cuda) fn epilogue_of(act: Activation) -> Epilogue {
 
 pub(in crate::backend::cuda) fn add_assign(b: &CudaBackend, acc: &mut CudaTensor, x: &CudaTensor) {
     same_shape(acc, x, "add_assign");
-    let kernel = AddAssignBf16 {
+    let kernel = AddAssign {
         out: acc.ptr(),
         a: acc.ptr(),
         b: x.ptr(),
@@ -57,7 +57,7 @@ pub(in crate::backend::cuda) fn add_gated(
         alpha.len(),
         acc.cols
     );
-    let kernel = AddGatedBf16 {
+    let kernel = AddGated {
         h: acc.ptr(),
         x: x.ptr(),
         alpha: alpha.ptr,
@@ -69,7 +69,7 @@ pub(in crate::backend::cuda) fn add_gated(
 }
 
 pub(in crate::backend::cuda) fn activate(b: &CudaBackend, x: &mut CudaTensor, act: Activation) {
-    let kernel = ActivateBf16 {
+    let kernel = Activate {
         x: x.ptr(),
         rows: x.rows,
         cols: x.cols,
@@ -86,7 +86,7 @@ pub(in crate::backend::cuda) fn swiglu(
 ) -> CudaTensor {
     same_shape(gate, up, "swiglu");
     let out = b.alloc(gate.rows, gate.cols);
-    let kernel = SwigluBf16 {
+    let kernel = Swiglu {
         out: out.ptr(),
         gate: gate.ptr(),
         up: up.ptr(),
@@ -100,5 +100,5 @@ pub(in crate::backend::cuda) fn swiglu(
 /// `x` widened to f32 into `out` (exact), `n` values.
 pub(in crate::backend::cuda) fn widen(b: &CudaBackend, out: u64, x: &CudaTensor) {
     let n = x.len();
-    b.run(&Bf16ToF32 { out, x: x.ptr(), n }, stride_grid(n), 256);
+    b.run(&ToF32 { out, x: x.ptr(), n }, stride_grid(n), 256);
 }

@@ -17,7 +17,7 @@ use super::copy::{copy_rows, regroup};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
 use crate::backend::cuda::launchers::Kernel;
 use crate::backend::cuda::launchers::{
-    AttentionBf16, CopyRowsBf16, PagedAttentionBf16, PagedAttentionCombineBf16,
+    Attention, CopyRows, PagedAttention, PagedAttentionCombine,
 };
 use crate::backend::cuda::layout::{CudaLayout, DecodeGroup, FlashGroup, RowSet};
 use crate::io::config::Alibi;
@@ -112,13 +112,13 @@ pub(in crate::backend::cuda) fn attention(
     assert!(heads > 0 && q.cols % heads == 0 && k.rows == v.rows, "attention: shapes");
     let d = q.cols / heads;
     let kv = kv_heads(heads, d, k, v, "attention");
-    let dk = kernel_dim(d, AttentionBf16::D, "attention");
+    let dk = kernel_dim(d, Attention::D, "attention");
     let ([qp], _q_copy) = padded(b, [q], heads, d, dk);
     let ([kp, vp], _kv_copies) = padded(b, [k, v], kv, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let cu = b.upload_i32(&[0, q.rows as i32, 0, k.rows as i32]);
     let ld = heads * dk;
-    let kernel = AttentionBf16 {
+    let kernel = Attention {
         d: dk,
         o: o.ptr(),
         q: qp,
@@ -162,7 +162,7 @@ pub(in crate::backend::cuda) fn paged_attention(
         gathered_attention(b, q, [k_pool, v_pool], heads, g, &out, alibi);
     }
     if let Some(g) = &layout.decode {
-        if PagedAttentionBf16::D.contains(&d) {
+        if PagedAttention::D.contains(&d) {
             paged_decode(
                 b,
                 q,
@@ -193,12 +193,12 @@ fn gathered_attention(
 ) {
     let d = q.cols / heads;
     let kv = k_pool.cols / d;
-    let dk = kernel_dim(d, AttentionBf16::D, "flash attention");
+    let dk = kernel_dim(d, Attention::D, "flash attention");
     let gather = |pool: &CudaTensor| {
         let t = b.alloc(g.keys, kv * dk);
         copy_rows(
             b,
-            CopyRowsBf16 {
+            CopyRows {
                 dst: t.ptr(),
                 src: pool.ptr(),
                 dst_idx: 0,
@@ -220,7 +220,7 @@ fn gathered_attention(
     } else {
         q.cols
     };
-    let kernel = AttentionBf16 {
+    let kernel = Attention {
         d: dk,
         o: s.o,
         q: s.q,
@@ -267,7 +267,7 @@ fn paged_decode(
     let o_part = b.scratch_f32(n * heads * splits * d);
     let ml_part = b.scratch_f32(n * heads * splits * 2);
     let s = stage(b, q, out, &g.rows, heads, d, d);
-    let kernel = PagedAttentionBf16 {
+    let kernel = PagedAttention {
         d,
         o_part: o_part.ptr,
         ml_part: ml_part.ptr,
@@ -291,7 +291,7 @@ fn paged_decode(
     };
     b.run(&kernel, (heads as u32, n as u32, splits as u32), 128);
     // Staged or in place, the output rows are q.cols wide (no padding on this path).
-    let combine = PagedAttentionCombineBf16 {
+    let combine = PagedAttentionCombine {
         o: s.o,
         o_part: o_part.ptr,
         ml_part: ml_part.ptr,
@@ -333,7 +333,7 @@ fn stage(
     let qc = b.alloc(rows.n, heads * dk);
     copy_rows(
         b,
-        CopyRowsBf16 {
+        CopyRows {
             dst: qc.ptr(),
             src: q.ptr(),
             dst_idx: 0,
@@ -368,7 +368,7 @@ fn unstage(
     if let Some(oc) = &s.o_copy {
         copy_rows(
             b,
-            CopyRowsBf16 {
+            CopyRows {
                 dst: out.ptr(),
                 src: oc.ptr(),
                 dst_idx: rows.idx,

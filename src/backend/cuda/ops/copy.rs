@@ -6,11 +6,11 @@ use cudarc::driver::result;
 
 use crate::backend::cuda::context::{CudaBackend, CudaTensor, CudaWeight};
 use crate::backend::cuda::kernels::stride_grid;
-use crate::backend::cuda::launchers::CopyRowsBf16;
+use crate::backend::cuda::launchers::CopyRows;
 use crate::backend::cuda::layout::CudaLayout;
 
 /// Launches `copy_rows_bf16` with `k`'s arguments, one thread per destination element.
-pub(in crate::backend::cuda) fn copy_rows(b: &CudaBackend, k: CopyRowsBf16) {
+pub(in crate::backend::cuda) fn copy_rows(b: &CudaBackend, k: CopyRows) {
     b.run(&k, stride_grid(k.rows * k.groups * k.d_dst), 256);
 }
 
@@ -26,7 +26,7 @@ fn copy_whole_rows(
 ) {
     copy_rows(
         b,
-        CopyRowsBf16 {
+        CopyRows {
             dst,
             src,
             dst_idx,
@@ -52,7 +52,7 @@ pub(in crate::backend::cuda) fn regroup(
     let out = b.alloc(t.rows, heads * d_to);
     copy_rows(
         b,
-        CopyRowsBf16 {
+        CopyRows {
             dst: out.ptr(),
             src: t.ptr(),
             dst_idx: 0,
@@ -80,11 +80,8 @@ pub(in crate::backend::cuda) fn from_host(
         "host data does not fill [{rows}, {cols}]"
     );
     let t = b.alloc(rows, cols);
-    let bf16: Vec<u16> = data
-        .iter()
-        .map(|&v| half::bf16::from_f32(v).to_bits())
-        .collect();
-    b.htod(t.ptr(), &bf16);
+    let bits: Vec<u16> = data.iter().map(|&v| b.act.encode(v)).collect();
+    b.htod(t.ptr(), &bits);
     t
 }
 
@@ -92,15 +89,13 @@ pub(in crate::backend::cuda) fn to_host(b: &CudaBackend, t: &CudaTensor) -> Vec<
     let mut raw = vec![0u16; t.len()];
     if !raw.is_empty() {
         b.bind();
-        // SAFETY: the tensor holds t.len() bf16 values; the stream is synchronised before `raw` is read.
+        // SAFETY: the tensor holds t.len() 16-bit values; the stream is synchronised before `raw` is read.
         b.check("device-to-host copy", unsafe {
             result::memcpy_dtoh_async(&mut raw, t.ptr(), b.stream.cu_stream())
         });
         b.synchronize();
     }
-    raw.into_iter()
-        .map(|v| half::bf16::from_bits(v).to_f32())
-        .collect()
+    raw.into_iter().map(|v| b.act.decode(v)).collect()
 }
 
 pub(in crate::backend::cuda) fn weight_to_tensor(b: &CudaBackend, w: &CudaWeight) -> CudaTensor {
@@ -113,7 +108,7 @@ pub(in crate::backend::cuda) fn zeros(b: &CudaBackend, rows: usize, cols: usize)
     let t = b.alloc(rows, cols);
     if t.len() > 0 {
         b.bind();
-        // SAFETY: the buffer holds t.len() bf16 values.
+        // SAFETY: the buffer holds t.len() 16-bit values.
         b.check("memset", unsafe {
             result::memset_d8_async(t.ptr(), 0, t.len() * 2, b.stream.cu_stream())
         });

@@ -4,7 +4,7 @@
 
 use super::attention::{kernel_dim, padded, run_query_tiles, scale, unpadded};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
-use crate::backend::cuda::launchers::CrossAttentionBf16;
+use crate::backend::cuda::launchers::CrossAttention;
 use crate::backend::cuda::layout::CudaLayout;
 
 /// Each row of `q` over the `per_image` keys of its media slot in `k`, `v`; -1 rows zero.
@@ -28,11 +28,11 @@ pub(in crate::backend::cuda) fn cross_attention(
         k.rows
     );
     let d = q.cols / heads;
-    let dk = kernel_dim(d, CrossAttentionBf16::D, "cross-attention");
+    let dk = kernel_dim(d, CrossAttention::D, "cross-attention");
     let ([qp, kp, vp], _copies) = padded(b, [q, k, v], heads, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let ld = heads * dk;
-    let kernel = CrossAttentionBf16 {
+    let kernel = CrossAttention {
         d: dk,
         o: o.ptr(),
         q: qp,

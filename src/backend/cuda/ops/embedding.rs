@@ -1,7 +1,7 @@
 //! `embedding` (kernels/embedding.cu): token rows from the embedding table and IDEFICS's additional one.
 
 use crate::backend::cuda::context::{CudaBackend, CudaTensor, CudaWeight};
-use crate::backend::cuda::launchers::EmbeddingBf16;
+use crate::backend::cuda::launchers::Embedding;
 use crate::error::{Error, Result};
 
 pub(in crate::backend::cuda) fn embedding(
@@ -34,7 +34,7 @@ pub(in crate::backend::cuda) fn embedding(
     let uploaded = recorded
         .is_none()
         .then(|| b.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>()));
-    let kernel = EmbeddingBf16 {
+    let kernel = Embedding {
         out: out.ptr(),
         ids: recorded.unwrap_or_else(|| uploaded.as_ref().expect("uploaded").ptr),
         n_tokens: ids.len(),

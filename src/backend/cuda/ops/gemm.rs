@@ -4,7 +4,7 @@
 //! result does not depend on the other rows of its step within each regime.
 
 use crate::backend::cuda::context::{CudaBackend, CudaTensor, CudaWeight};
-use crate::backend::cuda::launchers::{Epilogue, GemmBf16, GemmSmallBf16, GemvBf16};
+use crate::backend::cuda::launchers::{Epilogue, Gemm, GemmSmall, Gemv};
 
 /// Steps of up to this many rows use the GEMV kernel for every linear layer.
 pub const GEMV_MAX_ROWS: usize = 64;
@@ -55,12 +55,12 @@ pub(in crate::backend::cuda) fn linear(
     }
     if m <= GEMV_MAX_ROWS {
         let grid = (n.div_ceil(4) as u32, m.div_ceil(8) as u32, 1);
-        b.run(&gemm_args!(GemvBf16), grid, 256);
+        b.run(&gemm_args!(Gemv), grid, 256);
     } else if (m.div_ceil(128) * n.div_ceil(128)) < b.sm_count {
         // Too few large tiles to fill the GPU; the small tiles give bit-identical results.
-        b.run(&gemm_args!(GemmSmallBf16), tiles(64), 128);
+        b.run(&gemm_args!(GemmSmall), tiles(64), 128);
     } else {
-        b.run(&gemm_args!(GemmBf16), tiles(128), 256);
+        b.run(&gemm_args!(Gemm), tiles(128), 256);
     }
     y
 }

@@ -2,7 +2,7 @@
 //! kernel on the `[rows * heads, d]` view.
 
 use crate::backend::cuda::context::{CudaBackend, CudaTensor, CudaWeight};
-use crate::backend::cuda::launchers::{LayerNormBf16, RmsNormBf16};
+use crate::backend::cuda::launchers::{LayerNorm, RmsNorm};
 
 /// The groups of `x` that a norm of weight `w` normalises, checked against the kernels' limits.
 fn groups(x: &CudaTensor, w: &CudaWeight) -> (usize, usize) {
@@ -27,7 +27,7 @@ pub(in crate::backend::cuda) fn rms_norm(
 ) -> CudaTensor {
     let (rows, cols) = groups(x, w);
     let out = b.alloc(x.rows, x.cols);
-    let kernel = RmsNormBf16 {
+    let kernel = RmsNorm {
         out: out.ptr(),
         x: x.ptr(),
         weight: w.ptr,
@@ -53,7 +53,7 @@ pub(in crate::backend::cuda) fn layer_norm(
         "LayerNorm bias and weight differ in length"
     );
     let out = b.alloc(x.rows, x.cols);
-    let kernel = LayerNormBf16 {
+    let kernel = LayerNorm {
         out: out.ptr(),
         x: x.ptr(),
         weight: w.ptr,

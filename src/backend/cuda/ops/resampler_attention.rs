@@ -3,7 +3,7 @@
 
 use super::attention::{kernel_dim, padded, run_query_tiles, scale, unpadded};
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
-use crate::backend::cuda::launchers::ResamplerAttentionBf16;
+use crate::backend::cuda::launchers::ResamplerAttention;
 
 /// Latent queries `q` over the keys `[k_ctx ; k_lat]` and values `[v_ctx ; v_lat]`, no mask.
 pub(in crate::backend::cuda) fn resampler_attention(
@@ -22,12 +22,12 @@ pub(in crate::backend::cuda) fn resampler_attention(
         "resampler attention: rows"
     );
     let d = q.cols / heads;
-    let dk = kernel_dim(d, ResamplerAttentionBf16::D, "resampler attention");
+    let dk = kernel_dim(d, ResamplerAttention::D, "resampler attention");
     let ([qp, k_ctx_p, v_ctx_p, k_lat_p, v_lat_p], _copies) =
         padded(b, [q, k_ctx, v_ctx, k_lat, v_lat], heads, d, dk);
     let o = b.alloc(q.rows, heads * dk);
     let ld = heads * dk;
-    let kernel = ResamplerAttentionBf16 {
+    let kernel = ResamplerAttention {
         d: dk,
         o: o.ptr(),
         q: qp,

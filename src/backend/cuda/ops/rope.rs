@@ -2,7 +2,7 @@
 //! row at its position in the step layout.
 
 use crate::backend::cuda::context::{CudaBackend, CudaTensor};
-use crate::backend::cuda::launchers::RopeBf16;
+use crate::backend::cuda::launchers::Rope;
 use crate::backend::cuda::layout::CudaLayout;
 use crate::io::config::RopeFrequencies;
 
@@ -23,7 +23,7 @@ pub(in crate::backend::cuda) fn rope(
             x.cols
         );
     }
-    let kernel = RopeBf16 {
+    let kernel = Rope {
         q: q.ptr(),
         k: k.ptr(),
         positions: layout.positions(),

@@ -1,7 +1,7 @@
 //! `sample` on the device (kernels/sampling.cu): the logits stay on the GPU; each row's rule goes up as a few
 //! small arrays, and only one id per row comes back.
 //!
-//! Per step: `bf16_to_f32` widens the logits (exact), `ban_tokens_f32`, `penalize_tokens_f32` and
+//! Per step: `to_f32_{bf16,f16}` widens the logits (exact), `ban_tokens_f32`, `penalize_tokens_f32` and
 //! `offset_tokens_f32` apply the banned ids, the repetition penalty and OpenAI's additive adjustments (CSR lists
 //! per row), and `sample_f32` picks each row's token (greedy or temperature / top-k / top-p with the row's uniform
 //! draw), one block per row. The rows whose rule asks for log-probabilities come back adjusted, and their
