@@ -271,16 +271,20 @@ fn instance(s: &Signature, value: Option<&str>, act: Option<&str>) -> String {
     symbol
 }
 
-/// Every symbol of a signature, with its activation type.
-fn instances(s: &Signature) -> Vec<(String, Option<&'static str>)> {
+/// Every (family value, activation type) a signature is instantiated for, `None` where it has no such dimension;
+/// in symbol order: by activation type, then by value.
+fn instantiations(s: &Signature) -> Vec<(Option<&str>, Option<&'static str>)> {
     let acts: Vec<Option<&'static str>> = if s.per_act { ACTS.iter().copied().map(Some).collect() } else { vec![None] };
     let values: Vec<Option<&str>> = match &s.family {
         None => vec![None],
         Some((_, values)) => values.iter().map(|v| Some(v.as_str())).collect(),
     };
-    acts.iter()
-        .flat_map(|act| values.iter().map(move |v| (instance(s, *v, *act), *act)))
-        .collect()
+    acts.iter().flat_map(|act| values.iter().map(move |v| (*v, *act))).collect()
+}
+
+/// Every symbol of a signature, with its activation type.
+fn instances(s: &Signature) -> Vec<(String, Option<&'static str>)> {
+    instantiations(s).into_iter().map(|(v, act)| (instance(s, v, act), act)).collect()
 }
 
 /// The Rust type and the `Arg` constructor for a C parameter type.
@@ -396,23 +400,18 @@ fn argument_struct(s: &Signature) -> String {
 
 /// The body of `Kernel::name`: a match over the family's values and the activation types, as each applies.
 fn name_match(s: &Signature, display: &str) -> String {
-    let mut arms = Vec::new();
-    let values: Vec<Option<&str>> = match &s.family {
-        None => vec![None],
-        Some((_, values)) => values.iter().map(|v| Some(v.as_str())).collect(),
-    };
-    let acts: Vec<Option<&str>> = if s.per_act { ACTS.iter().copied().map(Some).collect() } else { vec![None] };
-    for v in &values {
-        for a in &acts {
+    let arms: Vec<(String, String)> = instantiations(s)
+        .into_iter()
+        .map(|(v, a)| {
             let pattern = match (v, a) {
                 (Some(v), Some(a)) => format!("({v}, ActDtype::{})", act_variant(a)),
                 (Some(v), None) => v.to_string(),
                 (None, Some(a)) => format!("ActDtype::{}", act_variant(a)),
                 (None, None) => String::new(),
             };
-            arms.push((pattern, instance(s, *v, *a)));
-        }
-    }
+            (pattern, instance(s, v, a))
+        })
+        .collect();
     if arms.len() == 1 && arms[0].0.is_empty() {
         return format!("        {:?}\n", arms[0].1);
     }
