@@ -4,7 +4,8 @@
 //! NVRTC at run time. When an nvcc is found (`$NVCC`, `$CUDA_HOME/bin/nvcc`, the CUDA 13.0 wheels that
 //! `scripts/check-kernels.sh` installs under `.toolchain/cuda`, or `PATH`), each `.cu` is also compiled to a fatbin
 //! holding an sm_90 cubin and compute_90 PTX, with the `-Xptxas -v` report saved next to it in `OUT_DIR`, and the
-//! fatbins are embedded too (a file with `ACT_KERNEL`s once per activation type: as is for bf16, `-DFE_ACT_F16`); the runtime then needs no compiler on an sm_90 device. The build never fails for lack
+//! fatbins are embedded too (a file with `ACT_KERNEL`s once per activation type: as is for bf16, `-DFE_ACT_F16`
+//! for f16); the runtime then needs no compiler on an sm_90 device. The build never fails for lack
 //! of CUDA: without nvcc (or when it fails) only the sources are embedded, with a warning.
 //! `FLAMINGO_NO_NVCC=1` skips nvcc on purpose (to exercise the NVRTC path).
 //!
